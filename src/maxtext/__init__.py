@@ -1,0 +1,1 @@
+"""JAX/Flax stack for the Qwen3-Next model family."""

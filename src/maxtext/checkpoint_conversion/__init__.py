@@ -1,0 +1,1 @@
+"""HF <-> our parameter conversion: one name table, scan stacking, config translation."""

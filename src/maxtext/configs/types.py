@@ -1,0 +1,173 @@
+"""The frozen `Config`: typed fields, derived sizes and the cross-field rules they must satisfy.
+
+Defaults live only in base.yml; this file declares what each key is and which values make sense.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, get_args, get_origin, get_type_hints
+
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class ConfigError(ValueError):
+  """A configuration problem, reported as one line naming the key at fault."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model_name: str
+
+  vocab_size: int
+  base_emb_dim: int
+  base_num_decoder_layers: int
+  base_num_query_heads: int
+  base_num_kv_heads: int
+  head_dim: int
+  normalization_layer_epsilon: float
+  rope_max_timescale: float
+  partial_rotary_factor: float
+  full_attention_interval: int
+  linear_conv_kernel_dim: int
+  linear_key_head_dim: int
+  linear_value_head_dim: int
+  linear_num_key_heads: int
+  linear_num_value_heads: int
+  gdn_chunk_size: int
+  num_experts: int
+  num_experts_per_tok: int
+  norm_topk_prob: bool
+  base_moe_mlp_dim: int
+  shared_expert_mlp_dim: int
+  logits_via_embedding: bool
+  mtp_num_layers: int
+
+  dtype: DType
+  weight_dtype: DType
+
+  scan_layers: bool
+
+  per_device_batch_size: float
+  max_target_length: int
+  init_weights_seed: int
+
+  ici_data_parallelism: int
+  ici_fsdp_parallelism: int
+  ici_tensor_parallelism: int
+  ici_expert_parallelism: int
+
+  def __post_init__(self) -> None:
+    _validate(self)
+
+  # ---- derived sizes ----
+  @property
+  def layer_types(self) -> tuple[str, ...]:
+    """'linear_attention' or 'full_attention' per decoder layer, as HF's `layer_types`."""
+    interval = self.full_attention_interval
+    return tuple(
+        "full_attention" if (i + 1) % interval == 0 else "linear_attention"
+        for i in range(self.base_num_decoder_layers)
+    )
+
+  @property
+  def num_blocks(self) -> int:
+    """Repeats of the (interval - 1) GDN + 1 attention block; the scan length when scan_layers."""
+    return self.base_num_decoder_layers // self.full_attention_interval
+
+  @property
+  def rotary_dim(self) -> int:
+    return int(round(self.head_dim * self.partial_rotary_factor))
+
+  @classmethod
+  def field_types(cls) -> dict[str, type]:
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def allowed_values(annotation) -> tuple | None:
+  """The permitted values of a Literal-typed field, else None."""
+  if get_origin(annotation) is Literal:
+    return get_args(annotation)
+  return None
+
+
+_POSITIVE_INTS = (
+    "vocab_size", "base_emb_dim", "base_num_decoder_layers", "base_num_query_heads", "base_num_kv_heads",
+    "head_dim", "full_attention_interval", "linear_conv_kernel_dim", "linear_key_head_dim",
+    "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads", "gdn_chunk_size", "num_experts",
+    "num_experts_per_tok", "base_moe_mlp_dim", "shared_expert_mlp_dim", "max_target_length",
+)
+_MESH_AXES = ("ici_data_parallelism", "ici_fsdp_parallelism", "ici_tensor_parallelism", "ici_expert_parallelism")
+
+
+def _require(condition: bool, message: str) -> None:
+  if not condition:
+    raise ConfigError(message)
+
+
+def _validate(c: Config) -> None:
+  for name in _POSITIVE_INTS:
+    _require(getattr(c, name) > 0, f"config key '{name}' must be > 0, got {getattr(c, name)}")
+  _require(c.mtp_num_layers >= 0, f"config key 'mtp_num_layers' must be >= 0, got {c.mtp_num_layers}")
+  _require(c.per_device_batch_size > 0, f"config key 'per_device_batch_size' must be > 0, got {c.per_device_batch_size}")
+  _require(c.normalization_layer_epsilon > 0, "config key 'normalization_layer_epsilon' must be > 0")
+  _require(c.rope_max_timescale > 0, "config key 'rope_max_timescale' must be > 0")
+  _require(
+      0.0 < c.partial_rotary_factor <= 1.0,
+      f"config key 'partial_rotary_factor' must be in (0, 1], got {c.partial_rotary_factor}",
+  )
+  rotary = c.head_dim * c.partial_rotary_factor
+  _require(
+      abs(rotary - round(rotary)) < 1e-9 and int(round(rotary)) % 2 == 0,
+      f"config key 'partial_rotary_factor' ({c.partial_rotary_factor}) times head_dim ({c.head_dim}) must be an even"
+      " integer (the rotary dimension)",
+  )
+  _require(
+      c.base_num_query_heads % c.base_num_kv_heads == 0,
+      f"config key 'base_num_query_heads' ({c.base_num_query_heads}) must be a multiple of 'base_num_kv_heads'"
+      f" ({c.base_num_kv_heads})",
+  )
+  _require(
+      c.linear_num_value_heads % c.linear_num_key_heads == 0,
+      f"config key 'linear_num_value_heads' ({c.linear_num_value_heads}) must be a multiple of"
+      f" 'linear_num_key_heads' ({c.linear_num_key_heads})",
+  )
+  _require(
+      c.num_experts_per_tok <= c.num_experts,
+      f"config key 'num_experts_per_tok' ({c.num_experts_per_tok}) must not exceed 'num_experts' ({c.num_experts})",
+  )
+  _require(
+      c.full_attention_interval <= c.base_num_decoder_layers,
+      f"config key 'full_attention_interval' ({c.full_attention_interval}) exceeds 'base_num_decoder_layers'"
+      f" ({c.base_num_decoder_layers}): the model would have no attention layer",
+  )
+  if c.scan_layers:
+    _require(
+        c.base_num_decoder_layers % c.full_attention_interval == 0,
+        f"config key 'base_num_decoder_layers' ({c.base_num_decoder_layers}) must be a multiple of"
+        f" 'full_attention_interval' ({c.full_attention_interval}) when scan_layers=true",
+    )
+  for name in _MESH_AXES:
+    value = getattr(c, name)
+    _require(value == -1 or value >= 1, f"config key '{name}' must be -1 (auto) or >= 1, got {value}")
+  _require(
+      sum(getattr(c, name) == -1 for name in _MESH_AXES) <= 1,
+      "at most one of " + ", ".join(f"'{n}'" for n in _MESH_AXES) + " may be -1",
+  )
+  tensor = c.ici_tensor_parallelism
+  if tensor > 1:
+    for name in ("base_num_query_heads", "linear_num_key_heads"):
+      _require(
+          getattr(c, name) % tensor == 0,
+          f"config key '{name}' ({getattr(c, name)}) must be divisible by 'ici_tensor_parallelism' ({tensor})",
+      )
+  expert = c.ici_expert_parallelism
+  if expert > 1:
+    _require(
+        c.num_experts % expert == 0,
+        f"config key 'num_experts' ({c.num_experts}) must be divisible by 'ici_expert_parallelism' ({expert})",
+    )

@@ -1,0 +1,143 @@
+"""Qwen3-Next: embedding, hybrid decoder (scanned over blocks or unscanned), final norm, head, MTP."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from maxtext.layers.decoder_layer import DecoderLayer
+from maxtext.layers.linear import DEFAULT_INIT_STDDEV, Linear, partitioned
+from maxtext.layers.moe import RouterStats, load_balancing_loss
+from maxtext.layers.mtp import MultiTokenPredictor
+from maxtext.layers.norms import RMSNorm
+from maxtext.layers.rotary import rotary_cos_sin
+from maxtext.models.spec import ModelSpec
+
+# Parameter collection names of the two layouts (see checkpoint_conversion/scan_layout.py).
+SCANNED_BLOCKS = "blocks"
+
+
+def unscanned_layer_name(index: int) -> str:
+  return f"layers_{index}"
+
+
+def block_layer_name(position: int) -> str:
+  return f"layer_{position}"
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ModelOutput:
+  logits: jax.Array  # [B, T, V]
+  aux_loss: jax.Array  # [] load-balancing loss over the decoder's MoE layers
+  mtp_logits: list[jax.Array]  # per MTP step [B, T, V]: step s at position t predicts token t + s + 2
+  mtp_aux_loss: jax.Array  # [] load-balancing loss over the MTP layers (0 without MTP)
+
+
+class DecoderBlock(nn.Module):
+  """(interval - 1) Gated DeltaNet layers then one attention layer: the unit the scan repeats."""
+
+  spec: ModelSpec
+
+  @nn.compact
+  def __call__(self, x, cos, sin, segment_ids):
+    spec = self.spec
+    stats = None
+    for position in range(spec.full_attention_interval):
+      x, layer_stats = _decoder_layer(spec, spec.layer_types[position], block_layer_name(position))(
+          x, cos, sin, segment_ids
+      )
+      stats = layer_stats if stats is None else stats + layer_stats
+    return x, stats
+
+
+def _decoder_layer(spec: ModelSpec, layer_type: str, name: str) -> DecoderLayer:
+  return DecoderLayer(
+      layer_type, spec.attention, spec.gated_delta_net, spec.moe, spec.eps, spec.numerics, name=name
+  )
+
+
+class Decoder(nn.Module):
+  spec: ModelSpec
+
+  @nn.compact
+  def __call__(self, x, cos, sin, segment_ids) -> tuple[jax.Array, RouterStats]:
+    spec = self.spec
+    if spec.scan_layers:
+      blocks = nn.scan(
+          DecoderBlock,
+          variable_axes={"params": 0},
+          split_rngs={"params": True},
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+          length=spec.num_blocks,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )(spec, name=SCANNED_BLOCKS)
+      x, stacked = blocks(x, cos, sin, segment_ids)
+      return x, jax.tree.map(lambda s: jnp.sum(s, axis=0), stacked)
+    stats = None
+    for index, layer_type in enumerate(spec.layer_types):
+      x, layer_stats = _decoder_layer(spec, layer_type, unscanned_layer_name(index))(x, cos, sin, segment_ids)
+      stats = layer_stats if stats is None else stats + layer_stats
+    return x, stats
+
+
+class Qwen3NextForCausalLM(nn.Module):
+  spec: ModelSpec
+
+  def setup(self):
+    spec = self.spec
+    self.token_embedder = nn.Embed(
+        num_embeddings=spec.vocab_size,
+        features=spec.emb_dim,
+        embedding_init=partitioned(nn.initializers.normal(DEFAULT_INIT_STDDEV), ("vocab", "embed")),
+        dtype=spec.numerics.dtype,
+        param_dtype=spec.numerics.weight_dtype,
+    )
+    self.decoder = Decoder(spec)
+    self.norm = RMSNorm(spec.eps, spec.numerics)
+    if not spec.tie_embeddings:
+      self.lm_head = Linear((spec.vocab_size,), ("embed", "vocab"), spec.numerics)
+    if spec.mtp_num_layers:
+      self.mtp = MultiTokenPredictor(
+          spec.mtp_num_layers, spec.attention, spec.gated_delta_net, spec.moe, spec.eps, spec.numerics
+      )
+
+  def _head(self, hidden: jax.Array) -> jax.Array:
+    if self.spec.tie_embeddings:
+      return self.token_embedder.attend(hidden)
+    return self.lm_head(hidden)
+
+  def __call__(
+      self,
+      tokens: jax.Array,
+      positions: jax.Array | None = None,
+      segment_ids: jax.Array | None = None,
+      *,
+      with_mtp: bool = True,
+  ) -> ModelOutput:
+    """tokens [B, T] int -> ModelOutput. positions default to 0..T-1; segment_ids mark packed documents."""
+    spec = self.spec
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    x = self.token_embedder(tokens)
+    x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+    cos, sin = rotary_cos_sin(positions, spec.attention.rotary_dim, spec.rope_theta)
+    x, stats = self.decoder(x, cos, sin, segment_ids)
+    hidden = self.norm(x)
+    logits = self._head(hidden)
+    mtp_logits, mtp_aux = [], jnp.zeros((), jnp.float32)
+    if spec.mtp_num_layers and (with_mtp or self.is_initializing()):
+      steps = self.mtp(hidden, tokens, self.token_embedder, cos, sin, segment_ids)
+      mtp_logits = [self._head(h) for h, _ in steps]
+      mtp_aux = sum(load_balancing_loss(s, spec.moe.num_experts) for _, s in steps) / len(steps)
+    return ModelOutput(
+        logits=logits,
+        aux_loss=load_balancing_loss(stats, spec.moe.num_experts),
+        mtp_logits=mtp_logits,
+        mtp_aux_loss=mtp_aux,
+    )

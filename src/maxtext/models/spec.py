@@ -1,0 +1,71 @@
+"""ModelSpec: the model's sizes, taken once from the Config; the only thing the model assembly reads."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from maxtext.configs import Config
+from maxtext.layers.specs import AttentionSpec, GatedDeltaNetSpec, MoeSpec, Numerics
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  vocab_size: int
+  emb_dim: int
+  layer_types: tuple[str, ...]
+  full_attention_interval: int
+  attention: AttentionSpec
+  gated_delta_net: GatedDeltaNetSpec
+  moe: MoeSpec
+  rope_theta: float
+  eps: float
+  tie_embeddings: bool
+  mtp_num_layers: int
+  scan_layers: bool
+  numerics: Numerics
+
+  @property
+  def num_layers(self) -> int:
+    return len(self.layer_types)
+
+  @property
+  def num_blocks(self) -> int:
+    return self.num_layers // self.full_attention_interval
+
+  @classmethod
+  def from_config(cls, c: Config) -> "ModelSpec":
+    return cls(
+        vocab_size=c.vocab_size,
+        emb_dim=c.base_emb_dim,
+        layer_types=c.layer_types,
+        full_attention_interval=c.full_attention_interval,
+        attention=AttentionSpec(
+            num_heads=c.base_num_query_heads,
+            num_kv_heads=c.base_num_kv_heads,
+            head_dim=c.head_dim,
+            rotary_dim=c.rotary_dim,
+        ),
+        gated_delta_net=GatedDeltaNetSpec(
+            num_key_heads=c.linear_num_key_heads,
+            num_value_heads=c.linear_num_value_heads,
+            key_head_dim=c.linear_key_head_dim,
+            value_head_dim=c.linear_value_head_dim,
+            conv_kernel=c.linear_conv_kernel_dim,
+            chunk_size=c.gdn_chunk_size,
+        ),
+        moe=MoeSpec(
+            num_experts=c.num_experts,
+            top_k=c.num_experts_per_tok,
+            norm_topk_prob=c.norm_topk_prob,
+            expert_dim=c.base_moe_mlp_dim,
+            shared_expert_dim=c.shared_expert_mlp_dim,
+        ),
+        rope_theta=c.rope_max_timescale,
+        eps=c.normalization_layer_epsilon,
+        tie_embeddings=c.logits_via_embedding,
+        mtp_num_layers=c.mtp_num_layers,
+        scan_layers=c.scan_layers,
+        numerics=Numerics(dtype=jnp.dtype(c.dtype), weight_dtype=jnp.dtype(c.weight_dtype)),
+    )

@@ -1,0 +1,78 @@
+"""Logical axis names -> mesh axes: the one place that decides how parameters and activations are laid out.
+
+Layers annotate parameters and activations with logical names only; changing a layout means changing RULES.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import Mesh
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+# (logical name, mesh axis or axes). A name absent here, or mapped to None, is replicated. When two names of one
+# tensor want the same mesh axis, the first one keeps it.
+RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("experts", "expert"),
+    ("head_dim", None),
+    ("norm", None),
+    ("layers", None),
+    ("conv_channels", None),
+    # activations
+    ("activation_batch", ("data", "fsdp", "expert")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+    ("activation_experts", "expert"),
+)
+
+
+def mesh_shape(parallelism: dict[str, int], num_devices: int) -> tuple[int, ...]:
+  """Sizes of (data, fsdp, tensor, expert) from `ici_*_parallelism` values; one -1 takes the remaining devices."""
+  sizes = [parallelism[axis] for axis in MESH_AXES]
+  fixed = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % fixed:
+      raise ValueError(f"the ici_*_parallelism product ({fixed}) does not divide the {num_devices} devices")
+    sizes[sizes.index(-1)] = num_devices // fixed
+  if math.prod(sizes) != num_devices:
+    raise ValueError(
+        f"ici_*_parallelism {dict(zip(MESH_AXES, sizes))} multiplies to {math.prod(sizes)}, but there are"
+        f" {num_devices} devices"
+    )
+  return tuple(sizes)
+
+
+def make_mesh(parallelism: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(parallelism, len(devices))
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def config_parallelism(config) -> dict[str, int]:
+  return {
+      "data": config.ici_data_parallelism,
+      "fsdp": config.ici_fsdp_parallelism,
+      "tensor": config.ici_tensor_parallelism,
+      "expert": config.ici_expert_parallelism,
+  }
+
+
+def logical_sharding(tree, mesh: Mesh):
+  """NamedShardings for a tree of `nn.Partitioned` metadata (e.g. from `nn.get_partition_spec`)."""
+  specs = nn.get_partition_spec(tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, RULES)
