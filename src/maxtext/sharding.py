@@ -5,8 +5,9 @@ Layers annotate parameters and activations with logical names only; changing a l
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
@@ -76,3 +77,21 @@ def logical_sharding(tree, mesh: Mesh):
   """NamedShardings for a tree of `nn.Partitioned` metadata (e.g. from `nn.get_partition_spec`)."""
   specs = nn.get_partition_spec(tree)
   return nn.logical_to_mesh_sharding(specs, mesh, RULES)
+
+
+def init_sharded(init_fn, abstract_boxed, mesh: Mesh, rng: jax.Array):
+  """Run `init_fn(rng)` (returning boxed variables) under jit so every array is born with its rule's sharding.
+
+  Returns unboxed variables and their NamedShardings.
+  """
+  shardings = logical_sharding(abstract_boxed, mesh)
+  with activate(mesh):
+    variables = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)
+  return variables, shardings
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh) -> Iterator[None]:
+  """Make `mesh` current and the logical rules active, so layers' logical constraints take effect."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+    yield
