@@ -123,6 +123,7 @@ def to_ours(mapping: ParamMapping, tensors: list[np.ndarray], ours_shape: tuple[
 def to_hf(mapping: ParamMapping, array: np.ndarray) -> dict[str, np.ndarray]:
   """Our array -> {HF name: tensor} for `mapping`."""
   parts = list(array) if mapping.stacks_experts else [array]
+  shape = hf_shape(mapping, array.shape)
   out = {}
   for name, part in zip(mapping.hf, parts):
     if mapping.rule == IDENTITY:
@@ -130,7 +131,7 @@ def to_hf(mapping: ParamMapping, array: np.ndarray) -> dict[str, np.ndarray]:
     elif mapping.rule == CONV:
       tensor = part.T[:, None, :]
     else:
-      tensor = part.reshape(hf_shape(mapping, part.shape)[::-1]).T
+      tensor = part.reshape(shape[::-1]).T
     out[name] = np.ascontiguousarray(tensor)
   return out
 
