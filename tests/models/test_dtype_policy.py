@@ -18,7 +18,7 @@ def test_bfloat16_compute_with_float32_weights_tracks_float32():
     spec = ModelSpec.from_config(load_config([f"dtype={dtype}", "weight_dtype=float32"]))
     variables = nn.unbox(model_params.init_variables(spec, jax.random.key(0)))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
-    out = Qwen3NextForCausalLM(spec).apply(variables, tokens)
+    out = jax.jit(Qwen3NextForCausalLM(spec).apply)(variables, tokens)
     assert out.logits.dtype == jnp.dtype(dtype)
     results[dtype] = np.asarray(out.logits.astype(jnp.float32))
   scale = np.abs(results["float32"]).max()

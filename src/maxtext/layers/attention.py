@@ -12,7 +12,6 @@ from maxtext.layers.rotary import apply_rotary
 from maxtext.layers.specs import AttentionSpec, Numerics
 
 
-
 class GatedAttention(nn.Module):
   spec: AttentionSpec
   eps: float = 1e-6

@@ -9,6 +9,7 @@ from flax import linen as nn
 
 from maxtext.layers.decoder_layer import FULL_ATTENTION, DecoderLayer
 from maxtext.layers.linear import Linear
+from maxtext.layers.moe import RouterStats
 from maxtext.layers.norms import RMSNorm
 from maxtext.layers.specs import AttentionSpec, GatedDeltaNetSpec, MoeSpec, Numerics
 
@@ -37,7 +38,7 @@ class MultiTokenPredictor(nn.Module):
       cos: jax.Array,
       sin: jax.Array,
       segment_ids: jax.Array | None = None,
-  ) -> list[tuple[jax.Array, "object"]]:
+  ) -> list[tuple[jax.Array, RouterStats]]:
     """hidden: main model output after its final norm [B, T, E]; embed: token ids -> embeddings.
 
     Returns per step (hidden after the MTP norm [B, T, E], router stats); the head is applied by the caller.
