@@ -140,22 +140,18 @@ def load_config(
   base_path = cli_yaml or base_yaml or os.path.join(CONFIGS_DIR, "base.yml")
   field_types = Config.field_types()
 
-  sources: list[tuple[str, Mapping[str, Any]]] = [(f"'{base_path}'", _read_yaml(base_path))]
-  layered: dict[str, Any] = dict(sources[0][1])
+  base = _read_yaml(base_path)
   later: list[tuple[str, Mapping[str, Any]]] = [("the command line", cli_overrides), ("overrides", overrides or {})]
-  for source, layer in later:
-    for key, value in layer.items():
-      if key == "model_name":
-        layered["model_name"] = value
-
-  model_name = layered.get("model_name")
+  # The model file is chosen by the last layer that names one, and merged just above base.yml.
+  model_name = base.get("model_name")
+  for _, layer in later:
+    model_name = layer.get("model_name", model_name)
   if not isinstance(model_name, str) or not model_name:
     raise ConfigError(f"config key 'model_name' must name a model ({', '.join(available_models())})")
   model_path = model_config_path(model_name)
   if not os.path.isfile(model_path):
     raise ConfigError(f"unknown model_name '{model_name}': choose one of {', '.join(available_models())}")
-  sources.append((f"'{model_path}'", _read_yaml(model_path)))
-  sources.extend(later)
+  sources = [(f"'{base_path}'", base), (f"'{model_path}'", _read_yaml(model_path)), *later]
 
   merged: dict[str, Any] = {}
   origin: dict[str, str] = {}

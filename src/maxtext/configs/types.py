@@ -84,9 +84,6 @@ class Config:
     hints = get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
-  def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
-
 
 def allowed_values(annotation) -> tuple | None:
   """The permitted values of a Literal-typed field, else None."""
