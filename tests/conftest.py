@@ -45,13 +45,13 @@ class HfTiny:
   path: str  # the save_pretrained directory
 
 
-def build_hf_tiny(name: str, directory: str, seed: int = 0) -> HfTiny:
+def build_hf_tiny(name: str, directory: str, seed: int = 0, **config_overrides) -> HfTiny:
   import torch
   from safetensors.numpy import load_file
   from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
 
   torch.manual_seed(seed)
-  config = Qwen3NextConfig(**HF_TINY_CONFIGS[name], attn_implementation="eager")
+  config = Qwen3NextConfig(**{**HF_TINY_CONFIGS[name], **config_overrides}, attn_implementation="eager")
   model = Qwen3NextForCausalLM(config).eval()
   with torch.no_grad():
     # HF initialises norms to 0 / 1 and dt_bias to 1; perturb them so a mis-mapped norm cannot hide.

@@ -91,5 +91,5 @@ def test_chunked_prefill_then_recurrent_steps_continue_the_sequence():
 
 def test_rejects_value_heads_not_a_multiple_of_key_heads():
   q, k, v, g, beta, _ = random_inputs(np.random.default_rng(0), 1, 8, 2, 3, 8, 8, False)
-  with pytest.raises(ValueError, match="multiple of key heads"):
+  with pytest.raises(ValueError, match="Hv a multiple of 2"):
     chunk_gated_delta_rule_reference(q, k, v, g, beta)

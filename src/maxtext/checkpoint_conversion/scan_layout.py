@@ -42,3 +42,14 @@ def _tree_index(tree: Any, index: int) -> Any:
   if isinstance(tree, Mapping):
     return {key: _tree_index(value, index) for key, value in tree.items()}
   return tree[index]
+
+
+def scanned_slot(path: str, interval: int) -> tuple[str, int | None]:
+  """Where the unscanned parameter `path` lives in the scanned layout: (path, index along axis 0) for a decoder
+  layer's parameter, (path, None) for everything else."""
+  parts = path.split("/")
+  prefix = unscanned_layer_name(0).rsplit("_", 1)[0] + "_"
+  if len(parts) > 2 and parts[0] == "decoder" and parts[1].startswith(prefix):
+    block, position = divmod(int(parts[1][len(prefix) :]), interval)
+    return "/".join(["decoder", SCANNED_BLOCKS, block_layer_name(position), *parts[2:]]), block
+  return path, None

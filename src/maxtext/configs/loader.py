@@ -6,6 +6,7 @@ Precedence, lowest first: base.yml < models/<model_name>.yml < command-line over
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -13,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from maxtext.configs.types import Config, ConfigError, allowed_values
+from maxtext.configs.types import MODEL_KEYS, Config, ConfigError, allowed_values
 
 CONFIGS_DIR = os.path.dirname(os.path.abspath(__file__))
 _TRUE = {"true", "1", "yes", "on"}
@@ -142,16 +143,24 @@ def load_config(
 
   base = _read_yaml(base_path)
   later: list[tuple[str, Mapping[str, Any]]] = [("the command line", cli_overrides), ("overrides", overrides or {})]
-  # The model file is chosen by the last layer that names one, and merged just above base.yml.
-  model_name = base.get("model_name")
-  for _, layer in later:
-    model_name = layer.get("model_name", model_name)
-  if not isinstance(model_name, str) or not model_name:
-    raise ConfigError(f"config key 'model_name' must name a model ({', '.join(available_models())})")
-  model_path = model_config_path(model_name)
-  if not os.path.isfile(model_path):
-    raise ConfigError(f"unknown model_name '{model_name}': choose one of {', '.join(available_models())}")
-  sources = [(f"'{base_path}'", base), (f"'{model_path}'", _read_yaml(model_path)), *later]
+  last = lambda key: next((layer[key] for _, layer in reversed(later) if key in layer), base.get(key))
+  named_model = next((layer["model_name"] for _, layer in reversed(later) if "model_name" in layer), None)
+  checkpoint = _checkpoint_model(str(last("load_parameters_path") or ""), str(last("hf_model_path") or ""))
+  if named_model == "auto" and checkpoint is None:
+    raise ConfigError("model_name=auto reads the model from a checkpoint: also give load_parameters_path or hf_model_path")
+  if checkpoint is not None and named_model in (None, "auto"):
+    # The checkpoint says what the model is; base.yml's default model_name does not apply.
+    checkpoint_source, checkpoint_keys = checkpoint
+    model_layer = (checkpoint_source, {**checkpoint_keys, "model_name": "auto"})
+  else:
+    model_name = named_model if named_model is not None else base.get("model_name")
+    if not isinstance(model_name, str) or not model_name:
+      raise ConfigError(f"config key 'model_name' must name a model ({', '.join(available_models())})")
+    model_path = model_config_path(model_name)
+    if not os.path.isfile(model_path):
+      raise ConfigError(f"unknown model_name '{model_name}': choose one of auto, {', '.join(available_models())}")
+    model_layer = (f"'{model_path}'", _read_yaml(model_path))
+  sources = [(f"'{base_path}'", base), model_layer, *later]
 
   merged: dict[str, Any] = {}
   origin: dict[str, str] = {}
@@ -165,4 +174,47 @@ def load_config(
   if missing:
     raise ConfigError(f"config key '{missing[0]}' has no value: add it to {base_path}")
   values = {k: _coerce(k, merged[k], field_types[k], origin[k]) for k in field_types}
+  if checkpoint is not None:
+    _check_matches_checkpoint(values, checkpoint, field_types)
   return Config(**values)
+
+
+def _checkpoint_model(load_parameters_path: str, hf_model_path: str) -> tuple[str, dict[str, Any]] | None:
+  """(where from, model keys) of the checkpoint the run starts from, if it says what model it holds."""
+  if load_parameters_path:
+    from maxtext.checkpoint_conversion import orbax_io  # noqa: PLC0415 - heavy, and only needed here
+
+    record = orbax_io.read_model_config(load_parameters_path)
+    if record is None:
+      return None
+    return f"the checkpoint '{orbax_io.step_dir_of(load_parameters_path)}'", dict(record["model"])
+  if hf_model_path:
+    from maxtext.checkpoint_conversion import hf_config  # noqa: PLC0415
+
+    path = os.path.join(hf_model_path, "config.json")
+    if not os.path.isfile(path):
+      raise ConfigError(f"hf_model_path '{hf_model_path}' has no config.json")
+    try:
+      with open(path, encoding="utf-8") as f:
+        hf = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ConfigError(f"'{path}' is not valid JSON (line {e.lineno})") from None
+    try:
+      return f"'{path}'", hf_config.config_overrides_from_hf(hf)
+    except KeyError as e:
+      raise ConfigError(f"'{path}' lacks the key {e}") from None
+  return None
+
+
+def _check_matches_checkpoint(values: Mapping[str, Any], checkpoint, field_types) -> None:
+  """A named model or a model key on the command line must agree with the checkpoint; stop at the first field."""
+  source, keys = checkpoint
+  for key in MODEL_KEYS:
+    if key not in keys:
+      continue
+    theirs = _coerce(key, keys[key], field_types[key], source)
+    if values[key] != theirs:
+      raise ConfigError(
+          f"model_name={values['model_name']} does not match {source}: '{key}' is {values[key]!r} here but"
+          f" {theirs!r} in the checkpoint (omit model_name, or use model_name=auto, to take the checkpoint's)"
+      )

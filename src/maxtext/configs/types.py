@@ -9,6 +9,16 @@ import dataclasses
 from typing import Literal, get_args, get_origin, get_type_hints
 
 DType = Literal["float32", "bfloat16", "float16"]
+TokenizerType = Literal["huggingface"]
+
+# The architecture keys: what a checkpoint fixes and stores beside its parameters (models/*.yml set these).
+MODEL_KEYS = (
+    "vocab_size", "base_emb_dim", "base_num_decoder_layers", "base_num_query_heads", "base_num_kv_heads",
+    "head_dim", "normalization_layer_epsilon", "rope_max_timescale", "partial_rotary_factor",
+    "full_attention_interval", "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
+    "linear_num_key_heads", "linear_num_value_heads", "num_experts", "num_experts_per_tok", "norm_topk_prob",
+    "base_moe_mlp_dim", "shared_expert_mlp_dim", "logits_via_embedding", "mtp_num_layers",
+)
 
 
 class ConfigError(ValueError):
@@ -56,6 +66,14 @@ class Config:
   ici_fsdp_parallelism: int
   ici_tensor_parallelism: int
   ici_expert_parallelism: int
+
+  load_parameters_path: str
+  base_output_directory: str
+  hf_model_path: str
+  hf_access_token: str
+  use_multimodal: bool
+  tokenizer_type: TokenizerType
+  tokenizer_path: str
 
   def __post_init__(self) -> None:
     _validate(self)
@@ -148,6 +166,7 @@ def _validate(c: Config) -> None:
         f"config key 'base_num_decoder_layers' ({c.base_num_decoder_layers}) must be a multiple of"
         f" 'full_attention_interval' ({c.full_attention_interval}) when scan_layers=true",
     )
+  _require(not c.use_multimodal, "config key 'use_multimodal' must be false: Qwen3-Next is a text-only model")
   for name in _MESH_AXES:
     value = getattr(c, name)
     _require(value == -1 or value >= 1, f"config key '{name}' must be -1 (auto) or >= 1, got {value}")

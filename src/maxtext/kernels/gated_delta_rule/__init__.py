@@ -1,18 +1,78 @@
-"""Gated delta rule: chunked (training, prefill) and recurrent (decode) forms behind one dispatching API."""
+"""Gated delta rule: chunked (training, prefill) and recurrent (decode) forms behind one dispatching API.
+
+The chunked form is chunking.py's parallel algebra (jnp, differentiated by JAX) around the inter-chunk recurrence,
+which runs as a Pallas kernel on TPU (tpu.py) and GPU (gpu.py) with a custom vjp whose backward is a kernel too.
+"""
 
 from __future__ import annotations
+
+import functools
+import importlib
+from typing import Callable
 
 import jax
 
 from maxtext.kernels import dispatch
+from maxtext.kernels.gated_delta_rule import inter_chunk
+from maxtext.kernels.gated_delta_rule.chunking import check_shapes, l2_normalize, merge_chunks, prepare_chunks
 from maxtext.kernels.gated_delta_rule.reference import (
+    _initial_state,
     chunk_gated_delta_rule_reference,
-    l2_normalize,
     recurrent_gated_delta_rule_reference,
 )
 
-# Fast lowerings per backend, best first; the reference runs everywhere.
-_AVAILABLE: dict[str, tuple[str, ...]] = {"cpu": ("reference",), "gpu": ("reference",), "tpu": ("reference",)}
+# Implementations per backend, best first; 'reference' runs everywhere.
+_AVAILABLE: dict[str, tuple[str, ...]] = {
+    "cpu": ("reference", "xla", "tpu", "gpu"),
+    "gpu": ("gpu", "xla", "reference"),
+    "tpu": ("tpu", "xla", "reference"),
+}
+# impl -> (module, forward function, backward function) of the inter-chunk recurrence.
+_KERNELS = {
+    "tpu": ("maxtext.kernels.gated_delta_rule.tpu", "inter_chunk_forward_tpu", "inter_chunk_backward_tpu"),
+    "gpu": ("maxtext.kernels.gated_delta_rule.gpu", "inter_chunk_forward_gpu", "inter_chunk_backward_gpu"),
+}
+
+
+@functools.cache
+def _inter_chunk_with_vjp(impl: str, interpret: bool) -> Callable:
+  """(q, k, w, u, intra, decay, h0) -> (out, final_state) with the impl's kernels forward and backward."""
+  if impl == "xla":
+    forward, backward = inter_chunk.inter_chunk_forward, inter_chunk.inter_chunk_backward
+  else:
+    module_name, forward_name, backward_name = _KERNELS[impl]
+    module = importlib.import_module(module_name)
+    forward = functools.partial(getattr(module, forward_name), interpret=interpret)
+    backward = functools.partial(getattr(module, backward_name), interpret=interpret)
+
+  @jax.custom_vjp
+  def run(q, k, w, u, intra, decay, h0):
+    result = forward(q, k, w, u, intra, decay, h0)
+    return result.out, result.final_state
+
+  def run_forward(q, k, w, u, intra, decay, h0):
+    result = forward(q, k, w, u, intra, decay, h0)
+    # Empty arrays stand for u's and h0's dtypes: residuals must be JAX values.
+    dtypes = (jax.numpy.zeros((0,), u.dtype), jax.numpy.zeros((0,), h0.dtype))
+    residuals = (q, k, w, intra, decay, result.states, result.v_new, *dtypes)
+    return (result.out, result.final_state), residuals
+
+  def run_backward(residuals, cotangents):
+    q, k, w, intra, decay, states, v_new, u_like, h0_like = residuals
+    d_out, d_final_state = cotangents
+    grads = backward(q, k, w, intra, decay, states, v_new, d_out, d_final_state)
+    return (
+        grads.dq.astype(q.dtype),
+        grads.dk.astype(k.dtype),
+        grads.dw.astype(w.dtype),
+        grads.du.astype(u_like.dtype),
+        grads.dintra.astype(intra.dtype),
+        grads.ddecay.astype(decay.dtype),
+        grads.dh0.astype(h0_like.dtype),
+    )
+
+  run.defvjp(run_forward, run_backward)
+  return run
 
 
 def chunk_gated_delta_rule(
@@ -23,15 +83,33 @@ def chunk_gated_delta_rule(
     beta: jax.Array,
     initial_state: jax.Array | None = None,
     *,
+    segment_ids: jax.Array | None = None,
     chunk_size: int = 64,
     use_qk_l2norm: bool = True,
+    scale: float | None = None,
     impl: str = "auto",
+    interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-  """Chunked gated delta rule; see reference.py for layouts. Returns (o, final_state)."""
-  dispatch.choose("gated_delta_rule", impl, _AVAILABLE)
-  return chunk_gated_delta_rule_reference(
-      q, k, v, g, beta, initial_state, chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm
+  """Chunked gated delta rule; layouts in reference.py. Returns (o [B, T, Hv, Dv] in v's dtype, final state f32).
+
+  impl: 'auto' (by backend), 'reference' (jnp, autodiff), 'xla' (jnp with the hand-written backward), 'tpu' or
+  'gpu' (Pallas). On a CPU, or with interpret=True, Pallas kernels run in interpret mode.
+  """
+  chosen = dispatch.choose("gated_delta_rule", impl, _AVAILABLE)
+  if chosen == "reference":
+    return chunk_gated_delta_rule_reference(
+        q, k, v, g, beta, initial_state, segment_ids=segment_ids, chunk_size=chunk_size,
+        use_qk_l2norm=use_qk_l2norm, scale=scale,
+    )
+  check_shapes(q, k, v, g, beta, initial_state, segment_ids)
+  batch, length = q.shape[:2]
+  state = _initial_state(initial_state, batch, v.shape[2], k.shape[-1], v.shape[-1])
+  chunks = prepare_chunks(
+      q, k, v, g, beta, segment_ids, chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm, scale=scale
   )
+  interpret = interpret or dispatch.backend() == "cpu"
+  out, final_state = _inter_chunk_with_vjp(chosen, interpret and chosen != "xla")(*chunks, state)
+  return merge_chunks(out, length).astype(v.dtype), final_state
 
 
 def recurrent_gated_delta_rule(

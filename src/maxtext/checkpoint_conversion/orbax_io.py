@@ -1,0 +1,228 @@
+"""Orbax checkpoints of our parameters: a streaming writer, the stored model config, and restoring.
+
+Layout (MaxText's): `<step_dir>/items` is an orbax PyTree checkpoint of {'params': ...}; `<step_dir>/maxtext_model.json`
+holds the model keys and the layer layout, so tools given `load_parameters_path=<step_dir>/items` need no model_name.
+
+The writer never holds a whole model: orbax lays out the tree (its metadata files) from rank-matching placeholders,
+then every array is written with tensorstore into orbax's zarr3 layout, one slab at a time (a layer of a stacked,
+scanned array). The step directory is built under a temporary name and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+
+from maxtext.configs.types import MODEL_KEYS, Config, ConfigError
+
+ITEMS = "items"
+MODEL_CONFIG_FILE = "maxtext_model.json"
+_FORMAT_VERSION = 1
+
+
+def _handler() -> ocp.PyTreeCheckpointHandler:
+  return ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=True)
+
+
+class StreamingCheckpointWriter:
+  """Create with every leaf's final (shape, dtype, stacked); `write` whole arrays or slabs; then `publish`."""
+
+  def __init__(self, step_dir: str, leaves: Mapping[str, tuple[tuple[int, ...], np.dtype, bool]]):
+    """`leaves`: '/'-path under 'params' -> (shape, dtype, stacked); a stacked leaf is written one slab (index along
+    axis 0) at a time and stored in chunks of one slab. Fails early if `step_dir` exists or is unwritable."""
+    self.step_dir = os.path.abspath(step_dir)
+    if os.path.exists(self.step_dir):
+      raise FileExistsError(f"output '{self.step_dir}' already exists; remove it or choose another base_output_directory")
+    parent = os.path.dirname(self.step_dir)
+    try:
+      os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+      raise PermissionError(f"cannot create output directory '{parent}': {e.strerror}") from None
+    if not os.access(parent, os.W_OK):
+      raise PermissionError(f"output directory '{parent}' is not writable")
+    self.staging = os.path.join(parent, f".{os.path.basename(self.step_dir)}.partial-{os.getpid()}")
+    shutil.rmtree(self.staging, ignore_errors=True)
+    os.makedirs(self.staging)
+    self._items = os.path.join(self.staging, ITEMS)
+    self._leaves = dict(leaves)
+    self._stores: dict[str, Any] = {}
+    # One context (thread pools) for all arrays; no fsync per chunk, since the directory only becomes visible
+    # (renamed into place) after every write has finished.
+    self._context = ts.Context({"file_io_sync": False})
+    placeholders = {path: jnp.zeros((1,) * len(shape), dtype) for path, (shape, dtype, _) in self._leaves.items()}
+    tree = {"params": _unflatten(placeholders)}
+    ocp.Checkpointer(_handler()).save(self._items, args=ocp.args.PyTreeSave(tree))
+    for path in self._leaves:
+      self._stores[path] = self._create_array(path)
+    self._fix_write_shapes()
+
+  def _array_dir(self, path: str) -> str:
+    return os.path.join(self._items, "params." + path.replace("/", "."))
+
+  def _chunk_shape(self, path: str) -> list[int]:
+    shape, _, stacked = self._leaves[path]
+    return [1, *shape[1:]] if stacked else list(shape)
+
+  def _create_array(self, path: str):
+    """Re-create orbax's placeholder zarr3 array at full shape; a stacked array's chunks hold one slab."""
+    directory = self._array_dir(path)
+    with open(os.path.join(directory, "zarr.json"), encoding="utf-8") as f:
+      placeholder = json.load(f)
+    shape, chunk = self._leaves[path][0], self._chunk_shape(path)
+    codecs = placeholder["codecs"]
+    codecs[0]["configuration"]["chunk_shape"] = chunk
+    metadata = {
+        "shape": list(shape),
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk}},
+        "data_type": placeholder["data_type"],
+        "codecs": codecs,
+        "fill_value": placeholder["fill_value"],
+    }
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": directory}, "metadata": metadata}
+    return ts.open(spec, create=True, delete_existing=True, context=self._context).result()
+
+  def _fix_write_shapes(self) -> None:
+    """Orbax records the placeholder's write shape; make its metadata describe the real chunks."""
+    meta_path = os.path.join(self._items, "_METADATA")
+    with open(meta_path, encoding="utf-8") as f:
+      meta = json.load(f)
+    for key, entry in meta["tree_metadata"].items():
+      path = "/".join(k["key"] for k in entry["key_metadata"][1:])
+      entry["value_metadata"]["write_shape"] = self._chunk_shape(path)
+    with open(meta_path, "w", encoding="utf-8") as f:
+      json.dump(meta, f)
+    array_meta_dir = os.path.join(self._items, "array_metadatas")
+    for name in os.listdir(array_meta_dir) if os.path.isdir(array_meta_dir) else ():
+      file = os.path.join(array_meta_dir, name)
+      with open(file, encoding="utf-8") as f:
+        arrays = json.load(f)
+      for item in arrays["array_metadatas"]:
+        path = item["array_metadata"]["param_name"].removeprefix("params.").replace(".", "/")
+        chunk = self._chunk_shape(path)
+        item["array_metadata"]["write_shape"] = chunk
+        item["array_metadata"]["chunk_shape"] = chunk
+      with open(file, "w", encoding="utf-8") as f:
+        json.dump(arrays, f)
+
+  def write(self, path: str, array: np.ndarray, index: int | None = None) -> None:
+    """Write the whole leaf `path`, or its slab `index` along axis 0."""
+    shape, dtype, _ = self._leaves[path]
+    want = shape if index is None else shape[1:]
+    if tuple(array.shape) != tuple(want):
+      raise ValueError(f"parameter '{path}' slab has shape {tuple(array.shape)}, expected {tuple(want)}")
+    store = self._stores[path] if index is None else self._stores[path][index]
+    store.write(np.asarray(array, dtype)).result()
+
+  def publish(self, model_config: Mapping[str, Any]) -> str:
+    """Write the model config beside the items and move the finished step directory into place."""
+    with open(os.path.join(self.staging, MODEL_CONFIG_FILE), "w", encoding="utf-8") as f:
+      json.dump({"format_version": _FORMAT_VERSION, **model_config}, f, indent=2, sort_keys=True)
+    os.rename(self.staging, self.step_dir)
+    return os.path.join(self.step_dir, ITEMS)
+
+  def abort(self) -> None:
+    shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+  tree: dict[str, Any] = {}
+  for path, value in flat.items():
+    node = tree
+    *parents, leaf = path.split("/")
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[leaf] = value
+  return tree
+
+
+def model_config_record(config: Config) -> dict[str, Any]:
+  """What a checkpoint stores about its model: the architecture keys and the layer layout."""
+  return {"model": {key: getattr(config, key) for key in MODEL_KEYS}, "scan_layers": config.scan_layers}
+
+
+def step_dir_of(load_parameters_path: str) -> str:
+  """`.../<step>/items` -> `.../<step>` (a path to the step directory itself is accepted too)."""
+  path = os.path.abspath(load_parameters_path.rstrip("/"))
+  return os.path.dirname(path) if os.path.basename(path) == ITEMS else path
+
+
+def read_model_config(load_parameters_path: str) -> dict[str, Any] | None:
+  """The stored model record of a checkpoint, or None when it has none (e.g. not written by us)."""
+  file = os.path.join(step_dir_of(load_parameters_path), MODEL_CONFIG_FILE)
+  if not os.path.isfile(file):
+    return None
+  try:
+    with open(file, encoding="utf-8") as f:
+      record = json.load(f)
+    record["model"], record["scan_layers"]  # noqa: B018 - both keys must exist
+  except (json.JSONDecodeError, KeyError, TypeError):
+    raise ConfigError(f"'{file}' is not a valid model record; re-convert the checkpoint") from None
+  return record
+
+
+def items_dir(load_parameters_path: str) -> str:
+  items = os.path.join(step_dir_of(load_parameters_path), ITEMS)
+  if not os.path.isdir(items):
+    raise FileNotFoundError(f"no orbax checkpoint at '{items}' (load_parameters_path={load_parameters_path})")
+  return items
+
+
+def restore_flat(load_parameters_path: str) -> dict[str, np.ndarray]:
+  """'/'-path -> numpy array of every stored parameter, in the stored layout and dtype."""
+  items = items_dir(load_parameters_path)
+  try:
+    tree = ocp.Checkpointer(_handler()).restore(items)
+  except Exception as e:  # orbax raises many types; say which checkpoint failed, in one line
+    raise ValueError(f"cannot restore the orbax checkpoint at '{items}': {type(e).__name__}: {str(e)[:300]}") from None
+  params = tree["params"] if "params" in tree else tree
+  flat = {}
+
+  def visit(prefix: str, node: Any) -> None:
+    if isinstance(node, Mapping):
+      for key, value in node.items():
+        visit(f"{prefix}/{key}" if prefix else key, value)
+    else:
+      flat[prefix] = np.asarray(jax.device_get(node))
+
+  visit("", params)
+  return flat
+
+
+def load_params(load_parameters_path: str, spec) -> dict[str, Any]:
+  """Parameters for `spec` (a ModelSpec): checked against the model's shapes, converted to its layer layout
+  (a scanned checkpoint loads unscanned and vice versa) and cast to its weight dtype. Numpy arrays."""
+  import dataclasses  # noqa: PLC0415
+
+  from maxtext.checkpoint_conversion.scan_layout import scan_layers, unscan_layers  # noqa: PLC0415
+  from maxtext.models import params as model_params  # noqa: PLC0415
+
+  record = read_model_config(load_parameters_path)
+  flat = restore_flat(load_parameters_path)
+  stored_scanned = record["scan_layers"] if record else any(p.startswith("decoder/blocks/") for p in flat)
+  expected = model_params.flat_shapes(dataclasses.replace(spec, scan_layers=stored_scanned))
+  where = items_dir(load_parameters_path)
+  missing = sorted(set(expected) - set(flat))
+  if missing:
+    raise ValueError(f"checkpoint '{where}' lacks parameter '{missing[0]}' ({len(missing)} missing in all)")
+  extra = sorted(set(flat) - set(expected))
+  if extra:
+    raise ValueError(f"checkpoint '{where}' has unexpected parameter '{extra[0]}' ({len(extra)} in all)")
+  for path, shape in expected.items():
+    if tuple(flat[path].shape) != tuple(shape):
+      raise ValueError(f"checkpoint '{where}': parameter '{path}' has shape {flat[path].shape}, expected {shape}")
+  dtype = np.dtype(spec.numerics.weight_dtype)
+  tree = model_params.unflatten({path: array.astype(dtype, copy=False) for path, array in flat.items()})
+  if stored_scanned and not spec.scan_layers:
+    tree = unscan_layers(tree, spec.num_layers, spec.full_attention_interval)
+  elif spec.scan_layers and not stored_scanned:
+    tree = scan_layers(tree, spec.num_layers, spec.full_attention_interval)
+  return tree

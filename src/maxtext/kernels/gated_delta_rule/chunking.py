@@ -1,0 +1,145 @@
+"""The parallel part of the chunked gated delta rule: everything that stays inside one chunk.
+
+`prepare_chunks` turns the model's tensors into the inputs of the inter-chunk recurrence (inter_chunk.py);
+`merge_chunks` turns its output back. Both are plain jnp, so JAX differentiates them; only the recurrence needs
+hand-written kernels and a custom vjp.
+
+Packed sequences (segment_ids) never leak state across documents: inside a chunk every token-pair term is masked to
+the same segment, a token sees the carried state only if it belongs to the segment that state came from, and only
+the chunk's last segment feeds the outgoing state. With contiguous segments this is exact, with no -inf tricks.
+The initial state, when given, belongs to the first segment of each row.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.linalg import solve_triangular
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+L2_NORM_EPS = 1e-6
+
+
+class ChunkInputs(NamedTuple):
+  """Inputs of the inter-chunk recurrence, [B, H, N, C, ...], float32 (H = value heads)."""
+
+  q: jax.Array  # [B, H, N, C, Dk], scaled and decayed from the chunk start, zero where the carried state is unseen
+  k: jax.Array  # [B, H, N, C, Dk], decayed to the chunk end, zero outside the chunk's last segment
+  w: jax.Array  # [B, H, N, C, Dk], WY form: what the carried state predicts for each token's value
+  u: jax.Array  # [B, H, N, C, Dv], WY form: the chunk's own corrected values
+  intra: jax.Array  # [B, H, N, C, C], causal, same-segment q.k scores with decay
+  decay: jax.Array  # [B, H, N], how much of the carried state survives the chunk
+
+
+def l2_normalize(x: jax.Array, eps: float = L2_NORM_EPS) -> jax.Array:
+  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+def _mm(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  return jnp.einsum(spec, a, b, precision=_HIGHEST)
+
+
+def check_shapes(q, k, v, g, beta, initial_state, segment_ids) -> None:
+  """Raise a ValueError naming the first argument whose shape does not fit q's."""
+  if q.ndim != 4 or k.shape != q.shape:
+    raise ValueError(f"q and k must both be [B, T, Hk, Dk]; got q {q.shape}, k {k.shape}")
+  batch, length, key_heads, key_dim = q.shape
+  if v.ndim != 4 or v.shape[:2] != (batch, length) or v.shape[2] % key_heads:
+    raise ValueError(f"v must be [{batch}, {length}, Hv, Dv] with Hv a multiple of {key_heads}; got {v.shape}")
+  value_heads, value_dim = v.shape[2:]
+  for name, x in (("g", g), ("beta", beta)):
+    if x.shape != (batch, length, value_heads):
+      raise ValueError(f"{name} must be [{batch}, {length}, {value_heads}]; got {x.shape}")
+  if initial_state is not None and initial_state.shape != (batch, value_heads, key_dim, value_dim):
+    raise ValueError(
+        f"initial_state must be [{batch}, {value_heads}, {key_dim}, {value_dim}]; got {initial_state.shape}"
+    )
+  if segment_ids is not None and segment_ids.shape != (batch, length):
+    raise ValueError(f"segment_ids must be [{batch}, {length}]; got {segment_ids.shape}")
+
+
+def _to_chunks(x: jax.Array, chunk_size: int, pad_value=0) -> jax.Array:
+  """[B, T, H, ...] -> [B, H, N, C, ...], padding T up to a multiple of chunk_size."""
+  batch, length = x.shape[:2]
+  pad = (-length) % chunk_size
+  x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=pad_value)
+  x = x.reshape(batch, (length + pad) // chunk_size, chunk_size, *x.shape[2:])
+  return jnp.moveaxis(x, 3, 1) if x.ndim > 3 else x
+
+
+def _segment_masks(segment_ids: jax.Array | None, batch: int, length: int, chunk_size: int):
+  """(same_segment [B, 1, N, C, C], carried [B, 1, N, C], in_last_segment [B, 1, N, C]) or Nones."""
+  if segment_ids is None:
+    return None, None, None
+  # Padding continues the last segment; padded tokens carry beta = 0 and k = 0, so they change nothing.
+  padded = jnp.pad(segment_ids, [(0, 0), (0, (-length) % chunk_size)], mode="edge")
+  seg = padded.reshape(batch, -1, chunk_size)  # [B, N, C]
+  previous_last = jnp.concatenate([seg[:, :1, :1], seg[:, :-1, -1:]], axis=1)  # segment of the carried state
+  same_segment = seg[..., :, None] == seg[..., None, :]
+  carried = seg == previous_last
+  in_last_segment = seg == seg[..., -1:]
+  return same_segment[:, None], carried[:, None], in_last_segment[:, None]
+
+
+def prepare_chunks(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array,
+    beta: jax.Array,
+    segment_ids: jax.Array | None = None,
+    *,
+    chunk_size: int = 64,
+    use_qk_l2norm: bool = True,
+    scale: float | None = None,
+) -> ChunkInputs:
+  """Model layouts (q, k [B, T, Hk, Dk]; v [B, T, Hv, Dv]; g, beta [B, T, Hv]) -> ChunkInputs."""
+  batch, length, key_heads, key_dim = q.shape
+  value_heads = v.shape[2]
+  q, k, v, g, beta = (x.astype(jnp.float32) for x in (q, k, v, g, beta))
+  if use_qk_l2norm:
+    q, k = l2_normalize(q), l2_normalize(k)
+  q = q * (key_dim**-0.5 if scale is None else scale)
+  # Decays and betas are per value head, so everything below is too; the normalised q, k are shared by a group.
+  groups = value_heads // key_heads
+  q, k = jnp.repeat(q, groups, axis=2), jnp.repeat(k, groups, axis=2)
+  q, k, v, g, beta = (_to_chunks(x, chunk_size) for x in (q, k, v, g, beta))  # [B, H, N, C, ...]
+  same_segment, carried, in_last_segment = _segment_masks(segment_ids, batch, length, chunk_size)
+
+  g_cum = jnp.cumsum(g, axis=-1)  # [B, H, N, C]
+  pair_mask = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))
+  if same_segment is not None:
+    pair_mask = pair_mask & same_segment
+  # decay[i, j] = exp(g_cum_i - g_cum_j) <= 1 on kept pairs; masked before exp so nothing overflows.
+  pair_decay = jnp.exp(jnp.where(pair_mask, g_cum[..., :, None] - g_cum[..., None, :], -jnp.inf))
+  k_beta = k * beta[..., None]
+  strictly_lower = jnp.tril(_mm("bhncd,bhnsd->bhncs", k_beta, k) * pair_decay, -1)
+  system = strictly_lower + jnp.eye(chunk_size, dtype=jnp.float32)
+  from_start = jnp.exp(g_cum)
+  to_end = jnp.exp(g_cum[..., -1:] - g_cum)
+  chunk_decay = jnp.exp(g_cum[..., -1])
+  if carried is not None:
+    from_start = from_start * carried
+    to_end = to_end * in_last_segment
+    chunk_decay = chunk_decay * carried[..., -1]
+  # (I + L) U = beta V and (I + L) W = beta exp(g_cum) K: the WY form of the chunk's delta-rule updates.
+  value_dim = v.shape[-1]
+  rhs = jnp.concatenate([v * beta[..., None], k_beta * from_start[..., None]], axis=-1)
+  solved = solve_triangular(system, rhs, lower=True, unit_diagonal=True)
+  return ChunkInputs(
+      q=q * from_start[..., None],
+      k=k * to_end[..., None],
+      w=solved[..., value_dim:],
+      u=solved[..., :value_dim],
+      intra=_mm("bhncd,bhnsd->bhncs", q, k) * pair_decay,
+      decay=chunk_decay,
+  )
+
+
+def merge_chunks(out: jax.Array, length: int) -> jax.Array:
+  """[B, H, N, C, Dv] -> [B, T, H, Dv], dropping the padding."""
+  batch, heads, num_chunks, chunk_size, value_dim = out.shape
+  out = out.reshape(batch, heads, num_chunks * chunk_size, value_dim)[:, :, :length]
+  return jnp.swapaxes(out, 1, 2)

@@ -1,0 +1,256 @@
+"""Pallas GPU (Triton) kernels for the inter-chunk recurrence of the chunked gated delta rule.
+
+The contract and the jnp reference are in inter_chunk.py. Triton grids are parallel only, so each recurrence
+program owns one (batch * head, value block) and walks the chunks with a fori_loop, keeping its [Dk, BV] slice of
+the float32 state in registers: every product in the forward and in the state-gradient recurrence is separable
+across value columns. The backward runs in two kernels:
+  1. the reverse recurrence (grid over value blocks, like the forward) writes du = dv_new and the state gradient
+     dh entering each chunk from the right (dL/dh_{n+1}), both float32;
+  2. a fully parallel kernel over (chunk, key block) reads h_n, dh, d_out, v_new and du and forms dq, dk, dw,
+     dintra and ddecay, which all reduce over Dv, in one program each (no cross-program partial sums, and
+     B*H*N programs to fill the GPU even when B*H is small).
+Writing dh costs one more [B, H, N, Dk, Dv] float32 array, but splitting Dv in a single kernel would instead
+write (Dv/BV) partial copies of dq, dk, dw and dintra and sum them afterwards, which moves more bytes.
+
+Precision (float32 accumulation and a float32 state throughout; `split_f32_operands` picks the dots):
+  inputs    split_f32_operands=False (default)                 True
+  float32   IEEE float32 on the CUDA cores: exact, slowest      TF32x3 on the tensor cores: ~float32
+  bf16/f16  float32 operands (h, v_new, d_out, dh, dv_new)      float32 operands as hi + lo 16-bit halves,
+            rounded to 16 bits just before each dot, as fla     2-3 dots each: ~1e-5 relative
+            does: ~1e-3..4e-3 relative (1 ulp per operand)
+Interpret mode (CPU) has no TF32x3 and runs IEEE float32 there instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from maxtext.kernels.gated_delta_rule.inter_chunk import BackwardResult, ForwardResult
+
+try:  # where jax 0.10.x and 0.11.x keep the Triton compiler parameters
+  from jax.experimental.pallas.triton import CompilerParams as _TritonParams
+except ImportError:  # older jax named them TritonCompilerParams, in pallas.gpu
+  from jax.experimental.pallas.gpu import TritonCompilerParams as _TritonParams
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuBlockSizes:
+  """Tile sizes and launch parameters; the defaults target an H100 with Dk = Dv = 128, C = 64.
+
+  Warps left as None: 4 for 16-bit dots and 8 for float32 ones in the recurrences (IEEE float32 dots spill
+  heavily at 4), 8 in the gradient kernel (255 registers and spills at 4 with the default tiles). Register counts
+  from compiling the Triton IR for sm_90a with ptxas.
+  """
+
+  block_v: int = 32  # value columns per recurrence program: B*H*Dv/block_v programs (128 at B=1, H=32)
+  num_warps: int | None = None
+  num_stages: int = 2  # Triton software pipelining of the next chunk's loads
+  grad_block_k: int = 64  # key rows per program of the parallel gradient kernel
+  grad_block_v: int = 64  # value columns per inner step of the gradient kernel (bounds register use)
+  grad_num_warps: int | None = None
+
+  def recurrence_params(self, dtype) -> _TritonParams:
+    warps = self.num_warps or (8 if dtype == jnp.float32 else 4)
+    return _TritonParams(num_warps=warps, num_stages=self.num_stages)
+
+  def gradient_params(self) -> _TritonParams:
+    return _TritonParams(num_warps=self.grad_num_warps or 8, num_stages=1)
+
+
+def _parts(x: jax.Array, dtype, split: bool) -> list[jax.Array]:
+  """x as `dtype` operands: one rounded copy, or (split and x is float32) a high and a low half."""
+  hi = x.astype(dtype)
+  if not split or x.dtype == dtype:
+    return [hi]
+  return [hi, (x - hi.astype(jnp.float32)).astype(dtype)]
+
+
+def _dot(a: jax.Array, b: jax.Array, *, dtype, split: bool, interpret: bool, trans_a: bool = False,
+         trans_b: bool = False) -> jax.Array:
+  """a @ b (optionally transposed) with float32 accumulation; see the module docstring for the precisions."""
+  dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+  if dtype == jnp.float32:
+    # HIGHEST: IEEE float32 (Triton's default would be TF32). TF32x3 has no CPU version: interpret mode runs IEEE.
+    precision = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3 if split and not interpret else jax.lax.Precision.HIGHEST
+    return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), dims, precision=precision,
+                               preferred_element_type=jnp.float32)
+  terms = [(x, y) for i, x in enumerate(_parts(a, dtype, split)) for j, y in enumerate(_parts(b, dtype, split))
+           if i + j < 2]  # lo * lo is below float32 resolution of the result
+  out = None
+  for x, y in reversed(terms):  # the small cross terms first
+    term = jax.lax.dot_general(x, y, dims, preferred_element_type=jnp.float32)
+    out = term if out is None else out + term
+  return out
+
+
+def _matmul(inputs: tuple[jax.Array, ...], split_f32_operands: bool, interpret: bool):
+  """(dot dtype, the kernels' dot): float32 if any input is float32, else the inputs' 16-bit dtype."""
+  dtype = jnp.result_type(*(x.dtype for x in inputs))
+  if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+    raise TypeError(f"gated delta rule GPU kernel: unsupported input dtype {dtype}; pass float32 or bfloat16")
+  return dtype, functools.partial(_dot, dtype=dtype, split=split_f32_operands, interpret=interpret)
+
+
+def _check_dims(**sizes: int) -> None:
+  """Triton tiles must be powers of two and dots need every dimension >= 16."""
+  for name, size in sizes.items():
+    if size < 16 or size & (size - 1):
+      raise ValueError(f"gated delta rule GPU kernel: {name}={size} must be a power of two >= 16 "
+                       "(use the jnp reference in inter_chunk.py for other shapes)")
+
+
+def _flat(x: jax.Array) -> jax.Array:
+  """[B, H, ...] -> [B*H, ...] (free: a reshape of the leading axes)."""
+  return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _f32(*shape: int) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+# ------------------------------------------------------------------------------------------------ forward
+
+
+def _forward_kernel(q_ref, k_ref, w_ref, u_ref, intra_ref, decay_ref, h0_ref,
+                    out_ref, final_ref, states_ref, v_new_ref, *, num_chunks: int, block_v: int, mm):
+  """One (value block, batch*head): walks the chunks carrying its [Dk, BV] float32 state slice."""
+  vb, bh = pl.program_id(0), pl.program_id(1)
+  cols = pl.ds(vb * block_v, block_v)
+
+  def step(n, h):  # h: [Dk, BV], the state entering chunk n
+    states_ref[bh, n, :, cols] = h
+    v_new = u_ref[bh, n, :, cols].astype(jnp.float32) - mm(w_ref[bh, n], h)  # [C, BV]
+    v_new_ref[bh, n, :, cols] = v_new
+    out_ref[bh, n, :, cols] = mm(q_ref[bh, n], h) + mm(intra_ref[bh, n], v_new)
+    return decay_ref[bh, n] * h + mm(k_ref[bh, n], v_new, trans_a=True)
+
+  final_ref[bh, :, cols] = jax.lax.fori_loop(0, num_chunks, step, h0_ref[bh, :, cols])
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "block_sizes", "split_f32_operands"))
+def inter_chunk_forward_gpu(q, k, w, u, intra, decay, h0, *, interpret: bool = False,
+                            block_sizes: GpuBlockSizes = GpuBlockSizes(),
+                            split_f32_operands: bool = False) -> ForwardResult:
+  """Pallas-Triton forward of the inter-chunk recurrence; same contract as inter_chunk.inter_chunk_forward.
+
+  split_f32_operands: run the dots on the tensor cores as hi + lo halves (see the module docstring).
+  """
+  batch, heads, num_chunks, chunk, key_dim = q.shape
+  value_dim = u.shape[-1]
+  block_v = min(block_sizes.block_v, value_dim)
+  _check_dims(chunk_size=chunk, key_dim=key_dim, value_dim=value_dim, block_v=block_v)
+  dtype, mm = _matmul((q, k, w, u, intra), split_f32_operands, interpret)
+  bh = batch * heads
+  out, final_state, states, v_new = pl.pallas_call(
+      functools.partial(_forward_kernel, num_chunks=num_chunks, block_v=block_v, mm=mm),
+      # Value blocks vary fastest so the programs sharing one head's q, k, w, intra run together (L2 reuse).
+      grid=(value_dim // block_v, bh),
+      out_shape=(_f32(bh, num_chunks, chunk, value_dim), _f32(bh, key_dim, value_dim),
+                 _f32(bh, num_chunks, key_dim, value_dim), _f32(bh, num_chunks, chunk, value_dim)),
+      compiler_params=block_sizes.recurrence_params(dtype),
+      interpret=interpret,
+      name="gdr_inter_chunk_fwd",
+  )(*map(_flat, (q, k, w, u, intra)), _flat(decay).astype(jnp.float32), _flat(h0).astype(jnp.float32))
+  unflat = lambda x: x.reshape(batch, heads, *x.shape[1:])
+  return ForwardResult(unflat(out), unflat(final_state), unflat(states), unflat(v_new))
+
+
+# ----------------------------------------------------------------------------------------------- backward
+
+
+def _state_grad_kernel(q_ref, k_ref, w_ref, intra_ref, decay_ref, do_ref, dfinal_ref,
+                       du_ref, dh_ref, dh0_ref, *, num_chunks: int, block_v: int, mm):
+  """One (value block, batch*head), chunks in reverse: du = dv_new and dh = dL/dh_{n+1} per chunk, then dh0."""
+  vb, bh = pl.program_id(0), pl.program_id(1)
+  cols = pl.ds(vb * block_v, block_v)
+
+  def step(i, dh):  # dh: [Dk, BV]
+    n = num_chunks - 1 - i
+    dh_ref[bh, n, :, cols] = dh
+    do = do_ref[bh, n, :, cols]  # [C, BV]
+    dv_new = mm(intra_ref[bh, n], do, trans_a=True) + mm(k_ref[bh, n], dh)  # [C, BV]
+    du_ref[bh, n, :, cols] = dv_new
+    return decay_ref[bh, n] * dh + mm(q_ref[bh, n], do, trans_a=True) - mm(w_ref[bh, n], dv_new, trans_a=True)
+
+  dh0_ref[bh, :, cols] = jax.lax.fori_loop(0, num_chunks, step, dfinal_ref[bh, :, cols])
+
+
+def _chunk_grad_kernel(states_ref, dh_ref, v_new_ref, do_ref, du_ref,
+                       dq_ref, dk_ref, dw_ref, dintra_ref, ddecay_ref, *, block_k: int, block_v: int, mm):
+  """One (key block, chunk, batch*head): the gradients that reduce over Dv, accumulated over value blocks."""
+  kb, n, bh = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  rows = pl.ds(kb * block_k, block_k)
+  chunk, value_dim = do_ref.shape[2:]
+  value_blocks = [pl.ds(j * block_v, block_v) for j in range(value_dim // block_v)]  # <= 8: unrolled
+  dq = dk = dw = jnp.zeros((chunk, block_k), jnp.float32)
+  ddecay = jnp.zeros((), jnp.float32)
+  for cols in value_blocks:
+    h, dh = states_ref[bh, n, rows, cols], dh_ref[bh, n, rows, cols]  # [BK, BV]
+    do, du = do_ref[bh, n, :, cols], du_ref[bh, n, :, cols]  # [C, BV]
+    dq += mm(do, h, trans_b=True)
+    dw -= mm(du, h, trans_b=True)
+    dk += mm(v_new_ref[bh, n, :, cols], dh, trans_b=True)
+    ddecay += jnp.sum(h * dh)  # float32 products: no operand rounding in the decay gradient
+  dq_ref[bh, n, :, rows] = dq
+  dk_ref[bh, n, :, rows] = dk
+  dw_ref[bh, n, :, rows] = dw
+  ddecay_ref[kb, bh, n] = ddecay  # this key block's share, summed by the caller
+
+  @pl.when(kb == 0)  # dintra = do @ v_new^T involves no key dim: the first key block's program writes it
+  def _():
+    dintra = jnp.zeros((chunk, chunk), jnp.float32)
+    for cols in value_blocks:
+      dintra += mm(do_ref[bh, n, :, cols], v_new_ref[bh, n, :, cols], trans_b=True)
+    dintra_ref[bh, n] = dintra
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "block_sizes", "split_f32_operands"))
+def inter_chunk_backward_gpu(q, k, w, intra, decay, states, v_new, d_out, d_final_state, *,
+                             interpret: bool = False, block_sizes: GpuBlockSizes = GpuBlockSizes(),
+                             split_f32_operands: bool = False) -> BackwardResult:
+  """Pallas-Triton backward of the inter-chunk recurrence; same contract as inter_chunk.inter_chunk_backward.
+
+  split_f32_operands: run the dots on the tensor cores as hi + lo halves (see the module docstring).
+  """
+  batch, heads, num_chunks, chunk, key_dim = q.shape
+  value_dim = d_out.shape[-1]
+  block_v = min(block_sizes.block_v, value_dim)
+  block_k = min(block_sizes.grad_block_k, key_dim)
+  grad_block_v = min(block_sizes.grad_block_v, value_dim)
+  _check_dims(chunk_size=chunk, key_dim=key_dim, value_dim=value_dim, block_v=block_v, grad_block_k=block_k,
+              grad_block_v=grad_block_v)
+  dtype, mm = _matmul((q, k, w, intra), split_f32_operands, interpret)
+  bh = batch * heads
+  q, k, w, intra, states, v_new, d_out = map(_flat, (q, k, w, intra, states, v_new, d_out))
+
+  du, dh, dh0 = pl.pallas_call(
+      functools.partial(_state_grad_kernel, num_chunks=num_chunks, block_v=block_v, mm=mm),
+      grid=(value_dim // block_v, bh),
+      out_shape=(_f32(bh, num_chunks, chunk, value_dim), _f32(bh, num_chunks, key_dim, value_dim),
+                 _f32(bh, key_dim, value_dim)),
+      compiler_params=block_sizes.recurrence_params(dtype),
+      interpret=interpret,
+      name="gdr_inter_chunk_bwd_state",
+  )(q, k, w, intra, _flat(decay).astype(jnp.float32), d_out, _flat(d_final_state).astype(jnp.float32))
+
+  num_key_blocks = key_dim // block_k
+  dq, dk, dw, dintra, ddecay = pl.pallas_call(
+      functools.partial(_chunk_grad_kernel, block_k=block_k, block_v=grad_block_v, mm=mm),
+      # Key blocks vary fastest: the programs of one chunk read the same d_out, v_new and du together.
+      grid=(num_key_blocks, num_chunks, bh),
+      out_shape=(_f32(bh, num_chunks, chunk, key_dim), _f32(bh, num_chunks, chunk, key_dim),
+                 _f32(bh, num_chunks, chunk, key_dim), _f32(bh, num_chunks, chunk, chunk),
+                 _f32(num_key_blocks, bh, num_chunks)),
+      compiler_params=block_sizes.gradient_params(),
+      interpret=interpret,
+      name="gdr_inter_chunk_bwd_grads",
+  )(states, dh, v_new, d_out, du)
+
+  unflat = lambda x: x.reshape(batch, heads, *x.shape[1:])
+  return BackwardResult(unflat(dq), unflat(dk), unflat(dw), unflat(du), unflat(dintra),
+                        unflat(ddecay.sum(axis=0)), unflat(dh0))
