@@ -87,7 +87,13 @@ class StreamingCheckpointWriter:
         "codecs": codecs,
         "fill_value": placeholder["fill_value"],
     }
-    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": directory}, "metadata": metadata}
+    # Orbax reads every chunk, so all-zero chunks (zero-centred norms) must be stored too.
+    spec = {
+        "driver": "zarr3",
+        "kvstore": {"driver": "file", "path": directory},
+        "metadata": metadata,
+        "store_data_equal_to_fill_value": True,
+    }
     return ts.open(spec, create=True, delete_existing=True, context=self._context).result()
 
   def _fix_write_shapes(self) -> None:
@@ -179,8 +185,12 @@ def items_dir(load_parameters_path: str) -> str:
 def restore_flat(load_parameters_path: str) -> dict[str, np.ndarray]:
   """'/'-path -> numpy array of every stored parameter, in the stored layout and dtype."""
   items = items_dir(load_parameters_path)
+  checkpointer = ocp.Checkpointer(_handler())
   try:
-    tree = ocp.Checkpointer(_handler()).restore(items)
+    metadata = checkpointer.metadata(items).item_metadata.tree
+    # Restore straight to host numpy arrays: no device copy, no sharding needed.
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+    tree = checkpointer.restore(items, args=ocp.args.PyTreeRestore(restore_args=restore_args))
   except Exception as e:  # orbax raises many types; say which checkpoint failed, in one line
     raise ValueError(f"cannot restore the orbax checkpoint at '{items}': {type(e).__name__}: {str(e)[:300]}") from None
   params = tree["params"] if "params" in tree else tree
@@ -191,7 +201,7 @@ def restore_flat(load_parameters_path: str) -> dict[str, np.ndarray]:
       for key, value in node.items():
         visit(f"{prefix}/{key}" if prefix else key, value)
     else:
-      flat[prefix] = np.asarray(jax.device_get(node))
+      flat[prefix] = np.asarray(node)
 
   visit("", params)
   return flat

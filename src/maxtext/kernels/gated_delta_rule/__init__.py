@@ -6,11 +6,13 @@ which runs as a Pallas kernel on TPU (tpu.py) and GPU (gpu.py) with a custom vjp
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
-from typing import Callable
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
 from maxtext.kernels import dispatch
 from maxtext.kernels.gated_delta_rule import inter_chunk
@@ -32,6 +34,29 @@ _KERNELS = {
     "tpu": ("maxtext.kernels.gated_delta_rule.tpu", "inter_chunk_forward_tpu", "inter_chunk_backward_tpu"),
     "gpu": ("maxtext.kernels.gated_delta_rule.gpu", "inter_chunk_forward_gpu", "inter_chunk_backward_gpu"),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkOptions:
+  """How prepare_chunks feeds the recurrence: its triangular solve and matmul precision, the operands' dtype."""
+
+  solve: str = "solve_triangular"
+  precision: Any = jax.lax.Precision.HIGHEST
+  operand_dtype: Any = jnp.float32  # q, k, w, u, intra as the kernels read them
+
+
+def _options(impl: str, q: jax.Array, k: jax.Array, v: jax.Array) -> ChunkOptions:
+  """The GPU path's choices (measured on an H100, see docs/benchmarks.md); the reference's everywhere else.
+
+  With bf16 model inputs the kernels read bf16 operands (their dots round to bf16 anyway) and the chunk algebra's
+  products run at XLA's default GPU precision (TF32); float32 inputs keep float32 throughout. The explicit
+  inverse replaces batched triangular solves, which are slow on GPUs, by matmuls.
+  """
+  if impl != "gpu":
+    return ChunkOptions()
+  if all(x.dtype == jnp.bfloat16 for x in (q, k, v)):
+    return ChunkOptions("inverse", jax.lax.Precision.DEFAULT, jnp.bfloat16)
+  return ChunkOptions("inverse")
 
 
 @functools.cache
@@ -102,13 +127,26 @@ def chunk_gated_delta_rule(
         use_qk_l2norm=use_qk_l2norm, scale=scale,
     )
   check_shapes(q, k, v, g, beta, initial_state, segment_ids)
+  interpret = interpret or dispatch.backend() == "cpu"
+  return _chunked(
+      q, k, v, g, beta, initial_state, segment_ids=segment_ids, chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm,
+      scale=scale, impl=chosen, interpret=interpret and chosen != "xla", options=_options(chosen, q, k, v),
+  )
+
+
+def _chunked(q, k, v, g, beta, initial_state, *, segment_ids, chunk_size, use_qk_l2norm, scale, impl, interpret,
+             options: ChunkOptions) -> tuple[jax.Array, jax.Array]:
+  """prepare_chunks -> the impl's recurrence with its vjp -> merge_chunks (the benchmark varies `options`)."""
   batch, length = q.shape[:2]
   state = _initial_state(initial_state, batch, v.shape[2], k.shape[-1], v.shape[-1])
   chunks = prepare_chunks(
-      q, k, v, g, beta, segment_ids, chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm, scale=scale
+      q, k, v, g, beta, segment_ids, chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm, scale=scale,
+      solve=options.solve, precision=options.precision,
   )
-  interpret = interpret or dispatch.backend() == "cpu"
-  out, final_state = _inter_chunk_with_vjp(chosen, interpret and chosen != "xla")(*chunks, state)
+  cast = lambda x: x.astype(options.operand_dtype)
+  chunks = chunks._replace(q=cast(chunks.q), k=cast(chunks.k), w=cast(chunks.w), u=cast(chunks.u),
+                           intra=cast(chunks.intra))
+  out, final_state = _inter_chunk_with_vjp(impl, interpret)(*chunks, state)
   return merge_chunks(out, length).astype(v.dtype), final_state
 
 

@@ -37,8 +37,64 @@ def l2_normalize(x: jax.Array, eps: float = L2_NORM_EPS) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
-def _mm(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
-  return jnp.einsum(spec, a, b, precision=_HIGHEST)
+def _mm(spec: str, a: jax.Array, b: jax.Array, precision=_HIGHEST) -> jax.Array:
+  return jnp.einsum(spec, a, b, precision=precision)
+
+
+def _inverse_by_doubling(lower: jax.Array) -> jax.Array:
+  """(I + lower)^-1 for strictly lower [..., C, C], C a power of two, by merging diagonal blocks pairwise.
+
+  inv([[A, 0], [B, D]]) = [[inv(A), 0], [-inv(D) B inv(A), inv(D)]]: log2(C) rounds of batched products, all
+  plain matmuls (no triangular solve kernel), as stable as blocked forward substitution.
+  """
+  *batch, size, _ = lower.shape
+  blocks = jnp.ones((*batch, size, 1, 1), lower.dtype)  # inverses of the 1x1 diagonal blocks
+  half = 1
+  while half < size:
+    pairs = size // (2 * half)
+    lower_left = lower.reshape(*batch, pairs, 2, half, pairs, 2, half)[..., :, 1, :, :, 0, :]
+    lower_left = jnp.moveaxis(jnp.diagonal(lower_left, axis1=-4, axis2=-2), -1, -3)  # [..., pairs, half, half]
+    upper_inv, lower_inv = blocks[..., 0::2, :, :], blocks[..., 1::2, :, :]
+    merged = -_mm("...ij,...jk->...ik", lower_inv, _mm("...ij,...jk->...ik", lower_left, upper_inv))
+    blocks = jnp.concatenate(
+        [jnp.concatenate([upper_inv, jnp.zeros_like(upper_inv)], -1), jnp.concatenate([merged, lower_inv], -1)], -2
+    )
+    half *= 2
+  return blocks[..., 0, :, :]
+
+
+@jax.custom_vjp
+def _unit_lower_inverse(lower: jax.Array) -> jax.Array:
+  """(I + lower)^-1 for strictly lower [..., C, C]."""
+  size = lower.shape[-1]
+  if size & (size - 1):
+    eye = jnp.broadcast_to(jnp.eye(size, dtype=lower.dtype), lower.shape)
+    return solve_triangular(lower + eye, eye, lower=True, unit_diagonal=True)
+  return _inverse_by_doubling(lower)
+
+
+def _unit_lower_inverse_forward(lower):
+  inverse = _unit_lower_inverse(lower)
+  return inverse, inverse
+
+
+def _unit_lower_inverse_backward(inverse, d_inverse):
+  # d(A^-1) = -A^-1 dA A^-1, so dL = -A^-T dT A^-T, kept on L's strictly lower support.
+  d_lower = -_mm("...ji,...jk->...ik", inverse, _mm("...ij,...kj->...ik", d_inverse, inverse))
+  return (jnp.tril(d_lower, -1),)
+
+
+_unit_lower_inverse.defvjp(_unit_lower_inverse_forward, _unit_lower_inverse_backward)
+
+
+def _solve_unit_lower(lower: jax.Array, rhs: jax.Array, method: str, precision) -> jax.Array:
+  """(I + lower)^-1 rhs: by a triangular solve, or (method 'inverse') as the explicit inverse times rhs."""
+  if method == "solve_triangular":
+    system = lower + jnp.eye(lower.shape[-1], dtype=lower.dtype)
+    return solve_triangular(system, rhs, lower=True, unit_diagonal=True)
+  if method == "inverse":
+    return _mm("...ij,...jd->...id", _unit_lower_inverse(lower), rhs, precision)
+  raise ValueError(f"unknown triangular solve method '{method}': choose 'solve_triangular' or 'inverse'")
 
 
 def check_shapes(q, k, v, g, beta, initial_state, segment_ids) -> None:
@@ -94,8 +150,15 @@ def prepare_chunks(
     chunk_size: int = 64,
     use_qk_l2norm: bool = True,
     scale: float | None = None,
+    solve: str = "solve_triangular",
+    precision=_HIGHEST,
 ) -> ChunkInputs:
-  """Model layouts (q, k [B, T, Hk, Dk]; v [B, T, Hv, Dv]; g, beta [B, T, Hv]) -> ChunkInputs."""
+  """Model layouts (q, k [B, T, Hk, Dk]; v [B, T, Hv, Dv]; g, beta [B, T, Hv]) -> ChunkInputs.
+
+  solve: how the chunk's unit lower triangular system is solved, 'solve_triangular' or 'inverse' (the explicit
+  inverse by blocked doubling times the right-hand sides: matmuls only, which GPUs run far faster than batched
+  triangular solves). precision: of the q.k, k.k and inverse-times-rhs products (HIGHEST: true float32).
+  """
   batch, length, key_heads, key_dim = q.shape
   value_heads = v.shape[2]
   q, k, v, g, beta = (x.astype(jnp.float32) for x in (q, k, v, g, beta))
@@ -115,8 +178,7 @@ def prepare_chunks(
   # decay[i, j] = exp(g_cum_i - g_cum_j) <= 1 on kept pairs; masked before exp so nothing overflows.
   pair_decay = jnp.exp(jnp.where(pair_mask, g_cum[..., :, None] - g_cum[..., None, :], -jnp.inf))
   k_beta = k * beta[..., None]
-  strictly_lower = jnp.tril(_mm("bhncd,bhnsd->bhncs", k_beta, k) * pair_decay, -1)
-  system = strictly_lower + jnp.eye(chunk_size, dtype=jnp.float32)
+  strictly_lower = jnp.tril(_mm("bhncd,bhnsd->bhncs", k_beta, k, precision) * pair_decay, -1)
   from_start = jnp.exp(g_cum)
   to_end = jnp.exp(g_cum[..., -1:] - g_cum)
   chunk_decay = jnp.exp(g_cum[..., -1])
@@ -127,13 +189,13 @@ def prepare_chunks(
   # (I + L) U = beta V and (I + L) W = beta exp(g_cum) K: the WY form of the chunk's delta-rule updates.
   value_dim = v.shape[-1]
   rhs = jnp.concatenate([v * beta[..., None], k_beta * from_start[..., None]], axis=-1)
-  solved = solve_triangular(system, rhs, lower=True, unit_diagonal=True)
+  solved = _solve_unit_lower(strictly_lower, rhs, solve, precision)
   return ChunkInputs(
       q=q * from_start[..., None],
       k=k * to_end[..., None],
       w=solved[..., value_dim:],
       u=solved[..., :value_dim],
-      intra=_mm("bhncd,bhnsd->bhncs", q, k) * pair_decay,
+      intra=_mm("bhncd,bhnsd->bhncs", q, k, precision) * pair_decay,
       decay=chunk_decay,
   )
 

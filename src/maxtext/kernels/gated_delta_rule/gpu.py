@@ -19,6 +19,12 @@ Precision (float32 accumulation and a float32 state throughout; `split_f32_opera
             rounded to 16 bits just before each dot, as fla     2-3 dots each: ~1e-5 relative
             does: ~1e-3..4e-3 relative (1 ulp per operand)
 Interpret mode (CPU) has no TF32x3 and runs IEEE float32 there instead.
+
+Storage: with 16-bit inputs (and no split) the big outputs and residuals (out, states, v_new, du, dq, dk, dw,
+dintra) are stored in the inputs' dtype, halving the bytes moved: every later read of them feeds a dot that rounds
+its operands to 16 bits anyway, so nothing is lost but the final rounding of the outputs. The state gradients dh
+stay float32 (with states they give ddecay, an elementwise product summed over the whole state), as do the carried
+states, ddecay, dh0 and the final state. float32 inputs, or split_f32_operands, keep everything float32.
 """
 
 from __future__ import annotations
@@ -96,6 +102,11 @@ def _matmul(inputs: tuple[jax.Array, ...], split_f32_operands: bool, interpret: 
   return dtype, functools.partial(_dot, dtype=dtype, split=split_f32_operands, interpret=interpret)
 
 
+def _storage_dtype(dtype, split_f32_operands: bool):
+  """dtype of the big outputs and residuals: the 16-bit input dtype unless split (see the module docstring)."""
+  return jnp.float32 if split_f32_operands else dtype
+
+
 def _check_dims(**sizes: int) -> None:
   """Triton tiles must be powers of two and dots need every dimension >= 16."""
   for name, size in sizes.items():
@@ -109,8 +120,8 @@ def _flat(x: jax.Array) -> jax.Array:
   return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-def _f32(*shape: int) -> jax.ShapeDtypeStruct:
-  return jax.ShapeDtypeStruct(shape, jnp.float32)
+def _struct(*shape: int, dtype=jnp.float32) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(shape, dtype)
 
 
 # ------------------------------------------------------------------------------------------------ forward
@@ -122,11 +133,12 @@ def _forward_kernel(q_ref, k_ref, w_ref, u_ref, intra_ref, decay_ref, h0_ref,
   vb, bh = pl.program_id(0), pl.program_id(1)
   cols = pl.ds(vb * block_v, block_v)
 
-  def step(n, h):  # h: [Dk, BV], the state entering chunk n
-    states_ref[bh, n, :, cols] = h
+  def step(n, h):  # h: [Dk, BV] float32, the state entering chunk n
+    states_ref[bh, n, :, cols] = h.astype(states_ref.dtype)
     v_new = u_ref[bh, n, :, cols].astype(jnp.float32) - mm(w_ref[bh, n], h)  # [C, BV]
-    v_new_ref[bh, n, :, cols] = v_new
-    out_ref[bh, n, :, cols] = mm(q_ref[bh, n], h) + mm(intra_ref[bh, n], v_new)
+    v_new_ref[bh, n, :, cols] = v_new.astype(v_new_ref.dtype)
+    out = mm(q_ref[bh, n], h) + mm(intra_ref[bh, n], v_new)
+    out_ref[bh, n, :, cols] = out.astype(out_ref.dtype)
     return decay_ref[bh, n] * h + mm(k_ref[bh, n], v_new, trans_a=True)
 
   final_ref[bh, :, cols] = jax.lax.fori_loop(0, num_chunks, step, h0_ref[bh, :, cols])
@@ -145,13 +157,15 @@ def inter_chunk_forward_gpu(q, k, w, u, intra, decay, h0, *, interpret: bool = F
   block_v = min(block_sizes.block_v, value_dim)
   _check_dims(chunk_size=chunk, key_dim=key_dim, value_dim=value_dim, block_v=block_v)
   dtype, mm = _matmul((q, k, w, u, intra), split_f32_operands, interpret)
+  store = _storage_dtype(dtype, split_f32_operands)
   bh = batch * heads
   out, final_state, states, v_new = pl.pallas_call(
       functools.partial(_forward_kernel, num_chunks=num_chunks, block_v=block_v, mm=mm),
       # Value blocks vary fastest so the programs sharing one head's q, k, w, intra run together (L2 reuse).
       grid=(value_dim // block_v, bh),
-      out_shape=(_f32(bh, num_chunks, chunk, value_dim), _f32(bh, key_dim, value_dim),
-                 _f32(bh, num_chunks, key_dim, value_dim), _f32(bh, num_chunks, chunk, value_dim)),
+      out_shape=(_struct(bh, num_chunks, chunk, value_dim, dtype=store), _struct(bh, key_dim, value_dim),
+                 _struct(bh, num_chunks, key_dim, value_dim, dtype=store),
+                 _struct(bh, num_chunks, chunk, value_dim, dtype=store)),
       compiler_params=block_sizes.recurrence_params(dtype),
       interpret=interpret,
       name="gdr_inter_chunk_fwd",
@@ -174,7 +188,7 @@ def _state_grad_kernel(q_ref, k_ref, w_ref, intra_ref, decay_ref, do_ref, dfinal
     dh_ref[bh, n, :, cols] = dh
     do = do_ref[bh, n, :, cols]  # [C, BV]
     dv_new = mm(intra_ref[bh, n], do, trans_a=True) + mm(k_ref[bh, n], dh)  # [C, BV]
-    du_ref[bh, n, :, cols] = dv_new
+    du_ref[bh, n, :, cols] = dv_new.astype(du_ref.dtype)
     return decay_ref[bh, n] * dh + mm(q_ref[bh, n], do, trans_a=True) - mm(w_ref[bh, n], dv_new, trans_a=True)
 
   dh0_ref[bh, :, cols] = jax.lax.fori_loop(0, num_chunks, step, dfinal_ref[bh, :, cols])
@@ -195,10 +209,11 @@ def _chunk_grad_kernel(states_ref, dh_ref, v_new_ref, do_ref, du_ref,
     dq += mm(do, h, trans_b=True)
     dw -= mm(du, h, trans_b=True)
     dk += mm(v_new_ref[bh, n, :, cols], dh, trans_b=True)
-    ddecay += jnp.sum(h * dh)  # float32 products: no operand rounding in the decay gradient
-  dq_ref[bh, n, :, rows] = dq
-  dk_ref[bh, n, :, rows] = dk
-  dw_ref[bh, n, :, rows] = dw
+    # float32 products: no operand rounding in the decay gradient beyond the states' storage.
+    ddecay += jnp.sum(h.astype(jnp.float32) * dh.astype(jnp.float32))
+  dq_ref[bh, n, :, rows] = dq.astype(dq_ref.dtype)
+  dk_ref[bh, n, :, rows] = dk.astype(dk_ref.dtype)
+  dw_ref[bh, n, :, rows] = dw.astype(dw_ref.dtype)
   ddecay_ref[kb, bh, n] = ddecay  # this key block's share, summed by the caller
 
   @pl.when(kb == 0)  # dintra = do @ v_new^T involves no key dim: the first key block's program writes it
@@ -206,7 +221,7 @@ def _chunk_grad_kernel(states_ref, dh_ref, v_new_ref, do_ref, du_ref,
     dintra = jnp.zeros((chunk, chunk), jnp.float32)
     for cols in value_blocks:
       dintra += mm(do_ref[bh, n, :, cols], v_new_ref[bh, n, :, cols], trans_b=True)
-    dintra_ref[bh, n] = dintra
+    dintra_ref[bh, n] = dintra.astype(dintra_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "block_sizes", "split_f32_operands"))
@@ -225,14 +240,15 @@ def inter_chunk_backward_gpu(q, k, w, intra, decay, states, v_new, d_out, d_fina
   _check_dims(chunk_size=chunk, key_dim=key_dim, value_dim=value_dim, block_v=block_v, grad_block_k=block_k,
               grad_block_v=grad_block_v)
   dtype, mm = _matmul((q, k, w, intra), split_f32_operands, interpret)
+  store = _storage_dtype(dtype, split_f32_operands)
   bh = batch * heads
   q, k, w, intra, states, v_new, d_out = map(_flat, (q, k, w, intra, states, v_new, d_out))
 
   du, dh, dh0 = pl.pallas_call(
       functools.partial(_state_grad_kernel, num_chunks=num_chunks, block_v=block_v, mm=mm),
       grid=(value_dim // block_v, bh),
-      out_shape=(_f32(bh, num_chunks, chunk, value_dim), _f32(bh, num_chunks, key_dim, value_dim),
-                 _f32(bh, key_dim, value_dim)),
+      out_shape=(_struct(bh, num_chunks, chunk, value_dim, dtype=store), _struct(bh, num_chunks, key_dim, value_dim),
+                 _struct(bh, key_dim, value_dim)),
       compiler_params=block_sizes.recurrence_params(dtype),
       interpret=interpret,
       name="gdr_inter_chunk_bwd_state",
@@ -243,9 +259,9 @@ def inter_chunk_backward_gpu(q, k, w, intra, decay, states, v_new, d_out, d_fina
       functools.partial(_chunk_grad_kernel, block_k=block_k, block_v=grad_block_v, mm=mm),
       # Key blocks vary fastest: the programs of one chunk read the same d_out, v_new and du together.
       grid=(num_key_blocks, num_chunks, bh),
-      out_shape=(_f32(bh, num_chunks, chunk, key_dim), _f32(bh, num_chunks, chunk, key_dim),
-                 _f32(bh, num_chunks, chunk, key_dim), _f32(bh, num_chunks, chunk, chunk),
-                 _f32(num_key_blocks, bh, num_chunks)),
+      out_shape=(_struct(bh, num_chunks, chunk, key_dim, dtype=store), _struct(bh, num_chunks, chunk, key_dim, dtype=store),
+                 _struct(bh, num_chunks, chunk, key_dim, dtype=store), _struct(bh, num_chunks, chunk, chunk, dtype=store),
+                 _struct(num_key_blocks, bh, num_chunks)),
       compiler_params=block_sizes.gradient_params(),
       interpret=interpret,
       name="gdr_inter_chunk_bwd_grads",

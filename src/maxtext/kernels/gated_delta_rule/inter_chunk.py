@@ -15,7 +15,8 @@ v_new [B, H, N, C, Dv] f32); the last two are the residuals the backward pass re
 Backward walks the chunks in reverse with dh = dL/dh_{n+1} (starting from dL/dh_final):
   dv_new = intra^T @ do + k @ dh;  dq = do @ h_n^T;  dk = v_new @ dh^T;  dw = -dv_new @ h_n^T;  du = dv_new
   dintra = do @ v_new^T;  ddecay = sum(h_n * dh);  dh <- decay * dh + q^T @ do - w^T @ dv_new
-and returns (dq, dk, dw, du, dintra, ddecay, dh0), all float32.
+and returns (dq, dk, dw, du, dintra, ddecay, dh0), all float32. (The GPU kernels may store out, states, v_new and
+the gradients of the chunk inputs in a 16-bit input dtype: see gpu.py.)
 """
 
 from __future__ import annotations
