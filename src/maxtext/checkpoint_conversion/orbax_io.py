@@ -11,6 +11,7 @@ scanned array). The step directory is built under a temporary name and renamed i
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Mapping
@@ -60,7 +61,13 @@ class StreamingCheckpointWriter:
     self._context = ts.Context({"file_io_sync": False})
     placeholders = {path: jnp.zeros((1,) * len(shape), dtype) for path, (shape, dtype, _) in self._leaves.items()}
     tree = {"params": _unflatten(placeholders)}
-    ocp.Checkpointer(_handler()).save(self._items, args=ocp.args.PyTreeSave(tree))
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # orbax narrates its (placeholder) save at WARNING level
+    try:
+      ocp.Checkpointer(_handler()).save(self._items, args=ocp.args.PyTreeSave(tree))
+    finally:
+      absl_logger.setLevel(level)
     for path in self._leaves:
       self._stores[path] = self._create_array(path)
     self._fix_write_shapes()

@@ -10,6 +10,7 @@ from typing import Literal, get_args, get_origin, get_type_hints
 
 DType = Literal["float32", "bfloat16", "float16"]
 TokenizerType = Literal["huggingface"]
+GdnKernel = Literal["auto", "reference", "xla", "tpu", "gpu"]
 
 # The architecture keys: what a checkpoint fixes and stores beside its parameters (models/*.yml set these).
 MODEL_KEYS = (
@@ -45,6 +46,7 @@ class Config:
   linear_num_key_heads: int
   linear_num_value_heads: int
   gdn_chunk_size: int
+  gdn_kernel: GdnKernel
   num_experts: int
   num_experts_per_tok: int
   norm_topk_prob: bool

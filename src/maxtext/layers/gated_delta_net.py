@@ -12,12 +12,19 @@ from maxtext.layers.norms import GatedRMSNorm
 from maxtext.layers.specs import GatedDeltaNetSpec, Numerics
 
 
-def causal_depthwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """x [B, T, C], kernel [K, C] -> [B, T, C]: y_t = sum_i kernel[i] * x_{t - K + 1 + i}, zeros before t = 0."""
+def causal_depthwise_conv(x: jax.Array, kernel: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+  """x [B, T, C], kernel [K, C] -> [B, T, C]: y_t = sum_i kernel[i] * x_{t - K + 1 + i}, zeros before t = 0.
+
+  With segment_ids [B, T], inputs from another segment (an earlier packed document) count as zeros too.
+  """
   width = kernel.shape[0]
   padded = jnp.pad(x, ((0, 0), (width - 1, 0), (0, 0)))
   length = x.shape[1]
-  return sum(padded[:, i : i + length] * kernel[i] for i in range(width))
+  if segment_ids is None:
+    return sum(padded[:, i : i + length] * kernel[i] for i in range(width))
+  padded_ids = jnp.pad(segment_ids, ((0, 0), (width - 1, 0)), constant_values=-1)
+  same = lambda i: (padded_ids[:, i : i + length] == segment_ids)[..., None].astype(x.dtype)
+  return sum(padded[:, i : i + length] * same(i) * kernel[i] for i in range(width))
 
 
 def _a_log_init(key, shape, dtype):
@@ -49,9 +56,7 @@ class GatedDeltaNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
-    """x [B, T, E] -> [B, T, E]."""
-    if segment_ids is not None:
-      raise NotImplementedError("packed sequences (segment_ids) are not supported by Gated DeltaNet layers yet")
+    """x [B, T, E] -> [B, T, E]; segment_ids [B, T] keep packed documents apart (conv and recurrent state)."""
     spec, numerics = self.spec, self.numerics
     batch, length, embed = x.shape
     group = spec.value_heads_per_key_head
@@ -72,7 +77,7 @@ class GatedDeltaNet(nn.Module):
     convolved = []
     for t, lo, hi in zip((q, k, v), bounds[:-1], bounds[1:]):
       flat = t.reshape(batch, length, hi - lo)
-      convolved.append(jax.nn.silu(causal_depthwise_conv(flat, conv_kernel[:, lo:hi])).reshape(t.shape))
+      convolved.append(jax.nn.silu(causal_depthwise_conv(flat, conv_kernel[:, lo:hi], segment_ids)).reshape(t.shape))
     q, k, v = convolved
 
     a_log = self.param("A_log", partitioned(_a_log_init, ("heads",)), (spec.num_value_heads,), numerics.weight_dtype)
@@ -84,7 +89,9 @@ class GatedDeltaNet(nn.Module):
 
     heads_axes = ("activation_batch", "activation_length", "activation_heads", None)
     q, k, v = (nn.with_logical_constraint(t, heads_axes) for t in (q, k, v))
-    out, _ = chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=spec.chunk_size, impl=spec.impl)
+    out, _ = chunk_gated_delta_rule(
+        q, k, v, g, beta, segment_ids=segment_ids, chunk_size=spec.chunk_size, impl=spec.impl
+    )
     out = GatedRMSNorm(self.eps, numerics, name="norm")(out, z)
     out = nn.with_logical_constraint(out, heads_axes)
     return Linear((embed,), ("heads", "head_dim", "embed"), numerics, name="out_proj")(out)

@@ -54,6 +54,7 @@ class ModelSpec:
             value_head_dim=c.linear_value_head_dim,
             conv_kernel=c.linear_conv_kernel_dim,
             chunk_size=c.gdn_chunk_size,
+            impl=c.gdn_kernel,
         ),
         moe=MoeSpec(
             num_experts=c.num_experts,
