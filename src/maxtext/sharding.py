@@ -95,3 +95,31 @@ def activate(mesh: Mesh) -> Iterator[None]:
   """Make `mesh` current and the logical rules active, so layers' logical constraints take effect."""
   with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
     yield
+
+
+def kernel_partition(logical_axes: Sequence[str], sizes: Sequence[int]):
+  """(mesh, PartitionSpec) for calling a Pallas kernel inside shard_map on the current mesh, or (None, None).
+
+  Each logical axis takes the mesh axes RULES give it, keeping only those of size > 1 whose product divides the
+  dimension (the rest replicate); None when no mesh is active or nothing would be split.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None, None
+  rules = dict(RULES)
+  used: set[str] = set()
+  spec = []
+  for name, size in zip(logical_axes, sizes):
+    wanted = rules.get(name)
+    wanted = (wanted,) if isinstance(wanted, str) else tuple(wanted or ())
+    chosen = []
+    for axis in wanted:
+      axis_size = mesh.shape.get(axis, 1)
+      if axis in used or axis_size == 1 or size % (math.prod(mesh.shape[a] for a in chosen) * axis_size):
+        continue
+      chosen.append(axis)
+    used.update(chosen)
+    spec.append(tuple(chosen) if len(chosen) > 1 else (chosen[0] if chosen else None))
+  if all(axis is None for axis in spec):
+    return None, None
+  return mesh, jax.sharding.PartitionSpec(*spec)

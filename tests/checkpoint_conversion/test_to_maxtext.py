@@ -198,3 +198,18 @@ def test_mtp_weights_convert_when_present(hf_dir, tmp_path):
   for path, value in mtp_params.items():
     np.testing.assert_array_equal(stored[path], value)
   assert orbax_io.read_model_config(items)["model"]["mtp_num_layers"] == 1
+
+
+def test_named_model_that_matches_converts(capsys, tmp_path):
+  """A checkpoint of exactly the qwen3-next-tiny shape converts with model_name=qwen3-next-tiny."""
+  import torch
+  from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+  from maxtext.checkpoint_conversion.hf_config import hf_config_from_config
+
+  torch.manual_seed(0)
+  hf_config = hf_config_from_config(load_config(["model_name=qwen3-next-tiny"]))
+  Qwen3NextForCausalLM(Qwen3NextConfig(**hf_config)).save_pretrained(str(tmp_path / "hf"))
+  code, err = convert_cli(capsys, str(tmp_path / "hf"), str(tmp_path / "out"), "model_name=qwen3-next-tiny")
+  assert code == 0, err
+  assert orbax_io.read_model_config(str(tmp_path / "out" / "0" / "items"))["model"]["vocab_size"] == 512
