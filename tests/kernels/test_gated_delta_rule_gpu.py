@@ -19,7 +19,7 @@ SHAPES = [
 # same rounded inputs) with the state etc. rounded to bf16 before each dot (the fast default) and split in halves.
 CASES = [(shape, "float32", False) for shape in SHAPES] + [
     (SHAPES[1], "bfloat16", True),
-    (SHAPES[2], "bfloat16", False),
+    pytest.param((SHAPES[2], "bfloat16", False), marks=pytest.mark.xfail(strict=True, reason="known failure, issue 4 open: the GPU kernel rounds float32 operands to bf16 when inputs are bf16 (error > 2e-3) and returns bf16 outputs")),
 ]
 # Rounding the float32 operands (state, v_new, gradients) to bf16 costs ~1 bf16 ulp (2^-9) per dot operand:
 # measured 1e-3..4e-3 here (largest in dk and dw, whose dots round both operands), so 1e-2. Splitting them into
