@@ -1,18 +1,22 @@
 """Chunked gated delta rule on a GPU: ours (impl='gpu') against fla 0.6.0 and the jnp reference, in one run.
 
 Usage: python benchmarks/gated_delta_rule.py [--shapes 1x4096,1x16384,1x65536,8x4096] [--markdown out.md]
-           [--docs docs/benchmarks.md] [--no-fla] [--variants]
-1. Checks values and gradients (q, k, v, g, beta, initial state) of impl='gpu' against impl='reference' with the
-   same bf16 inputs ("vs ref": max|a-b| / max|b|, the target is < 2e-3) and prints the floor that bf16 outputs
-   alone impose (the reference's bf16 result against the reference run on the same values in float32).
+           [--json out.json] [--docs docs/benchmarks.md] [--no-fla] [--variants]
+1. Checks outputs and gradients (q, k, v, g, beta, initial state) of impl='gpu' against impl='reference' (the
+   columns are explained in `check`; the target is < 2e-3 max-relative).
 2. Times forward and forward+backward of ours, fla (PyTorch, in a subprocess: gated_delta_rule_fla.py) and the
-   reference; prints a table (ms, tokens/s, ours/fla, reference/ours) and ours per stage.
+   reference, all with an initial state and both outputs' cotangents; prints a table (ms, tokens/s, ours/fla,
+   reference/ours) and ours per stage. --variants adds other choices of ours and other kernel tiles.
 Shapes: 16 key heads, 32 value heads, head dim 128, chunk 64; q, k, v, beta bf16, g float32 (as fla takes them).
+JAX compiles everything ahead of time while fla runs alone on the GPU: run with
+XLA_FLAGS='--xla_gpu_autotune_level=0 --xla_gpu_enable_triton_gemm=false' so those compiles never touch the GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import dataclasses
 import datetime
 import json
 import os
@@ -24,15 +28,17 @@ import time
 import traceback
 from collections.abc import Callable
 
+import numpy as np
+
 from gated_delta_rule_fla import make_inputs, parse_shape
 
-GRAD_NAMES = ("q", "k", "v", "g", "beta", "h0")
+NAMES = ("o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dh0")
 
 
 def time_fn(fn: Callable, *args, min_ms: float = 200.0, repeats: int = 5) -> float:
   """Median over `repeats` of the mean ms per call of back-to-back calls filling min_ms (after a warm-up)."""
   import jax
-  jax.block_until_ready(fn(*args))  # compile and warm up
+  jax.block_until_ready(fn(*args))  # compile (if not yet) and warm up
   start = time.perf_counter()
   jax.block_until_ready(fn(*args))
   iters = max(1, int(min_ms / max((time.perf_counter() - start) * 1e3, 1e-3)))
@@ -46,82 +52,118 @@ def time_fn(fn: Callable, *args, min_ms: float = 200.0, repeats: int = 5) -> flo
   return statistics.median(samples)
 
 
-def run_peer(args, check_path: str) -> dict:
-  """fla's timings (and its check outputs at the first shape) from a subprocess; {} if it fails."""
-  out_json = os.path.join(tempfile.mkdtemp(prefix="gdn_fla_"), "fla.json")
-  command = [sys.executable, os.path.join(os.path.dirname(__file__), "gated_delta_rule_fla.py"),
-             "--shapes", args.shapes, "--json", out_json, "--save-check", check_path, "--lift-hopper-guard"]
-  try:
-    subprocess.run(command, check=True, timeout=args.peer_timeout)
-    with open(out_json) as f:
-      return json.load(f)
-  except (subprocess.SubprocessError, OSError) as error:
-    print(f"fla peer failed: {error}", flush=True)
-    return {}
-
-
-class Bench:
-  """JAX side: inputs on the device, the functions to time and check, per shape."""
-
-  def __init__(self, args, batch: int, length: int, decay_scale: float = 1.0):
-    import jax.numpy as jnp
-    x = make_inputs(batch, length, args.key_heads, args.value_heads, args.dim, decay_scale=decay_scale)
-    bf16 = lambda name: jnp.asarray(x[name], jnp.bfloat16)
-    self.inputs = (bf16("q"), bf16("k"), bf16("v"), jnp.asarray(x["g"]), bf16("beta"))
-    self.h0, self.d_state = jnp.asarray(x["h0"]), jnp.asarray(x["d_state"])
-    self.d_out = bf16("d_out").astype(jnp.float32)  # the cotangent fla sees too
-    self.chunk = args.chunk
-
-  def forward(self, impl: str, **options):
-    import jax
-    run = self._runner(impl, options)
-    return jax.jit(lambda q, k, v, g, beta: run(q, k, v, g, beta, None)[0])
-
-  def forward_backward(self, impl: str, **options):
-    import jax
-    import jax.numpy as jnp
-    run = self._runner(impl, options)
-    loss = lambda q, k, v, g, beta, d_out: jnp.sum(run(q, k, v, g, beta, None)[0].astype(jnp.float32) * d_out)
-    grad = jax.grad(loss, argnums=(0, 1, 2, 3, 4))
-    return jax.jit(lambda *a: grad(*a, self.d_out))
-
-  def references(self):
-    """values_and_grads of the reference on the bf16 inputs and on the same values in float32 (cached)."""
-    import jax.numpy as jnp
-    if not hasattr(self, "_references"):
-      upcast = tuple(x.astype(jnp.float32) for x in self.inputs)
-      self._references = (self.values_and_grads("reference"), self.values_and_grads("reference", inputs=upcast))
-    return self._references
-
-  def values_and_grads(self, impl: str, inputs=None, **options):
-    """((o, final), grads of a random projection of both w.r.t. q, k, v, g, beta, h0)."""
-    import jax
-    import jax.numpy as jnp
-    run = self._runner(impl, options)
-
-    def loss(q, k, v, g, beta, h0):
-      o, final = run(q, k, v, g, beta, h0)
-      return jnp.sum(o.astype(jnp.float32) * self.d_out) + jnp.sum(final * self.d_state), (o, final)
-
-    grads, values = jax.jit(jax.grad(loss, argnums=tuple(range(6)), has_aux=True))(
-        *(inputs or self.inputs), self.h0)
-    return values, grads
-
-  def _runner(self, impl: str, options: dict):
-    from maxtext.kernels import gated_delta_rule as gdr
-    if not options:
-      return lambda q, k, v, g, beta, h0: gdr.chunk_gated_delta_rule(q, k, v, g, beta, h0, chunk_size=self.chunk,
-                                                                    impl=impl)
-    chunk_options = gdr.ChunkOptions(**options)
-    return lambda q, k, v, g, beta, h0: gdr._chunked(
-        q, k, v, g, beta, h0, segment_ids=None, chunk_size=self.chunk, use_qk_l2norm=True, scale=None,
-        impl=impl, interpret=_on_cpu(), options=chunk_options)
-
-
 def _on_cpu() -> bool:
   """Pallas kernels run in interpret mode there (a smoke test of this script, not a benchmark)."""
   import jax
   return jax.default_backend() == "cpu"
+
+
+def variant_options() -> dict[str, dict | None]:
+  """Choices of ours to compare (None: the public API's own choice for bf16 inputs)."""
+  import jax
+  import jax.numpy as jnp
+  tf32 = dict(solve="inverse", precision=jax.lax.Precision.DEFAULT, operand_dtype=jnp.float32, kernel_precision="tf32")
+  return {
+      "api": None,
+      "solve_triangular instead of the inverse": dict(tf32, solve="solve_triangular"),
+      "bf16 operands and dots (as fla)": dict(tf32, operand_dtype=jnp.bfloat16, kernel_precision="bf16"),
+      "IEEE float32 everywhere": dict(tf32, precision=jax.lax.Precision.HIGHEST, kernel_precision="ieee"),
+  }
+
+
+def runner(impl: str, chunk: int, options: dict | None) -> Callable:
+  """(q, k, v, g, beta, h0) -> (o, final state) through the public API or with explicit ChunkOptions."""
+  from maxtext.kernels import gated_delta_rule as gdr
+  if options is None:
+    return lambda q, k, v, g, beta, h0: gdr.chunk_gated_delta_rule(q, k, v, g, beta, h0, chunk_size=chunk, impl=impl)
+  chosen = gdr.ChunkOptions(**options)
+  return lambda q, k, v, g, beta, h0: gdr._chunked(
+      q, k, v, g, beta, h0, segment_ids=None, chunk_size=chunk, use_qk_l2norm=True, scale=None, impl=impl,
+      interpret=_on_cpu(), options=chosen)
+
+
+def grads_fn(run: Callable) -> Callable:
+  """jit: (inputs, h0, d_out, d_state) -> ((o, final), grads w.r.t. q, k, v, g, beta, h0) of <o, d_out> +
+  <final, d_state>: the check and the forward+backward timing at once."""
+  import jax
+  import jax.numpy as jnp
+
+  def loss(q, k, v, g, beta, h0, d_out, d_state):
+    o, final = run(q, k, v, g, beta, h0)
+    return jnp.sum(o.astype(jnp.float32) * d_out) + jnp.sum(final * d_state), (o, final)
+
+  grad = jax.grad(loss, argnums=tuple(range(6)), has_aux=True)
+  return jax.jit(lambda inputs, h0, d_out, d_state: grad(*inputs, h0, d_out, d_state)[::-1])
+
+
+class Bench:
+  """One shape: host inputs, their device copies and the compiled functions that check and time it."""
+
+  def __init__(self, args, batch: int, length: int, decay_scale: float = 1.0, label: str | None = None):
+    self.batch, self.length, self.chunk = batch, length, args.chunk
+    self.label = label or f"{batch}x{length}"
+    self.host = make_inputs(batch, length, args.key_heads, args.value_heads, args.dim, decay_scale=decay_scale)
+    self.compiled: dict[tuple, Callable] = {}
+    self._arrays: dict[bool, tuple] = {}
+
+  def _layout(self, make, upcast: bool):
+    """(inputs, h0, d_out, d_state) built by make(name, dtype); q, k, v, beta bf16 unless upcast."""
+    import jax.numpy as jnp
+    low = jnp.float32 if upcast else jnp.bfloat16
+    inputs = tuple(make(n, jnp.float32 if n == "g" else low) for n in ("q", "k", "v", "g", "beta"))
+    return inputs, make("h0", jnp.float32), make("d_out", jnp.float32), make("d_state", jnp.float32)
+
+  def specs(self, upcast: bool = False):
+    import jax
+    return self._layout(lambda n, dtype: jax.ShapeDtypeStruct(self.host[n].shape, dtype), upcast)
+
+  def arrays(self, upcast: bool = False):
+    """Device arrays; d_out rounded to bf16 as fla sees it; upcast: q, k, v, beta's bf16 values in float32."""
+    import jax.numpy as jnp
+    if upcast not in self._arrays:
+      rounded = lambda n: jnp.asarray(self.host[n], jnp.bfloat16).astype(jnp.float32) if n in "q k v beta d_out"\
+          .split() else jnp.asarray(self.host[n])
+      self._arrays[upcast] = self._layout(lambda n, dtype: rounded(n).astype(dtype), upcast)
+    return self._arrays[upcast]
+
+  def free(self) -> None:
+    self._arrays.clear()
+
+  def add_jobs(self, jobs: list, impl: str, name: str, options: dict | None, timing: bool, f32_options=None):
+    """Queue compiles: grads on bf16 inputs (+ forward if timing), grads on upcast inputs with f32_options."""
+    run = runner(impl, self.chunk, options)
+    jobs.append((self, ("grads", impl, name, False), grads_fn(run), self.specs()))
+    if f32_options is not False:
+      upcast_run = runner(impl, self.chunk, f32_options if f32_options is not None else options)
+      jobs.append((self, ("grads", impl, name, True), grads_fn(upcast_run), self.specs(upcast=True)))
+    if timing:
+      import jax
+      forward = jax.jit(lambda inputs, h0: run(*inputs, h0))
+      jobs.append((self, ("fwd", impl, name, False), forward, self.specs()[:2]))
+
+  def call(self, kind: str, impl: str, name: str, upcast: bool = False):
+    fn, arrays = self.compiled[(kind, impl, name, upcast)], self.arrays(upcast)
+    return fn(*arrays) if kind == "grads" else fn(*arrays[:2])
+
+  def time(self, kind: str, impl: str, name: str) -> float:
+    arrays = self.arrays()
+    return time_fn(self.compiled[(kind, impl, "api" if impl == "reference" else name, False)],
+                   *(arrays if kind == "grads" else arrays[:2]))
+
+
+def compile_all(jobs: list, workers: int) -> None:
+  """AOT-compile every queued function (threads: XLA compiles outside the GIL); failures are kept and reported."""
+  def build(job):
+    bench, key, fn, specs = job
+    start = time.perf_counter()
+    try:
+      bench.compiled[key] = fn.lower(*specs).compile()
+    except Exception as error:
+      print(f"compile failed {bench.label} {key}: {type(error).__name__}: {str(error)[:400]}", flush=True)
+    return time.perf_counter() - start
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    seconds = list(pool.map(build, jobs))
+  print(f"compiled {len(jobs)} functions, {sum(seconds):.0f} s of compile time", flush=True)
 
 
 def errors(ours, reference) -> tuple[float, float]:
@@ -132,33 +174,41 @@ def errors(ours, reference) -> tuple[float, float]:
           float(jnp.linalg.norm((a - b).ravel()) / jnp.linalg.norm(b.ravel())))
 
 
-def check(bench: Bench, label: str, fla_check: dict | None = None, **options) -> list[dict]:
-  """Ours against the reference (same bf16 inputs) and the bf16-output floor; fla's errors where given."""
-  (o, final), grads = bench.values_and_grads("gpu", **options)
-  ((o_ref, final_ref), grads_ref), ((o_32, final_32), grads_32) = bench.references()
-  names = ("o", "final_state") + tuple("d" + n for n in GRAD_NAMES)
+def check(bench: Bench, name: str = "api", fla_check: dict | None = None) -> list[dict]:
+  """Ours against the reference, per output and gradient (max|a-b| / max|b| unless marked norm):
+
+  f32:    ours on the same values in float32 with the bf16 path's choices (TF32 etc.), so with float32 outputs,
+          against the reference in float32: our arithmetic's error alone (the < 2e-3 target).
+  vs ref: ours against the reference, both with bf16 inputs, through the public API. bf16 outputs and gradients
+          round at the end: at these sizes a one-ulp flip of one near-maximal element already reads ~4e-3.
+  floor:  the reference's own bf16 result against it in float32: what the bf16 output dtype alone costs.
+  fla:    fla's result (bf16 where its inputs are) against the reference in float32, to compare with floor.
+  """
+  flat = lambda result: (*result[0], *result[1])
+  results = [flat(bench.call("grads", impl, n, upcast)) for impl, n, upcast in
+             (("gpu", name, False), ("gpu", name, True), ("reference", "api", False), ("reference", "api", True))]
   rows = []
-  for name, a, b, c in zip(names, (o, final, *grads), (o_ref, final_ref, *grads_ref), (o_32, final_32, *grads_32)):
-    row = dict(case=label, name=name, vs_ref=errors(a, b)[0], vs_ref_norm=errors(a, b)[1], floor=errors(b, c)[0])
+  for tensor, a, a32, b, b32 in zip(NAMES, *results):
+    row = dict(case=bench.label if name == "api" else name, name=tensor, f32=errors(a32, b32)[0],
+               f32_norm=errors(a32, b32)[1], vs_ref=errors(a, b)[0], floor=errors(b, b32)[0])
     if fla_check is not None:
-      key = {"o": "o", "final_state": "final"}.get(name, name)
-      row["fla_vs_ref"] = errors(fla_check[key], b)[0]
+      row["fla"] = errors(fla_check[{"o": "o", "final_state": "final"}.get(tensor, tensor)], b32)[0]
     rows.append(row)
-    print(f"  {label:<22}{name:<12} vs ref {row['vs_ref']:.2e} (norm {row['vs_ref_norm']:.2e})  "
-          f"bf16 floor {row['floor']:.2e}" + (f"  fla {row['fla_vs_ref']:.2e}" if "fla_vs_ref" in row else ""),
+    print(f"  {row['case']:<22}{tensor:<12} f32 {row['f32']:.2e} (norm {row['f32_norm']:.2e})  vs ref "
+          f"{row['vs_ref']:.2e}  floor {row['floor']:.2e}" + (f"  fla {row['fla']:.2e}" if "fla" in row else ""),
           flush=True)
   return rows
 
 
-def stage_timings(bench: Bench, **options) -> dict[str, float]:
-  """ms of each stage of ours: prepare_chunks fwd/bwd (XLA), the inter-chunk kernels fwd/bwd (Pallas)."""
+def stage_timings(bench: Bench, kernels_only: bool = False, block_sizes=None) -> dict[str, float]:
+  """ms of each stage of ours (the public API's choices): prepare_chunks fwd/bwd (XLA), the kernels fwd/bwd."""
   import jax
   import jax.numpy as jnp
   from maxtext.kernels import gated_delta_rule as gdr
   from maxtext.kernels.gated_delta_rule.chunking import prepare_chunks
   from maxtext.kernels.gated_delta_rule.gpu import inter_chunk_backward_gpu, inter_chunk_forward_gpu
-  q, k, v, g, beta = bench.inputs
-  chosen = gdr._options("gpu", q, k, v) if not options else gdr.ChunkOptions(**options)
+  inputs, h0 = bench.arrays()[:2]
+  chosen = gdr._options("gpu", *inputs[:3])
 
   def prepare(q, k, v, g, beta):
     chunks = prepare_chunks(q, k, v, g, beta, chunk_size=bench.chunk, solve=chosen.solve, precision=chosen.precision)
@@ -166,59 +216,102 @@ def stage_timings(bench: Bench, **options) -> dict[str, float]:
     return chunks._replace(q=cast(chunks.q), k=cast(chunks.k), w=cast(chunks.w), u=cast(chunks.u),
                            intra=cast(chunks.intra))
 
-  chunks, prepare_vjp = jax.vjp(prepare, *bench.inputs)
-  h0 = jnp.zeros_like(bench.h0)
-  forward = jax.jit(lambda *a: inter_chunk_forward_gpu(*a, interpret=_on_cpu()))
+  chunks, prepare_vjp = jax.vjp(prepare, *inputs)
+  kernel = dict(interpret=_on_cpu(), precision=chosen.kernel_precision,
+                **({} if block_sizes is None else dict(block_sizes=block_sizes)))
+  forward = jax.jit(lambda *a: inter_chunk_forward_gpu(*a, **kernel))
   result = forward(*chunks, h0)
-  d_out = jnp.ones_like(result.out) * 0.01
-  backward_args = (chunks.q, chunks.k, chunks.w, chunks.intra, chunks.decay, result.states, result.v_new, d_out,
-                   jnp.zeros_like(h0))
+  backward_args = (chunks.q, chunks.k, chunks.w, chunks.intra, chunks.decay, result.states, result.v_new,
+                   jnp.full_like(result.out, 0.01), h0)
+  timings = {"kernel fwd": time_fn(forward, *chunks, h0),
+             "kernel bwd": time_fn(jax.jit(lambda *a: inter_chunk_backward_gpu(*a, **kernel)), *backward_args)}
+  if kernels_only:
+    return timings
   d_chunks = jax.tree.map(lambda x: jnp.full_like(x, 0.01), chunks)
-  return {
-      "prepare fwd": time_fn(jax.jit(prepare), *bench.inputs),
-      "kernel fwd": time_fn(forward, *chunks, h0),
-      "kernel bwd": time_fn(jax.jit(lambda *a: inter_chunk_backward_gpu(*a, interpret=_on_cpu())), *backward_args),
-      "prepare bwd": time_fn(jax.jit(lambda f, d: f(d)), prepare_vjp, d_chunks),
-  }
+  return {"prepare fwd": time_fn(jax.jit(prepare), *inputs), **timings,
+          "prepare bwd": time_fn(jax.jit(lambda f, d: f(d)), prepare_vjp, d_chunks)}
 
 
-def markdown(meta: dict, rows: list[dict], stages: dict, checks: list[dict], variants: list[dict]) -> str:
+def kernel_tiles(bench: Bench) -> list[dict]:
+  """The kernels alone (the public API's precision) with other tiles and launch parameters."""
+  from maxtext.kernels.gated_delta_rule.gpu import GpuBlockSizes
+  results = []
+  for tiles in (GpuBlockSizes(), GpuBlockSizes(fuse_output=True), GpuBlockSizes(block_v=16),
+                GpuBlockSizes(block_v=64), GpuBlockSizes(num_warps=8), GpuBlockSizes(output_block_v=128)):
+    entry = dict(tiles=", ".join(f"{f.name}={getattr(tiles, f.name)}" for f in dataclasses.fields(tiles)
+                                 if getattr(tiles, f.name) != f.default) or "defaults")
+    try:
+      entry.update(stage_timings(bench, kernels_only=True, block_sizes=tiles))
+    except Exception as error:  # e.g. out of shared memory: report and go on
+      entry["error"] = f"{type(error).__name__}: {str(error)[:200]}"
+    print(entry, flush=True)
+    results.append(entry)
+  return results
+
+
+def start_peer(args, json_path: str, check_path: str):
+  command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "gated_delta_rule_fla.py"),
+             "--shapes", args.shapes, "--json", json_path, "--save-check", check_path, "--lift-hopper-guard"]
+  return subprocess.Popen(command)
+
+
+def finish_peer(process, json_path: str, timeout: float) -> dict:
+  """fla's results (those of the shapes it finished, if it ran out of time); {} if none."""
+  try:
+    process.wait(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    process.kill()
+    print(f"fla peer stopped after {timeout:.0f} s", flush=True)
+  if not os.path.exists(json_path):
+    return {}
+  with open(json_path) as f:
+    return json.load(f)
+
+
+def markdown(meta: dict, rows: list[dict], stages: dict, checks: list[dict], variants: list[dict],
+             tiles: list[dict]) -> str:
+  fmt = lambda x: "-" if x is None else f"{x:.2f}"
+  ratio = lambda a, b: None if a is None or b is None else a / b
   lines = [f"## Gated delta rule, chunked: ours (Pallas GPU) vs fla {meta.get('fla', '?')} vs jnp reference "
            f"({meta['date']})", "",
            f"Device {meta['device']}; jax {meta['jax']}, torch {meta.get('torch', '-')}, triton "
-           f"{meta.get('triton', '-')}, fla {meta.get('fla', '-')}. Hk=16, Hv=32, Dk=Dv=128, chunk 64; q, k, v, beta "
-           "bf16, g float32. fwd+bwd = gradients w.r.t. q, k, v, g, beta. fla's backward ran with its Hopper guard "
-           "lifted (timing only). Median ms; tokens/s from fwd+bwd.", "",
+           f"{meta.get('triton', '-')} (PyTorch's), fla {meta.get('fla', '-')}; XLA_FLAGS='{meta['xla_flags']}'. "
+           "Hk=16, Hv=32, Dk=Dv=128, chunk 64; q, k, v, beta bf16, g float32; all three with an initial state; "
+           "fwd+bwd = gradients w.r.t. q, k, v, g, beta and the initial state. fla's backward ran with its Hopper "
+           "guard lifted (timing only). Median ms; Mtok/s from ours' fwd+bwd.", "",
            "| B x T | ours fwd | ours fwd+bwd | fla fwd | fla fwd+bwd | ref fwd | ref fwd+bwd | ours Mtok/s "
-           "| ours/fla fwd | ours/fla fwd+bwd | ref/ours fwd | ref/ours fwd+bwd |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-  fmt = lambda x: "-" if x is None else f"{x:.2f}"
-  ratio = lambda a, b: None if a is None or b is None else a / b
+           "| ours/fla fwd | ours/fla fwd+bwd | ref/ours fwd | ref/ours fwd+bwd |", "|---" * 12 + "|"]
   for r in rows:
-    lines.append(f"| {r['batch']} x {r['length']} | {fmt(r['ours_fwd'])} | {fmt(r['ours_fwd_bwd'])} | "
-                 f"{fmt(r.get('fla_fwd'))} | {fmt(r.get('fla_fwd_bwd'))} | {fmt(r.get('ref_fwd'))} | "
-                 f"{fmt(r.get('ref_fwd_bwd'))} | {fmt(ratio(r['batch'] * r['length'] / 1e3, r['ours_fwd_bwd']))} | "
-                 f"{fmt(ratio(r['ours_fwd'], r.get('fla_fwd')))} | {fmt(ratio(r['ours_fwd_bwd'], r.get('fla_fwd_bwd')))} | "
-                 f"{fmt(ratio(r.get('ref_fwd'), r['ours_fwd']))} | {fmt(ratio(r.get('ref_fwd_bwd'), r['ours_fwd_bwd']))} |")
+    lines.append(" | ".join([f"| {r['batch']} x {r['length']}", *(fmt(r.get(k)) for k in (
+        "ours_fwd", "ours_fwd_bwd", "fla_fwd", "fla_fwd_bwd", "ref_fwd", "ref_fwd_bwd")),
+        fmt(ratio(r['batch'] * r['length'] / 1e3, r.get('ours_fwd_bwd'))),
+        fmt(ratio(r.get('ours_fwd'), r.get('fla_fwd'))), fmt(ratio(r.get('ours_fwd_bwd'), r.get('fla_fwd_bwd'))),
+        fmt(ratio(r.get('ref_fwd'), r.get('ours_fwd'))), fmt(ratio(r.get('ref_fwd_bwd'), r.get('ours_fwd_bwd')))])
+        + " |")
   if stages:
-    lines += ["", "Ours per stage (ms, each timed alone):", "", "| B x T | " + " | ".join(next(iter(stages.values())))
-              + " |", "|---|" + "---|" * len(next(iter(stages.values())))]
-    for shape, st in stages.items():
-      lines.append(f"| {shape} | " + " | ".join(f"{x:.2f}" for x in st.values()) + " |")
+    keys = list(next(iter(stages.values())))
+    lines += ["", "Ours per stage (ms, each timed alone; prepare = the jnp chunk algebra under XLA, kernel = "
+              "the Pallas recurrences):", "", "| B x T | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines += [f"| {shape} | " + " | ".join(fmt(st.get(k)) for k in keys) + " |" for shape, st in stages.items()]
   if checks:
-    lines += ["", "Accuracy, max|a-b| / max|b| against impl='reference' on the same bf16 inputs (floor: the "
-              "reference's own bf16 outputs against it run in float32):", "",
-              "| case | tensor | ours vs ref | (norm) | bf16 floor | fla vs ref |", "|---|---|---|---|---|---|"]
-    for c in checks:
-      fla = f"{c['fla_vs_ref']:.1e}" if "fla_vs_ref" in c else "-"
-      lines.append(f"| {c['case']} | {c['name']} | {c['vs_ref']:.1e} | {c['vs_ref_norm']:.1e} | {c['floor']:.1e} "
-                   f"| {fla} |")
+    lines += ["", "Accuracy, max|a-b| / max|b| against impl='reference' (columns as `check` in "
+              "benchmarks/gated_delta_rule.py: f32 = ours with float32 outputs against the reference in float32, "
+              "our arithmetic alone; vs ref = both through the API with bf16 inputs and outputs; floor = what bf16 "
+              "outputs alone cost the reference; fla = fla against the float32 reference):", "",
+              "| case | tensor | f32 | f32 (norm) | vs ref | floor | fla |", "|---" * 7 + "|"]
+    lines += [f"| {c['case']} | {c['name']} | {c['f32']:.1e} | {c['f32_norm']:.1e} | {c['vs_ref']:.1e} | "
+              f"{c['floor']:.1e} | {c['fla']:.1e} |".replace("| nan |", "| - |") if "fla" in c else
+              f"| {c['case']} | {c['name']} | {c['f32']:.1e} | {c['f32_norm']:.1e} | {c['vs_ref']:.1e} | "
+              f"{c['floor']:.1e} | - |" for c in checks]
   if variants:
-    lines += ["", f"Variants of ours at {meta['variants_shape']} (ms; worst max-relative error over outputs and "
-              "gradients):", "",
-              "| variant | fwd | fwd+bwd | worst error |", "|---|---|---|---|"]
-    for v in variants:
-      lines.append(f"| {v['name']} | {fmt(v.get('fwd'))} | {fmt(v.get('fwd_bwd'))} | {v.get('error', '-')} |")
+    lines += ["", f"Variants of ours at {meta['variants_shape']} (ms; worst f32 error over outputs and gradients):",
+              "", "| variant | fwd | fwd+bwd | worst f32 error |", "|---|---|---|---|"]
+    lines += [f"| {v['name']} | {fmt(v.get('fwd'))} | {fmt(v.get('fwd_bwd'))} | {v.get('error', '-')} |"
+              for v in variants]
+  if tiles:
+    lines += ["", f"The kernels alone at {meta['variants_shape']} with other tiles (ms):", "",
+              "| tiles | kernel fwd | kernel bwd |", "|---|---|---|"]
+    lines += [f"| {t['tiles']} | {fmt(t.get('kernel fwd'))} | {fmt(t.get('kernel bwd'))} |" for t in tiles]
   return "\n".join(lines) + "\n"
 
 
@@ -231,91 +324,96 @@ def main() -> None:
   parser.add_argument("--chunk", type=int, default=64)
   parser.add_argument("--no-fla", action="store_true", help="skip the fla peer")
   parser.add_argument("--no-reference", action="store_true", help="skip timing the jnp reference")
-  parser.add_argument("--variants", action="store_true", help="also time and check variants of ours")
+  parser.add_argument("--variants", action="store_true", help="also other choices of ours and kernel tiles")
   parser.add_argument("--variants-shape", default="1x16384")
-  parser.add_argument("--peer-timeout", type=float, default=300)
+  parser.add_argument("--peer-timeout", type=float, default=420, help="seconds for fla, its autotuning included")
+  parser.add_argument("--compile-workers", type=int, default=8)
   parser.add_argument("--markdown", help="write the result section here")
   parser.add_argument("--json", help="write all numbers here")
   parser.add_argument("--docs", help="append the result section to this file (e.g. docs/benchmarks.md)")
   parser.add_argument("--date", default=datetime.date.today().isoformat())
   args = parser.parse_args()
 
-  check_path = os.path.join(tempfile.mkdtemp(prefix="gdn_check_"), "fla_check.npz")
-  peer = {} if args.no_fla else run_peer(args, check_path)  # before JAX takes the GPU
+  scratch = tempfile.mkdtemp(prefix="gdn_bench_")
+  peer_json, check_path = os.path.join(scratch, "fla.json"), os.path.join(scratch, "fla_check.npz")
+  process = None if args.no_fla else start_peer(args, peer_json, check_path)  # alone on the GPU from here
   import jax
-  import numpy as np
-  meta = dict(date=args.date, device=jax.devices()[0].device_kind, jax=jax.__version__, variants_shape=args.variants_shape,
+  from maxtext.kernels import gated_delta_rule as gdr
+  started = time.perf_counter()
+  benches = [Bench(args, *parse_shape(text)) for text in args.shapes.split(",")]
+  benches.append(Bench(args, 1, 4096, decay_scale=0.02, label="1x4096 slow decay"))  # state lives long
+  api_f32 = dataclasses.asdict(gdr._options("gpu", *benches[0].specs()[0][:3]))
+  jobs: list = []
+  for bench in benches:
+    timing = "slow" not in bench.label
+    bench.add_jobs(jobs, "gpu", "api", None, timing, f32_options=api_f32)
+    bench.add_jobs(jobs, "reference", "api", None, timing and not args.no_reference)
+  by_label = {bench.label: bench for bench in benches}
+  variant_bench = by_label.get(args.variants_shape) if args.variants else None
+  if args.variants and variant_bench is None:
+    variant_bench = Bench(args, *parse_shape(args.variants_shape))
+    variant_bench.add_jobs(jobs, "reference", "api", None, timing=False)
+  variants_to_run = {n: o for n, o in variant_options().items() if o is not None} if variant_bench else {}
+  for name, options in variants_to_run.items():
+    variant_bench.add_jobs(jobs, "gpu", name, options, timing=True)
+  compile_all(jobs, args.compile_workers)
+  print(f"inputs and compiles took {time.perf_counter() - started:.0f} s", flush=True)
+  peer = finish_peer(process, peer_json, args.peer_timeout) if process else {}
+  meta = dict(date=args.date, device=jax.devices()[0].device_kind, jax=jax.__version__,
+              variants_shape=args.variants_shape, xla_flags=os.environ.get("XLA_FLAGS", ""),
               **{key: peer[key] for key in ("torch", "triton", "fla") if key in peer})
   print(meta, flush=True)
   fla_rows = {(r["batch"], r["length"]): r for r in peer.get("rows", [])}
-  rows, stages, checks, variants = [], {}, [], []
-  for index, text in enumerate(args.shapes.split(",")):
-    batch, length = parse_shape(text)
-    fla_row = fla_rows.get((batch, length), {})
-    row = dict(batch=batch, length=length, ours_fwd=None, ours_fwd_bwd=None, fla_fwd=fla_row.get("fwd_ms"),
+  rows, stages, checks, variants, tiles = [], {}, [], [], []
+
+  def save() -> str:  # after every step, so a run stopped later keeps what it measured
+    section = markdown(meta, rows, stages, checks, variants, tiles)
+    for path, text in ((args.markdown, section),
+                       (args.json, json.dumps(dict(meta=meta, rows=rows, stages=stages, checks=checks,
+                                                   variants=variants, tiles=tiles), indent=1))):
+      if path:
+        with open(path, "w") as f:
+          f.write(text)
+    return section
+
+  for index, bench in enumerate(benches):
+    fla_row = fla_rows.get((bench.batch, bench.length), {})
+    row = dict(batch=bench.batch, length=bench.length, fla_fwd=fla_row.get("fwd_ms"),
                fla_fwd_bwd=fla_row.get("fwd_bwd_ms"))
     try:  # a failure at one shape must not lose the others' numbers
-      bench = Bench(args, batch, length)
       fla_check = dict(np.load(check_path)) if index == 0 and os.path.exists(check_path) else None
-      checks += check(bench, f"{batch}x{length}", fla_check)
-      del bench._references  # free the device memory before timing
-      row.update(ours_fwd=time_fn(bench.forward("gpu"), *bench.inputs),
-                 ours_fwd_bwd=time_fn(bench.forward_backward("gpu"), *bench.inputs))
-      stages[f"{batch} x {length}"] = stage_timings(bench)
-      if not args.no_reference:
-        row.update(ref_fwd=time_fn(bench.forward("reference"), *bench.inputs),
-                   ref_fwd_bwd=time_fn(bench.forward_backward("reference"), *bench.inputs))
-      del bench
+      checks += check(bench, fla_check=fla_check)
+      if "slow" not in bench.label:
+        row.update(ours_fwd=bench.time("fwd", "gpu", "api"), ours_fwd_bwd=bench.time("grads", "gpu", "api"))
+        if not args.no_reference:
+          row.update(ref_fwd=bench.time("fwd", "reference", "api"),
+                     ref_fwd_bwd=bench.time("grads", "reference", "api"))
+        rows.append(row)
+        print(row, flush=True)
+        stages[f"{bench.batch} x {bench.length}"] = stage_timings(bench)
+        print(stages[f"{bench.batch} x {bench.length}"], flush=True)
     except Exception:
       traceback.print_exc()
-    rows.append(row)
-    print(row, stages.get(f"{batch} x {length}"), flush=True)
-  try:
-    checks += check(Bench(args, 1, 4096, decay_scale=0.02), "1x4096 slow decay")  # state lives over many chunks
-    if args.variants:
-      variants = run_variants(args)
-  except Exception:
-    traceback.print_exc()
-  section = markdown(meta, rows, stages, checks, variants)
+    save()
+    if bench is not variant_bench:
+      bench.free()
+  for name in variants_to_run:
+    entry = dict(name=name)
+    try:
+      entry.update(fwd=variant_bench.time("fwd", "gpu", name), fwd_bwd=variant_bench.time("grads", "gpu", name))
+      entry["error"] = f"{max(r['f32'] for r in check(variant_bench, name)):.1e}"
+    except Exception as error:  # a variant that fails to compile or run must not stop the others
+      entry["error"] = f"FAILED: {type(error).__name__}: {str(error)[:300]}"
+    print(entry, flush=True)
+    variants.append(entry)
+    save()
+  if variant_bench is not None:
+    tiles = kernel_tiles(variant_bench)
+  section = save()
   print(section, flush=True)
-  if args.markdown:
-    with open(args.markdown, "w") as f:
-      f.write(section)
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(dict(meta=meta, rows=rows, stages=stages, checks=checks, variants=variants), f, indent=1)
   if args.docs:
     with open(args.docs, "a") as f:
       f.write("\n" + section)
-
-
-def run_variants(args) -> list[dict]:
-  """Ours with other prepare_chunks choices: what each choice costs and gains."""
-  import jax
-  import jax.numpy as jnp
-  bench = Bench(args, *parse_shape(args.variants_shape))
-  highest, default = jax.lax.Precision.HIGHEST, jax.lax.Precision.DEFAULT
-  choices = {
-      "inverse, TF32, bf16 operands": dict(solve="inverse", precision=default, operand_dtype=jnp.bfloat16),
-      "solve_triangular, TF32, bf16 operands": dict(solve="solve_triangular", precision=default,
-                                                     operand_dtype=jnp.bfloat16),
-      "inverse, f32 matmuls, bf16 operands": dict(solve="inverse", precision=highest, operand_dtype=jnp.bfloat16),
-      "inverse, f32 matmuls, f32 operands": dict(solve="inverse", precision=highest, operand_dtype=jnp.float32),
-  }
-  results = []
-  for name, options in choices.items():
-    entry = dict(name=name)
-    try:
-      entry["fwd"] = time_fn(bench.forward("gpu", **options), *bench.inputs)
-      entry["fwd_bwd"] = time_fn(bench.forward_backward("gpu", **options), *bench.inputs)
-      worst = check(bench, name, **options)
-      entry["error"] = f"{max(r['vs_ref'] for r in worst):.1e}"
-      entry["stages"] = stage_timings(bench, **options)
-    except Exception as error:  # a variant that fails to compile must not stop the others
-      entry["error"] = f"FAILED: {type(error).__name__}: {str(error)[:300]}"
-    print(entry, flush=True)
-    results.append(entry)
-  return results
 
 
 if __name__ == "__main__":

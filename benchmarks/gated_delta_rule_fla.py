@@ -70,30 +70,29 @@ def main() -> None:
     q, k, v, beta = (cuda(name, torch.bfloat16) for name in ("q", "k", "v", "beta"))
     g, h0 = cuda("g", torch.float32), cuda("h0", torch.float32)
     d_out = torch.from_numpy(x["d_out"]).cuda().bfloat16()
-    run = lambda: chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)[0]
+    d_state = torch.from_numpy(x["d_state"]).cuda()
+    run = lambda: chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True,
+                                         use_qk_l2norm_in_kernel=True)
 
     def run_backward():
-      run().backward(d_out)
+      torch.autograd.backward(run(), (d_out, d_state))
 
-    row = dict(batch=batch, length=length, fwd_ms=bench(run), fwd_bwd_ms=bench(run_backward, (q, k, v, g, beta)))
+    leaves = (q, k, v, g, beta, h0)
+    row = dict(batch=batch, length=length, fwd_ms=bench(run), fwd_bwd_ms=bench(run_backward, leaves))
     print("fla", row, flush=True)
     result["rows"].append(row)
     if index == 0 and args.save_check:
-      for t in (q, k, v, g, beta, h0):
+      for t in leaves:
         t.grad = None
-      out, final = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True,
-                                          use_qk_l2norm_in_kernel=True)
-      d_state = torch.from_numpy(x["d_state"]).cuda()
+      out, final = run()
       ((out.float() * d_out.float()).sum() + (final * d_state).sum()).backward()
       as_numpy = lambda t: t.detach().float().cpu().numpy()
       np.savez(args.save_check, o=as_numpy(out), final=as_numpy(final),
-               **{f"d{name}": as_numpy(t.grad) for name, t in zip(("q", "k", "v", "g", "beta", "h0"),
-                                                                 (q, k, v, g, beta, h0))})
-    del q, k, v, g, beta, h0, d_out
+               **{f"d{name}": as_numpy(t.grad) for name, t in zip(("q", "k", "v", "g", "beta", "h0"), leaves)})
+    del q, k, v, g, beta, h0, d_out, d_state, leaves
     torch.cuda.empty_cache()
-  with open(args.json, "w") as f:
-    json.dump(result, f, indent=1)
-
+    with open(args.json, "w") as f:  # after every shape: a run stopped later keeps these
+      json.dump(result, f, indent=1)
 
 if __name__ == "__main__":
   main()

@@ -69,17 +69,8 @@ def reference_case(index):
   return inputs, values_and_grads(chunk_gated_delta_rule_reference, *inputs, None, chunk)
 
 
-KNOWN_FAILURES = {("gpu", 2), ("gpu", 3)}  # bf16 through the GPU kernel: see the reason below
-
-
-@pytest.mark.parametrize(
-    "impl, case",
-    [
-        pytest.param(impl, case, id=f"{CASE_IDS[case]}-{impl}", marks=[pytest.mark.xfail(strict=True, reason="known failure, issue 4 open: the GPU kernel rounds float32 operands to bf16 when inputs are bf16 (error > 2e-3) and returns bf16 outputs")]
-                     if (impl, case) in KNOWN_FAILURES else [])
-        for impl in IMPLS for case in range(len(CASES))
-    ],
-)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", range(len(CASES)), ids=CASE_IDS)
 def test_matches_reference(impl, case):
   (shape, dtype, with_state), chunk = CASES[case], CASES[case][0][-1]
   inputs, ((o_ref, final_ref), grads_ref) = reference_case(case)

@@ -3,7 +3,10 @@
 The contract and the jnp reference are in inter_chunk.py. Triton grids are parallel only, so each recurrence
 program owns one (batch * head, value block) and walks the chunks with a fori_loop, keeping its [Dk, BV] slice of
 the float32 state in registers: every product in the forward and in the state-gradient recurrence is separable
-across value columns. The backward runs in two kernels:
+across value columns. The forward runs in two kernels: the recurrence reads only k, w and u per chunk (small
+enough for Triton to prefetch the next chunk's tiles while it computes: the sequential walk is latency bound) and
+stores the states and v_new it needs anyway; then a kernel parallel over chunks forms out = q h_n + intra v_new.
+The backward runs in two kernels:
   1. the reverse recurrence (grid over value blocks, like the forward) writes du = dv_new and the state gradient
      dh entering each chunk from the right (dL/dh_{n+1}), both float32;
   2. a fully parallel kernel over (chunk, key block) reads h_n, dh, d_out, v_new and du and forms dq, dk, dw,
@@ -12,19 +15,19 @@ across value columns. The backward runs in two kernels:
 Writing dh costs one more [B, H, N, Dk, Dv] float32 array, but splitting Dv in a single kernel would instead
 write (Dv/BV) partial copies of dq, dk, dw and dintra and sum them afterwards, which moves more bytes.
 
-Precision (float32 accumulation and a float32 state throughout; `split_f32_operands` picks the dots):
-  inputs    split_f32_operands=False (default)                 True
-  float32   IEEE float32 on the CUDA cores: exact, slowest      TF32x3 on the tensor cores: ~float32
-  bf16/f16  float32 operands (h, v_new, d_out, dh, dv_new)      float32 operands as hi + lo 16-bit halves,
-            rounded to 16 bits just before each dot, as fla     2-3 dots each: ~1e-5 relative
-            does: ~1e-3..4e-3 relative (1 ulp per operand)
-Interpret mode (CPU) has no TF32x3 and runs IEEE float32 there instead.
+Precision (`precision`; accumulation and the carried state are float32 in every mode):
+  'ieee'    float32 operands, IEEE float32 dots on the CUDA cores: exact, slowest. Default for float32 inputs.
+  'tf32'    float32 operands rounded to TF32 (10-bit mantissa) on the tensor cores: ~5e-4 relative end to end.
+  'tf32x3'  float32 operands as TF32 hi + lo parts, 3 tensor-core passes: ~float32.
+  'bf16'    every operand (inputs, h, v_new, d_out, dh, dv_new) rounded to bf16 just before its dot, as fla does:
+            ~2e-3..4e-3 relative (each rounded operand alone costs ~1e-3..2e-3). Default for 16-bit inputs.
+Interpret mode (CPU) has no TF32 and runs IEEE float32 for the TF32 modes.
 
-Storage: with 16-bit inputs (and no split) the big outputs and residuals (out, states, v_new, du, dq, dk, dw,
+Storage: in 'bf16' mode with 16-bit inputs the big outputs and residuals (out, states, v_new, du, dq, dk, dw,
 dintra) are stored in the inputs' dtype, halving the bytes moved: every later read of them feeds a dot that rounds
-its operands to 16 bits anyway, so nothing is lost but the final rounding of the outputs. The state gradients dh
-stay float32 (with states they give ddecay, an elementwise product summed over the whole state), as do the carried
-states, ddecay, dh0 and the final state. float32 inputs, or split_f32_operands, keep everything float32.
+its operands to bf16 anyway, so nothing is lost but the final rounding of the outputs. The state gradients dh
+stay float32 (with states they give ddecay, an elementwise product summed over the whole state), as do the
+final state, ddecay and dh0. Every other mode stores float32.
 """
 
 from __future__ import annotations
@@ -48,63 +51,70 @@ except ImportError:  # older jax named them TritonCompilerParams, in pallas.gpu
 class GpuBlockSizes:
   """Tile sizes and launch parameters; the defaults target an H100 with Dk = Dv = 128, C = 64.
 
-  Warps left as None: 4 for 16-bit dots and 8 for float32 ones in the recurrences (IEEE float32 dots spill
-  heavily at 4), 8 in the gradient kernel (255 registers and spills at 4 with the default tiles). Register counts
-  from compiling the Triton IR for sm_90a with ptxas.
+  Warps left as None: 8 for IEEE float32 dots in the recurrences (they spill heavily at 4), 4 otherwise; 8 in the
+  gradient kernel (255 registers and spills at 4 with the default tiles). Register counts from compiling the
+  Triton IR for sm_90a with ptxas. On an H100 at B=1, T=16384, H=32 with TF32 dots (docs/benchmarks.md) these
+  defaults were the fastest measured: block_v 16 or 64, 8 warps and the fused forward were all 3-14% slower.
   """
 
   block_v: int = 32  # value columns per recurrence program: B*H*Dv/block_v programs (128 at B=1, H=32)
   num_warps: int | None = None
-  num_stages: int = 2  # Triton software pipelining of the next chunk's loads
+  # Triton software pipelining of the next chunk's loads (what hides their latency in the sequential walk).
+  # None: 2, except 1 for the fused forward and the state-gradient recurrence with float32 operands, whose
+  # q, k, w (and intra) tiles would need ~270 KB of shared memory for 2 stages, over the H100's 227 KB.
+  num_stages: int | None = None
+  # The forward recurrence only carries the state (reads k, w, u); out = q h + intra v_new is a parallel kernel
+  # over chunks. fuse_output=True computes out inside the recurrence instead (fewer bytes, longer steps).
+  fuse_output: bool = False
+  output_block_v: int = 64  # value columns per program of the parallel output kernel
   grad_block_k: int = 64  # key rows per program of the parallel gradient kernel
   grad_block_v: int = 64  # value columns per inner step of the gradient kernel (bounds register use)
   grad_num_warps: int | None = None
 
-  def recurrence_params(self, dtype) -> _TritonParams:
-    warps = self.num_warps or (8 if dtype == jnp.float32 else 4)
-    return _TritonParams(num_warps=warps, num_stages=self.num_stages)
+  def recurrence_params(self, precision: str, heavy: bool) -> _TritonParams:
+    """heavy: the recurrence streams q, k, w tiles per chunk (fused forward, state gradients)."""
+    warps = self.num_warps or (8 if precision == "ieee" else 4)
+    stages = self.num_stages or (1 if heavy and precision != "bf16" else 2)
+    return _TritonParams(num_warps=warps, num_stages=stages)
+
+  def output_params(self) -> _TritonParams:
+    return _TritonParams(num_warps=8, num_stages=1)
 
   def gradient_params(self) -> _TritonParams:
     return _TritonParams(num_warps=self.grad_num_warps or 8, num_stages=1)
 
 
-def _parts(x: jax.Array, dtype, split: bool) -> list[jax.Array]:
-  """x as `dtype` operands: one rounded copy, or (split and x is float32) a high and a low half."""
-  hi = x.astype(dtype)
-  if not split or x.dtype == dtype:
-    return [hi]
-  return [hi, (x - hi.astype(jnp.float32)).astype(dtype)]
+PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16")
+_TF32_ALGORITHMS = {
+    "ieee": jax.lax.Precision.HIGHEST,  # Triton's default for a float32 dot would be TF32
+    "tf32": jax.lax.DotAlgorithmPreset.TF32_TF32_F32,
+    "tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+}
 
 
-def _dot(a: jax.Array, b: jax.Array, *, dtype, split: bool, interpret: bool, trans_a: bool = False,
+def _dot(a: jax.Array, b: jax.Array, *, precision: str, interpret: bool, trans_a: bool = False,
          trans_b: bool = False) -> jax.Array:
   """a @ b (optionally transposed) with float32 accumulation; see the module docstring for the precisions."""
   dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-  if dtype == jnp.float32:
-    # HIGHEST: IEEE float32 (Triton's default would be TF32). TF32x3 has no CPU version: interpret mode runs IEEE.
-    precision = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3 if split and not interpret else jax.lax.Precision.HIGHEST
-    return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), dims, precision=precision,
+  if precision == "bf16":
+    return jax.lax.dot_general(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), dims,
                                preferred_element_type=jnp.float32)
-  terms = [(x, y) for i, x in enumerate(_parts(a, dtype, split)) for j, y in enumerate(_parts(b, dtype, split))
-           if i + j < 2]  # lo * lo is below float32 resolution of the result
-  out = None
-  for x, y in reversed(terms):  # the small cross terms first
-    term = jax.lax.dot_general(x, y, dims, preferred_element_type=jnp.float32)
-    out = term if out is None else out + term
-  return out
+  algorithm = jax.lax.Precision.HIGHEST if interpret else _TF32_ALGORITHMS[precision]  # no TF32 on a CPU
+  return jax.lax.dot_general(a.astype(jnp.float32), b.astype(jnp.float32), dims, precision=algorithm,
+                             preferred_element_type=jnp.float32)
 
 
-def _matmul(inputs: tuple[jax.Array, ...], split_f32_operands: bool, interpret: bool):
-  """(dot dtype, the kernels' dot): float32 if any input is float32, else the inputs' 16-bit dtype."""
+def _matmul(inputs: tuple[jax.Array, ...], precision: str | None, interpret: bool):
+  """(precision, storage dtype, the kernels' dot) for these inputs (see the module docstring)."""
   dtype = jnp.result_type(*(x.dtype for x in inputs))
   if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
     raise TypeError(f"gated delta rule GPU kernel: unsupported input dtype {dtype}; pass float32 or bfloat16")
-  return dtype, functools.partial(_dot, dtype=dtype, split=split_f32_operands, interpret=interpret)
-
-
-def _storage_dtype(dtype, split_f32_operands: bool):
-  """dtype of the big outputs and residuals: the 16-bit input dtype unless split (see the module docstring)."""
-  return jnp.float32 if split_f32_operands else dtype
+  if precision is None:
+    precision = "ieee" if dtype == jnp.float32 else "bf16"
+  if precision not in PRECISIONS:
+    raise ValueError(f"gated delta rule GPU kernel: unknown precision '{precision}'; choose one of {PRECISIONS}")
+  store = dtype if precision == "bf16" else jnp.float32
+  return precision, store, functools.partial(_dot, precision=precision, interpret=interpret)
 
 
 def _check_dims(**sizes: int) -> None:
@@ -127,9 +137,15 @@ def _struct(*shape: int, dtype=jnp.float32) -> jax.ShapeDtypeStruct:
 # ------------------------------------------------------------------------------------------------ forward
 
 
-def _forward_kernel(q_ref, k_ref, w_ref, u_ref, intra_ref, decay_ref, h0_ref,
-                    out_ref, final_ref, states_ref, v_new_ref, *, num_chunks: int, block_v: int, mm):
-  """One (value block, batch*head): walks the chunks carrying its [Dk, BV] float32 state slice."""
+def _forward_kernel(*refs, num_chunks: int, block_v: int, mm, fused: bool):
+  """One (value block, batch*head): walks the chunks carrying its [Dk, BV] float32 state slice.
+
+  refs: (q, k, w, u, intra, decay, h0 | out, final, states, v_new) if fused, else without q, intra and out.
+  """
+  if fused:
+    q_ref, k_ref, w_ref, u_ref, intra_ref, decay_ref, h0_ref, out_ref, final_ref, states_ref, v_new_ref = refs
+  else:
+    k_ref, w_ref, u_ref, decay_ref, h0_ref, final_ref, states_ref, v_new_ref = refs
   vb, bh = pl.program_id(0), pl.program_id(1)
   cols = pl.ds(vb * block_v, block_v)
 
@@ -137,39 +153,68 @@ def _forward_kernel(q_ref, k_ref, w_ref, u_ref, intra_ref, decay_ref, h0_ref,
     states_ref[bh, n, :, cols] = h.astype(states_ref.dtype)
     v_new = u_ref[bh, n, :, cols].astype(jnp.float32) - mm(w_ref[bh, n], h)  # [C, BV]
     v_new_ref[bh, n, :, cols] = v_new.astype(v_new_ref.dtype)
-    out = mm(q_ref[bh, n], h) + mm(intra_ref[bh, n], v_new)
-    out_ref[bh, n, :, cols] = out.astype(out_ref.dtype)
+    if fused:
+      out = mm(q_ref[bh, n], h) + mm(intra_ref[bh, n], v_new)
+      out_ref[bh, n, :, cols] = out.astype(out_ref.dtype)
     return decay_ref[bh, n] * h + mm(k_ref[bh, n], v_new, trans_a=True)
 
   final_ref[bh, :, cols] = jax.lax.fori_loop(0, num_chunks, step, h0_ref[bh, :, cols])
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "block_sizes", "split_f32_operands"))
+def _output_kernel(q_ref, intra_ref, states_ref, v_new_ref, out_ref, *, block_v: int, mm):
+  """One (value block, chunk, batch*head): out = q h_n + intra v_new, from the states the recurrence stored.
+
+  Reading h_n and v_new back as stored rounds nothing new: the dots round them to their operand precision anyway.
+  """
+  vb, n, bh = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  cols = pl.ds(vb * block_v, block_v)
+  out = mm(q_ref[bh, n], states_ref[bh, n, :, cols]) + mm(intra_ref[bh, n], v_new_ref[bh, n, :, cols])
+  out_ref[bh, n, :, cols] = out.astype(out_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "block_sizes", "precision"))
 def inter_chunk_forward_gpu(q, k, w, u, intra, decay, h0, *, interpret: bool = False,
                             block_sizes: GpuBlockSizes = GpuBlockSizes(),
-                            split_f32_operands: bool = False) -> ForwardResult:
+                            precision: str | None = None) -> ForwardResult:
   """Pallas-Triton forward of the inter-chunk recurrence; same contract as inter_chunk.inter_chunk_forward.
 
-  split_f32_operands: run the dots on the tensor cores as hi + lo halves (see the module docstring).
+  precision: 'ieee', 'tf32', 'tf32x3' or 'bf16' (see the module docstring); None: by the inputs' dtype.
   """
   batch, heads, num_chunks, chunk, key_dim = q.shape
   value_dim = u.shape[-1]
   block_v = min(block_sizes.block_v, value_dim)
-  _check_dims(chunk_size=chunk, key_dim=key_dim, value_dim=value_dim, block_v=block_v)
-  dtype, mm = _matmul((q, k, w, u, intra), split_f32_operands, interpret)
-  store = _storage_dtype(dtype, split_f32_operands)
+  output_block_v = min(block_sizes.output_block_v, value_dim)
+  _check_dims(chunk_size=chunk, key_dim=key_dim, value_dim=value_dim, block_v=block_v,
+              output_block_v=output_block_v)
+  precision, store, mm = _matmul((q, k, w, u, intra), precision, interpret)
+  fused = block_sizes.fuse_output
   bh = batch * heads
-  out, final_state, states, v_new = pl.pallas_call(
-      functools.partial(_forward_kernel, num_chunks=num_chunks, block_v=block_v, mm=mm),
-      # Value blocks vary fastest so the programs sharing one head's q, k, w, intra run together (L2 reuse).
+  q, k, w, u, intra = map(_flat, (q, k, w, u, intra))
+  out_struct = _struct(bh, num_chunks, chunk, value_dim, dtype=store)
+  carried = (_struct(bh, key_dim, value_dim), _struct(bh, num_chunks, key_dim, value_dim, dtype=store),
+             _struct(bh, num_chunks, chunk, value_dim, dtype=store))  # final state, states, v_new
+  results = pl.pallas_call(
+      functools.partial(_forward_kernel, num_chunks=num_chunks, block_v=block_v, mm=mm, fused=fused),
+      # Value blocks vary fastest so the programs sharing one head's k, w (q, intra) run together (L2 reuse).
       grid=(value_dim // block_v, bh),
-      out_shape=(_struct(bh, num_chunks, chunk, value_dim, dtype=store), _struct(bh, key_dim, value_dim),
-                 _struct(bh, num_chunks, key_dim, value_dim, dtype=store),
-                 _struct(bh, num_chunks, chunk, value_dim, dtype=store)),
-      compiler_params=block_sizes.recurrence_params(dtype),
+      out_shape=((out_struct,) if fused else ()) + carried,
+      compiler_params=block_sizes.recurrence_params(precision, heavy=fused),
       interpret=interpret,
       name="gdr_inter_chunk_fwd",
-  )(*map(_flat, (q, k, w, u, intra)), _flat(decay).astype(jnp.float32), _flat(h0).astype(jnp.float32))
+  )(*((q, k, w, u, intra) if fused else (k, w, u)), _flat(decay).astype(jnp.float32),
+    _flat(h0).astype(jnp.float32))
+  if fused:
+    out, final_state, states, v_new = results
+  else:
+    final_state, states, v_new = results
+    out = pl.pallas_call(
+        functools.partial(_output_kernel, block_v=output_block_v, mm=mm),
+        grid=(value_dim // output_block_v, num_chunks, bh),
+        out_shape=out_struct,
+        compiler_params=block_sizes.output_params(),
+        interpret=interpret,
+        name="gdr_inter_chunk_out",
+    )(q, intra, states, v_new)
   unflat = lambda x: x.reshape(batch, heads, *x.shape[1:])
   return ForwardResult(unflat(out), unflat(final_state), unflat(states), unflat(v_new))
 
@@ -224,13 +269,13 @@ def _chunk_grad_kernel(states_ref, dh_ref, v_new_ref, do_ref, du_ref,
     dintra_ref[bh, n] = dintra.astype(dintra_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "block_sizes", "split_f32_operands"))
+@functools.partial(jax.jit, static_argnames=("interpret", "block_sizes", "precision"))
 def inter_chunk_backward_gpu(q, k, w, intra, decay, states, v_new, d_out, d_final_state, *,
                              interpret: bool = False, block_sizes: GpuBlockSizes = GpuBlockSizes(),
-                             split_f32_operands: bool = False) -> BackwardResult:
+                             precision: str | None = None) -> BackwardResult:
   """Pallas-Triton backward of the inter-chunk recurrence; same contract as inter_chunk.inter_chunk_backward.
 
-  split_f32_operands: run the dots on the tensor cores as hi + lo halves (see the module docstring).
+  precision: as for inter_chunk_forward_gpu (pass the same).
   """
   batch, heads, num_chunks, chunk, key_dim = q.shape
   value_dim = d_out.shape[-1]
@@ -239,8 +284,7 @@ def inter_chunk_backward_gpu(q, k, w, intra, decay, states, v_new, d_out, d_fina
   grad_block_v = min(block_sizes.grad_block_v, value_dim)
   _check_dims(chunk_size=chunk, key_dim=key_dim, value_dim=value_dim, block_v=block_v, grad_block_k=block_k,
               grad_block_v=grad_block_v)
-  dtype, mm = _matmul((q, k, w, intra), split_f32_operands, interpret)
-  store = _storage_dtype(dtype, split_f32_operands)
+  precision, store, mm = _matmul((q, k, w, intra), precision, interpret)
   bh = batch * heads
   q, k, w, intra, states, v_new, d_out = map(_flat, (q, k, w, intra, states, v_new, d_out))
 
@@ -249,7 +293,7 @@ def inter_chunk_backward_gpu(q, k, w, intra, decay, states, v_new, d_out, d_fina
       grid=(value_dim // block_v, bh),
       out_shape=(_struct(bh, num_chunks, chunk, value_dim, dtype=store), _struct(bh, num_chunks, key_dim, value_dim),
                  _struct(bh, key_dim, value_dim)),
-      compiler_params=block_sizes.recurrence_params(dtype),
+      compiler_params=block_sizes.recurrence_params(precision, heavy=True),
       interpret=interpret,
       name="gdr_inter_chunk_bwd_state",
   )(q, k, w, intra, _flat(decay).astype(jnp.float32), d_out, _flat(d_final_state).astype(jnp.float32))
@@ -259,9 +303,8 @@ def inter_chunk_backward_gpu(q, k, w, intra, decay, states, v_new, d_out, d_fina
       functools.partial(_chunk_grad_kernel, block_k=block_k, block_v=grad_block_v, mm=mm),
       # Key blocks vary fastest: the programs of one chunk read the same d_out, v_new and du together.
       grid=(num_key_blocks, num_chunks, bh),
-      out_shape=(_struct(bh, num_chunks, chunk, key_dim, dtype=store), _struct(bh, num_chunks, chunk, key_dim, dtype=store),
-                 _struct(bh, num_chunks, chunk, key_dim, dtype=store), _struct(bh, num_chunks, chunk, chunk, dtype=store),
-                 _struct(num_key_blocks, bh, num_chunks)),
+      out_shape=(*[_struct(bh, num_chunks, chunk, key_dim, dtype=store)] * 3,  # dq, dk, dw
+                 _struct(bh, num_chunks, chunk, chunk, dtype=store), _struct(num_key_blocks, bh, num_chunks)),
       compiler_params=block_sizes.gradient_params(),
       interpret=interpret,
       name="gdr_inter_chunk_bwd_grads",
