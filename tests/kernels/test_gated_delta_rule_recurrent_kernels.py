@@ -95,3 +95,19 @@ def test_gpu_rejects_head_dims_triton_cannot_tile():
   q, k, v, g, beta, state = random_inputs(0, 1, 1, 1, 1, 24, 16, False, "float32")
   with pytest.raises(ValueError, match="key_dim=24 must be a power of two >= 16"):
     recurrent_gated_delta_rule_gpu(q, k, v, g, beta, state, interpret=True)
+
+
+@pytest.mark.parametrize("impl", ["tpu", "gpu"])
+def test_dispatcher_runs_the_kernels(impl):
+  from maxtext.kernels.gated_delta_rule import recurrent_gated_delta_rule
+
+  keys = jax.random.split(jax.random.key(7), 6)
+  q, k = (jax.random.normal(key, (2, 2, 1, 16)) for key in keys[:2])
+  v = jax.random.normal(keys[2], (2, 2, 2, 16))
+  g = -jnp.exp(jax.random.normal(keys[3], (2, 2, 2))) * 0.5
+  beta = jax.nn.sigmoid(jax.random.normal(keys[4], (2, 2, 2)))
+  state = jax.random.normal(keys[5], (2, 2, 16, 16))
+  o, final = recurrent_gated_delta_rule(q, k, v, g, beta, state, impl=impl)
+  o_ref, final_ref = recurrent_gated_delta_rule(q, k, v, g, beta, state, impl="reference")
+  assert float(jnp.abs(o - o_ref).max() / jnp.abs(o_ref).max()) < 1e-5
+  assert float(jnp.abs(final - final_ref).max() / jnp.abs(final_ref).max()) < 1e-5

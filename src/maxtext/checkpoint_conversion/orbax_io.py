@@ -10,6 +10,7 @@ scanned array). The step directory is built under a temporary name and renamed i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -214,11 +215,9 @@ def restore_flat(load_parameters_path: str) -> dict[str, np.ndarray]:
   return flat
 
 
-def load_params(load_parameters_path: str, spec) -> dict[str, Any]:
+def load_params(load_parameters_path: str, spec, cast: bool = True) -> dict[str, Any]:
   """Parameters for `spec` (a ModelSpec): checked against the model's shapes, converted to its layer layout
-  (a scanned checkpoint loads unscanned and vice versa) and cast to its weight dtype. Numpy arrays."""
-  import dataclasses  # noqa: PLC0415
-
+  (a scanned checkpoint loads unscanned and vice versa) and, with `cast`, to its weight dtype. Numpy arrays."""
   from maxtext.checkpoint_conversion.scan_layout import scan_layers, unscan_layers  # noqa: PLC0415
   from maxtext.models import params as model_params  # noqa: PLC0415
 
@@ -236,8 +235,10 @@ def load_params(load_parameters_path: str, spec) -> dict[str, Any]:
   for path, shape in expected.items():
     if tuple(flat[path].shape) != tuple(shape):
       raise ValueError(f"checkpoint '{where}': parameter '{path}' has shape {flat[path].shape}, expected {shape}")
-  dtype = np.dtype(spec.numerics.weight_dtype)
-  tree = model_params.unflatten({path: array.astype(dtype, copy=False) for path, array in flat.items()})
+  if cast:
+    dtype = np.dtype(spec.numerics.weight_dtype)
+    flat = {path: array.astype(dtype, copy=False) for path, array in flat.items()}
+  tree = model_params.unflatten(flat)
   if stored_scanned and not spec.scan_layers:
     tree = unscan_layers(tree, spec.num_layers, spec.full_attention_interval)
   elif spec.scan_layers and not stored_scanned:

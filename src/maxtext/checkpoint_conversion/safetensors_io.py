@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 
 import ml_dtypes
 import numpy as np
@@ -137,8 +137,8 @@ class ShardedSafetensorsWriter:
     self._pending[name] = np.ascontiguousarray(tensor)
     self._pending_bytes += tensor.nbytes
 
-  def add_all(self, tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]]) -> None:
-    for name, tensor in tensors.items() if isinstance(tensors, Mapping) else tensors:
+  def add_all(self, tensors: Mapping[str, np.ndarray]) -> None:
+    for name, tensor in tensors.items():
       self.add(name, tensor)
 
   def _flush(self) -> None:
@@ -180,7 +180,3 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray]) -> None:
     f.write(encoded)
     for tensor in tensors.values():
       f.write(memoryview(np.ascontiguousarray(tensor).reshape(-1).view(np.uint8)))
-
-
-def iter_names(checkpoint: SafetensorsCheckpoint, prefix: str) -> Iterator[str]:
-  return (name for name in checkpoint.names() if name.startswith(prefix))

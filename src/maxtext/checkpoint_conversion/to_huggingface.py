@@ -26,30 +26,15 @@ from maxtext.models import params as model_params
 from maxtext.models.spec import ModelSpec
 from maxtext.utils import cli
 
-_TORCH_DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-
 
 def export(config: Config, load_parameters_path: str, output_dir: str, shard_bytes: int = 5 << 30, log=print) -> None:
   """Write the HF directory `output_dir` from the checkpoint (which must not exist yet)."""
   output_dir = os.path.abspath(output_dir)
   if os.path.exists(output_dir):
     raise FileExistsError(f"output '{output_dir}' already exists; remove it or choose another base_output_directory")
-  flat = orbax_io.restore_flat(load_parameters_path)
-  has_mtp = any(path.startswith("mtp/") for path in flat)
-  if config.mtp_num_layers and not has_mtp:
-    config = dataclasses.replace(config, mtp_num_layers=0)
-  stored_scanned = any(path.startswith("decoder/blocks/") for path in flat)
+  # The config comes from the checkpoint's stored model record (or a model_name checked against it).
   spec = dataclasses.replace(ModelSpec.from_config(config), scan_layers=False)
-  if stored_scanned:
-    from maxtext.checkpoint_conversion.scan_layout import unscan_layers  # noqa: PLC0415
-
-    flat = model_params.flatten(unscan_layers(model_params.unflatten(flat), spec.num_layers, spec.full_attention_interval))
-  expected = model_params.flat_shapes(spec)
-  for path, shape in expected.items():
-    if path not in flat:
-      raise ValueError(f"checkpoint lacks parameter '{path}'")
-    if tuple(flat[path].shape) != tuple(shape):
-      raise ValueError(f"checkpoint parameter '{path}' has shape {flat[path].shape}, expected {shape}")
+  flat = model_params.flatten(orbax_io.load_params(load_parameters_path, spec, cast=False))
 
   staging = os.path.join(os.path.dirname(output_dir), f".{os.path.basename(output_dir)}.partial-{os.getpid()}")
   shutil.rmtree(staging, ignore_errors=True)
@@ -62,8 +47,7 @@ def export(config: Config, load_parameters_path: str, output_dir: str, shard_byt
       writer.add_all(to_hf(m, array))
     files = writer.close()
     hf_config = hf_config_from_config(config)
-    dtype = "bfloat16" if "bfloat16" in dtypes else sorted(dtypes)[0]
-    hf_config["dtype"] = _TORCH_DTYPE_NAMES.get(dtype, dtype)
+    hf_config["dtype"] = "bfloat16" if "bfloat16" in dtypes else sorted(dtypes)[0]
     with open(os.path.join(staging, "config.json"), "w", encoding="utf-8") as f:
       json.dump(hf_config, f, indent=2)
     os.rename(staging, output_dir)

@@ -154,6 +154,14 @@ def _chunked(q, k, v, g, beta, initial_state, *, segment_ids, chunk_size, use_qk
   return merge_chunks(out, length).astype(v.dtype), final_state
 
 
+# Decode implementations per backend, best first (forward only: decoding needs no gradient).
+_RECURRENT_AVAILABLE: dict[str, tuple[str, ...]] = {
+    "cpu": ("reference", "tpu", "gpu"),
+    "gpu": ("gpu", "reference"),
+    "tpu": ("tpu", "reference"),
+}
+
+
 def recurrent_gated_delta_rule(
     q: jax.Array,
     k: jax.Array,
@@ -163,9 +171,23 @@ def recurrent_gated_delta_rule(
     initial_state: jax.Array | None = None,
     *,
     use_qk_l2norm: bool = True,
+    impl: str = "auto",
+    interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-  """Token-by-token gated delta rule for decoding a few tokens from a carried state."""
-  return recurrent_gated_delta_rule_reference(q, k, v, g, beta, initial_state, use_qk_l2norm=use_qk_l2norm)
+  """Token-by-token gated delta rule for decoding a few tokens from a carried state; layouts in reference.py.
+
+  impl: 'auto' (by backend), 'reference' (jnp), 'tpu' or 'gpu' (Pallas, recurrent_kernels.py); on a CPU, or with
+  interpret=True, the Pallas kernels run in interpret mode.
+  """
+  chosen = dispatch.choose("recurrent_gated_delta_rule", impl, _RECURRENT_AVAILABLE)
+  if chosen == "reference":
+    return recurrent_gated_delta_rule_reference(q, k, v, g, beta, initial_state, use_qk_l2norm=use_qk_l2norm)
+  from maxtext.kernels.gated_delta_rule import recurrent_kernels  # noqa: PLC0415 - Pallas imports on demand
+
+  kernel = {"tpu": recurrent_kernels.recurrent_gated_delta_rule_tpu,
+            "gpu": recurrent_kernels.recurrent_gated_delta_rule_gpu}[chosen]
+  return kernel(q, k, v, g, beta, initial_state, use_qk_l2norm=use_qk_l2norm,
+                interpret=interpret or dispatch.backend() == "cpu")
 
 
 __all__ = [

@@ -117,12 +117,12 @@ def _matmul(inputs: tuple[jax.Array, ...], precision: str | None, interpret: boo
   return precision, store, functools.partial(_dot, precision=precision, interpret=interpret)
 
 
-def _check_dims(**sizes: int) -> None:
+def check_dims(**sizes: int) -> None:
   """Triton tiles must be powers of two and dots need every dimension >= 16."""
   for name, size in sizes.items():
     if size < 16 or size & (size - 1):
       raise ValueError(f"gated delta rule GPU kernel: {name}={size} must be a power of two >= 16 "
-                       "(use the jnp reference in inter_chunk.py for other shapes)")
+                       "(use impl='reference' for other shapes)")
 
 
 def _flat(x: jax.Array) -> jax.Array:
@@ -184,7 +184,7 @@ def inter_chunk_forward_gpu(q, k, w, u, intra, decay, h0, *, interpret: bool = F
   value_dim = u.shape[-1]
   block_v = min(block_sizes.block_v, value_dim)
   output_block_v = min(block_sizes.output_block_v, value_dim)
-  _check_dims(chunk_size=chunk, key_dim=key_dim, value_dim=value_dim, block_v=block_v,
+  check_dims(chunk_size=chunk, key_dim=key_dim, value_dim=value_dim, block_v=block_v,
               output_block_v=output_block_v)
   precision, store, mm = _matmul((q, k, w, u, intra), precision, interpret)
   fused = block_sizes.fuse_output
@@ -282,7 +282,7 @@ def inter_chunk_backward_gpu(q, k, w, intra, decay, states, v_new, d_out, d_fina
   block_v = min(block_sizes.block_v, value_dim)
   block_k = min(block_sizes.grad_block_k, key_dim)
   grad_block_v = min(block_sizes.grad_block_v, value_dim)
-  _check_dims(chunk_size=chunk, key_dim=key_dim, value_dim=value_dim, block_v=block_v, grad_block_k=block_k,
+  check_dims(chunk_size=chunk, key_dim=key_dim, value_dim=value_dim, block_v=block_v, grad_block_k=block_k,
               grad_block_v=grad_block_v)
   precision, store, mm = _matmul((q, k, w, intra), precision, interpret)
   bh = batch * heads

@@ -36,6 +36,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 from maxtext.kernels.gated_delta_rule.chunking import L2_NORM_EPS, check_shapes
+from maxtext.kernels.gated_delta_rule.gpu import check_dims
 from maxtext.kernels.gated_delta_rule.reference import _initial_state
 
 _F32 = jnp.float32
@@ -146,14 +147,6 @@ def _gpu_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, state_ref, o_ref, new_stat
   new_state_ref[b, h, :, cols] = state
 
 
-def _check_gpu_dims(**sizes: int) -> None:
-  """Triton tiles must be powers of two, at least 16 wide."""
-  for name, size in sizes.items():
-    if size < 16 or size & (size - 1):
-      raise ValueError(f"recurrent gated delta rule GPU kernel: {name}={size} must be a power of two >= 16 "
-                       "(use impl='reference' for other head sizes)")
-
-
 @functools.partial(jax.jit, static_argnames=("use_qk_l2norm", "interpret", "block_v"))
 def recurrent_gated_delta_rule_gpu(
     q: jax.Array,
@@ -176,7 +169,7 @@ def recurrent_gated_delta_rule_gpu(
   batch, _, key_heads, key_dim = q.shape
   value_heads, value_dim = v.shape[2:]
   block_v = min(block_v, value_dim)
-  _check_gpu_dims(key_dim=key_dim, value_dim=value_dim, block_v=block_v)
+  check_dims(key_dim=key_dim, value_dim=value_dim, block_v=block_v)
   state = _initial_state(initial_state, batch, value_heads, key_dim, value_dim)
   kernel = functools.partial(_gpu_kernel, group=value_heads // key_heads, block_v=block_v,
                              use_qk_l2norm=use_qk_l2norm)
