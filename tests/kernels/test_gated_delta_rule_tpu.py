@@ -106,7 +106,10 @@ NO_LIBTPU = "libtpu is not installed (pip install 'jax[tpu]==<jax version>'): no
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason=NO_LIBTPU)
 def test_compiles_for_tpu_topology_without_a_tpu():
-  """Production shapes compile through Mosaic for v5p:2x2x1 inside jit(shard_map); prints the memory analysis."""
+  """Production shapes compile through Mosaic for v5p:2x2x1 inside jit(shard_map); prints the memory analysis.
+
+  The third line compiles the public dispatcher's forward+backward on mesh-sharded model-layout inputs: its own
+  shard_map must carry the Mosaic kernels (XLA cannot partition them)."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "TPU_WORKER_HOSTNAMES": "localhost"}
   command = [sys.executable, "-m", "maxtext.kernels.gated_delta_rule.tpu_aot_check", "--topology", "v5p:2x2x1"]
   result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -114,3 +117,5 @@ def test_compiles_for_tpu_topology_without_a_tpu():
   assert result.returncode == 0, result.stdout + result.stderr[-4000:]
   for kernel in ("forward", "backward"):
     assert f"{kernel}: compiled tpu_custom_call=True" in result.stdout, result.stdout
+  dispatched = [line for line in result.stdout.splitlines() if line.startswith("dispatched fwd+bwd")]
+  assert dispatched and "tpu_custom_call=True" in dispatched[0], result.stdout

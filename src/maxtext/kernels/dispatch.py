@@ -11,8 +11,14 @@ _announced: set[tuple[str, str]] = set()
 
 
 def backend() -> str:
-  """'tpu', 'gpu' or 'cpu': the platform of the default device."""
-  platform = jax.default_backend()
+  """'tpu', 'gpu' or 'cpu': the platform the code is being traced for.
+
+  That is the active mesh's device platform when a mesh is set (deviceless TPU compilation from a CPU host sets a
+  mesh of TPU topology devices while the default backend stays 'cpu'), else the default device's.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+  platform = device.platform if device is not None else jax.default_backend()
   return "gpu" if platform in ("cuda", "rocm", "gpu") else platform
 
 

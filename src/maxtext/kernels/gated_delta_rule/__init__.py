@@ -14,6 +14,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from maxtext import sharding
 from maxtext.kernels import dispatch
 from maxtext.kernels.gated_delta_rule import inter_chunk
 from maxtext.kernels.gated_delta_rule.chunking import check_shapes, l2_normalize, merge_chunks, prepare_chunks
@@ -132,10 +133,43 @@ def chunk_gated_delta_rule(
     )
   check_shapes(q, k, v, g, beta, initial_state, segment_ids)
   interpret = interpret or dispatch.backend() == "cpu"
-  return _chunked(
-      q, k, v, g, beta, initial_state, segment_ids=segment_ids, chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm,
-      scale=scale, impl=chosen, interpret=interpret and chosen != "xla", options=_options(chosen, q, k, v),
+  chunked = functools.partial(
+      _chunked, chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm, scale=scale, impl=chosen,
+      interpret=interpret and chosen != "xla", options=_options(chosen, q, k, v),
   )
+  return _per_shard(chunked, q, k, v, g, beta, initial_state, segment_ids)
+
+
+def _per_shard(kernel: Callable, q, k, v, g, beta, initial_state, segment_ids) -> tuple[jax.Array, jax.Array]:
+  """Run `kernel(q, k, v, g, beta, initial_state, segment_ids=...)` on each device's batch rows and heads.
+
+  Pallas calls cannot be partitioned by XLA (Mosaic requires shard_map), and the recurrence needs whole sequences:
+  under an active mesh the call is mapped over the mesh axes the rules give the batch and head dimensions, never
+  the length. Key and value heads split by the same factor, so each shard keeps whole groups of value heads with
+  their key head. Without a mesh, or when nothing would split, the kernel runs as is.
+  """
+  mesh, q_spec = sharding.kernel_partition(("activation_batch", None, "activation_heads", None), q.shape)
+  if mesh is None:
+    return kernel(q, k, v, g, beta, initial_state, segment_ids=segment_ids)
+  batch_axes, head_axes = q_spec[0], q_spec[2]
+  P = jax.sharding.PartitionSpec
+  per_token = P(batch_axes, None, head_axes, None)
+  per_gate = P(batch_axes, None, head_axes)
+  per_state = P(batch_axes, head_axes, None, None)
+  # shard_map maps arrays only: absent optional inputs are closed over as None.
+  optional = {"initial_state": (initial_state, per_state), "segment_ids": (segment_ids, P(batch_axes, None))}
+  present = [name for name, (value, _) in optional.items() if value is not None]
+
+  def body(q, k, v, g, beta, *extra):
+    given = dict(zip(present, extra))
+    return kernel(q, k, v, g, beta, given.get("initial_state"), segment_ids=given.get("segment_ids"))
+
+  mapped = jax.shard_map(
+      body, mesh=mesh, check_vma=False,
+      in_specs=(per_token, per_token, per_token, per_gate, per_gate, *(optional[n][1] for n in present)),
+      out_specs=(per_token, per_state),
+  )
+  return mapped(q, k, v, g, beta, *(optional[n][0] for n in present))
 
 
 def _chunked(q, k, v, g, beta, initial_state, *, segment_ids, chunk_size, use_qk_l2norm, scale, impl, interpret,
@@ -186,8 +220,11 @@ def recurrent_gated_delta_rule(
 
   kernel = {"tpu": recurrent_kernels.recurrent_gated_delta_rule_tpu,
             "gpu": recurrent_kernels.recurrent_gated_delta_rule_gpu}[chosen]
-  return kernel(q, k, v, g, beta, initial_state, use_qk_l2norm=use_qk_l2norm,
-                interpret=interpret or dispatch.backend() == "cpu")
+  interpret = interpret or dispatch.backend() == "cpu"
+  step = lambda q, k, v, g, beta, h0, segment_ids: kernel(
+      q, k, v, g, beta, h0, use_qk_l2norm=use_qk_l2norm, interpret=interpret
+  )
+  return _per_shard(step, q, k, v, g, beta, initial_state, None)
 
 
 __all__ = [
