@@ -11,6 +11,12 @@ from typing import Literal, get_args, get_origin, get_type_hints
 DType = Literal["float32", "bfloat16", "float16"]
 TokenizerType = Literal["huggingface"]
 GdnKernel = Literal["auto", "reference", "xla", "tpu", "gpu"]
+DecodeSamplingStrategy = Literal["greedy", "weighted", "nucleus", "topk"]
+GroupedMatmulKernel = Literal["auto", "reference", "gpu", "tokamax", "megablox"]
+AttentionKernel = Literal["autoselected", "dot_product", "flash"]
+RematPolicy = Literal["none", "minimal", "full"]
+DatasetType = Literal["synthetic", "grain", "hf"]
+GrainFileType = Literal["jsonl", "parquet", "arrayrecord"]
 
 # The architecture keys: what a checkpoint fixes and stores beside its parameters (models/*.yml set these).
 MODEL_KEYS = (
@@ -78,12 +84,78 @@ class Config:
   tokenizer_path: str
 
   # ---- MoE paths (issue 5) ----
+  sparse_matmul: bool
+  megablox: bool
+  capacity_factor: float
+  grouped_matmul_kernel: GroupedMatmulKernel
 
   # ---- Training and data (issue 6) ----
+  run_name: str
+  steps: int
+  log_period: int
+  learning_rate: float
+  warmup_steps_fraction: float
+  cosine_learning_rate_final_fraction: float
+  learning_rate_schedule_steps: int
+  adam_b1: float
+  adam_b2: float
+  adam_eps: float
+  adam_weight_decay: float
+  gradient_clipping_threshold: float
+  load_balance_loss_weight: float
+  mtp_loss_scaling_factor: float
+  remat_policy: RematPolicy
+  dataset_type: DatasetType
+  dataset_path: str
+  grain_train_files: str
+  grain_file_type: GrainFileType
+  hf_path: str
+  hf_data_dir: str
+  hf_train_files: str
+  train_data_columns: str
+  add_eos: bool
+  packing: bool
+  enable_data_shuffling: bool
+  data_shuffle_seed: int
+  use_sft: bool
+  sft_train_on_completion_only: bool
+  enable_checkpointing: bool
+  async_checkpointing: bool
+  checkpoint_period: int
+  max_num_checkpoints_to_keep: int
+  enable_tensorboard: bool
+  dcn_data_parallelism: int
+  dcn_fsdp_parallelism: int
+  dcn_tensor_parallelism: int
+  dcn_expert_parallelism: int
+
 
   # ---- Decode and serving (issue 7) ----
+  max_prefill_predict_length: int
+  prompt: str
+  decode_max_new_tokens: int
+  decode_sampling_strategy: DecodeSamplingStrategy
+  decode_sampling_temperature: float
+  decode_sampling_top_k: int
+  decode_sampling_nucleus_p: float
+  decode_sampling_min_p: float
+  decode_presence_penalty: float
+  decode_sampling_seed: int
+  decode_stop_token_ids: str
+  mtp_speculative_decoding: bool
+  mtp_num_draft_tokens: int
+
+  server_host: str
+  server_port: int
+  served_model_name: str
+  server_batch_window_ms: float
+  server_max_batch_size: int
 
   # ---- Attention kernel and deviceless compilation (issue 8) ----
+  attention: AttentionKernel
+  compile_topology: str
+  compile_topology_num_slices: int
+  compiled_trace_file: str
 
   def __post_init__(self) -> None:
     _validate(self)
@@ -207,16 +279,97 @@ def _validate(c: Config) -> None:
 
 
 def _validate_moe(c: Config) -> None:
-  del c
+  _require(
+      c.sparse_matmul is False or c.capacity_factor <= 0,
+      f"config key 'capacity_factor' ({c.capacity_factor}) drops tokens only on the dense path: set"
+      " sparse_matmul=false to use it, or capacity_factor=-1 for dropless sparse_matmul",
+  )
+
+
+_DCN_AXES = ("dcn_data_parallelism", "dcn_fsdp_parallelism", "dcn_tensor_parallelism", "dcn_expert_parallelism")
 
 
 def _validate_training(c: Config) -> None:
-  del c
+  for name in ("steps", "log_period", "checkpoint_period", "max_num_checkpoints_to_keep"):
+    _require(getattr(c, name) > 0, f"config key '{name}' must be > 0, got {getattr(c, name)}")
+  _require(c.learning_rate >= 0, f"config key 'learning_rate' must be >= 0, got {c.learning_rate}")
+  for name in ("warmup_steps_fraction", "cosine_learning_rate_final_fraction"):
+    _require(0.0 <= getattr(c, name) <= 1.0, f"config key '{name}' must be in [0, 1], got {getattr(c, name)}")
+  _require(
+      c.learning_rate_schedule_steps == -1 or c.learning_rate_schedule_steps > 0,
+      f"config key 'learning_rate_schedule_steps' must be -1 (= steps) or > 0, got {c.learning_rate_schedule_steps}",
+  )
+  for name in ("adam_b1", "adam_b2"):
+    _require(0.0 <= getattr(c, name) < 1.0, f"config key '{name}' must be in [0, 1), got {getattr(c, name)}")
+  for name in ("adam_eps", "adam_weight_decay", "gradient_clipping_threshold", "load_balance_loss_weight",
+               "mtp_loss_scaling_factor"):
+    _require(getattr(c, name) >= 0, f"config key '{name}' must be >= 0, got {getattr(c, name)}")
+  for name in _DCN_AXES:
+    value = getattr(c, name)
+    _require(value == -1 or value >= 1, f"config key '{name}' must be -1 (auto) or >= 1, got {value}")
+  _require(
+      sum(getattr(c, name) == -1 for name in _DCN_AXES) <= 1,
+      "at most one of " + ", ".join(f"'{n}'" for n in _DCN_AXES) + " may be -1",
+  )
+  columns = [col.strip() for col in c.train_data_columns.split(",") if col.strip()]
+  _require(bool(columns), "config key 'train_data_columns' must name at least one column")
+  if c.use_sft:
+    _require(
+        len(columns) == 1,
+        f"config key 'train_data_columns' must name one column of chat messages with use_sft=true, got"
+        f" '{c.train_data_columns}'",
+    )
+  if c.dataset_type == "grain":
+    _require(bool(c.grain_train_files.strip()), "dataset_type=grain needs 'grain_train_files' (glob patterns)")
+  if c.dataset_type == "hf":
+    _require(bool(c.hf_path.strip()), "dataset_type=hf needs 'hf_path' (a local dataset directory)")
 
 
 def _validate_inference(c: Config) -> None:
-  del c
+  _validate_decode(c)
+  _validate_serving(c)
+
+
+def _validate_decode(c: Config) -> None:
+  _require(c.max_prefill_predict_length > 0, "config key 'max_prefill_predict_length' must be > 0")
+  _require(
+      c.max_prefill_predict_length < c.max_target_length,
+      f"config key 'max_prefill_predict_length' ({c.max_prefill_predict_length}) must be below 'max_target_length'"
+      f" ({c.max_target_length}): prompt and generated tokens share it",
+  )
+  _require(c.decode_max_new_tokens >= -1, "config key 'decode_max_new_tokens' must be -1 (fill) or >= 0")
+  _require(c.decode_sampling_temperature > 0, "config key 'decode_sampling_temperature' must be > 0")
+  _require(c.decode_sampling_top_k >= 0, "config key 'decode_sampling_top_k' must be >= 0 (0 keeps all)")
+  _require(0 < c.decode_sampling_nucleus_p <= 1, "config key 'decode_sampling_nucleus_p' must be in (0, 1]")
+  _require(0 <= c.decode_sampling_min_p <= 1, "config key 'decode_sampling_min_p' must be in [0, 1]")
+  if c.decode_stop_token_ids not in ("auto", "none"):
+    _require(
+        all(part.strip().isdigit() for part in c.decode_stop_token_ids.split(",")),
+        f"config key 'decode_stop_token_ids' must be auto, none or comma-separated token ids, got"
+        f" '{c.decode_stop_token_ids}'",
+    )
+  _require(
+      c.mtp_num_draft_tokens in (1, 2), f"config key 'mtp_num_draft_tokens' must be 1 or 2, got {c.mtp_num_draft_tokens}"
+  )
+  if c.mtp_speculative_decoding:
+    _require(c.mtp_num_layers > 0, "mtp_speculative_decoding=true needs an MTP head: 'mtp_num_layers' is 0")
+
+
+def _validate_serving(c: Config) -> None:
+  _require(0 < c.server_port < 65536, f"config key 'server_port' must be in 1..65535, got {c.server_port}")
+  for name, low in (("server_batch_window_ms", 0), ("server_max_batch_size", 1)):
+    _require(getattr(c, name) >= low, f"config key '{name}' must be >= {low}, got {getattr(c, name)}")
 
 
 def _validate_compile(c: Config) -> None:
-  del c
+  _require(
+      c.compile_topology_num_slices >= 1,
+      f"config key 'compile_topology_num_slices' must be >= 1, got {c.compile_topology_num_slices}",
+  )
+  if c.compile_topology:
+    from maxtext.utils.topology import TopologyError, parse_topology  # noqa: PLC0415 - no jax import at load
+
+    try:
+      parse_topology(c.compile_topology)
+    except TopologyError as e:
+      raise ConfigError(f"config key 'compile_topology': {e}") from None

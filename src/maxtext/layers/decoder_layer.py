@@ -6,6 +6,7 @@ import jax
 from flax import linen as nn
 
 from maxtext.layers.attention import GatedAttention
+from maxtext.layers.decode_cache import DecodeContext, GdnCache, KVCache
 from maxtext.layers.gated_delta_net import GatedDeltaNet
 from maxtext.layers.moe import RouterStats, SparseMoe
 from maxtext.layers.norms import RMSNorm
@@ -25,19 +26,32 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(
-      self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array | None = None
-  ) -> tuple[jax.Array, RouterStats]:
+      self,
+      x: jax.Array,
+      cos: jax.Array,
+      sin: jax.Array,
+      segment_ids: jax.Array | None = None,
+      cache: KVCache | GdnCache | None = None,
+      decode: DecodeContext | None = None,
+  ):
+    """-> (x, router stats); with `decode` -> (x, router stats, the mixer's new cache)."""
     residual_axes = ("activation_batch", "activation_length", "activation_embed")
     x = nn.with_logical_constraint(x, residual_axes)
     h = RMSNorm(self.eps, self.numerics, name="input_layernorm")(x)
     if self.layer_type == LINEAR_ATTENTION:
-      h = GatedDeltaNet(self.gated_delta_net, self.eps, self.numerics, name="linear_attn")(h, segment_ids)
+      mixer = GatedDeltaNet(self.gated_delta_net, self.eps, self.numerics, name="linear_attn")
+      h = mixer(h, segment_ids) if decode is None else mixer(h, None, cache, decode)
     elif self.layer_type == FULL_ATTENTION:
-      h = GatedAttention(self.attention, self.eps, self.numerics, name="self_attn")(h, cos, sin, segment_ids)
+      mixer = GatedAttention(self.attention, self.eps, self.numerics, name="self_attn")
+      h = mixer(h, cos, sin, segment_ids) if decode is None else mixer(h, cos, sin, None, cache, decode)
     else:
       raise ValueError(f"unknown layer_type '{self.layer_type}'")
+    new_cache = None
+    if decode is not None:
+      h, new_cache = h
     x = x + h.astype(x.dtype)
     h = RMSNorm(self.eps, self.numerics, name="post_attention_layernorm")(x)
     h, stats = SparseMoe(self.moe, self.numerics, name="mlp")(h)
     x = x + h.astype(x.dtype)
-    return nn.with_logical_constraint(x, residual_axes), stats
+    x = nn.with_logical_constraint(x, residual_axes)
+    return (x, stats) if decode is None else (x, stats, new_cache)

@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from maxtext.kernels.gated_delta_rule import chunk_gated_delta_rule
+from maxtext.kernels.gated_delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
+from maxtext.layers.decode_cache import DecodeContext, GdnCache, read_rows
 from maxtext.layers.linear import DEFAULT_INIT_STDDEV, Linear, partitioned
 from maxtext.layers.norms import GatedRMSNorm
 from maxtext.layers.specs import GatedDeltaNetSpec, Numerics
@@ -55,8 +56,19 @@ class GatedDeltaNet(nn.Module):
   numerics: Numerics = Numerics()
 
   @nn.compact
-  def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
-    """x [B, T, E] -> [B, T, E]; segment_ids [B, T] keep packed documents apart (conv and recurrent state)."""
+  def __call__(
+      self,
+      x: jax.Array,
+      segment_ids: jax.Array | None = None,
+      cache: GdnCache | None = None,
+      decode: DecodeContext | None = None,
+  ):
+    """x [B, T, E] -> [B, T, E]; segment_ids [B, T] keep packed documents apart (conv and recurrent state).
+
+    With `decode`, returns ([B, T, E], the new GdnCache): a prefill runs the chunked rule from a zero state and
+    keeps the conv inputs and state after each row's last valid token; a step continues from `cache` with the
+    token recurrence. Invalid inputs (decode.valid False) leave the delta-rule state unchanged (beta = 0, no decay).
+    """
     spec, numerics = self.spec, self.numerics
     batch, length, embed = x.shape
     group = spec.value_heads_per_key_head
@@ -69,16 +81,25 @@ class GatedDeltaNet(nn.Module):
     q, k, v, z = jnp.split(qkvz, [dk, 2 * dk, 2 * dk + group * dv], axis=-1)
     b, a = ba[..., :group], ba[..., group:]
     to_value_heads = lambda t: t.reshape(batch, length, spec.num_value_heads, -1)
-    v, z, b, a = to_value_heads(v), to_value_heads(z), to_value_heads(b)[..., 0], to_value_heads(a)[..., 0]
+    z, b, a = to_value_heads(z), to_value_heads(b)[..., 0], to_value_heads(a)[..., 0]
 
     conv_kernel = ConvKernel(spec.conv_kernel, 2 * spec.key_dim + spec.value_dim, numerics, name="conv1d")()
     conv_kernel = conv_kernel.astype(numerics.dtype)
-    bounds = (0, spec.key_dim, 2 * spec.key_dim, 2 * spec.key_dim + spec.value_dim)
-    convolved = []
-    for t, lo, hi in zip((q, k, v), bounds[:-1], bounds[1:]):
-      flat = t.reshape(batch, length, hi - lo)
-      convolved.append(jax.nn.silu(causal_depthwise_conv(flat, conv_kernel[:, lo:hi], segment_ids)).reshape(t.shape))
-    q, k, v = convolved
+    # The conv's channels, as HF orders them: q | k | v, each flattened over its heads.
+    mixed = jnp.concatenate([t.reshape(batch, length, -1) for t in (q, k, v)], axis=-1)  # [B, T, C]
+    conv_cache = None
+    if decode is None:
+      convolved = causal_depthwise_conv(mixed, conv_kernel, segment_ids)
+    elif decode.is_prefill:
+      convolved = causal_depthwise_conv(mixed, conv_kernel)
+      conv_cache = _last_inputs(mixed, jnp.sum(decode.valid, axis=-1), spec.conv_kernel - 1)
+    else:
+      convolved, conv_cache = _conv_step(mixed, cache.conv, conv_kernel, decode.keep_all_states)
+    convolved = jax.nn.silu(convolved)
+    q, k, v = jnp.split(convolved, [spec.key_dim, 2 * spec.key_dim], axis=-1)
+    q = q.reshape(batch, length, spec.num_key_heads, dk)
+    k = k.reshape(batch, length, spec.num_key_heads, dk)
+    v = v.reshape(batch, length, spec.num_value_heads, dv)
 
     a_log = self.param("A_log", partitioned(_a_log_init, ("heads",)), (spec.num_value_heads,), numerics.weight_dtype)
     dt_bias = self.param(
@@ -89,9 +110,52 @@ class GatedDeltaNet(nn.Module):
 
     heads_axes = ("activation_batch", "activation_length", "activation_heads", None)
     q, k, v = (nn.with_logical_constraint(t, heads_axes) for t in (q, k, v))
-    out, _ = chunk_gated_delta_rule(
-        q, k, v, g, beta, segment_ids=segment_ids, chunk_size=spec.chunk_size, impl=spec.impl
-    )
+    new_cache = None
+    if decode is None:
+      out, _ = chunk_gated_delta_rule(
+          q, k, v, g, beta, segment_ids=segment_ids, chunk_size=spec.chunk_size, impl=spec.impl
+      )
+    else:
+      valid = decode.valid[..., None]
+      g, beta = jnp.where(valid, g, 0.0), jnp.where(valid, beta, jnp.zeros_like(beta))
+      if decode.is_prefill:
+        out, state = chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=spec.chunk_size, impl=spec.impl)
+      else:
+        out, state = _recurrent(q, k, v, g, beta, cache.state, spec.impl, decode.keep_all_states)
+      new_cache = GdnCache(conv_cache, state)
     out = GatedRMSNorm(self.eps, numerics, name="norm")(out, z)
     out = nn.with_logical_constraint(out, heads_axes)
-    return Linear((embed,), ("heads", "head_dim", "embed"), numerics, name="out_proj")(out)
+    out = Linear((embed,), ("heads", "head_dim", "embed"), numerics, name="out_proj")(out)
+    return out if decode is None else (out, new_cache)
+
+
+def _last_inputs(x: jax.Array, lengths: jax.Array, count: int) -> jax.Array:
+  """x [B, T, C] -> [B, count, C]: row b's inputs lengths[b]-count..lengths[b]-1, zeros before the start."""
+  return read_rows(jnp.pad(x, ((0, 0), (count, 0), (0, 0))), lengths, count)
+
+
+def _conv_step(x: jax.Array, previous: jax.Array, kernel: jax.Array, keep_all: bool) -> tuple[jax.Array, jax.Array]:
+  """The conv of T new inputs x [B, T, C] after the K - 1 previous ones [B, K - 1, C].
+
+  Returns (outputs [B, T, C], the last K - 1 inputs [B, K - 1, C], or after each token [B, T, K - 1, C]).
+  """
+  window = previous.shape[1]
+  full = jnp.concatenate([previous.astype(x.dtype), x], axis=1)  # [B, K - 1 + T, C]
+  out = causal_depthwise_conv(full, kernel)[:, window:]
+  length = x.shape[1]
+  if keep_all:
+    return out, jnp.stack([full[:, t + 1 : t + 1 + window] for t in range(length)], axis=1)
+  return out, full[:, length:]
+
+
+def _recurrent(q, k, v, g, beta, state, impl: str, keep_all: bool) -> tuple[jax.Array, jax.Array]:
+  """The token recurrence from `state`; with keep_all, the state after every token [B, T, Hv, Dk, Dv]."""
+  if not keep_all:
+    return recurrent_gated_delta_rule(q, k, v, g, beta, state, impl=impl)
+  outs, states = [], []
+  for t in range(q.shape[1]):  # a few tokens (a speculative verification): one kernel call each
+    token = lambda x: x[:, t : t + 1]
+    out, state = recurrent_gated_delta_rule(token(q), token(k), token(v), token(g), token(beta), state, impl=impl)
+    outs.append(out)
+    states.append(state)
+  return jnp.concatenate(outs, axis=1), jnp.stack(states, axis=1)

@@ -1,16 +1,29 @@
-"""Sparse MoE with a sigmoid-gated shared expert: softmax router, top-k, dropless grouped matmul."""
+"""Sparse MoE with a sigmoid-gated shared expert: float32 softmax router, top-k, and one of two expert paths.
+
+- sparse_matmul (dropless, MaxText's default): sort the N * k routed slots by expert, run the experts as grouped
+  matmuls (kernels/grouped_matmul), unsort and combine. Under a mesh this runs inside shard_map on each device's
+  tokens; with an `expert` mesh axis > 1 the experts are split over it and the sorted rows travel to their
+  expert's device and back with two all_to_alls (expert parallelism).
+- token dropping (sparse_matmul=false): each expert takes at most `capacity` slots per sequence, earlier tokens
+  first (MaxText's semantics); dispatch and combine are dense einsums over a [B, T, E, capacity] mask.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.sharding import PartitionSpec as P
 
 from maxtext.kernels.grouped_matmul import grouped_matmul
 from maxtext.layers.linear import DEFAULT_INIT_STDDEV, Linear, partitioned
 from maxtext.layers.specs import MoeSpec, Numerics
+
+BATCH_MESH_AXES = ("data", "fsdp", "expert")  # the mesh axes `activation_batch` splits tokens over (RULES)
+EXPERT_MESH_AXIS = "expert"
 
 
 @jax.tree_util.register_dataclass
@@ -32,6 +45,14 @@ def load_balancing_loss(stats: RouterStats, num_experts: int) -> jax.Array:
   return num_experts * jnp.sum((stats.slot_counts / tokens) * (stats.prob_sums / tokens))
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ExpertWeights:
+  gate: jax.Array  # [E, D, H]
+  up: jax.Array  # [E, D, H]
+  down: jax.Array  # [E, H, D]
+
+
 class MLP(nn.Module):
   """SwiGLU MLP: down(silu(gate(x)) * up(x))."""
 
@@ -46,26 +67,182 @@ class MLP(nn.Module):
 
 
 class RoutedExperts(nn.Module):
-  """`num_experts` SwiGLU MLPs applied to rows already sorted by expert."""
+  """The `num_experts` SwiGLU experts' stacked weights, in the compute dtype."""
 
   num_experts: int
   hidden_dim: int
-  impl: str = "auto"
+  embed_dim: int
   numerics: Numerics = Numerics()
 
   @nn.compact
-  def __call__(self, rows: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    embed = rows.shape[-1]
+  def __call__(self) -> ExpertWeights:
     init = nn.initializers.normal(DEFAULT_INIT_STDDEV)
-    weight = lambda name, shape, axes: self.param(name, partitioned(init, axes), shape, self.numerics.weight_dtype)
-    gate = weight("gate_proj", (self.num_experts, embed, self.hidden_dim), ("experts", "embed", "mlp"))
-    up = weight("up_proj", (self.num_experts, embed, self.hidden_dim), ("experts", "embed", "mlp"))
-    down = weight("down_proj", (self.num_experts, self.hidden_dim, embed), ("experts", "mlp", "embed"))
-    dtype = self.numerics.dtype
-    rows = rows.astype(dtype)
-    mm = lambda lhs, w: grouped_matmul(lhs, w.astype(dtype), group_sizes, impl=self.impl)
-    hidden = jax.nn.silu(mm(rows, gate)) * mm(rows, up)
-    return mm(hidden, down)
+    e, d, h = self.num_experts, self.embed_dim, self.hidden_dim
+    weight = lambda name, shape, axes: self.param(
+        name, partitioned(init, axes), shape, self.numerics.weight_dtype).astype(self.numerics.dtype)
+    return ExpertWeights(
+        gate=weight("gate_proj", (e, d, h), ("experts", "embed", "mlp")),
+        up=weight("up_proj", (e, d, h), ("experts", "embed", "mlp")),
+        down=weight("down_proj", (e, h, d), ("experts", "mlp", "embed")),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ dropless
+
+
+def grouped_experts(rows: jax.Array, group_sizes: jax.Array, w: ExpertWeights, impl: str,
+                    megablox: bool) -> jax.Array:
+  """rows [M, D] sorted by expert -> [M, D]; rows past sum(group_sizes) come out as zeros."""
+  mm = lambda lhs, rhs: grouped_matmul(lhs, rhs, group_sizes, impl=impl, megablox=megablox)
+  return mm(jax.nn.silu(mm(rows, w.gate)) * mm(rows, w.up), w.down)
+
+
+def _group_sizes(expert_ids: jax.Array, num_experts: int) -> jax.Array:
+  """Rows per expert; ids >= num_experts (padding) are not counted."""
+  return jnp.zeros((num_experts,), jnp.int32).at[expert_ids].add(1, mode="drop")
+
+
+def _inverse(order: jax.Array) -> jax.Array:
+  return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+
+
+def dropless_local(tokens, top_probs, top_experts, w: ExpertWeights, impl: str, megablox: bool) -> jax.Array:
+  """tokens [N, D], top-k routing [N, k] -> routed output [N, D], every expert on this device."""
+  k = top_experts.shape[1]
+  flat = top_experts.reshape(-1)
+  order = jnp.argsort(flat, stable=True)  # slots sorted by expert
+  out = grouped_experts(tokens[order // k], _group_sizes(flat, w.gate.shape[0]), w, impl, megablox)
+  return _combine(out[_inverse(order)], top_probs)
+
+
+def _combine(slot_out: jax.Array, top_probs: jax.Array) -> jax.Array:
+  """slot outputs [N * k, D] in token-major order -> sum over each token's k slots weighted by its probs."""
+  n, k = top_probs.shape
+  weighted = slot_out.reshape(n, k, -1).astype(jnp.float32) * top_probs[..., None].astype(jnp.float32)
+  return jnp.sum(weighted, axis=1).astype(slot_out.dtype)
+
+
+def dropless_expert_parallel(tokens, top_probs, top_experts, w: ExpertWeights, impl: str, megablox: bool,
+                             axis: str) -> jax.Array:
+  """One device's share inside shard_map: its tokens [n, D], its experts w [E / P, ...] of P on `axis`.
+
+  Slots sorted by expert go to the device holding their expert in fixed [P, n * k] buffers (n * k rows fit any
+  routing, so nothing drops); the receiver re-sorts them by its local expert, runs the grouped matmuls, and an
+  all_to_all brings the results home. Padding rows carry the id E / P: they form the grouped matmul's tail.
+  """
+  shards = jax.lax.axis_size(axis)
+  local_experts = w.gate.shape[0]
+  n, k = top_experts.shape
+  slots = n * k
+  flat = top_experts.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  sorted_experts = flat[order]
+  dest = sorted_experts // local_experts  # [n k] the device of each sorted slot
+  per_dest = _group_sizes(dest, shards)
+  slot_in_dest = jnp.arange(slots) - (jnp.cumsum(per_dest) - per_dest)[dest]
+  send = jnp.zeros((shards, slots, tokens.shape[-1]), tokens.dtype).at[dest, slot_in_dest].set(tokens[order // k])
+  send_ids = jnp.full((shards, slots), local_experts, jnp.int32).at[dest, slot_in_dest].set(
+      sorted_experts % local_experts)
+  exchange = lambda x: jax.lax.all_to_all(x, axis, 0, 0, tiled=True)
+  received, received_ids = exchange(send).reshape(shards * slots, -1), exchange(send_ids).reshape(-1)
+  local_order = jnp.argsort(received_ids, stable=True)
+  local_out = grouped_experts(received[local_order], _group_sizes(received_ids, local_experts), w, impl, megablox)
+  returned = exchange(local_out[_inverse(local_order)].reshape(shards, slots, -1))
+  return _combine(returned[dest, slot_in_dest][_inverse(order)], top_probs)
+
+
+def _token_mesh_axes(mesh, num_tokens: int, num_experts: int) -> tuple[tuple[str, ...], str | None]:
+  """(mesh axes splitting the tokens, the expert-parallel axis or None) for shard_map on `mesh`.
+
+  Axes of size 1 are left out; the expert axis shards experts only when it divides both tokens and experts, and
+  is otherwise left replicated (each device then holds every expert: correct, not fast).
+  """
+  axes, product = [], 1
+  for name in BATCH_MESH_AXES:
+    size = mesh.shape.get(name, 1)
+    if size == 1 or num_tokens % (product * size):
+      continue
+    if name == EXPERT_MESH_AXIS and num_experts % size:
+      continue
+    axes.append(name)
+    product *= size
+  return tuple(axes), (EXPERT_MESH_AXIS if EXPERT_MESH_AXIS in axes else None)
+
+
+def dropless(tokens, top_probs, top_experts, w: ExpertWeights, impl: str, megablox: bool) -> jax.Array:
+  """The sparse_matmul path; per device inside shard_map when a mesh is active (kernels cannot be partitioned)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return dropless_local(tokens, top_probs, top_experts, w, impl, megablox)
+  token_axes, expert_axis = _token_mesh_axes(mesh, tokens.shape[0], w.gate.shape[0])
+  if not token_axes:
+    return dropless_local(tokens, top_probs, top_experts, w, impl, megablox)
+
+  def per_device(tokens, top_probs, top_experts, w):
+    if expert_axis is None:
+      return dropless_local(tokens, top_probs, top_experts, w, impl, megablox)
+    return dropless_expert_parallel(tokens, top_probs, top_experts, w, impl, megablox, expert_axis)
+
+  rows = P(token_axes)
+  weights = jax.tree.map(lambda _: P(expert_axis), w)
+  # check_vma off: Pallas interpret mode (CPU tests) gives its scratch values no varying mesh axes.
+  return jax.shard_map(per_device, mesh=mesh, in_specs=(rows, rows, rows, weights), out_specs=rows,
+                       check_vma=False)(tokens, top_probs, top_experts, w)
+
+
+# ------------------------------------------------------------------------------------------- token dropping
+
+
+def expert_capacity(tokens_per_sequence: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+  """Slots each expert takes per sequence: ceil(T * k / E * capacity_factor); <= 0 means T (nothing drops)."""
+  if capacity_factor <= 0:
+    return tokens_per_sequence
+  return max(1, math.ceil(tokens_per_sequence * top_k / num_experts * capacity_factor))
+
+
+def buffer_places(top_experts: jax.Array, num_experts: int, capacity: int) -> jax.Array:
+  """top_experts [B, T, k] -> each slot's place in its expert's buffer [B, T, k], or -1 where it is dropped.
+
+  Places are given in token order, then top-k order within a token: earlier tokens win; a slot whose place would
+  be >= capacity is dropped.
+  """
+  b, t, k = top_experts.shape
+  one_hot = jax.nn.one_hot(top_experts.reshape(b, t * k), num_experts, dtype=jnp.int32)  # [B, T k, E]
+  place = jnp.sum((jnp.cumsum(one_hot, axis=1) - 1) * one_hot, axis=-1).reshape(b, t, k)
+  return jnp.where(place < capacity, place, -1)
+
+
+def token_dropping(x, top_probs, top_experts, w: ExpertWeights, capacity_factor: float) -> jax.Array:
+  """x [B, T, D], routing [B, T, k] -> [B, T, D] through per-expert buffers [B, E, capacity, D]."""
+  b, t, _ = x.shape
+  num_experts = w.gate.shape[0]
+  capacity = expert_capacity(t, top_experts.shape[-1], num_experts, capacity_factor)
+  places = buffer_places(top_experts, num_experts, capacity)
+  # Column e * C + place of a flattened [E * C] buffer axis; dropped slots point past it and vanish in one_hot.
+  columns = jnp.where(places >= 0, top_experts * capacity + places, num_experts * capacity)
+  dispatch = combine = jnp.zeros((b, t, num_experts * capacity), jnp.float32)
+  for j in range(top_experts.shape[-1]):  # k one-hots summed: never a [B, T, k, E, C] tensor
+    slot = jax.nn.one_hot(columns[..., j], num_experts * capacity, dtype=jnp.float32)
+    dispatch += slot
+    combine += slot * top_probs[..., j:j + 1].astype(jnp.float32)
+  dispatch = dispatch.reshape(b, t, num_experts, capacity).astype(x.dtype)
+  combine = combine.reshape(b, t, num_experts, capacity).astype(x.dtype)
+  buffers = jnp.einsum("btec,btd->becd", dispatch, x)
+  hidden = jax.nn.silu(jnp.einsum("becd,edh->bech", buffers, w.gate)) * jnp.einsum("becd,edh->bech", buffers, w.up)
+  out = jnp.einsum("bech,ehd->becd", hidden, w.down)
+  return jnp.einsum("btec,becd->btd", combine, out)
+
+
+# ---------------------------------------------------------------------------------------------------- layer
+
+
+def route(router_logits: jax.Array, top_k: int, norm_topk_prob: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """-> (probs [..., E] float32, top-k probs [..., k] float32, top-k experts [..., k])."""
+  probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
+  top_probs, top_experts = jax.lax.top_k(probs, top_k)
+  if norm_topk_prob:
+    top_probs = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True)
+  return probs, top_probs, top_experts
 
 
 class SparseMoe(nn.Module):
@@ -74,34 +251,26 @@ class SparseMoe(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, RouterStats]:
-    """x [B, T, E] -> (y [B, T, E], routing statistics)."""
+    """x [B, T, D] -> (y [B, T, D], routing statistics)."""
     spec, numerics = self.spec, self.numerics
     batch, length, embed = x.shape
     tokens = x.reshape(batch * length, embed)
     router_logits = Linear((spec.num_experts,), ("embed", None), numerics, name="gate")(tokens)
-    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
-    top_probs, top_experts = jax.lax.top_k(probs, spec.top_k)  # [N, k]
-    if spec.norm_topk_prob:
-      top_probs = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True)
-    top_probs = top_probs.astype(numerics.dtype)
-
-    # Dropless dispatch: sort the N * k (token, expert) slots by expert, run each expert on its rows, scatter back.
-    flat_experts = top_experts.reshape(-1)
-    order = jnp.argsort(flat_experts, stable=True)
-    token_of_slot = order // spec.top_k
-    group_sizes = jnp.bincount(flat_experts, length=spec.num_experts)
-    expert_out = RoutedExperts(spec.num_experts, spec.expert_dim, spec.impl, numerics, name="experts")(
-        tokens[token_of_slot], group_sizes
-    )
-    expert_out = expert_out * top_probs.reshape(-1)[order][:, None]
-    routed = jnp.zeros_like(tokens, dtype=expert_out.dtype).at[token_of_slot].add(expert_out)
+    probs, top_probs, top_experts = route(router_logits, spec.top_k, spec.norm_topk_prob)
+    weights = RoutedExperts(spec.num_experts, spec.expert_dim, embed, numerics, name="experts")()
+    if spec.sparse_matmul:
+      routed = dropless(tokens.astype(numerics.dtype), top_probs, top_experts, weights, spec.impl, spec.megablox)
+    else:
+      shape = (batch, length, spec.top_k)
+      routed = token_dropping(x.astype(numerics.dtype), top_probs.reshape(shape), top_experts.reshape(shape),
+                              weights, spec.capacity_factor).reshape(tokens.shape)
 
     shared = MLP(spec.shared_expert_dim, numerics, name="shared_expert")(tokens)
     shared_gate = Linear((1,), ("embed", None), numerics, name="shared_expert_gate")(tokens)
     out = routed + jax.nn.sigmoid(shared_gate) * shared
 
     stats = RouterStats(
-        slot_counts=group_sizes.astype(jnp.float32),
+        slot_counts=_group_sizes(top_experts.reshape(-1), spec.num_experts).astype(jnp.float32),
         prob_sums=jnp.sum(probs, axis=0),
         num_tokens=jnp.asarray(batch * length, jnp.float32),
     )

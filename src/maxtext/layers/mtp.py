@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from maxtext.layers.decode_cache import DecodeContext, KVCache
 from maxtext.layers.decoder_layer import FULL_ATTENTION, DecoderLayer
 from maxtext.layers.linear import Linear
-from maxtext.layers.moe import RouterStats
 from maxtext.layers.norms import RMSNorm
 from maxtext.layers.specs import AttentionSpec, GatedDeltaNetSpec, MoeSpec, Numerics
 
@@ -38,22 +38,31 @@ class MultiTokenPredictor(nn.Module):
       cos: jax.Array,
       sin: jax.Array,
       segment_ids: jax.Array | None = None,
-  ) -> list[tuple[jax.Array, RouterStats]]:
+      cache: KVCache | None = None,
+      decode: DecodeContext | None = None,
+  ):
     """hidden: main model output after its final norm [B, T, E]; embed: token ids -> embeddings.
 
     Returns per step (hidden after the MTP norm [B, T, E], router stats); the head is applied by the caller.
+    With `decode` (drafting), `tokens` are already the next tokens (tokens[t] follows position t), only the first
+    step runs, and the result is (hidden after the MTP norm [B, T, E], its layer's new KVCache).
     """
     norm_embedding = RMSNorm(self.eps, self.numerics, name="pre_fc_norm_embedding")
     norm_hidden = RMSNorm(self.eps, self.numerics, name="pre_fc_norm_hidden")
     fc = Linear((hidden.shape[-1],), ("mlp", "embed"), self.numerics, name="fc")
     final_norm = RMSNorm(self.eps, self.numerics, name="norm")
+    layer = lambda step: DecoderLayer(
+        FULL_ATTENTION, self.attention, self.gated_delta_net, self.moe, self.eps, self.numerics, name=f"layers_{step}"
+    )
+    if decode is not None:
+      h = fc(jnp.concatenate([norm_embedding(embed(tokens)), norm_hidden(hidden)], axis=-1))
+      h, _, new_cache = layer(0)(h, cos, sin, None, cache, decode)
+      return final_norm(h), new_cache
     outputs = []
     for step in range(self.num_layers):
       next_embedding = norm_embedding(embed(shift_left(tokens, step + 1)))
       h = fc(jnp.concatenate([next_embedding, norm_hidden(hidden)], axis=-1))
-      h, stats = DecoderLayer(
-          FULL_ATTENTION, self.attention, self.gated_delta_net, self.moe, self.eps, self.numerics, name=f"layers_{step}"
-      )(h, cos, sin, segment_ids)
+      h, stats = layer(step)(h, cos, sin, segment_ids)
       hidden = final_norm(h)
       outputs.append((hidden, stats))
     return outputs

@@ -54,4 +54,7 @@ class MoeSpec:
   norm_topk_prob: bool
   expert_dim: int
   shared_expert_dim: int
-  impl: str = "auto"
+  impl: str = "auto"  # grouped matmul implementation (kernels/grouped_matmul)
+  sparse_matmul: bool = True  # dropless grouped matmuls; False: token-dropping dense einsums
+  megablox: bool = True  # on TPU, impl='auto' takes megablox (False: XLA's ragged_dot)
+  capacity_factor: float = -1.0  # token dropping only; <= 0 drops nothing

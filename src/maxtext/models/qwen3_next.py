@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from maxtext.layers.decode_cache import DecodeContext
 from maxtext.layers.decoder_layer import DecoderLayer
 from maxtext.layers.linear import DEFAULT_INIT_STDDEV, Linear, partitioned
 from maxtext.layers.moe import RouterStats, load_balancing_loss
@@ -37,51 +38,86 @@ class ModelOutput:
   mtp_aux_loss: jax.Array  # [] load-balancing loss over the MTP layers (0 without MTP)
 
 
+def _run_layer(layer: DecoderLayer, x, cos, sin, segment_ids, cache, decode):
+  """-> (x, stats, new cache or None): one calling convention for the training and the decoding forms."""
+  if decode is None:
+    return (*layer(x, cos, sin, segment_ids), None)
+  return layer(x, cos, sin, None, cache, decode)
+
+
 class DecoderBlock(nn.Module):
   """(interval - 1) Gated DeltaNet layers then one attention layer: the unit the scan repeats."""
 
   spec: ModelSpec
 
   @nn.compact
-  def __call__(self, x, cos, sin, segment_ids):
+  def __call__(self, x, cos, sin, segment_ids, cache=None, decode=None):
+    """cache: a tuple of the block's layer caches (decoding) or None -> (x, (stats, new caches or None))."""
     spec = self.spec
-    stats = None
+    stats, new_caches = None, []
     for position in range(spec.full_attention_interval):
-      x, layer_stats = _decoder_layer(spec, spec.layer_types[position], block_layer_name(position))(
-          x, cos, sin, segment_ids
+      layer = _decoder_layer(spec, spec.layer_types[position], block_layer_name(position))
+      x, layer_stats, layer_cache = _run_layer(
+          layer, x, cos, sin, segment_ids, None if cache is None else cache[position], decode
       )
+      new_caches.append(layer_cache)
       stats = layer_stats if stats is None else stats + layer_stats
-    return x, stats
+    return x, (stats, None if decode is None else tuple(new_caches))
 
 
-def _decoder_layer(spec: ModelSpec, layer_type: str, name: str) -> DecoderLayer:
-  return DecoderLayer(
+def _decoder_layer(spec: ModelSpec, layer_type: str, name: str, layer_cls=DecoderLayer) -> DecoderLayer:
+  return layer_cls(
       layer_type, spec.attention, spec.gated_delta_net, spec.moe, spec.eps, spec.numerics, name=name
   )
+
+
+# What the backward pass keeps of a rematerialised block: 'minimal' keeps every matmul output, 'full' nothing.
+_REMAT_POLICIES = {
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def _rematerialised(module_cls, policy: str, prevent_cse: bool):
+  """`module_cls` recomputed in the backward pass under `policy` (the `remat_policy` key); 'none' stores all."""
+  if policy == "none":
+    return module_cls
+  return nn.remat(module_cls, policy=_REMAT_POLICIES[policy], prevent_cse=prevent_cse)
 
 
 class Decoder(nn.Module):
   spec: ModelSpec
 
   @nn.compact
-  def __call__(self, x, cos, sin, segment_ids) -> tuple[jax.Array, RouterStats]:
+  def __call__(self, x, cos, sin, segment_ids, cache=None, decode=None):
+    """-> (x, router stats summed over layers, new decode cache or None).
+
+    The decode cache mirrors the parameter layout: scanned, a tuple over block positions of caches stacked over
+    blocks; unscanned, a tuple over layers. Decoding has no backward pass, so it skips rematerialisation.
+    """
     spec = self.spec
+    remat_policy = spec.remat_policy if decode is None else "none"
     if spec.scan_layers:
       blocks = nn.scan(
-          DecoderBlock,
+          _rematerialised(DecoderBlock, remat_policy, prevent_cse=False),
           variable_axes={"params": 0},
           split_rngs={"params": True},
-          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
           length=spec.num_blocks,
           metadata_params={nn.PARTITION_NAME: "layers"},
       )(spec, name=SCANNED_BLOCKS)
-      x, stacked = blocks(x, cos, sin, segment_ids)
-      return x, jax.tree.map(lambda s: jnp.sum(s, axis=0), stacked)
-    stats = None
+      x, (stacked, new_cache) = blocks(x, cos, sin, segment_ids, cache, decode)
+      return x, jax.tree.map(lambda s: jnp.sum(s, axis=0), stacked), new_cache
+    stats, new_caches = None, []
+    layer_cls = _rematerialised(DecoderLayer, remat_policy, prevent_cse=True)
     for index, layer_type in enumerate(spec.layer_types):
-      x, layer_stats = _decoder_layer(spec, layer_type, unscanned_layer_name(index))(x, cos, sin, segment_ids)
+      layer = _decoder_layer(spec, layer_type, unscanned_layer_name(index), layer_cls)
+      x, layer_stats, layer_cache = _run_layer(
+          layer, x, cos, sin, segment_ids, None if cache is None else cache[index], decode
+      )
+      new_caches.append(layer_cache)
       stats = layer_stats if stats is None else stats + layer_stats
-    return x, stats
+    return x, stats, None if decode is None else tuple(new_caches)
 
 
 class Qwen3NextForCausalLM(nn.Module):
@@ -127,7 +163,7 @@ class Qwen3NextForCausalLM(nn.Module):
     x = self.token_embedder(tokens)
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
     cos, sin = rotary_cos_sin(positions, spec.attention.rotary_dim, spec.rope_theta)
-    x, stats = self.decoder(x, cos, sin, segment_ids)
+    x, stats, _ = self.decoder(x, cos, sin, segment_ids)
     hidden = self.norm(x)
     logits = self._head(hidden)
     mtp_logits, mtp_aux = [], jnp.zeros((), jnp.float32)
@@ -141,3 +177,30 @@ class Qwen3NextForCausalLM(nn.Module):
         mtp_logits=mtp_logits,
         mtp_aux_loss=mtp_aux,
     )
+
+  # ---- decoding (maxtext.inference drives these through `apply(..., method=...)`) ----
+
+  def decode_hidden(
+      self, tokens: jax.Array, positions: jax.Array, cache, decode: DecodeContext
+  ) -> tuple[jax.Array, object]:
+    """tokens, positions [B, T] -> (final hidden after the norm [B, T, E], new decode cache).
+
+    A prefill (decode.capacity > 0, cache None) builds the caches; a step continues them (see decode_cache.py).
+    """
+    spec = self.spec
+    x = self.token_embedder(tokens)
+    cos, sin = rotary_cos_sin(positions, spec.attention.rotary_dim, spec.rope_theta)
+    x, _, new_cache = self.decoder(x, cos, sin, None, cache, decode)
+    return self.norm(x), new_cache
+
+  def logits_of(self, hidden: jax.Array) -> jax.Array:
+    """Final hidden states [..., E] -> logits [..., V]."""
+    return self._head(hidden)
+
+  def mtp_hidden(
+      self, hidden: jax.Array, next_tokens: jax.Array, positions: jax.Array, cache, decode: DecodeContext
+  ) -> tuple[jax.Array, object]:
+    """The first MTP layer as a drafter: main hidden h_t [B, T, E] and token t + 1 [B, T] at `positions` ->
+    (MTP hidden [B, T, E], whose logits predict token t + 2; the MTP layer's new KVCache)."""
+    cos, sin = rotary_cos_sin(positions, self.spec.attention.rotary_dim, self.spec.rope_theta)
+    return self.mtp(hidden, next_tokens, self.token_embedder, cos, sin, None, cache, decode)

@@ -25,6 +25,8 @@ class ModelSpec:
   mtp_num_layers: int
   scan_layers: bool
   numerics: Numerics
+  # Rematerialisation of each decoder block (scanned) or layer (unscanned): 'none', 'minimal' or 'full'.
+  remat_policy: str = "none"
 
   @property
   def num_layers(self) -> int:
@@ -46,6 +48,7 @@ class ModelSpec:
             num_kv_heads=c.base_num_kv_heads,
             head_dim=c.head_dim,
             rotary_dim=c.rotary_dim,
+            impl={"autoselected": "auto", "dot_product": "reference", "flash": "flash"}[c.attention],
         ),
         gated_delta_net=GatedDeltaNetSpec(
             num_key_heads=c.linear_num_key_heads,
@@ -62,11 +65,16 @@ class ModelSpec:
             norm_topk_prob=c.norm_topk_prob,
             expert_dim=c.base_moe_mlp_dim,
             shared_expert_dim=c.shared_expert_mlp_dim,
+            impl=c.grouped_matmul_kernel,
+            sparse_matmul=c.sparse_matmul,
+            megablox=c.megablox,
+            capacity_factor=c.capacity_factor,
         ),
         rope_theta=c.rope_max_timescale,
         eps=c.normalization_layer_epsilon,
         tie_embeddings=c.logits_via_embedding,
         mtp_num_layers=c.mtp_num_layers,
         scan_layers=c.scan_layers,
+        remat_policy=c.remat_policy,
         numerics=Numerics(dtype=jnp.dtype(c.dtype), weight_dtype=jnp.dtype(c.weight_dtype)),
     )

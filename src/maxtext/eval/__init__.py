@@ -1,0 +1,1 @@
+"""Evaluations against a running server: `python3 -m maxtext.eval.mmlu`."""

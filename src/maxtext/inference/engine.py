@@ -1,0 +1,212 @@
+"""The inference engine: batched generation with streaming token events, and prompt scoring.
+
+A call pads its prompts (right) to a power-of-two batch and prompt bucket, prefills them in one pass, then runs
+jitted fixed-shape steps (steps.py), each dispatched before the previous step's tokens are read back, so the device
+never waits for the host. With `mtp_speculative_decoding` and greedy requests, each step is a speculative round:
+the MTP head drafts `mtp_num_draft_tokens`, one forward pass verifies them, and the output is exactly greedy's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from maxtext import sharding
+from maxtext.configs import Config
+from maxtext.inference.sampling import MAX_LOGPROBS, BatchSampling, SamplingParams
+from maxtext.inference.steps import DecodeSteps, Emitted
+from maxtext.models import params as model_params
+from maxtext.models.qwen3_next import Qwen3NextForCausalLM
+from maxtext.models.spec import ModelSpec
+
+_logger = logging.getLogger("maxtext.inference")
+_MIN_BUCKET = 16
+_SCORE_LOGITS_BYTES = 2 << 30  # cap on one scoring call's [B, T, V] float32 logits
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenEvent:
+  request: int  # index into the prompts passed to generate()
+  token_id: int
+  logprob: float  # log-prob of token_id under the (unmodified, temperature-1) model distribution
+  top_logprobs: tuple[tuple[int, float], ...]  # `logprobs` best alternatives, best first
+  finish_reason: str | None  # None while running; "stop" (stop token, included as last event) or "length"
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptScores:
+  token_logprobs: np.ndarray  # [T] float32; [0] is nan (nothing predicts the first token)
+  top_logprobs: list[tuple[tuple[int, float], ...]]  # per position, `top_n` best alternatives ([0] empty)
+
+
+def _bucket(n: int, floor: int = 1) -> int:
+  """The smallest power of two >= max(n, floor): shapes come from few buckets, so few compilations."""
+  return max(floor, 1 << max(0, n - 1).bit_length())
+
+
+class Engine:
+  """Holds the model parameters on the devices and the compiled decode functions. Not thread-safe."""
+
+  def __init__(self, config: Config, params: Any = None, devices: Sequence[jax.Device] | None = None):
+    """params: a parameter tree in the model's layout (numpy or jax arrays); None loads `load_parameters_path`,
+    or initialises randomly (seed init_weights_seed) without one. devices: the mesh's devices (default all)."""
+    self.config = config
+    self.max_context = config.max_target_length
+    self.spec = ModelSpec.from_config(config)
+    self.model = Qwen3NextForCausalLM(self.spec)
+    self.mesh = sharding.make_mesh(sharding.config_parallelism(config), devices)
+    self.params = self._place(params)
+    self._num_draft = config.mtp_num_draft_tokens if config.mtp_speculative_decoding else 0
+    self._steps: dict[tuple[int, int], DecodeSteps] = {}
+    self.last_stats: dict[str, float] = {}  # of the latest generate(): steps, tokens, accepted drafts
+
+  # ---- parameters ----
+  def _place(self, params: Any) -> Any:
+    abstract = model_params.abstract_variables(self.spec)
+    shardings = sharding.logical_sharding(abstract, self.mesh)["params"]
+    if params is None and self.config.load_parameters_path:
+      from maxtext.checkpoint_conversion import orbax_io  # noqa: PLC0415 - orbax only when loading
+
+      params = orbax_io.load_params(self.config.load_parameters_path, self.spec)
+    if params is None:
+      _logger.info("no load_parameters_path: random parameters (seed %d)", self.config.init_weights_seed)
+      variables, _ = sharding.init_sharded(
+          lambda rng: model_params.init_variables(self.spec, rng), abstract, self.mesh,
+          jax.random.key(self.config.init_weights_seed),
+      )
+      return variables["params"]
+    params = params.get("params", params) if isinstance(params, dict) else params
+    dtype = self.spec.numerics.weight_dtype
+    expected = nn.unbox(abstract)["params"]
+    if jax.tree.structure(expected) != jax.tree.structure(params):
+      raise ValueError("params do not match the model's parameter tree (check scan_layers and the model keys)")
+    return jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x, dtype), s), params, shardings)
+
+  def _steps_for(self, num_top: int, num_draft: int) -> DecodeSteps:
+    key = (num_top, num_draft)
+    if key not in self._steps:
+      self._steps[key] = DecodeSteps(self.model, self.max_context + self._num_draft, num_top, num_draft)
+    return self._steps[key]
+
+  def _check_prompts(self, prompts: Sequence[Sequence[int]], extra: Sequence[int]) -> list[list[int]]:
+    checked = []
+    for index, (prompt, more) in enumerate(zip(prompts, extra)):
+      prompt = [int(t) for t in prompt]
+      if not prompt:
+        raise ValueError(f"prompt {index} is empty")
+      if min(prompt) < 0 or max(prompt) >= self.spec.vocab_size:
+        raise ValueError(f"prompt {index} has a token id outside the vocabulary [0, {self.spec.vocab_size})")
+      if len(prompt) + more > self.max_context:
+        raise ValueError(
+            f"prompt {index}: {len(prompt)} prompt tokens + {more} new tokens exceed max_target_length"
+            f" ({self.max_context})"
+        )
+      checked.append(prompt)
+    return checked
+
+  def _padded(self, prompts: list[list[int]], floor: int) -> tuple[np.ndarray, np.ndarray]:
+    batch = _bucket(len(prompts))
+    length = min(_bucket(max(map(len, prompts)), floor), self.max_context)
+    tokens = np.zeros((batch, length), np.int32)
+    lengths = np.ones((batch,), np.int32)  # padding rows: one token
+    for row, prompt in enumerate(prompts):
+      tokens[row, : len(prompt)] = prompt
+      lengths[row] = len(prompt)
+    return tokens, lengths
+
+  # ---- generation ----
+  def generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> Iterator[TokenEvent]:
+    """Generate for all prompts together; yields each new token as soon as its step has run."""
+    if len(prompts) != len(params):
+      raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+    prompts = self._check_prompts(prompts, [p.max_tokens for p in params])
+    if not prompts or all(p.max_tokens == 0 for p in params):
+      return
+    speculative = self._num_draft > 0 and all(p.greedy and p.presence_penalty == 0 for p in params)
+    if self._num_draft and not speculative:
+      _logger.info("speculative decoding needs greedy requests without presence penalty: decoding plainly")
+    num_top = MAX_LOGPROBS if any(p.logprobs for p in params) else 0
+    steps = self._steps_for(num_top, self._num_draft if speculative else 0)
+    tokens, lengths = self._padded(prompts, max(_MIN_BUCKET, self.config.max_prefill_predict_length))
+    sampling = BatchSampling.of(params, tokens.shape[0])
+    remaining = [p.max_tokens for p in params]
+    stops = [frozenset(p.stop_token_ids) for p in params]
+    stats = {"steps": 0, "tokens": 0, "drafted": 0, "accepted": 0}
+    self.last_stats = stats
+
+    with sharding.activate(self.mesh):
+      state, emitted = steps.prefill(self.params, jnp.asarray(tokens), jnp.asarray(lengths), sampling)
+    step = 1
+    while True:
+      more = any(r > 0 for r in remaining)
+      # Dispatch the next step before reading this one back; at most one step runs past the end.
+      if more and max(remaining) > 1:
+        with sharding.activate(self.mesh):
+          if speculative:
+            state, following = steps.speculate(self.params, state)
+          else:
+            state, following = steps.step(self.params, state, sampling, jnp.int32(step))
+        step += 1
+      else:
+        following = None
+      yield from self._events(emitted, params, remaining, stops, stats, speculative)
+      if following is None or all(r <= 0 for r in remaining):
+        return
+      emitted = following
+      stats["steps"] += 1
+
+  def _events(self, emitted: Emitted, params, remaining: list[int], stops, stats, speculative: bool):
+    tokens, counts, logprobs = np.asarray(emitted.tokens), np.asarray(emitted.count), np.asarray(emitted.logprobs)
+    top_values, top_ids = np.asarray(emitted.top_logprobs), np.asarray(emitted.top_ids)
+    for row, request in enumerate(params):
+      if remaining[row] <= 0:
+        continue
+      if speculative and stats["steps"] > 0:
+        stats["drafted"] += self._num_draft
+        stats["accepted"] += int(counts[row]) - 1
+      for j in range(int(counts[row])):
+        token = int(tokens[row, j])
+        remaining[row] -= 1
+        stats["tokens"] += 1
+        reason = "stop" if token in stops[row] else ("length" if remaining[row] == 0 else None)
+        top = tuple(
+            (int(i), float(v)) for i, v in zip(top_ids[row, j, : request.logprobs], top_values[row, j, : request.logprobs])
+        )
+        yield TokenEvent(row, token, float(logprobs[row, j]), top, reason)
+        if reason is not None:
+          remaining[row] = 0
+          break
+
+  # ---- scoring ----
+  def score(self, prompts: Sequence[Sequence[int]], top_n: int = 0) -> list[PromptScores]:
+    """Log-prob of every prompt token given the ones before it (one causal forward pass per batch of prompts)."""
+    if not 0 <= top_n <= MAX_LOGPROBS:
+      raise ValueError(f"top_n must be in [0, {MAX_LOGPROBS}], got {top_n}")
+    prompts = self._check_prompts(prompts, [0] * len(prompts))
+    steps = self._steps_for(0, 0)
+    length = min(_bucket(max(map(len, prompts), default=1), _MIN_BUCKET), self.max_context)
+    rows_per_call = max(1, _SCORE_LOGITS_BYTES // (length * self.spec.vocab_size * 4))
+    rows_per_call = 1 << (rows_per_call.bit_length() - 1)
+    results = []
+    for start in range(0, len(prompts), rows_per_call):
+      chunk = prompts[start : start + rows_per_call]
+      tokens, _ = self._padded(chunk, _MIN_BUCKET)
+      with sharding.activate(self.mesh):
+        chosen, top_values, top_ids = steps.score(self.params, jnp.asarray(tokens), top_n=top_n)
+      chosen, top_values, top_ids = np.asarray(chosen), np.asarray(top_values), np.asarray(top_ids)
+      for row, prompt in enumerate(chunk):
+        n = len(prompt)
+        logprobs = chosen[row, :n].astype(np.float32)
+        logprobs[0] = np.nan
+        tops = [()] + [
+            tuple((int(i), float(v)) for i, v in zip(top_ids[row, t], top_values[row, t])) for t in range(1, n)
+        ]
+        results.append(PromptScores(logprobs, tops))
+    return results

@@ -1,0 +1,116 @@
+"""Per-request sampling settings and the batched sampler that runs inside the jitted decode step.
+
+Order of the logit transforms (as vLLM): presence penalty -> temperature -> top-k -> top-p -> min-p, then a draw.
+Temperature 0 is greedy (argmax of the penalised logits). Rows of one batch may use different settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# The most alternatives a step returns per token (the OpenAI API's top_logprobs limit).
+MAX_LOGPROBS = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  max_tokens: int = 16  # new tokens to generate (0 allowed: score only)
+  temperature: float = 0.0  # 0 -> greedy
+  top_k: int = 0  # 0 -> off
+  top_p: float = 1.0
+  min_p: float = 0.0
+  presence_penalty: float = 0.0
+  stop_token_ids: tuple[int, ...] = ()
+  seed: int = 0
+  logprobs: int = 0  # how many top alternatives to return per generated token (0 -> none)
+
+  def __post_init__(self) -> None:
+    checks = (
+        (self.max_tokens >= 0, f"max_tokens must be >= 0, got {self.max_tokens}"),
+        (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+        (self.top_k >= 0, f"top_k must be >= 0 (0 is off), got {self.top_k}"),
+        (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+        (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
+        (0 <= self.logprobs <= MAX_LOGPROBS, f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}"),
+    )
+    for ok, message in checks:
+      if not ok:
+        raise ValueError(message)
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class BatchSampling:
+  """SamplingParams of a batch's rows as arrays [B] (padding rows are greedy)."""
+
+  temperature: jax.Array
+  top_k: jax.Array
+  top_p: jax.Array
+  min_p: jax.Array
+  presence_penalty: jax.Array
+  keys: jax.Array  # [B] PRNG keys, one stream per request (its seed)
+
+  @classmethod
+  def of(cls, params: Sequence[SamplingParams], batch: int) -> "BatchSampling":
+    rows = list(params) + [SamplingParams()] * (batch - len(params))
+    column = lambda name, dtype: jnp.asarray(np.array([getattr(p, name) for p in rows], dtype))
+    keys = jax.vmap(jax.random.key)(jnp.asarray(np.array([p.seed for p in rows], np.uint32)))
+    return cls(
+        temperature=column("temperature", np.float32),
+        top_k=column("top_k", np.int32),
+        top_p=column("top_p", np.float32),
+        min_p=column("min_p", np.float32),
+        presence_penalty=column("presence_penalty", np.float32),
+        keys=keys,
+    )
+
+
+def sample(logits: jax.Array, sampling: BatchSampling, presence: jax.Array, step: jax.Array) -> jax.Array:
+  """logits [B, V] float32; presence [B, V] bool (tokens generated so far); step [] int -> tokens [B] int32.
+
+  The draw of row b at `step` uses fold_in(its key, step): a request's tokens do not depend on its batch mates.
+  """
+  logits = logits - sampling.presence_penalty[:, None] * presence.astype(logits.dtype)
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  # The full-vocabulary sort only runs when some row samples.
+  return jax.lax.cond(
+      jnp.all(sampling.temperature == 0),
+      lambda: greedy,
+      lambda: jnp.where(sampling.temperature == 0, greedy, _draw(logits, sampling, step)),
+  )
+
+
+def _draw(logits: jax.Array, sampling: BatchSampling, step: jax.Array) -> jax.Array:
+  vocab = logits.shape[-1]
+  scaled = logits / jnp.maximum(sampling.temperature, 1e-6)[:, None]
+  sorted_logits, order = jax.lax.top_k(scaled, vocab)  # descending
+  rank = jnp.arange(vocab)[None, :]
+  top_k = jnp.where(sampling.top_k > 0, sampling.top_k, vocab)[:, None]
+  keep = rank < top_k
+  probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  keep &= mass_before < sampling.top_p[:, None]
+  keep &= probs >= sampling.min_p[:, None] * probs[:, :1]
+  keep = keep.at[:, 0].set(True)  # the most likely token always survives
+  keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(sampling.keys, step)
+  noise = jax.vmap(lambda key: jax.random.gumbel(key, (vocab,)))(keys)
+  choice = jnp.argmax(jnp.where(keep, sorted_logits + noise, -jnp.inf), axis=-1)
+  return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array, top_n: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Log-probs under the unmodified (temperature 1) distribution: logits [..., V], tokens [...] ->
+  (logprob of tokens [...], top_n best log-probs [..., top_n], their ids [..., top_n])."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  chosen = jnp.take_along_axis(logp, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  top_values, top_ids = jax.lax.top_k(logp, top_n) if top_n else (logp[..., :0], tokens[..., None][..., :0])
+  return chosen, top_values, top_ids.astype(jnp.int32)

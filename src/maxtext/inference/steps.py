@@ -1,0 +1,184 @@
+"""The jitted, fixed-shape device functions of decoding: prefill, one generate step, one speculative round.
+
+Each carries a `LoopState` (caches, per-row cursor and last token, presence mask, MTP drafts) that is donated, so
+caches update in place. Row b holds `cursor[b]` tokens in its caches; `last[b]` (the newest token, not yet fed)
+sits at position cursor[b]. The main model and the MTP drafter share that cursor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from maxtext.inference.sampling import BatchSampling, sample, token_logprobs
+from maxtext.layers.decode_cache import DecodeContext, GdnCache, KVCache, select_token
+from maxtext.models.qwen3_next import Qwen3NextForCausalLM
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LoopState:
+  cache: Any  # {"decoder": the model's decode cache, "mtp": the MTP layer's KVCache or None}
+  cursor: jax.Array  # [B] int32
+  last: jax.Array  # [B] int32
+  presence: jax.Array  # [B, V] bool: generated so far (presence penalty)
+  drafts: jax.Array  # [B, k] int32 MTP drafts of the tokens after `last` ([B, 0] without speculation)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Emitted:
+  """What one call produced per row: up to n tokens (count of them valid) with their log-probs."""
+
+  tokens: jax.Array  # [B, n] int32
+  count: jax.Array  # [B] int32
+  logprobs: jax.Array  # [B, n] float32
+  top_logprobs: jax.Array  # [B, n, top] float32
+  top_ids: jax.Array  # [B, n, top] int32
+
+
+def _emitted(logits: jax.Array, tokens: jax.Array, count: jax.Array, num_top: int) -> Emitted:
+  chosen, top_values, top_ids = token_logprobs(logits, tokens, num_top)
+  return Emitted(tokens, count, chosen, top_values, top_ids)
+
+
+def _mark(presence: jax.Array, tokens: jax.Array, count: jax.Array) -> jax.Array:
+  """presence [B, V] with tokens[b, :count[b]] set."""
+  valid = jnp.arange(tokens.shape[1])[None, :] < count[:, None]
+  rows = jnp.broadcast_to(jnp.arange(tokens.shape[0])[:, None], tokens.shape)
+  return presence.at[rows, tokens].max(valid)
+
+
+def _keep_token(cache: Any, index: jax.Array, scanned: bool) -> Any:
+  """Decoder caches kept per token (keep_all_states) -> those after token index[b] of each row."""
+  def visit(entry):
+    if isinstance(entry, GdnCache):
+      return jax.vmap(select_token, in_axes=(0, None))(entry, index) if scanned else select_token(entry, index)
+    return entry
+
+  return jax.tree.map(visit, cache, is_leaf=lambda x: isinstance(x, (GdnCache, KVCache)))
+
+
+class DecodeSteps:
+  """Builds the jitted functions for one model; shapes (batch, prompt bucket) are compiled once each."""
+
+  def __init__(self, model: Qwen3NextForCausalLM, capacity: int, num_top: int, num_draft: int):
+    self.model = model
+    self.capacity = capacity  # cache slots per row
+    self.num_top = num_top  # top log-probs returned per token (static: 0 or sampling.MAX_LOGPROBS)
+    self.num_draft = num_draft  # MTP drafts per round (0: plain decoding)
+    self.prefill = jax.jit(self._prefill)
+    self.step = jax.jit(self._step, donate_argnums=(1,))
+    self.speculate = jax.jit(self._speculate, donate_argnums=(1,))
+    self.score = jax.jit(self._score, static_argnames=("top_n",))
+
+  def _advance(self, cursor: jax.Array, count: jax.Array | int) -> jax.Array:
+    """cursor + count, held where the next call's writes still fit: only rows that have finished (and whose
+    outputs are dropped) can reach the cap, since prompt + new tokens <= max_target_length."""
+    return jnp.minimum(cursor + count, self.capacity - 1 - self.num_draft)
+
+  # ---- model calls ----
+  def _hidden(self, params, tokens, positions, cache, decode):
+    return self.model.apply({"params": params}, tokens, positions, cache, decode, method="decode_hidden")
+
+  def _logits(self, params, hidden):
+    return self.model.apply({"params": params}, hidden, method="logits_of").astype(jnp.float32)
+
+  def _mtp(self, params, hidden, next_tokens, positions, cache, decode):
+    return self.model.apply(
+        {"params": params}, hidden, next_tokens, positions, cache, decode, method="mtp_hidden"
+    )
+
+  def _draft(self, params, mtp_hidden, mtp_cache, cursor, first_draft):
+    """From the first draft (predicted at position cursor - 1 from MTP hidden [B, E]), chain the MTP layer on its
+    own hidden state for the others -> (drafts [B, k], MTP cache)."""
+    drafts = [first_draft]
+    for _ in range(self.num_draft - 1):
+      positions = (cursor + len(drafts) - 1)[:, None]
+      context = DecodeContext(positions[:, 0], jnp.ones_like(positions, bool))
+      mtp_hidden, mtp_cache = self._mtp(
+          params, mtp_hidden[:, None], drafts[-1][:, None], positions, mtp_cache, context
+      )
+      mtp_hidden = mtp_hidden[:, 0]
+      drafts.append(jnp.argmax(self._logits(params, mtp_hidden), axis=-1).astype(jnp.int32))
+    return jnp.stack(drafts, axis=1), mtp_cache
+
+  # ---- scoring ----
+  def _score(self, params, tokens: jax.Array, top_n: int):
+    """tokens [B, T] -> log-prob of tokens[:, t] given the ones before [B, T] (index 0 holds 0) and the top_n best
+    ([B, T, n] values and ids), from one causal forward pass."""
+    logits = self.model.apply({"params": params}, tokens, with_mtp=False).logits
+    following = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
+    chosen, top_values, top_ids = token_logprobs(logits, following, top_n)
+    # Position t predicts token t + 1: shift right so index t holds the log-prob of token t.
+    shift = lambda x: jnp.concatenate([jnp.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
+    return shift(chosen), shift(top_values), shift(top_ids)
+
+  # ---- prefill ----
+  def _prefill(self, params, tokens, lengths, sampling: BatchSampling) -> tuple[LoopState, Emitted]:
+    """tokens [B, P] right-padded, lengths [B] >= 1 -> the state after the prompts and the first new token."""
+    batch, length = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape)
+    valid = positions < lengths[:, None]
+    context = DecodeContext(jnp.zeros((batch,), jnp.int32), valid, capacity=self.capacity)
+    hidden, cache = self._hidden(params, tokens, positions, None, context)
+    last_hidden = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    logits = self._logits(params, last_hidden)
+    presence = jnp.zeros((batch, logits.shape[-1]), bool)
+    first = sample(logits, sampling, presence, jnp.zeros((), jnp.int32))
+    emitted = _emitted(logits[:, None], first[:, None], jnp.ones((batch,), jnp.int32), self.num_top)
+    drafts, mtp_cache = jnp.zeros((batch, 0), jnp.int32), None
+    if self.num_draft:
+      # The MTP layer at position t reads token t + 1: the prompt shifted left, then the new token.
+      shifted = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
+      next_tokens = jnp.where(positions == (lengths - 1)[:, None], first[:, None], shifted)
+      mtp_hidden, mtp_cache = self._mtp(params, hidden, next_tokens, positions, None, context)
+      mtp_last = jnp.take_along_axis(mtp_hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+      first_draft = jnp.argmax(self._logits(params, mtp_last), axis=-1).astype(jnp.int32)
+      drafts, mtp_cache = self._draft(params, mtp_last, mtp_cache, lengths, first_draft)
+    state = LoopState({"decoder": cache, "mtp": mtp_cache}, lengths, first, _mark(presence, first[:, None],
+                                                                                     emitted.count), drafts)
+    return state, emitted
+
+  # ---- one token ----
+  def _step(self, params, state: LoopState, sampling: BatchSampling, step: jax.Array) -> tuple[LoopState, Emitted]:
+    """Feed `last` at `cursor`, sample the next token. step: index of the token being drawn (its rng stream)."""
+    cursor = state.cursor
+    context = DecodeContext(cursor, jnp.ones((cursor.shape[0], 1), bool))
+    hidden, cache = self._hidden(params, state.last[:, None], cursor[:, None], state.cache["decoder"], context)
+    logits = self._logits(params, hidden[:, 0])
+    token = sample(logits, sampling, state.presence, step)
+    count = jnp.ones_like(cursor)
+    emitted = _emitted(logits[:, None], token[:, None], count, self.num_top)
+    new_state = LoopState({"decoder": cache, "mtp": state.cache["mtp"]}, self._advance(cursor, 1), token,
+                          _mark(state.presence, token[:, None], count), state.drafts)
+    return new_state, emitted
+
+  # ---- one speculative round (greedy) ----
+  def _speculate(self, params, state: LoopState) -> tuple[LoopState, Emitted]:
+    """Verify the k drafts in one forward pass of k + 1 tokens; keep the longest agreeing prefix plus the model's
+    own next token (1..k+1 tokens per row, exactly what greedy decoding would emit); draft again with MTP."""
+    k, cursor = self.num_draft, state.cursor
+    tokens = jnp.concatenate([state.last[:, None], state.drafts], axis=1)  # [B, k + 1]
+    positions = cursor[:, None] + jnp.arange(k + 1, dtype=jnp.int32)
+    context = DecodeContext(cursor, jnp.ones(tokens.shape, bool), keep_all_states=True)
+    hidden, cache = self._hidden(params, tokens, positions, state.cache["decoder"], context)
+    logits = self._logits(params, hidden)  # [B, k + 1, V]
+    targets = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # targets[:, j]: the token after tokens[:, j]
+    agree = jnp.cumprod((state.drafts == targets[:, :k]).astype(jnp.int32), axis=1)
+    accepted = jnp.sum(agree, axis=1)  # [B] drafts accepted
+    cache = _keep_token(cache, accepted, self.model.spec.scan_layers)
+    emitted = _emitted(logits, targets, accepted + 1, self.num_top)
+
+    mtp_context = DecodeContext(cursor, jnp.arange(k + 1)[None, :] <= accepted[:, None])
+    mtp_hidden, mtp_cache = self._mtp(params, hidden, targets, positions, state.cache["mtp"], mtp_context)
+    mtp_last = jnp.take_along_axis(mtp_hidden, accepted[:, None, None], axis=1)[:, 0]
+    first_draft = jnp.argmax(self._logits(params, mtp_last), axis=-1).astype(jnp.int32)
+    new_cursor = self._advance(cursor, accepted + 1)
+    drafts, mtp_cache = self._draft(params, mtp_last, mtp_cache, new_cursor, first_draft)
+    last = jnp.take_along_axis(targets, accepted[:, None], axis=1)[:, 0]
+    new_state = LoopState({"decoder": cache, "mtp": mtp_cache}, new_cursor, last, state.presence, drafts)
+    return new_state, emitted

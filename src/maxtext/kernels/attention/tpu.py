@@ -1,0 +1,96 @@
+"""Causal GQA flash attention on TPU: JAX's Pallas splash attention kernel, called per device shard.
+
+Splash attention brings its own custom vjp (fused dK/dV and dQ kernels), so nothing here differentiates by hand.
+The caller (kernels/attention/__init__.py) wraps this in shard_map: Mosaic kernels cannot be auto-partitioned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+
+# Splash tiles the sequence in lanes of 128; its blocks must be multiples of that.
+LANES = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class SplashBlocks:
+  """Tile sizes along queries and keys, forward and backward (the fused dK/dV/dQ kernel)."""
+
+  block_q: int = 512
+  block_kv: int = 512
+
+  def for_lengths(self, q_len: int, kv_len: int) -> "SplashBlocks":
+    """The largest tiles, at most these, that divide the lengths (lengths are multiples of LANES)."""
+    return SplashBlocks(_largest_divisor_tile(q_len, self.block_q), _largest_divisor_tile(kv_len, self.block_kv))
+
+  def splash_block_sizes(self) -> splash.BlockSizes:
+    bq, bkv = self.block_q, self.block_kv
+    return splash.BlockSizes(
+        block_q=bq, block_kv=bkv, block_kv_compute=bkv,
+        block_q_dkv=bq, block_kv_dkv=bkv, block_kv_dkv_compute=bkv,
+        use_fused_bwd_kernel=True,
+    )
+
+
+def _largest_divisor_tile(length: int, limit: int) -> int:
+  tile = max(LANES, limit - limit % LANES)
+  while length % tile:
+    tile -= LANES
+  return tile
+
+
+def unsupported_reason(q: jax.Array, k: jax.Array) -> str | None:
+  """Why splash attention cannot take these shapes, or None when it can."""
+  q_len, kv_len = q.shape[1], k.shape[1]
+  if q_len % LANES or kv_len % LANES:
+    return f"splash attention needs query and key lengths that are multiples of {LANES}, got {q_len} and {kv_len}"
+  if q_len > kv_len:
+    return f"causal attention needs at least as many keys ({kv_len}) as queries ({q_len})"
+  return None
+
+
+def splash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    scale: float,
+    segment_ids: jax.Array | None = None,
+    blocks: SplashBlocks = SplashBlocks(),
+    interpret: bool = False,
+) -> jax.Array:
+  """q: [B, T, Hq, D]; k, v: [B, S, Hkv, D]; segment_ids: [B, T] (T == S) or None. Returns [B, T, Hq, D].
+
+  Queries are the last T of the S positions (as in the reference). On a CPU, interpret=True runs the kernel in
+  the Pallas interpreter (tests).
+  """
+  batch, q_len, num_heads, _ = q.shape
+  kv_len = k.shape[1]
+  reason = unsupported_reason(q, k)
+  if reason is not None:
+    raise ValueError(reason)
+  # Splash does not scale the logits; scaling q in float32 first rounds once (exactly for power-of-two scales).
+  q_bhtd = (q.astype(jnp.float32) * scale).astype(q.dtype).transpose(0, 2, 1, 3)
+  k_bhsd, v_bhsd = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  causal = splash_mask.CausalMask((q_len, kv_len), offset=kv_len - q_len)
+  kernel = splash.make_splash_mha(
+      splash_mask.MultiHeadMask([causal] * num_heads),
+      block_sizes=blocks.for_lengths(q_len, kv_len).splash_block_sizes(),
+      head_shards=1,
+      q_seq_shards=1,
+      interpret=interpret,
+  )
+  if segment_ids is None:
+    out_bhtd = jax.vmap(kernel)(q_bhtd, k_bhsd, v_bhsd)
+  else:
+    if segment_ids.shape != (batch, q_len) or q_len != kv_len:
+      raise ValueError(f"segment_ids must be [batch, length] = {(batch, q_len)} with as many keys as queries,"
+                       f" got {segment_ids.shape} for {kv_len} keys")
+    ids = segment_ids.astype(jnp.int32)
+    out_bhtd = jax.vmap(kernel)(q_bhtd, k_bhsd, v_bhsd, splash.SegmentIds(q=ids, kv=ids))
+  return out_bhtd.transpose(0, 2, 1, 3).astype(q.dtype)

@@ -1,0 +1,118 @@
+"""POST /v1/chat/completions: messages -> the tokenizer's chat template -> generate; streaming as
+`chat.completion.chunk` server-sent events ending with `data: [DONE]`."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi.responses import StreamingResponse
+
+from maxtext.serving import errors
+from maxtext.serving.generation import GeneratedChoice, sse
+from maxtext.serving.logprobs import chat_logprob_entries
+from maxtext.serving.protocol import ChatCompletionRequest, chat_body, new_id, now, usage
+from maxtext.serving.served_model import MAX_LOGPROBS, ServedModel, check_sampling
+
+
+def _template_messages(request: ChatCompletionRequest) -> list[dict[str, Any]]:
+  messages = []
+  for message in request.messages:
+    item = message.model_dump(exclude_none=True)
+    if isinstance(message.content, list):
+      item["content"] = "".join(part.text for part in message.content)
+    messages.append(item)
+  return messages
+
+
+def prompt_ids(request: ChatCompletionRequest, model: ServedModel) -> list[int]:
+  """The chat template applied to the messages, ending with the assistant turn's header, as token ids."""
+  try:
+    text = model.tokenizer.apply_chat_template(
+        _template_messages(request), add_generation_prompt=True, tokenize=False,
+        **(request.chat_template_kwargs or {}))
+  except Exception as e:  # pylint: disable=broad-except  # jinja raises for messages the template refuses
+    raise errors.bad_request(f"the chat template rejected the messages: {e}", param="messages") from None
+  ids = model.encode(text)
+  model.check_tokens(ids, "messages")
+  return ids
+
+
+def _check(request: ChatCompletionRequest) -> None:
+  if request.tools:
+    raise errors.bad_request("tools are not supported", param="tools")
+  if request.response_format and request.response_format.get("type", "text") != "text":
+    raise errors.bad_request("only response_format type 'text' is supported", param="response_format")
+  if request.top_logprobs is not None:
+    if not request.logprobs:
+      raise errors.bad_request("top_logprobs requires logprobs=true", param="top_logprobs")
+    if request.top_logprobs > MAX_LOGPROBS:
+      raise errors.bad_request(f"top_logprobs must be at most {MAX_LOGPROBS}, got {request.top_logprobs}",
+                               param="top_logprobs")
+
+
+async def create(request: ChatCompletionRequest, model: ServedModel) -> dict | StreamingResponse:
+  model.check_model(request.model)
+  stop = check_sampling(request)
+  _check(request)
+  ids = prompt_ids(request, model)
+  requested = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+  # Without a limit the answer may use whatever the context has left, but at least one token.
+  max_tokens = requested if requested is not None else max(1, model.max_context - len(ids))
+  model.check_length(ids, max_tokens, "messages")
+  top_n = (request.top_logprobs or 0) if request.logprobs else 0
+  params = model.sampling_params(request, max_tokens, top_n)
+  choice = GeneratedChoice(model, stop)
+  meta = (new_id("chatcmpl"), now(), model.model_id)
+  deltas = _deltas(model, choice, ids, params, bool(request.logprobs), top_n)
+  if request.stream:
+    include_usage = bool(request.stream_options and request.stream_options.include_usage)
+    return StreamingResponse(_stream(deltas, choice, len(ids), meta, include_usage), media_type="text/event-stream")
+  content, logprobs = [], []
+  async for text, entry in deltas:
+    content.append(text)
+    if entry is not None:
+      logprobs.append(entry)
+  message = {"role": "assistant", "content": "".join(content)}
+  body = {"index": 0, "message": message, "logprobs": {"content": logprobs} if request.logprobs else None,
+          "finish_reason": choice.finish_reason}
+  return chat_body(*meta, [body], usage(len(ids), choice.completion_tokens))
+
+
+async def _deltas(model: ServedModel, choice: GeneratedChoice, ids: list[int], params: Any, logprobs: bool,
+                  top_n: int) -> AsyncIterator[tuple[str, dict | None]]:
+  """(new text, logprob entry of the token or None) per generated token."""
+  if params.max_tokens == 0:
+    choice.finish_reason = "length"
+    return
+  async with contextlib.aclosing(model.batcher.generate([ids], [params])) as events:
+    async for event in events:
+      text, counts = choice.take(event)
+      entry = None
+      if logprobs and counts:
+        entry = chat_logprob_entries(model, event.token_id, event.logprob, event.top_logprobs, top_n)
+      yield text, entry
+      if choice.done:
+        break
+
+
+async def _stream(deltas: AsyncIterator[tuple[str, dict | None]], choice: GeneratedChoice, prompt_tokens: int,
+                  meta: tuple, include_usage: bool) -> AsyncIterator[str]:
+  def chunk(delta: dict, logprobs: dict | None = None, finish_reason: str | None = None) -> str:
+    return sse(chat_body(*meta, [{"index": 0, "delta": delta, "logprobs": logprobs,
+                                  "finish_reason": finish_reason}], None, chunk=True))
+
+  try:
+    yield chunk({"role": "assistant", "content": ""})
+    async for text, entry in deltas:
+      if text or entry is not None:
+        yield chunk({"content": text}, None if entry is None else {"content": [entry]})
+    yield chunk({}, finish_reason=choice.finish_reason)
+    if include_usage:
+      yield sse(chat_body(*meta, [], usage(prompt_tokens, choice.completion_tokens), chunk=True))
+  except errors.APIError as e:
+    yield sse(e.body())
+  except Exception as e:  # pylint: disable=broad-except
+    yield sse(errors.APIError(500, f"{type(e).__name__}: {e}", error_type="server_error").body())
+  yield sse("[DONE]")

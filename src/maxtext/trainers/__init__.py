@@ -1,0 +1,1 @@
+"""Training: the train step (loss, gradients, AdamW), its state and shardings, checkpoints, metrics, FLOPs."""

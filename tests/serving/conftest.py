@@ -1,0 +1,35 @@
+"""Fixtures of the server tests: the Qwen3 tokenizer, a server over a scripted engine (unit level), and the real
+server CLI over a tiny converted HF checkpoint (acceptance)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.serving.live_server import fake_server
+
+SCRIPT_TEXT = " one two three four five six seven eight nine ten"
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+  from transformers import AutoTokenizer
+
+  from maxtext.assets.tokenizers import ensure_qwen3_tokenizer
+
+  return AutoTokenizer.from_pretrained(ensure_qwen3_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def fake(tokenizer):
+  """A real uvicorn server in a thread over the scripted engine; its gather window is long enough that requests
+  sent together from threads surely land in one batch."""
+  script = tokenizer.encode(SCRIPT_TEXT) + [tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+  with fake_server(tokenizer, script, window_s=0.1) as server:
+    yield server
+
+
+@pytest.fixture(scope="session")
+def real():
+  from tests.serving.live_server import tiny_checkpoint_server
+
+  return tiny_checkpoint_server()
