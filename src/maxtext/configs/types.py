@@ -332,11 +332,8 @@ def _validate_inference(c: Config) -> None:
 
 def _validate_decode(c: Config) -> None:
   _require(c.max_prefill_predict_length > 0, "config key 'max_prefill_predict_length' must be > 0")
-  _require(
-      c.max_prefill_predict_length < c.max_target_length,
-      f"config key 'max_prefill_predict_length' ({c.max_prefill_predict_length}) must be below 'max_target_length'"
-      f" ({c.max_target_length}): prompt and generated tokens share it",
-  )
+  # No rule against max_target_length: training runs leave the decode default alone, and the engine pads prompts to
+  # at most max_target_length anyway (decode.py refuses a prompt that leaves no room).
   _require(c.decode_max_new_tokens >= -1, "config key 'decode_max_new_tokens' must be -1 (fill) or >= 0")
   _require(c.decode_sampling_temperature > 0, "config key 'decode_sampling_temperature' must be > 0")
   _require(c.decode_sampling_top_k >= 0, "config key 'decode_sampling_top_k' must be >= 0 (0 keeps all)")
