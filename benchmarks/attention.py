@@ -15,29 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 import traceback
 from collections.abc import Callable
 
 import numpy as np
 
-
-def time_fn(fn: Callable, *args, min_ms: float = 200.0, repeats: int = 5) -> float:
-  """Median over `repeats` of the mean ms per call of back-to-back calls filling min_ms (after a warm-up)."""
-  import jax
-  jax.block_until_ready(fn(*args))
-  start = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  iters = max(1, int(min_ms / max((time.perf_counter() - start) * 1e3, 1e-3)))
-  samples = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    for _ in range(iters):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    samples.append((time.perf_counter() - start) * 1e3 / iters)
-  return statistics.median(samples)
+from timing import time_jax
 
 
 def implementations(scale: float, with_tokamax: bool) -> dict[str, Callable]:
@@ -142,8 +125,8 @@ def main() -> None:
         row["out_err"] = relative(forward(q, k, v, segment_ids), reference_forward(q, k, v, segment_ids))
         grads = both(q, k, v, segment_ids, d_out)[1]
         row["grad_err"] = max(relative(a, b) for a, b in zip(grads, ref_grads))
-        row["fwd_ms"] = time_fn(forward, q, k, v, segment_ids)
-        row["fwd_bwd_ms"] = time_fn(both, q, k, v, segment_ids, d_out)
+        row["fwd_ms"] = time_jax(forward, q, k, v, segment_ids)
+        row["fwd_bwd_ms"] = time_jax(both, q, k, v, segment_ids, d_out)
         row["fwd_tflops"] = causal_flops / row["fwd_ms"] / 1e9
         row["fwd_bwd_tflops"] = 3.5 * causal_flops / row["fwd_bwd_ms"] / 1e9  # bwd: 5 matmuls of the 2 forward
       except NotImplementedError as e:

@@ -27,13 +27,10 @@ import time
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(os.path.dirname(_HERE), "src")]
 
+from bench_model import BENCH_MODEL, hf_bench_config  # noqa: E402
+
 BANDWIDTH = 3.0e12  # bytes/s: an H100's measured device copy (/work/shared/bench/README.md)
-BENCH = dict(
-    vocab_size=151936, base_emb_dim=2048, base_num_decoder_layers=8, base_num_query_heads=16, base_num_kv_heads=2,
-    head_dim=256, linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128,
-    linear_value_head_dim=128, num_experts=64, num_experts_per_tok=8, base_moe_mlp_dim=512,
-    shared_expert_mlp_dim=512, full_attention_interval=4, mtp_num_layers=1, norm_topk_prob=True,
-)
+BENCH = {**BENCH_MODEL, "mtp_num_layers": 1}  # ours drafts with the MTP head; HF ignores it
 QUICK = dict(model_name="qwen3-next-tiny")
 
 
@@ -49,19 +46,10 @@ def peer_main(args) -> None:
     fla_ok = True
   except ImportError:
     fla_ok = False
-  from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+  from transformers import Qwen3NextForCausalLM
 
   b = BENCH
-  config = Qwen3NextConfig(
-      hidden_size=b["base_emb_dim"], num_hidden_layers=b["base_num_decoder_layers"],
-      num_attention_heads=b["base_num_query_heads"], num_key_value_heads=b["base_num_kv_heads"],
-      head_dim=b["head_dim"], linear_num_key_heads=b["linear_num_key_heads"],
-      linear_num_value_heads=b["linear_num_value_heads"], linear_key_head_dim=b["linear_key_head_dim"],
-      linear_value_head_dim=b["linear_value_head_dim"], num_experts=b["num_experts"],
-      num_experts_per_tok=b["num_experts_per_tok"], moe_intermediate_size=b["base_moe_mlp_dim"],
-      shared_expert_intermediate_size=b["shared_expert_mlp_dim"], vocab_size=b["vocab_size"],
-      full_attention_interval=b["full_attention_interval"],
-  )
+  config = hf_bench_config()
   with torch.device("cuda"):
     torch.manual_seed(0)
     model = Qwen3NextForCausalLM._from_config(config, dtype=torch.bfloat16, experts_implementation="grouped_mm")

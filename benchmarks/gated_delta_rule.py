@@ -20,7 +20,6 @@ import dataclasses
 import datetime
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,25 +30,9 @@ from collections.abc import Callable
 import numpy as np
 
 from gated_delta_rule_fla import make_inputs, parse_shape
+from timing import time_jax
 
 NAMES = ("o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dh0")
-
-
-def time_fn(fn: Callable, *args, min_ms: float = 200.0, repeats: int = 5) -> float:
-  """Median over `repeats` of the mean ms per call of back-to-back calls filling min_ms (after a warm-up)."""
-  import jax
-  jax.block_until_ready(fn(*args))  # compile (if not yet) and warm up
-  start = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  iters = max(1, int(min_ms / max((time.perf_counter() - start) * 1e3, 1e-3)))
-  samples = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    for _ in range(iters):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    samples.append((time.perf_counter() - start) * 1e3 / iters)
-  return statistics.median(samples)
 
 
 def _on_cpu() -> bool:
@@ -147,7 +130,7 @@ class Bench:
 
   def time(self, kind: str, impl: str, name: str) -> float:
     arrays = self.arrays()
-    return time_fn(self.compiled[(kind, impl, "api" if impl == "reference" else name, False)],
+    return time_jax(self.compiled[(kind, impl, "api" if impl == "reference" else name, False)],
                    *(arrays if kind == "grads" else arrays[:2]))
 
 
@@ -223,13 +206,13 @@ def stage_timings(bench: Bench, kernels_only: bool = False, block_sizes=None) ->
   result = forward(*chunks, h0)
   backward_args = (chunks.q, chunks.k, chunks.w, chunks.intra, chunks.decay, result.states, result.v_new,
                    jnp.full_like(result.out, 0.01), h0)
-  timings = {"kernel fwd": time_fn(forward, *chunks, h0),
-             "kernel bwd": time_fn(jax.jit(lambda *a: inter_chunk_backward_gpu(*a, **kernel)), *backward_args)}
+  timings = {"kernel fwd": time_jax(forward, *chunks, h0),
+             "kernel bwd": time_jax(jax.jit(lambda *a: inter_chunk_backward_gpu(*a, **kernel)), *backward_args)}
   if kernels_only:
     return timings
   d_chunks = jax.tree.map(lambda x: jnp.full_like(x, 0.01), chunks)
-  return {"prepare fwd": time_fn(jax.jit(prepare), *inputs), **timings,
-          "prepare bwd": time_fn(jax.jit(lambda f, d: f(d)), prepare_vjp, d_chunks)}
+  return {"prepare fwd": time_jax(jax.jit(prepare), *inputs), **timings,
+          "prepare bwd": time_jax(jax.jit(lambda f, d: f(d)), prepare_vjp, d_chunks)}
 
 
 def kernel_tiles(bench: Bench) -> list[dict]:

@@ -29,6 +29,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.join(os.path.dirname(_HERE), "src")]  # moe_torch and maxtext from this checkout
 
 import numpy as np  # noqa: E402
+from timing import time_jax  # noqa: E402
 
 FULL = dict(experts=512, hidden=2048, expert_dim=512, top_k=10)
 QUICK = dict(experts=8, hidden=64, expert_dim=32, top_k=2)
@@ -47,23 +48,6 @@ def stub_xprof() -> None:
   with open(os.path.join(root, "xprof", "cli", "tools.py"), "w") as f:
     f.write("def get_kernel_stats_tool(*args, **kwargs):\n  raise RuntimeError('xprof is stubbed')\n")
   sys.path.append(root)
-
-
-def time_jax(fn, *args, repeats: int = 5, min_ms: float = 200.0) -> float:
-  """Median over `repeats` of the mean ms per call of back-to-back calls filling min_ms (after a warm-up)."""
-  import jax
-  jax.block_until_ready(fn(*args))
-  start = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  iters = max(1, int(min_ms / max((time.perf_counter() - start) * 1e3, 1e-3)))
-  samples = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    for _ in range(iters):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    samples.append((time.perf_counter() - start) * 1e3 / iters)
-  return float(np.median(samples))
 
 
 def relative_error(ours, reference) -> float:

@@ -25,12 +25,8 @@ import sys
 import tempfile
 import time
 
-BENCH_MODEL = dict(
-    vocab_size=151936, base_emb_dim=2048, base_num_decoder_layers=8, base_num_query_heads=16, base_num_kv_heads=2,
-    head_dim=256, full_attention_interval=4, linear_num_key_heads=16, linear_num_value_heads=32,
-    linear_key_head_dim=128, linear_value_head_dim=128, num_experts=64, num_experts_per_tok=8, base_moe_mlp_dim=512,
-    shared_expert_mlp_dim=512, mtp_num_layers=0, norm_topk_prob=True, partial_rotary_factor=0.25,
-)
+from bench_model import BENCH_MODEL, hf_bench_config
+
 LENGTH = 4096
 
 
@@ -47,7 +43,6 @@ def _check_losses(losses: list[float], vocab: int) -> list[str]:
 
 def run_ours(args, devices: int) -> dict:
   import jax
-  import numpy as np
 
   from maxtext.configs import load_config
   from maxtext.input_pipeline.synthetic import SyntheticIterator
@@ -102,20 +97,9 @@ def run_hf(args) -> dict:
     import fla.ops.common.chunk_o as chunk_o  # noqa: F401 - fla must be importable: HF uses it for GDN
 
     chunk_o.TRITON_ABOVE_3_7_1 = True
-  from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+  from transformers import Qwen3NextForCausalLM
 
-  m = BENCH_MODEL
-  config = Qwen3NextConfig(
-      hidden_size=m["base_emb_dim"], num_hidden_layers=m["base_num_decoder_layers"],
-      num_attention_heads=m["base_num_query_heads"], num_key_value_heads=m["base_num_kv_heads"],
-      head_dim=m["head_dim"], linear_num_key_heads=m["linear_num_key_heads"],
-      linear_num_value_heads=m["linear_num_value_heads"], linear_key_head_dim=m["linear_key_head_dim"],
-      linear_value_head_dim=m["linear_value_head_dim"], num_experts=m["num_experts"],
-      num_experts_per_tok=m["num_experts_per_tok"], moe_intermediate_size=m["base_moe_mlp_dim"],
-      shared_expert_intermediate_size=m["shared_expert_mlp_dim"], vocab_size=m["vocab_size"],
-      full_attention_interval=m["full_attention_interval"], norm_topk_prob=m["norm_topk_prob"],
-      partial_rotary_factor=m["partial_rotary_factor"],
-  )
+  config = hf_bench_config()
   torch.manual_seed(0)
   impl = None
   for candidate in ("grouped_mm", "batched_mm", "eager"):
@@ -127,7 +111,7 @@ def run_hf(args) -> dict:
     except Exception:  # noqa: BLE001 - older transformers lack some implementations
       continue
   optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-  ids = torch.randint(0, m["vocab_size"], (1, LENGTH + 1), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+  ids = torch.randint(0, config.vocab_size, (1, LENGTH + 1), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
   inputs, labels = ids[:, :-1], ids[:, :-1]  # HF shifts labels itself
   losses = []
 
@@ -150,7 +134,7 @@ def run_hf(args) -> dict:
   return dict(
       side="HF+fla x1", devices=1, step_s=elapsed, tokens_per_s=LENGTH / elapsed, experts_impl=impl,
       peak_memory_gb=torch.cuda.max_memory_allocated() / 1e9, losses=losses,
-      problems=_check_losses(losses, m["vocab_size"]), device=torch.cuda.get_device_name(),
+      problems=_check_losses(losses, config.vocab_size), device=torch.cuda.get_device_name(),
       params=sum(p.numel() for p in model.parameters()), fla_guard_lifted=not args.keep_fla_guard,
   )
 

@@ -87,6 +87,6 @@ def test_sharded_decoder_layer_matches_unsharded(layer_type):
 
 
 def test_mesh_shape_rejects_a_product_that_does_not_match_the_devices():
-  with pytest.raises(ValueError, match="multiplies to 6, but there are 4 devices"):
+  with pytest.raises(ValueError, match="multiply to 6, but there are 4 devices"):
     sharding.mesh_shape({"data": 1, "fsdp": 3, "tensor": 2, "expert": 1}, 4)
   assert sharding.mesh_shape({"data": 1, "fsdp": -1, "tensor": 2, "expert": 1}, 4) == (1, 2, 2, 1)

@@ -49,7 +49,7 @@ def test_tiny_train_step_compiles_for_v5p_with_the_pallas_kernels(tmp_path):
         ((), "error: config key 'compile_topology' is empty"),
         (("compile_topology=v5p-8", "ici_fsdp_parallelism=8"),
          "error: ici_data_parallelism=1, ici_fsdp_parallelism=8, ici_tensor_parallelism=1, ici_expert_parallelism=1"
-         " multiply to 8, but the topology has 4 devices per slice"),
+         " multiply to 8, but there are 4 devices per slice"),
     ],
     ids=["unknown-topology", "no-topology", "mesh-does-not-fit"],
 )

@@ -42,19 +42,22 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-def mesh_shape(parallelism: dict[str, int], num_devices: int) -> tuple[int, ...]:
-  """Sizes of (data, fsdp, tensor, expert) from `ici_*_parallelism` values; one -1 takes the remaining devices."""
+def mesh_shape(parallelism: dict[str, int], num_devices: int, *, prefix: str = "ici", what: str = "devices"
+               ) -> tuple[int, ...]:
+  """Sizes of (data, fsdp, tensor, expert) from `<prefix>_*_parallelism` values; one -1 takes the remaining devices.
+
+  Raises ValueError naming the keys when they do not fit `num_devices` (`what` says what is counted: devices,
+  hosts, slices).
+  """
   sizes = [parallelism[axis] for axis in MESH_AXES]
   fixed = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % fixed:
-      raise ValueError(f"the ici_*_parallelism product ({fixed}) does not divide the {num_devices} devices")
+      raise ValueError(f"the {prefix}_*_parallelism product ({fixed}) does not divide the {num_devices} {what}")
     sizes[sizes.index(-1)] = num_devices // fixed
   if math.prod(sizes) != num_devices:
-    raise ValueError(
-        f"ici_*_parallelism {dict(zip(MESH_AXES, sizes))} multiplies to {math.prod(sizes)}, but there are"
-        f" {num_devices} devices"
-    )
+    given = ", ".join(f"{prefix}_{axis}_parallelism={size}" for axis, size in zip(MESH_AXES, sizes))
+    raise ValueError(f"{given} multiply to {math.prod(sizes)}, but there are {num_devices} {what}")
   return tuple(sizes)
 
 

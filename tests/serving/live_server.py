@@ -132,9 +132,11 @@ def tiny_checkpoint_server() -> RealServer:
   items = to_maxtext.convert(load_config([f"hf_model_path={hf.path}"]), hf.path, os.path.join(root, "ckpt", "0"),
                              log=lambda *_: None)
   max_context = 256
+  # A wide gather window: concurrent test requests must land in one batch even on a loaded 2-core CI machine
+  # (100 ms once split three requests sent together into two batches there).
   process = ServerProcess(
       [f"load_parameters_path={items}", "dtype=float32", f"max_target_length={max_context}",
-       "served_model_name=tiny-qwen3-next", "server_batch_window_ms=100", "server_max_batch_size=8"],
+       "served_model_name=tiny-qwen3-next", "server_batch_window_ms=500", "server_max_batch_size=8"],
       os.path.join(root, "server.log"),
   )
   atexit.register(process.stop)

@@ -53,7 +53,7 @@ def test_mesh_sizes_fill_the_slice():
     "ici,culprit",
     [
         ({"data": 1, "fsdp": 3, "tensor": -1, "expert": 1}, r"product \(3\) does not divide the 32 devices per slice"),
-        ({"data": 1, "fsdp": 8, "tensor": 2, "expert": 1}, "multiply to 16, but the topology has 32 devices per slice"),
+        ({"data": 1, "fsdp": 8, "tensor": 2, "expert": 1}, "multiply to 16, but there are 32 devices per slice"),
     ],
 )
 def test_mesh_that_does_not_fit_names_the_keys(ici, culprit):

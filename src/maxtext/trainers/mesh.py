@@ -46,7 +46,7 @@ def make_training_mesh(config: Config, devices=None) -> Mesh:
   try:
     if num_hosts == 1 and all(v in (1, -1) for v in dcn.values()):
       return sharding.make_mesh(sharding.config_parallelism(config), devices)
-    dcn_shape = sharding.mesh_shape(dcn, num_hosts)
+    dcn_shape = sharding.mesh_shape(dcn, num_hosts, prefix="dcn", what="hosts")
     per_host = len(devices) // num_hosts
     ici_shape = sharding.mesh_shape(sharding.config_parallelism(config), per_host)
   except ValueError as e:

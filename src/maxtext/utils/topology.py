@@ -12,6 +12,8 @@ import re
 
 import numpy as np
 
+from maxtext import sharding
+
 GIB = 1024**3
 
 
@@ -108,16 +110,10 @@ def mesh_shape(ici: dict[str, int], dcn: dict[str, int], devices_per_slice: int,
 
 
 def _fill(prefix: str, sizes: dict[str, int], total: int, what: str) -> tuple[int, ...]:
-  values = list(sizes.values())
-  fixed = math.prod(v for v in values if v != -1)
-  if -1 in values:
-    if total % fixed:
-      raise TopologyError(f"the {prefix}_*_parallelism product ({fixed}) does not divide the {total} {what}")
-    values[values.index(-1)] = total // fixed
-  if math.prod(values) != total:
-    given = ", ".join(f"{prefix}_{axis}_parallelism={v}" for axis, v in zip(sizes, values))
-    raise TopologyError(f"{given} multiply to {math.prod(values)}, but the topology has {total} {what}")
-  return tuple(values)
+  try:
+    return sharding.mesh_shape(sizes, total, prefix=prefix, what=what)
+  except ValueError as e:
+    raise TopologyError(str(e)) from None
 
 
 def device_mesh(devices: list, ici_shape: tuple[int, ...], dcn_shape: tuple[int, ...]) -> np.ndarray:
