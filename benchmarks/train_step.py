@@ -7,6 +7,8 @@ Model: the "2.5B bench" config of shared/bench (hidden 2048, 8 layers = 2 x (3 G
 of 4096 tokens per device, AdamW. Each side runs in its own subprocess (PyTorch and JAX never share the GPU); each
 first checks itself on the device (initial loss ~ ln(vocab), finite, falling on a repeated batch), then times
 `--steps` steps after `--warmup` steps. Ours runs the real build_training step (gdn_kernel=auto: the GPU kernels)
+with the layers unrolled (scan_layers=false; --scan-layers false,true adds the scanned layout, whose XLA while
+loop copies the stacked per-layer residuals on GPU: measured ~40% slower at this size)
 on 1 device and, with --devices 1,N, on N devices (fsdp x expert from --ici) for the scaling efficiency
 tokens/s(N) / (N x tokens/s(1)). HF needs fla on the path (e.g. PYTHONPATH=/tmp/site after
 `pip install --no-deps --target /tmp/site .fla/*.whl`); fla 0.6.0 refuses its gated backward on Hopper with
@@ -41,7 +43,7 @@ def _check_losses(losses: list[float], vocab: int) -> list[str]:
   return problems
 
 
-def run_ours(args, devices: int) -> dict:
+def run_ours(args, devices: int, scanned: bool) -> dict:
   import jax
 
   from maxtext.configs import load_config
@@ -54,7 +56,7 @@ def run_ours(args, devices: int) -> dict:
   overrides = {
       **BENCH_MODEL, "max_target_length": LENGTH, "per_device_batch_size": 1, "dtype": "bfloat16",
       "weight_dtype": args.weight_dtype, "remat_policy": args.remat_policy, "gdn_kernel": args.gdn_kernel,
-      "scan_layers": True, "learning_rate": 1e-4, "warmup_steps_fraction": 0.0, "steps": 1000,
+      "scan_layers": scanned, "learning_rate": 1e-4, "warmup_steps_fraction": 0.0, "steps": 1000,
       "max_prefill_predict_length": 64, "ici_data_parallelism": 1, "ici_fsdp_parallelism": 1,
       "ici_tensor_parallelism": 1, "ici_expert_parallelism": 1,
       **{f"ici_{axis}_parallelism": int(value) for axis, value in ici.items()},
@@ -81,7 +83,8 @@ def run_ours(args, devices: int) -> dict:
   peak = flops.peak_tflops(jax.devices()[0].device_kind)
   stats = jax.devices()[0].memory_stats() or {}
   return dict(
-      side=f"ours x{devices}", devices=devices, step_s=elapsed, tokens_per_s=tokens / elapsed,
+      side=f"ours x{devices}" + (" scanned" if scanned else ""), devices=devices, scanned=scanned, step_s=elapsed,
+      tokens_per_s=tokens / elapsed,
       tflops_per_device=flops_per_token * tokens / elapsed / devices / 1e12, peak_tflops=peak,
       peak_memory_gb=stats.get("peak_bytes_in_use", 0) / 1e9, losses=losses,
       problems=_check_losses(losses, config.vocab_size), flops_per_token=flops_per_token,
@@ -143,6 +146,7 @@ def _worker_command(args, side: str, output: str) -> list[str]:
   passthrough = [
       f"--steps={args.steps}", f"--warmup={args.warmup}", f"--weight-dtype={args.weight_dtype}",
       f"--remat-policy={args.remat_policy}", f"--gdn-kernel={args.gdn_kernel}", f"--ici={args.ici}",
+      f"--scan-layers={args.scan_layers}",
   ] + (["--keep-fla-guard"] if args.keep_fla_guard else [])
   return [sys.executable, os.path.abspath(__file__), f"--worker={side}", f"--json={output}", *passthrough]
 
@@ -155,6 +159,8 @@ def main() -> None:
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--weight-dtype", default="bfloat16", help="our parameter dtype (HF trains bf16 parameters)")
   parser.add_argument("--remat-policy", default="none")
+  parser.add_argument("--scan-layers", default="false",
+                      help="our layer layout(s): false (unrolled), true (scan over blocks), or false,true for both")
   parser.add_argument("--gdn-kernel", default="auto")
   parser.add_argument("--no-hf", action="store_true", help="skip the HF side")
   parser.add_argument("--keep-fla-guard", action="store_true")
@@ -163,12 +169,17 @@ def main() -> None:
   args = parser.parse_args()
 
   if args.worker:
-    result = run_hf(args) if args.worker == "hf" else run_ours(args, int(args.worker.split(":")[1]))
+    if args.worker == "hf":
+      result = run_hf(args)
+    else:
+      _, devices, layout = args.worker.split(":")
+      result = run_ours(args, int(devices), layout == "scanned")
     with open(args.json, "w", encoding="utf-8") as f:
       json.dump(result, f)
     return
 
-  sides = ([] if args.no_hf else ["hf"]) + [f"ours:{n}" for n in args.devices.split(",")]
+  layouts = ["scanned" if x == "true" else "unscanned" for x in args.scan_layers.split(",")]
+  sides = ([] if args.no_hf else ["hf"]) + [f"ours:{n}:{layout}" for layout in layouts for n in args.devices.split(",")]
   results = []
   with tempfile.TemporaryDirectory() as scratch:
     for side in sides:
@@ -189,7 +200,6 @@ def main() -> None:
   hf = next((r for r in results if r["side"].startswith("HF")), None)
   flops_per_token = ours[0]["flops_per_token"] if ours else None
   peak = ours[0]["peak_tflops"] if ours else None
-  single = next((r for r in ours if r["devices"] == 1), None)
   print(f"\nmodel FLOPs/token (training, maxtext.trainers.flops): {flops_per_token:.4g}" if flops_per_token else "")
   print("| side | device | params | step (s) | tokens/s | TFLOP/s/dev | MFU | peak mem (GB) | vs HF | scaling | check |")
   print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -197,6 +207,7 @@ def main() -> None:
     per_device = flops_per_token * r["tokens_per_s"] / r["devices"] / 1e12 if flops_per_token else float("nan")
     mfu = f"{100 * per_device / peak:.1f}%" if peak else "n/a"
     ratio = f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}x" if hf else "n/a"
+    single = next((o for o in ours if o["devices"] == 1 and o["scanned"] == r.get("scanned")), None)
     scaling = (f"{100 * r['tokens_per_s'] / (r['devices'] * single['tokens_per_s']):.0f}%"
                if single and r["side"].startswith("ours") else "")
     check = "ok" if not r["problems"] else "; ".join(r["problems"])

@@ -22,9 +22,9 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def fake(tokenizer):
   """A real uvicorn server in a thread over the scripted engine; its gather window is long enough that requests
-  sent together from threads surely land in one batch."""
+  sent together from threads land in one batch even on a loaded 2-core machine (0.1 s was seen to split them)."""
   script = tokenizer.encode(SCRIPT_TEXT) + [tokenizer.convert_tokens_to_ids("<|endoftext|>")]
-  with fake_server(tokenizer, script, window_s=0.1) as server:
+  with fake_server(tokenizer, script, window_s=0.4) as server:
     yield server
 
 

@@ -8,6 +8,7 @@ the MTP head drafts `mtp_num_draft_tokens`, one forward pass verifies them, and 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
@@ -28,6 +29,7 @@ from maxtext.models.spec import ModelSpec
 
 _logger = logging.getLogger("maxtext.inference")
 _MIN_BUCKET = 16
+_LOOKAHEAD = 2  # decode calls dispatched ahead of the one whose tokens are being read
 _SCORE_LOGITS_BYTES = 2 << 30  # cap on one scoring call's [B, T, V] float32 logits
 
 
@@ -64,7 +66,7 @@ class Engine:
     self.mesh = sharding.make_mesh(sharding.config_parallelism(config), devices)
     self.params = self._place(params)
     self._num_draft = config.mtp_num_draft_tokens if config.mtp_speculative_decoding else 0
-    self._steps: dict[tuple[int, int], DecodeSteps] = {}
+    self._steps: dict[tuple[int, int, bool], DecodeSteps] = {}
     self.last_stats: dict[str, float] = {}  # of the latest generate(): steps, tokens, accepted drafts
 
   # ---- parameters ----
@@ -89,10 +91,10 @@ class Engine:
       raise ValueError("params do not match the model's parameter tree (check scan_layers and the model keys)")
     return jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x, dtype), s), params, shardings)
 
-  def _steps_for(self, num_top: int, num_draft: int) -> DecodeSteps:
-    key = (num_top, num_draft)
+  def _steps_for(self, num_top: int, num_draft: int, greedy_only: bool = False) -> DecodeSteps:
+    key = (num_top, num_draft, greedy_only)
     if key not in self._steps:
-      self._steps[key] = DecodeSteps(self.model, self.max_context + self._num_draft, num_top, num_draft)
+      self._steps[key] = DecodeSteps(self.model, self.max_context + self._num_draft, num_top, num_draft, greedy_only)
     return self._steps[key]
 
   def _check_prompts(self, prompts: Sequence[Sequence[int]], extra: Sequence[int]) -> list[list[int]]:
@@ -133,7 +135,8 @@ class Engine:
     if self._num_draft and not speculative:
       _logger.info("speculative decoding needs greedy requests without presence penalty: decoding plainly")
     num_top = MAX_LOGPROBS if any(p.logprobs for p in params) else 0
-    steps = self._steps_for(num_top, self._num_draft if speculative else 0)
+    greedy_only = all(p.greedy for p in params)
+    steps = self._steps_for(num_top, self._num_draft if speculative else 0, greedy_only)
     tokens, lengths = self._padded(prompts, max(_MIN_BUCKET, self.config.max_prefill_predict_length))
     sampling = BatchSampling.of(params, tokens.shape[0])
     remaining = [p.max_tokens for p in params]
@@ -143,28 +146,31 @@ class Engine:
 
     with sharding.activate(self.mesh):
       state, emitted = steps.prefill(self.params, jnp.asarray(tokens), jnp.asarray(lengths), sampling)
+    in_flight = collections.deque([emitted])  # dispatched calls whose tokens are not read back yet
     step = 1
     while True:
-      more = any(r > 0 for r in remaining)
-      # Dispatch the next step before reading this one back; at most one step runs past the end.
-      if more and max(remaining) > 1:
+      # Keep up to _LOOKAHEAD calls queued ahead of the one being read, so the device never waits for the host's
+      # readback and bookkeeping. Each queued call emits >= 1 token per running row, so no call is dispatched
+      # that cannot be needed (a stop token can still end a row early: those outputs are dropped).
+      while len(in_flight) <= _LOOKAHEAD and max(remaining) - len(in_flight) > 0:
         with sharding.activate(self.mesh):
           if speculative:
             state, following = steps.speculate(self.params, state)
           else:
-            state, following = steps.step(self.params, state, sampling, jnp.int32(step))
+            state, following = steps.step(self.params, state, sampling, np.int32(step))
+        in_flight.append(following)
         step += 1
-      else:
-        following = None
-      yield from self._events(emitted, params, remaining, stops, stats, speculative)
-      if following is None or all(r <= 0 for r in remaining):
+      if not in_flight:
         return
-      emitted = following
+      yield from self._events(in_flight.popleft(), params, remaining, stops, stats, speculative)
+      if all(r <= 0 for r in remaining):
+        return
       stats["steps"] += 1
 
   def _events(self, emitted: Emitted, params, remaining: list[int], stops, stats, speculative: bool):
-    tokens, counts, logprobs = np.asarray(emitted.tokens), np.asarray(emitted.count), np.asarray(emitted.logprobs)
-    top_values, top_ids = np.asarray(emitted.top_logprobs), np.asarray(emitted.top_ids)
+    emitted = jax.device_get(emitted)  # every field's copy started at once: one wait, not five
+    tokens, counts, logprobs = emitted.tokens, emitted.count, emitted.logprobs
+    top_values, top_ids = emitted.top_logprobs, emitted.top_ids
     for row, request in enumerate(params):
       if remaining[row] <= 0:
         continue

@@ -74,19 +74,20 @@ class BatchSampling:
     )
 
 
-def sample(logits: jax.Array, sampling: BatchSampling, presence: jax.Array, step: jax.Array) -> jax.Array:
+def sample(logits: jax.Array, sampling: BatchSampling, presence: jax.Array, step: jax.Array, *,
+           greedy_only: bool = False) -> jax.Array:
   """logits [B, V] float32; presence [B, V] bool (tokens generated so far); step [] int -> tokens [B] int32.
 
   The draw of row b at `step` uses fold_in(its key, step): a request's tokens do not depend on its batch mates.
+  greedy_only (static: every row has temperature 0) leaves out the full-vocabulary sort. It is a compile-time
+  choice rather than a lax.cond because a GPU conditional reads its predicate back to the host, stalling every
+  step's dispatch.
   """
   logits = logits - sampling.presence_penalty[:, None] * presence.astype(logits.dtype)
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  # The full-vocabulary sort only runs when some row samples.
-  return jax.lax.cond(
-      jnp.all(sampling.temperature == 0),
-      lambda: greedy,
-      lambda: jnp.where(sampling.temperature == 0, greedy, _draw(logits, sampling, step)),
-  )
+  if greedy_only:
+    return greedy
+  return jnp.where(sampling.temperature == 0, greedy, _draw(logits, sampling, step))
 
 
 def _draw(logits: jax.Array, sampling: BatchSampling, step: jax.Array) -> jax.Array:

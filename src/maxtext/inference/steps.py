@@ -65,8 +65,10 @@ def _keep_token(cache: Any, index: jax.Array, scanned: bool) -> Any:
 class DecodeSteps:
   """Builds the jitted functions for one model; shapes (batch, prompt bucket) are compiled once each."""
 
-  def __init__(self, model: Qwen3NextForCausalLM, capacity: int, num_top: int, num_draft: int):
+  def __init__(self, model: Qwen3NextForCausalLM, capacity: int, num_top: int, num_draft: int,
+               greedy_only: bool = False):
     self.model = model
+    self.greedy_only = greedy_only  # every request greedy: the sampler is argmax alone (no sort compiled)
     self.capacity = capacity  # cache slots per row
     self.num_top = num_top  # top log-probs returned per token (static: 0 or sampling.MAX_LOGPROBS)
     self.num_draft = num_draft  # MTP drafts per round (0: plain decoding)
@@ -128,7 +130,7 @@ class DecodeSteps:
     last_hidden = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
     logits = self._logits(params, last_hidden)
     presence = jnp.zeros((batch, logits.shape[-1]), bool)
-    first = sample(logits, sampling, presence, jnp.zeros((), jnp.int32))
+    first = sample(logits, sampling, presence, jnp.zeros((), jnp.int32), greedy_only=self.greedy_only)
     emitted = _emitted(logits[:, None], first[:, None], jnp.ones((batch,), jnp.int32), self.num_top)
     drafts, mtp_cache = jnp.zeros((batch, 0), jnp.int32), None
     if self.num_draft:
@@ -150,7 +152,7 @@ class DecodeSteps:
     context = DecodeContext(cursor, jnp.ones((cursor.shape[0], 1), bool))
     hidden, cache = self._hidden(params, state.last[:, None], cursor[:, None], state.cache["decoder"], context)
     logits = self._logits(params, hidden[:, 0])
-    token = sample(logits, sampling, state.presence, step)
+    token = sample(logits, sampling, state.presence, step, greedy_only=self.greedy_only)
     count = jnp.ones_like(cursor)
     emitted = _emitted(logits[:, None], token[:, None], count, self.num_top)
     new_state = LoopState({"decoder": cache, "mtp": state.cache["mtp"]}, self._advance(cursor, 1), token,

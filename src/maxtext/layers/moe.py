@@ -15,6 +15,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
@@ -106,13 +107,39 @@ def _inverse(order: jax.Array) -> jax.Array:
   return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
 
 
+@jax.custom_vjp
+def permute_rows(x: jax.Array, order: jax.Array, inverse: jax.Array) -> jax.Array:
+  """x[order] for a permutation `order` with inverse `inverse`.
+
+  Autodiff would take the gradient of a gather as a scatter-add (it cannot know the indices never repeat); for
+  a permutation it is the gather by the inverse, several times faster on GPU at MoE sizes.
+  """
+  return x[order]
+
+
+def _permute_rows_forward(x, order, inverse):
+  return x[order], (order, inverse)
+
+
+def _permute_rows_backward(residuals, d_out):
+  order, inverse = residuals
+  no_index_grad = lambda i: np.zeros(i.shape, jax.dtypes.float0)
+  return d_out[inverse], no_index_grad(order), no_index_grad(inverse)
+
+
+permute_rows.defvjp(_permute_rows_forward, _permute_rows_backward)
+
+
 def dropless_local(tokens, top_probs, top_experts, w: ExpertWeights, impl: str, megablox: bool) -> jax.Array:
   """tokens [N, D], top-k routing [N, k] -> routed output [N, D], every expert on this device."""
   k = top_experts.shape[1]
   flat = top_experts.reshape(-1)
   order = jnp.argsort(flat, stable=True)  # slots sorted by expert
-  out = grouped_experts(tokens[order // k], _group_sizes(flat, w.gate.shape[0]), w, impl, megablox)
-  return _combine(out[_inverse(order)], top_probs)
+  inverse = _inverse(order)
+  # Slot i holds token i // k: the k copies' gradients add up through the repeat (a reshape-sum), not a scatter.
+  rows = permute_rows(jnp.repeat(tokens, k, axis=0), order, inverse)
+  out = grouped_experts(rows, _group_sizes(flat, w.gate.shape[0]), w, impl, megablox)
+  return _combine(permute_rows(out, inverse, order), top_probs)
 
 
 def _combine(slot_out: jax.Array, top_probs: jax.Array) -> jax.Array:
