@@ -1,7 +1,7 @@
 """Expert parallelism: on 8 forced host devices the MoE layer's output and gradients equal the single-device ones.
 
-Runs in a subprocess (XLA_FLAGS must be set before jax is imported; the test session has 4 devices). The layer
-alone is exercised: XLA:CPU collectives over a whole multi-device model can hang (a known issue).
+Runs in a subprocess (XLA_FLAGS must be set before jax is imported; the test session has 4 devices). The whole
+model's train step on such meshes is tests/trainers/test_mesh_equivalence.py.
 """
 
 import os

@@ -53,6 +53,10 @@ def test_peak_of_known_devices_and_none_for_a_cpu():
   assert flops.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
   assert flops.peak_tflops("NVIDIA H100 PCIe") == 756.0
   assert flops.peak_tflops("cpu") is None
+  # jax's device_kind strings for TPUs: v5p is plain "TPU v5", v5e "TPU v5 lite", v6e "TPU v6 lite".
+  assert flops.peak_tflops("TPU v5") == 459.0
+  assert flops.peak_tflops("TPU v5 lite") == 197.0
+  assert flops.peak_tflops("TPU v6 lite") == 918.0
 
 
 def test_schedule_warms_up_linearly_then_decays_by_cosine_to_the_final_fraction():

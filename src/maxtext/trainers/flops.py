@@ -29,9 +29,10 @@ PEAK_BF16_TFLOPS = (
     ("NVIDIA A100", 312.0),
     ("NVIDIA B200", 2250.0),
     ("TPU v6", 918.0),
-    ("TPU v5p", 459.0),
-    ("TPU v5 lite", 197.0),
+    ("TPU v5 lite", 197.0),  # v5e reports "TPU v5 lite"
     ("TPU v5e", 197.0),
+    ("TPU v5p", 459.0),
+    ("TPU v5", 459.0),  # v5p reports plain "TPU v5"
     ("TPU v4", 275.0),
 )
 

@@ -57,13 +57,17 @@ def chunk_gated_delta_rule_reference(
   """Chunked gated delta rule. Returns (o [B, T, Hv, Dv] in v's dtype, final state [B, Hv, Dk, Dv] float32).
 
   The intra-chunk algebra is chunking.py's; the chunk-to-chunk recurrence is a jnp scan that JAX differentiates.
+  The chunk's triangular system is solved by the explicit inverse (blocked doubling, float32 matmuls at HIGHEST):
+  XLA:CPU runs `solve_triangular` as a LAPACK call that blocks a shared pool thread while its batch runs on the
+  same pool, which deadlocks a step on several forced host devices (tests/trainers/test_mesh_equivalence.py).
   """
   check_shapes(q, k, v, g, beta, initial_state, segment_ids)
   batch, length = q.shape[:2]
   heads, key_dim, value_dim = v.shape[2], k.shape[-1], v.shape[-1]
   state = _initial_state(initial_state, batch, heads, key_dim, value_dim)
   chunks = prepare_chunks(
-      q, k, v, g, beta, segment_ids, chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm, scale=scale
+      q, k, v, g, beta, segment_ids, chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm, scale=scale,
+      solve="inverse",
   )
   result = inter_chunk_forward(*chunks, state)
   return merge_chunks(result.out, length).astype(v.dtype), result.final_state
