@@ -11,7 +11,6 @@ import torch
 from maxtext.checkpoint_conversion.hf_state import params_from_hf_state
 from maxtext.inference.engine import Engine
 from maxtext.inference.sampling import SamplingParams
-from maxtext.inference.steps import DecodeSteps
 from maxtext.layers.decode_cache import DecodeContext
 from maxtext.models.qwen3_next import Qwen3NextForCausalLM
 from maxtext.models.spec import ModelSpec

@@ -72,7 +72,7 @@ def reference_case(index):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", range(len(CASES)), ids=CASE_IDS)
 def test_matches_reference(impl, case):
-  (shape, dtype, with_state), chunk = CASES[case], CASES[case][0][-1]
+  (_, dtype, with_state), chunk = CASES[case], CASES[case][0][-1]
   inputs, ((o_ref, final_ref), grads_ref) = reference_case(case)
   kernel = lambda *a, **kw: chunk_gated_delta_rule(*a, impl=impl, **kw)
   (o, final), grads = values_and_grads(kernel, *inputs, None, chunk)

@@ -15,7 +15,6 @@ import sys
 import time
 from collections.abc import Sequence
 
-import numpy as np
 
 from maxtext.checkpoint_conversion import orbax_io
 from maxtext.checkpoint_conversion.param_mapping import ParamMapping, hf_shape, parameter_mappings, to_ours

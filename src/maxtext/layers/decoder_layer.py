@@ -8,7 +8,7 @@ from flax import linen as nn
 from maxtext.layers.attention import GatedAttention
 from maxtext.layers.decode_cache import DecodeContext, GdnCache, KVCache
 from maxtext.layers.gated_delta_net import GatedDeltaNet
-from maxtext.layers.moe import RouterStats, SparseMoe
+from maxtext.layers.moe import SparseMoe
 from maxtext.layers.norms import RMSNorm
 from maxtext.layers.specs import AttentionSpec, GatedDeltaNetSpec, MoeSpec, Numerics
 

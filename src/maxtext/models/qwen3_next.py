@@ -11,7 +11,7 @@ from flax import linen as nn
 from maxtext.layers.decode_cache import DecodeContext
 from maxtext.layers.decoder_layer import DecoderLayer
 from maxtext.layers.linear import DEFAULT_INIT_STDDEV, Linear, partitioned
-from maxtext.layers.moe import RouterStats, load_balancing_loss
+from maxtext.layers.moe import load_balancing_loss
 from maxtext.layers.mtp import MultiTokenPredictor
 from maxtext.layers.norms import RMSNorm
 from maxtext.layers.rotary import rotary_cos_sin
