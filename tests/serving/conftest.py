@@ -19,12 +19,23 @@ def tokenizer():
   return AutoTokenizer.from_pretrained(ensure_qwen3_tokenizer())
 
 
+def _script(tokenizer) -> list[int]:
+  return tokenizer.encode(SCRIPT_TEXT) + [tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+
+
 @pytest.fixture(scope="module")
 def fake(tokenizer):
-  """A real uvicorn server in a thread over the scripted engine; its gather window is long enough that requests
-  sent together from threads land in one batch even on a loaded 2-core machine (0.1 s was seen to split them)."""
-  script = tokenizer.encode(SCRIPT_TEXT) + [tokenizer.convert_tokens_to_ids("<|endoftext|>")]
-  with fake_server(tokenizer, script, window_s=0.4) as server:
+  """A real uvicorn server in a thread over the scripted engine, with a short gather window (each request waits
+  it out, so a long one would slow every test)."""
+  with fake_server(tokenizer, _script(tokenizer), window_s=0.05) as server:
+    yield server
+
+
+@pytest.fixture()
+def fake_wide_window(tokenizer):
+  """As `fake`, with a gather window long enough that requests sent together from threads land in one batch even
+  on a loaded 2-core machine (0.1 s was seen to split them)."""
+  with fake_server(tokenizer, _script(tokenizer), window_s=0.5) as server:
     yield server
 
 

@@ -111,8 +111,8 @@ def test_echo_with_generation_continues_the_logprobs(fake, tokenizer):
   assert lp.text_offset[n_prompt] == len("Hi")
 
 
-def test_concurrent_requests_share_one_engine_call(fake, tokenizer):
-  base_url, engine, _ = fake
+def test_concurrent_requests_share_one_engine_call(fake_wide_window, tokenizer):
+  base_url, engine, _ = fake_wide_window
   prompts = ["a", "bb", "ccc", "dddd"]
   before = len(engine.calls)
   with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:

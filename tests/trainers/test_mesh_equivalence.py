@@ -1,5 +1,5 @@
 """The whole tiny model's train step on an 8-device forced-host mesh gives the single-device losses, gradient norms
-and parameters, for fsdp x expert x tensor = 2 x 2 x 2 and 8-way data parallelism.
+and parameters, for fsdp x expert x tensor = 2 x 2 x 2.
 
 Runs in a subprocess: XLA_FLAGS must be set before jax is imported (the test session has 4 devices), and a hang must
 end as a clear failure, never a stuck CI job.
@@ -27,10 +27,7 @@ XLA_FLAGS = ("--xla_force_host_platform_device_count=8 --xla_backend_optimizatio
              " --xla_llvm_disable_expensive_passes=true")
 STEPS = 3
 # (name, ici parallelism) of the 8-device meshes compared with one device.
-MESHES = (
-    ("fsdp2_expert2_tensor2", {"fsdp": 2, "expert": 2, "tensor": 2}),
-    ("data8", {"data": 8}),
-)
+MESHES = (("fsdp2_expert2_tensor2", {"fsdp": 2, "expert": 2, "tensor": 2}),)  # data8 also matched (~20 s more)
 TINY = {
     "dtype": "float32", "base_num_decoder_layers": 4, "mtp_num_layers": 0, "max_target_length": 16,
     "remat_policy": "none", "scan_layers": True, "gdn_chunk_size": 16,
