@@ -6,9 +6,9 @@ Usage: python benchmarks/gated_delta_rule.py [--shapes 1x4096,1x16384,1x65536,8x
    columns are explained in `check`; the target is < 2e-3 max-relative).
 2. Times forward and forward+backward of ours, fla (PyTorch, in a subprocess: gated_delta_rule_fla.py) and the
    reference, all with an initial state and both outputs' cotangents; prints a table (ms, tokens/s, ours/fla,
-   reference/ours) and ours per stage (fused prepare kernels, inter-chunk kernels, and the XLA prepare_chunks the
-   fused kernels replace). --variants adds other choices of ours (fused or unfused prepare, TF32 or bf16 dots)
-   and other kernel tiles and launch parameters.
+   reference/ours) and ours per stage. --variants adds other choices of ours (the fused chunk-algebra kernels of
+   gpu_chunk.py or XLA's prepare_chunks, TF32 or bf16 dots) and other kernel tiles; the fused kernels' stages
+   and launch parameters alone: benchmarks/gated_delta_rule_prepare.py.
 On a CPU the Pallas kernels run in interpret mode: a smoke test of this script with tiny shapes, e.g.
   --shapes 1x128 --no-fla --no-reference --key-heads 1 --value-heads 2 --dim 16 --chunk 16
 Shapes: 16 key heads, 32 value heads, head dim 128, chunk 64; q, k, v, beta bf16, g float32 (as fla takes them).
@@ -49,20 +49,16 @@ def variant_options() -> dict[str, dict | None]:
   """Choices of ours to compare (None: the public API's own choice for bf16 inputs)."""
   import jax
   import jax.numpy as jnp
-  tf32 = dict(solve="inverse", precision=jax.lax.Precision.DEFAULT, operand_dtype=jnp.float32, kernel_precision="tf32",
-              fused_prepare=True)
-  unfused = dict(tf32, fused_prepare=False)
+  tf32 = dict(solve="inverse", precision=jax.lax.Precision.DEFAULT, operand_dtype=jnp.float32, kernel_precision="tf32")
+  fused = dict(tf32, fused_prepare=True)
   return {
       "api": None,
-      "fused prepare, tf32": tf32,
-      "fused prepare, tf32, inverse tf32x3": dict(tf32, inverse_precision="tf32x3"),
-      "fused prepare, bf16 (as fla)": dict(tf32, kernel_precision="bf16"),
-      "fused prepare, bf16 dots, inverse bf16": dict(tf32, kernel_precision="bf16", inverse_precision="bf16"),
-      "fused prepare, IEEE float32": dict(tf32, kernel_precision="ieee"),
-      "unfused prepare (XLA), tf32": unfused,
-      "unfused, solve_triangular instead of the inverse": dict(unfused, solve="solve_triangular"),
-      "unfused, bf16 operands and dots (as fla)": dict(unfused, operand_dtype=jnp.bfloat16, kernel_precision="bf16"),
-      "unfused, IEEE float32 everywhere": dict(unfused, precision=jax.lax.Precision.HIGHEST, kernel_precision="ieee"),
+      "solve_triangular instead of the inverse": dict(tf32, solve="solve_triangular"),
+      "bf16 operands and dots (as fla)": dict(tf32, operand_dtype=jnp.bfloat16, kernel_precision="bf16"),
+      "IEEE float32 everywhere": dict(tf32, precision=jax.lax.Precision.HIGHEST, kernel_precision="ieee"),
+      "fused prepare, tf32": fused,
+      "fused prepare, tf32, inverse tf32x3": dict(fused, inverse_precision="tf32x3"),
+      "fused prepare, bf16 dots (as fla)": dict(fused, kernel_precision="bf16"),
   }
 
 
@@ -196,26 +192,14 @@ def check(bench: Bench, name: str = "api", fla_check: dict | None = None) -> lis
 
 
 def stage_timings(bench: Bench, kernels_only: bool = False, block_sizes=None) -> dict[str, float]:
-  """ms of each stage of ours (the public API's choices): the fused prepare kernels fwd/bwd (gpu_chunk.py), the
-  inter-chunk kernels fwd/bwd on their output, and the unfused prepare_chunks fwd/bwd (XLA) it replaces."""
+  """ms of each stage of ours (the public API's choices): prepare_chunks fwd/bwd (XLA), the kernels fwd/bwd."""
   import jax
   import jax.numpy as jnp
   from maxtext.kernels import gated_delta_rule as gdr
-  from maxtext.kernels.gated_delta_rule import gpu_chunk
   from maxtext.kernels.gated_delta_rule.chunking import prepare_chunks
   from maxtext.kernels.gated_delta_rule.gpu import inter_chunk_backward_gpu, inter_chunk_forward_gpu
   inputs, h0 = bench.arrays()[:2]
   chosen = gdr._options("gpu", *inputs[:3])
-  fused = dict(chunk_size=bench.chunk, precision=chosen.kernel_precision,
-               inverse_precision=chosen.inverse_precision, interpret=_on_cpu())
-  if not kernels_only:
-    timings = {"fused prepare fwd": time_jax(jax.jit(lambda *a: gpu_chunk.prepare_chunks_gpu(*a, None, **fused)),
-                                             *inputs)}
-    fused_chunks = gpu_chunk.prepare_chunks_gpu(*inputs, None, **fused)
-    d_fused = jax.tree.map(lambda x: jnp.full_like(x, 0.01), fused_chunks)
-    timings["fused prepare bwd"] = time_jax(
-        jax.jit(lambda *a: gpu_chunk.prepare_chunks_gpu_backward(*a, **fused)), *inputs, None, d_fused)
-    del fused_chunks, d_fused
 
   def prepare(q, k, v, g, beta):
     chunks = prepare_chunks(q, k, v, g, beta, chunk_size=bench.chunk, solve=chosen.solve, precision=chosen.precision)
@@ -230,13 +214,13 @@ def stage_timings(bench: Bench, kernels_only: bool = False, block_sizes=None) ->
   result = forward(*chunks, h0)
   backward_args = (chunks.q, chunks.k, chunks.w, chunks.intra, chunks.decay, result.states, result.v_new,
                    jnp.full_like(result.out, 0.01), h0)
-  kernel_timings = {"kernel fwd": time_jax(forward, *chunks, h0),
-                    "kernel bwd": time_jax(jax.jit(lambda *a: inter_chunk_backward_gpu(*a, **kernel)), *backward_args)}
+  timings = {"kernel fwd": time_jax(forward, *chunks, h0),
+             "kernel bwd": time_jax(jax.jit(lambda *a: inter_chunk_backward_gpu(*a, **kernel)), *backward_args)}
   if kernels_only:
-    return kernel_timings
+    return timings
   d_chunks = jax.tree.map(lambda x: jnp.full_like(x, 0.01), chunks)
-  return {**timings, **kernel_timings, "xla prepare fwd": time_jax(jax.jit(prepare), *inputs),
-          "xla prepare bwd": time_jax(jax.jit(lambda f, d: f(d)), prepare_vjp, d_chunks)}
+  return {"prepare fwd": time_jax(jax.jit(prepare), *inputs), **timings,
+          "prepare bwd": time_jax(jax.jit(lambda f, d: f(d)), prepare_vjp, d_chunks)}
 
 
 def kernel_tiles(bench: Bench) -> list[dict]:
@@ -250,32 +234,6 @@ def kernel_tiles(bench: Bench) -> list[dict]:
     try:
       entry.update(stage_timings(bench, kernels_only=True, block_sizes=tiles))
     except Exception as error:  # e.g. out of shared memory: report and go on
-      entry["error"] = f"{type(error).__name__}: {str(error)[:200]}"
-    print(entry, flush=True)
-    results.append(entry)
-  return results + prepare_launches(bench)
-
-
-def prepare_launches(bench: Bench) -> list[dict]:
-  """The fused prepare kernels alone (the public API's precision) with other warps and pipelining stages."""
-  import jax
-  import jax.numpy as jnp
-  from maxtext.kernels import gated_delta_rule as gdr
-  from maxtext.kernels.gated_delta_rule import gpu_chunk
-  inputs = bench.arrays()[0]
-  chosen = gdr._options("gpu", *inputs[:3])
-  results = []
-  for launch in (gpu_chunk.PrepareLaunch(), gpu_chunk.PrepareLaunch(num_warps=4, grad_num_warps=4),
-                 gpu_chunk.PrepareLaunch(grad_num_warps=16), gpu_chunk.PrepareLaunch(num_stages=2)):
-    fused = dict(chunk_size=bench.chunk, precision=chosen.kernel_precision, interpret=_on_cpu(), launch=launch)
-    entry = dict(tiles="fused prepare: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(launch).items()))
-    try:
-      chunks = gpu_chunk.prepare_chunks_gpu(*inputs, None, **fused)
-      d_chunks = jax.tree.map(lambda x: jnp.full_like(x, 0.01), chunks)
-      entry["kernel fwd"] = time_jax(jax.jit(lambda *a: gpu_chunk.prepare_chunks_gpu(*a, None, **fused)), *inputs)
-      entry["kernel bwd"] = time_jax(jax.jit(lambda *a: gpu_chunk.prepare_chunks_gpu_backward(*a, **fused)),
-                                     *inputs, None, d_chunks)
-    except Exception as error:  # e.g. out of registers or shared memory: report and go on
       entry["error"] = f"{type(error).__name__}: {str(error)[:200]}"
     print(entry, flush=True)
     results.append(entry)
@@ -323,9 +281,8 @@ def markdown(meta: dict, rows: list[dict], stages: dict, checks: list[dict], var
         + " |")
   if stages:
     keys = list(next(iter(stages.values())))
-    lines += ["", "Ours per stage (ms, each timed alone; fused prepare = the chunk algebra as Pallas kernels "
-              "(gpu_chunk.py), kernel = the Pallas recurrences, xla prepare = the jnp chunk algebra under XLA that "
-              "the fused kernels replace, fwd and its autodiff bwd):", "", "| B x T | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines += ["", "Ours per stage (ms, each timed alone; prepare = the jnp chunk algebra under XLA, kernel = "
+              "the Pallas recurrences):", "", "| B x T | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     lines += [f"| {shape} | " + " | ".join(fmt(st.get(k)) for k in keys) + " |" for shape, st in stages.items()]
   if checks:
     lines += ["", "Accuracy, max|a-b| / max|b| against impl='reference' (columns as `check` in "

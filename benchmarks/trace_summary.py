@@ -25,13 +25,20 @@ def _device_events(trace: dict) -> list[dict]:
   return [e for e in trace["traceEvents"] if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e]
 
 
-def summarize(log_dir: str, top: int = 25, repeats: int = 1) -> str:
-  """Markdown table of the newest trace under log_dir: per kernel name, calls and total ms (divided by repeats)."""
+def _newest_device_events(log_dir: str) -> list[dict] | None:
+  """The device events of the newest trace under log_dir, or None when there is none."""
   files = sorted(glob.glob(os.path.join(log_dir, "plugins", "profile", "*", "*.trace.json.gz")), key=os.path.getmtime)
   if not files:
-    return f"(no trace under {log_dir})"
+    return None
   with gzip.open(files[-1], "rb") as f:
-    events = _device_events(json.load(f))
+    return _device_events(json.load(f))
+
+
+def summarize(log_dir: str, top: int = 25, repeats: int = 1) -> str:
+  """Markdown table of the newest trace under log_dir: per kernel name, calls and total ms (divided by repeats)."""
+  events = _newest_device_events(log_dir)
+  if events is None:
+    return f"(no trace under {log_dir})"
   totals, calls = collections.Counter(), collections.Counter()
   for e in events:
     totals[e["name"]] += e["dur"]
@@ -47,11 +54,10 @@ def summarize(log_dir: str, top: int = 25, repeats: int = 1) -> str:
 
 def breakdown(log_dir: str, kernel_substring: str, top: int = 15, repeats: int = 1) -> str:
   """For the kernels whose name contains kernel_substring (e.g. 'memcpy'), total ms per HLO op (trace args)."""
-  files = sorted(glob.glob(os.path.join(log_dir, "plugins", "profile", "*", "*.trace.json.gz")), key=os.path.getmtime)
-  if not files:
+  events = _newest_device_events(log_dir)
+  if events is None:
     return f"(no trace under {log_dir})"
-  with gzip.open(files[-1], "rb") as f:
-    events = [e for e in _device_events(json.load(f)) if kernel_substring in e["name"]]
+  events = [e for e in events if kernel_substring in e["name"]]
   totals = collections.Counter()
   for e in events:
     args = e.get("args", {})

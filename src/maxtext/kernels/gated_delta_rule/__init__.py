@@ -52,8 +52,7 @@ class ChunkOptions:
   kernels' operands (q, k, w, u, intra) and, on GPU, the kernels' dot precision (gpu.py's `precision`).
 
   fused_prepare (GPU only, off by default: slower so far, see _options): the chunk algebra as gpu_chunk.py's
-  kernels instead of prepare_chunks under XLA, for
-  sizes Triton can tile (chunk, Dk, Dv powers of two >= 16; others keep prepare_chunks). It follows
+  kernels instead of prepare_chunks under XLA (sizes as the GPU recurrence kernels: powers of two >= 16). It follows
   kernel_precision (storage by gpu.py's rule: 16-bit in 'bf16' mode, else float32) and inverse_precision (None:
   gpu_chunk.py's default); solve, precision and operand_dtype apply to the prepare_chunks path only.
   """
@@ -147,7 +146,7 @@ def chunk_gated_delta_rule(
   interpret=True, Pallas kernels run in interpret mode.
   """
   chosen = dispatch.choose("gated_delta_rule", impl, _AVAILABLE)
-  if impl == "auto" and chosen == "gpu" and not _fusable(chunk_size, k.shape[-1], v.shape[-1]):
+  if impl == "auto" and chosen == "gpu" and not _gpu_tileable(chunk_size, k.shape[-1], v.shape[-1]):
     # Triton tiles powers of two >= 16 only: other sizes run the jnp chunk algebra and recurrence under XLA.
     chosen = dispatch.choose("gated_delta_rule", "xla", _AVAILABLE)
   if chosen == "reference":
@@ -243,11 +242,11 @@ def _chunked(q, k, v, g, beta, initial_state, *, segment_ids, chunk_size, use_qk
              options: ChunkOptions) -> tuple[jax.Array, jax.Array]:
   """prepare_chunks -> the impl's recurrence with its vjp -> merge_chunks (the benchmark varies `options`).
 
-  On GPU with options.fused_prepare, the chunk algebra runs as gpu_chunk.py's kernels where Triton can tile it.
+  On GPU with options.fused_prepare, the chunk algebra runs as gpu_chunk.py's kernels.
   """
   batch, length = q.shape[:2]
   state = _initial_state(initial_state, batch, v.shape[2], k.shape[-1], v.shape[-1])
-  if impl == "gpu" and options.fused_prepare and _fusable(chunk_size, k.shape[-1], v.shape[-1]):
+  if impl == "gpu" and options.fused_prepare:
     run = _fused_gpu_with_vjp(chunk_size, use_qk_l2norm, scale, options.kernel_precision,
                               options.inverse_precision, interpret)
     return run(q, k, v, g, beta, state, segment_ids)
@@ -262,7 +261,8 @@ def _chunked(q, k, v, g, beta, initial_state, *, segment_ids, chunk_size, use_qk
   return merge_chunks(out, length).astype(v.dtype), final_state
 
 
-def _fusable(chunk_size: int, key_dim: int, value_dim: int) -> bool:
+def _gpu_tileable(chunk_size: int, key_dim: int, value_dim: int) -> bool:
+  """Whether the GPU kernels (inter-chunk and fused chunk algebra alike) can tile these sizes."""
   from maxtext.kernels.gated_delta_rule import gpu_chunk  # noqa: PLC0415 - Pallas imports on demand
 
   return gpu_chunk.supports(chunk_size, key_dim, value_dim)
