@@ -6,9 +6,8 @@ Usage: python benchmarks/gated_delta_rule.py [--shapes 1x4096,1x16384,1x65536,8x
    columns are explained in `check`; the target is < 2e-3 max-relative).
 2. Times forward and forward+backward of ours, fla (PyTorch, in a subprocess: gated_delta_rule_fla.py) and the
    reference, all with an initial state and both outputs' cotangents; prints a table (ms, tokens/s, ours/fla,
-   reference/ours) and ours per stage. --variants adds other choices of ours (the fused chunk-algebra kernels of
-   gpu_chunk.py or XLA's prepare_chunks, TF32 or bf16 dots) and other kernel tiles; the fused kernels' stages
-   and launch parameters alone: benchmarks/gated_delta_rule_prepare.py.
+   reference/ours) and ours per kernel (the profiler's device time of one forward+backward). --variants adds
+   ours in the 'tf32' precision mode and other launch parameters (gpu.py's ChunkedLaunch).
 On a CPU the Pallas kernels run in interpret mode: a smoke test of this script with tiny shapes, e.g.
   --shapes 1x128 --no-fla --no-reference --key-heads 1 --value-heads 2 --dim 16 --chunk 16
 Shapes: 16 key heads, 32 value heads, head dim 128, chunk 64; q, k, v, beta bf16, g float32 (as fla takes them).
@@ -20,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import dataclasses
 import datetime
 import json
 import os
@@ -47,19 +45,7 @@ def _on_cpu() -> bool:
 
 def variant_options() -> dict[str, dict | None]:
   """Choices of ours to compare (None: the public API's own choice for bf16 inputs)."""
-  import jax
-  import jax.numpy as jnp
-  tf32 = dict(solve="inverse", precision=jax.lax.Precision.DEFAULT, operand_dtype=jnp.float32, kernel_precision="tf32")
-  fused = dict(tf32, fused_prepare=True)
-  return {
-      "api": None,
-      "solve_triangular instead of the inverse": dict(tf32, solve="solve_triangular"),
-      "bf16 operands and dots (as fla)": dict(tf32, operand_dtype=jnp.bfloat16, kernel_precision="bf16"),
-      "IEEE float32 everywhere": dict(tf32, precision=jax.lax.Precision.HIGHEST, kernel_precision="ieee"),
-      "fused prepare, tf32": fused,
-      "fused prepare, tf32, inverse tf32x3": dict(fused, inverse_precision="tf32x3"),
-      "fused prepare, bf16 dots (as fla)": dict(fused, kernel_precision="bf16"),
-  }
+  return {"api": None, "tf32 dots, float32 storage": dict(kernel_precision="tf32")}
 
 
 def runner(impl: str, chunk: int, options: dict | None) -> Callable:
@@ -191,53 +177,32 @@ def check(bench: Bench, name: str = "api", fla_check: dict | None = None) -> lis
   return rows
 
 
-def stage_timings(bench: Bench, kernels_only: bool = False, block_sizes=None) -> dict[str, float]:
-  """ms of each stage of ours (the public API's choices): prepare_chunks fwd/bwd (XLA), the kernels fwd/bwd."""
+def kernel_timings(bench: Bench, name: str = "api") -> dict[str, float]:
+  """ms per kernel of one forward+backward of ours (profiler device time, mean of 3): our Pallas kernels by
+  name, everything else (XLA's l2 norm, cumulative sums, padding and the sums over value heads) as 'XLA ops'."""
   import jax
-  import jax.numpy as jnp
-  from maxtext.kernels import gated_delta_rule as gdr
-  from maxtext.kernels.gated_delta_rule.chunking import prepare_chunks
-  from maxtext.kernels.gated_delta_rule.gpu import inter_chunk_backward_gpu, inter_chunk_forward_gpu
-  inputs, h0 = bench.arrays()[:2]
-  chosen = gdr._options("gpu", *inputs[:3])
-
-  def prepare(q, k, v, g, beta):
-    chunks = prepare_chunks(q, k, v, g, beta, chunk_size=bench.chunk, solve=chosen.solve, precision=chosen.precision)
-    cast = lambda x: x.astype(chosen.operand_dtype)
-    return chunks._replace(q=cast(chunks.q), k=cast(chunks.k), w=cast(chunks.w), u=cast(chunks.u),
-                           intra=cast(chunks.intra))
-
-  chunks, prepare_vjp = jax.vjp(prepare, *inputs)
-  kernel = dict(interpret=_on_cpu(), precision=chosen.kernel_precision,
-                **({} if block_sizes is None else dict(block_sizes=block_sizes)))
-  forward = jax.jit(lambda *a: inter_chunk_forward_gpu(*a, **kernel))
-  result = forward(*chunks, h0)
-  backward_args = (chunks.q, chunks.k, chunks.w, chunks.intra, chunks.decay, result.states, result.v_new,
-                   jnp.full_like(result.out, 0.01), h0)
-  timings = {"kernel fwd": time_jax(forward, *chunks, h0),
-             "kernel bwd": time_jax(jax.jit(lambda *a: inter_chunk_backward_gpu(*a, **kernel)), *backward_args)}
-  if kernels_only:
-    return timings
-  d_chunks = jax.tree.map(lambda x: jnp.full_like(x, 0.01), chunks)
-  return {"prepare fwd": time_jax(jax.jit(prepare), *inputs), **timings,
-          "prepare bwd": time_jax(jax.jit(lambda f, d: f(d)), prepare_vjp, d_chunks)}
+  from trace_summary import kernel_totals, profile
+  log_dir = tempfile.mkdtemp(prefix="gdn_trace_")
+  profile(lambda: jax.block_until_ready(bench.call("grads", "gpu", name)), log_dir, repeats=3)
+  totals = kernel_totals(log_dir, repeats=3)
+  ours = {k.removeprefix("gdr_"): v for k, v in totals.items() if k.startswith("gdr_")}
+  return {**ours, "XLA ops": sum(v for k, v in totals.items() if not k.startswith("gdr_"))}
 
 
-def kernel_tiles(bench: Bench) -> list[dict]:
-  """The kernels alone (the public API's precision) with other tiles and launch parameters."""
-  from maxtext.kernels.gated_delta_rule.gpu import GpuBlockSizes
-  results = []
-  for tiles in (GpuBlockSizes(), GpuBlockSizes(fuse_output=True), GpuBlockSizes(block_v=16),
-                GpuBlockSizes(block_v=64), GpuBlockSizes(num_warps=8), GpuBlockSizes(output_block_v=128)):
-    entry = dict(tiles=", ".join(f"{f.name}={getattr(tiles, f.name)}" for f in dataclasses.fields(tiles)
-                                 if getattr(tiles, f.name) != f.default) or "defaults")
-    try:
-      entry.update(stage_timings(bench, kernels_only=True, block_sizes=tiles))
-    except Exception as error:  # e.g. out of shared memory: report and go on
-      entry["error"] = f"{type(error).__name__}: {str(error)[:200]}"
-    print(entry, flush=True)
-    results.append(entry)
-  return results
+def launch_variants() -> dict[str, object]:
+  """Launch parameters of gpu.py's kernels to compare with the defaults."""
+  from maxtext.kernels.gated_delta_rule.gpu import ChunkedLaunch
+  return {"walk_stages=2": ChunkedLaunch(walk_stages=2), "block_v=64": ChunkedLaunch(block_v=64),
+          "grad_warps=8, wy_grad_warps=8": ChunkedLaunch(grad_warps=8, wy_grad_warps=8),
+          "grad_block_k=128 (whole key dim)": ChunkedLaunch(grad_block_k=128)}
+
+
+def add_launch_jobs(bench: Bench, jobs: list) -> None:
+  from maxtext.kernels.gated_delta_rule.gpu import chunk_gated_delta_rule_gpu
+  for name, launch in launch_variants().items():
+    run = lambda q, k, v, g, beta, h0, launch=launch: chunk_gated_delta_rule_gpu(
+        q, k, v, g, beta, h0, chunk_size=bench.chunk, launch=launch, interpret=_on_cpu())
+    jobs.append((bench, ("grads", "gpu", name, False), grads_fn(run), bench.specs()))
 
 
 def start_peer(args, json_path: str, check_path: str):
@@ -281,8 +246,9 @@ def markdown(meta: dict, rows: list[dict], stages: dict, checks: list[dict], var
         + " |")
   if stages:
     keys = list(next(iter(stages.values())))
-    lines += ["", "Ours per stage (ms, each timed alone; prepare = the jnp chunk algebra under XLA, kernel = "
-              "the Pallas recurrences):", "", "| B x T | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines += ["", "Ours per kernel (ms of one forward+backward, profiler device time; wy = the WY system, state = "
+              "the sequential walks, output = o and its gradient's main part; XLA ops = l2 norm, cumsum, padding, "
+              "sums over value heads):", "", "| B x T | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     lines += [f"| {shape} | " + " | ".join(fmt(st.get(k)) for k in keys) + " |" for shape, st in stages.items()]
   if checks:
     lines += ["", "Accuracy, max|a-b| / max|b| against impl='reference' (columns as `check` in "
@@ -300,9 +266,10 @@ def markdown(meta: dict, rows: list[dict], stages: dict, checks: list[dict], var
     lines += [f"| {v['name']} | {fmt(v.get('fwd'))} | {fmt(v.get('fwd_bwd'))} | {v.get('error', '-')} |"
               for v in variants]
   if tiles:
-    lines += ["", f"The kernels alone at {meta['variants_shape']} with other tiles (ms):", "",
-              "| tiles | kernel fwd | kernel bwd |", "|---|---|---|"]
-    lines += [f"| {t['tiles']} | {fmt(t.get('kernel fwd'))} | {fmt(t.get('kernel bwd'))} |" for t in tiles]
+    lines += ["", f"Other launch parameters at {meta['variants_shape']} (ms of forward+backward; defaults: "
+              "gpu.ChunkedLaunch()):", "", "| launch | fwd+bwd |", "|---|---|"]
+    lines += [f"| {t['launch']} | {fmt(t.get('fwd_bwd'))} |" + (f" {t['error']}" if "error" in t else "")
+              for t in tiles]
   return "\n".join(lines) + "\n"
 
 
@@ -329,11 +296,10 @@ def main() -> None:
   peer_json, check_path = os.path.join(scratch, "fla.json"), os.path.join(scratch, "fla_check.npz")
   process = None if args.no_fla else start_peer(args, peer_json, check_path)  # alone on the GPU from here
   import jax
-  from maxtext.kernels import gated_delta_rule as gdr
   started = time.perf_counter()
   benches = [Bench(args, *parse_shape(text)) for text in args.shapes.split(",")]
   benches.append(Bench(args, 1, 4096, decay_scale=0.02, label="1x4096 slow decay"))  # state lives long
-  api_f32 = dataclasses.asdict(gdr._options("gpu", *benches[0].specs()[0][:3]))
+  api_f32 = dict(kernel_precision="bf16")  # the bf16 path's dots on float32 inputs: our arithmetic alone
   jobs: list = []
   for bench in benches:
     timing = "slow" not in bench.label
@@ -347,6 +313,8 @@ def main() -> None:
   variants_to_run = {n: o for n, o in variant_options().items() if o is not None} if variant_bench else {}
   for name, options in variants_to_run.items():
     variant_bench.add_jobs(jobs, "gpu", name, options, timing=True)
+  if variant_bench is not None:
+    add_launch_jobs(variant_bench, jobs)
   compile_all(jobs, args.compile_workers)
   print(f"inputs and compiles took {time.perf_counter() - started:.0f} s", flush=True)
   peer = finish_peer(process, peer_json, args.peer_timeout) if process else {}
@@ -374,6 +342,9 @@ def main() -> None:
     try:  # a failure at one shape must not lose the others' numbers
       fla_check = dict(np.load(check_path)) if index == 0 and os.path.exists(check_path) else None
       checks += check(bench, fla_check=fla_check)
+    except Exception:
+      traceback.print_exc()
+    try:
       if "slow" not in bench.label:
         row.update(ours_fwd=bench.time("fwd", "gpu", "api"), ours_fwd_bwd=bench.time("grads", "gpu", "api"))
         if not args.no_reference:
@@ -381,7 +352,7 @@ def main() -> None:
                      ref_fwd_bwd=bench.time("grads", "reference", "api"))
         rows.append(row)
         print(row, flush=True)
-        stages[f"{bench.batch} x {bench.length}"] = stage_timings(bench)
+        stages[f"{bench.batch} x {bench.length}"] = kernel_timings(bench)
         print(stages[f"{bench.batch} x {bench.length}"], flush=True)
     except Exception:
       traceback.print_exc()
@@ -398,8 +369,15 @@ def main() -> None:
     print(entry, flush=True)
     variants.append(entry)
     save()
-  if variant_bench is not None:
-    tiles = kernel_tiles(variant_bench)
+  for name in launch_variants() if variant_bench is not None else ():
+    entry = dict(launch=name)
+    try:
+      entry["fwd_bwd"] = variant_bench.time("grads", "gpu", name)
+    except Exception as error:
+      entry["error"] = f"FAILED: {type(error).__name__}: {str(error)[:200]}"
+    print(entry, flush=True)
+    tiles.append(entry)
+    save()
   section = save()
   print(section, flush=True)
   if args.docs:

@@ -34,6 +34,14 @@ def _newest_device_events(log_dir: str) -> list[dict] | None:
     return _device_events(json.load(f))
 
 
+def kernel_totals(log_dir: str, repeats: int = 1) -> dict[str, float]:
+  """ms per kernel name in the newest trace under log_dir (divided by repeats), largest first; {} without one."""
+  totals = collections.Counter()
+  for e in _newest_device_events(log_dir) or ():
+    totals[e["name"]] += e["dur"]
+  return {name: total / 1e3 / repeats for name, total in totals.most_common()}
+
+
 def summarize(log_dir: str, top: int = 25, repeats: int = 1) -> str:
   """Markdown table of the newest trace under log_dir: per kernel name, calls and total ms (divided by repeats)."""
   events = _newest_device_events(log_dir)

@@ -1,315 +1,460 @@
-"""Pallas GPU (Triton) kernels for the inter-chunk recurrence of the chunked gated delta rule.
+"""The whole chunked gated delta rule on GPU: six Pallas-Triton kernels over the model's layout, with a custom vjp.
 
-The contract and the jnp reference are in inter_chunk.py. Triton grids are parallel only, so each recurrence
-program owns one (batch * head, value block) and walks the chunks with a fori_loop, keeping its [Dk, BV] slice of
-the float32 state in registers: every product in the forward and in the state-gradient recurrence is separable
-across value columns. The forward runs in two kernels: the recurrence reads only k, w and u per chunk (small
-enough for Triton to prefetch the next chunk's tiles while it computes: the sequential walk is latency bound) and
-stores the states and v_new it needs anyway; then a kernel parallel over chunks forms out = q h_n + intra v_new.
-The backward runs in two kernels:
-  1. the reverse recurrence (grid over value blocks, like the forward) writes du = dv_new and the state gradient
-     dh entering each chunk from the right (dL/dh_{n+1}), both float32;
-  2. a fully parallel kernel over (chunk, key block) reads h_n, dh, d_out, v_new and du and forms dq, dk, dw,
-     dintra and ddecay, which all reduce over Dv, in one program each (no cross-program partial sums, and
-     B*H*N programs to fill the GPU even when B*H is small).
-Writing dh costs one more [B, H, N, Dk, Dv] float32 array, but splitting Dv in a single kernel would instead
-write (Dv/BV) partial copies of dq, dk, dw and dintra and sum them afterwards, which moves more bytes.
+The kernels read q and k [B, T, Hk, Dk] (already l2-normalised: the caller does that under autodiff, so its
+gradient is JAX's), v [B, T, Hv, Dv], the chunk-local cumulative log decays gc and the betas [B, Hv, T] in float32,
+and per-token segment masks. Value head h reads key head h // G (G = Hv / Hk) in place: nothing is repeated.
+T is a multiple of the chunk size C (the caller pads). Per batch row, value head and chunk, with q, k the chunk's
+rows of its key head and s the 1/sqrt(Dk) scale:
+  Gamma_ij = exp(gc_i - gc_j) on causal (i >= j) same-segment pairs, else 0
+  A = strictly_lower(beta_i (k k^T)_ij Gamma_ij);  T = (I + A)^-1                 (the chunk's WY system)
+  fs = exp(gc) carried;  te = exp(gc_last - gc) in_last;  decay = exp(gc_last) carried_last
+  w = T (beta fs k);  u = T (beta v)
+  v_new = u - w h_n;  o = s fs (q h_n) + s (Gamma * q k^T) v_new;  h_{n+1} = decay h_n + k^T (te v_new)
+(carried: the token belongs to the segment of the state entering the chunk; in_last: to the chunk's last segment;
+both 1 without segment ids. The initial state belongs to each row's first segment.)
 
-Precision (`precision`; accumulation and the carried state are float32 in every mode):
-  'ieee'    float32 operands, IEEE float32 dots on the CUDA cores: exact, slowest. Default for float32 inputs.
-  'tf32'    float32 operands rounded to TF32 (10-bit mantissa) on the tensor cores: ~5e-4 relative end to end.
-  'tf32x3'  float32 operands as TF32 hi + lo parts, 3 tensor-core passes: ~float32.
-  'bf16'    every operand (inputs, h, v_new, d_out, dh, dv_new) rounded to bf16 just before its dot, as fla does:
-            ~2e-3..4e-3 relative (each rounded operand alone costs ~1e-3..2e-3). Default for 16-bit inputs.
-Interpret mode (CPU) has no TF32 and runs IEEE float32 for the TF32 modes.
+Forward: `_wy_kernel` (parallel over chunks: w, u and T, kept for the backward), `_state_kernel` (one program per
+value block walks the chunks carrying its [Dk, BV] float32 state: h_n and v_new) and `_output_kernel` (parallel: o).
+Backward: `_local_dv_kernel` (parallel: (s Gamma * q k^T)^T do), `_state_grad_kernel` (reverse walk: dv_new and
+dh_{n+1}, then dh0), `_output_grad_kernel` (parallel: the gradients through o and the state update) and
+`_wy_grad_kernel` (parallel: through the WY system). The per-value-head dq, dk are summed over each key head's
+group by XLA afterwards. (One kernel for both parallel gradient parts measured 5.8 ms at B=1, T=16384, 32 heads
+on an H100: too many live tiles, spilled.)
 
-Storage: in 'bf16' mode with 16-bit inputs the big outputs and residuals (out, states, v_new, du, dq, dk, dw,
-dintra) are stored in the inputs' dtype, halving the bytes moved: every later read of them feeds a dot that rounds
-its operands to bf16 anyway, so nothing is lost but the final rounding of the outputs. The state gradients dh
-stay float32 (with states they give ddecay, an elementwise product summed over the whole state), as do the
-final state, ddecay and dh0. Every other mode stores float32.
+Precision (gpu_precision.py's modes): 'bf16' (the default for 16-bit inputs) rounds every dot operand to bf16, as
+fla does, and stores the intermediates (w, u, T, states, v_new and the gradients between kernels) in the inputs'
+16-bit dtype; 'tf32'/'tf32x3'/'ieee' store float32 (about 3x slower on an H100, 10x more accurate). The inverse T
+always comes from float32 products ('ieee' with float32 inputs, else 'tf32').
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from maxtext.kernels.gated_delta_rule.inter_chunk import BackwardResult, ForwardResult
-
-try:  # where jax 0.10.x and 0.11.x keep the Triton compiler parameters
-  from jax.experimental.pallas.triton import CompilerParams as _TritonParams
-except ImportError:  # older jax named them TritonCompilerParams, in pallas.gpu
-  from jax.experimental.pallas.gpu import TritonCompilerParams as _TritonParams
+from maxtext.kernels.gated_delta_rule.chunking import l2_normalize
+from maxtext.kernels.gated_delta_rule.gpu_precision import TritonParams, check_dims, dot, matmul_mode
 
 
 @dataclasses.dataclass(frozen=True)
-class GpuBlockSizes:
-  """Tile sizes and launch parameters; the defaults target an H100 with Dk = Dv = 128, C = 64.
+class ChunkedLaunch:
+  """Launch parameters (H100 defaults; see benchmarks/gated_delta_rule.py)."""
 
-  Warps left as None: 8 for IEEE float32 dots in the recurrences (they spill heavily at 4), 4 otherwise; 8 in the
-  gradient kernel (255 registers and spills at 4 with the default tiles). Register counts from compiling the
-  Triton IR for sm_90a with ptxas. On an H100 at B=1, T=16384, H=32 with TF32 dots (docs/benchmarks.md) these
-  defaults were the fastest measured: block_v 16 or 64, 8 warps and the fused forward were all 3-14% slower.
+  block_v: int = 32  # value columns per program of the two sequential walks
+  walk_warps: int = 4
+  # Software pipelining of the next chunks' loads in the walks. None: 3 with 16-bit storage; 1 with float32, whose
+  # tiles would need more than the H100's 227 KB of shared memory for more stages.
+  walk_stages: int | None = None
+  parallel_warps: int = 4
+  grad_warps: int = 4  # the output-gradient kernel
+  wy_grad_warps: int = 4
+  grad_block_k: int = 64  # key columns per program of the output-gradient kernel
+  grad_block_v: int = 64  # value columns per inner step of the output-gradient kernel
+
+
+class Segments(NamedTuple):
+  """Per-token segment masks [B, T]: the id (int32), carried and in_last (float32, see the module docstring)."""
+
+  ids: jax.Array
+  carried: jax.Array
+  in_last: jax.Array
+
+
+def segment_masks(segment_ids: jax.Array, chunk: int) -> Segments:
+  """Segments for [B, T] ids, T a multiple of chunk (pad with mode='edge': padding continues the last segment)."""
+  batch, length = segment_ids.shape
+  seg = segment_ids.astype(jnp.int32).reshape(batch, length // chunk, chunk)
+  previous_last = jnp.concatenate([seg[:, :1, :1], seg[:, :-1, -1:]], axis=1)  # segment of the carried state
+  flat = lambda x: x.reshape(batch, length)
+  return Segments(flat(seg), flat((seg == previous_last).astype(jnp.float32)),
+                  flat((seg == seg[..., -1:]).astype(jnp.float32)))
+
+
+# ------------------------------------------------------------------------------------------- in-kernel math
+
+
+class _Gates(NamedTuple):
+  gamma: jax.Array  # [C, C], zero off the causal same-segment pairs
+  from_start: jax.Array  # fs [C]
+  to_end: jax.Array  # te [C]
+  decay: jax.Array  # scalar
+  is_last: jax.Array  # [C] bool, the chunk's last row
+
+
+def supports(chunk_size: int, key_dim: int, value_dim: int) -> bool:
+  """Whether Triton can tile these sizes (powers of two >= 16); the dispatcher runs XLA for the others."""
+  try:
+    check_dims(chunk_size=chunk_size, key_dim=key_dim, value_dim=value_dim)
+  except ValueError:
+    return False
+  return True
+
+
+def _iotas(size: int):
+  return (jax.lax.broadcasted_iota(jnp.int32, (size, size), 0), jax.lax.broadcasted_iota(jnp.int32, (size, size), 1))
+
+
+def _gates(gc_ref, seg_refs, b, h, tokens, chunk: int) -> _Gates:
+  """The decays of one (row, value head, chunk) from its cumulative log decays and segment masks."""
+  rows, cols = _iotas(chunk)
+  gc = gc_ref[b, h, tokens]
+  is_last = jax.lax.broadcasted_iota(jnp.int32, (chunk,), 0) == chunk - 1
+  gc_last = jnp.sum(jnp.where(is_last, gc, 0.0))
+  mask = rows >= cols
+  if seg_refs is not None:
+    seg = seg_refs.ids[b, tokens]
+    mask = mask & (seg[:, None] == seg[None, :])
+  gamma = jnp.exp(jnp.where(mask, gc[:, None] - gc[None, :], -jnp.inf))  # masked before exp: nothing overflows
+  from_start, to_end, decay = jnp.exp(gc), jnp.exp(gc_last - gc), jnp.exp(gc_last)
+  if seg_refs is not None:
+    carried = seg_refs.carried[b, tokens]
+    from_start = from_start * carried
+    to_end = to_end * seg_refs.in_last[b, tokens]
+    decay = decay * jnp.sum(jnp.where(is_last, carried, 0.0))
+  return _Gates(gamma, from_start, to_end, decay, is_last)
+
+
+def _unit_lower_inverse(a: jax.Array, rows: jax.Array, cols: jax.Array, mm) -> jax.Array:
+  """(I + a)^-1 for strictly lower [C, C] a, C a power of two, by merging diagonal blocks pairwise at full size.
+
+  With T_s the block diagonal of the inverses of the s x s diagonal blocks and L_s the lower-left s x s blocks of
+  each 2s x 2s diagonal block of a: T_2s = T_s - T_s L_s T_s (inv([[A, 0], [B, D]]) has -inv(D) B inv(A) below).
+  T_2 = I - L_1. Exact, unlike a Neumann product, whose powers of A reach C(62, 31) ~ 5e17 for identical keys.
   """
-
-  block_v: int = 32  # value columns per recurrence program: B*H*Dv/block_v programs (128 at B=1, H=32)
-  num_warps: int | None = None
-  # Triton software pipelining of the next chunk's loads (what hides their latency in the sequential walk).
-  # None: 2, except 1 for the fused forward and the state-gradient recurrence with float32 operands, whose
-  # q, k, w (and intra) tiles would need ~270 KB of shared memory for 2 stages, over the H100's 227 KB.
-  num_stages: int | None = None
-  # The forward recurrence only carries the state (reads k, w, u); out = q h + intra v_new is a parallel kernel
-  # over chunks. fuse_output=True computes out inside the recurrence instead (fewer bytes, longer steps).
-  fuse_output: bool = False
-  output_block_v: int = 64  # value columns per program of the parallel output kernel
-  grad_block_k: int = 64  # key rows per program of the parallel gradient kernel
-  grad_block_v: int = 64  # value columns per inner step of the gradient kernel (bounds register use)
-  grad_num_warps: int | None = None
-
-  def recurrence_params(self, precision: str, heavy: bool) -> _TritonParams:
-    """heavy: the recurrence streams q, k, w tiles per chunk (fused forward, state gradients)."""
-    warps = self.num_warps or (8 if precision == "ieee" else 4)
-    stages = self.num_stages or (1 if heavy and precision != "bf16" else 2)
-    return _TritonParams(num_warps=warps, num_stages=stages)
-
-  def output_params(self) -> _TritonParams:
-    return _TritonParams(num_warps=8, num_stages=1)
-
-  def gradient_params(self) -> _TritonParams:
-    return _TritonParams(num_warps=self.grad_num_warps or 8, num_stages=1)
+  size = a.shape[0]
+  apart = rows ^ cols  # < 2s: same 2s block; >= s: different s blocks
+  lower = rows > cols
+  t = jnp.where(rows == cols, 1.0, 0.0) - jnp.where(lower & (apart == 1), a, 0.0)
+  s = 2
+  while s < size:
+    block = jnp.where(lower & (apart >= s) & (apart < 2 * s), a, 0.0)
+    t = t - mm(t, mm(block, t))
+    s *= 2
+  return t
 
 
-PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16")
-_TF32_ALGORITHMS = {
-    "ieee": jax.lax.Precision.HIGHEST,  # Triton's default for a float32 dot would be TF32
-    "tf32": jax.lax.DotAlgorithmPreset.TF32_TF32_F32,
-    "tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
-}
+def _split_refs(refs, count: int, segmented: bool):
+  """(first `count` refs, Segments of refs or None, the rest)."""
+  head, rest = refs[:count], refs[count:]
+  if not segmented:
+    return head, None, rest
+  return head, Segments(*rest[:3]), rest[3:]
 
 
-def _dot(a: jax.Array, b: jax.Array, *, precision: str, interpret: bool, trans_a: bool = False,
-         trans_b: bool = False) -> jax.Array:
-  """a @ b (optionally transposed) with float32 accumulation; see the module docstring for the precisions."""
-  dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-  if precision == "bf16":
-    return jax.lax.dot_general(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), dims,
-                               preferred_element_type=jnp.float32)
-  algorithm = jax.lax.Precision.HIGHEST if interpret else _TF32_ALGORITHMS[precision]  # no TF32 on a CPU
-  return jax.lax.dot_general(a.astype(jnp.float32), b.astype(jnp.float32), dims, precision=algorithm,
-                             preferred_element_type=jnp.float32)
-
-
-def _matmul(inputs: tuple[jax.Array, ...], precision: str | None, interpret: bool):
-  """(precision, storage dtype, the kernels' dot) for these inputs (see the module docstring)."""
-  dtype = jnp.result_type(*(x.dtype for x in inputs))
-  if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
-    raise TypeError(f"gated delta rule GPU kernel: unsupported input dtype {dtype}; pass float32 or bfloat16")
-  if precision is None:
-    precision = "ieee" if dtype == jnp.float32 else "bf16"
-  if precision not in PRECISIONS:
-    raise ValueError(f"gated delta rule GPU kernel: unknown precision '{precision}'; choose one of {PRECISIONS}")
-  store = dtype if precision == "bf16" else jnp.float32
-  return precision, store, functools.partial(_dot, precision=precision, interpret=interpret)
-
-
-def check_dims(**sizes: int) -> None:
-  """Triton tiles must be powers of two and dots need every dimension >= 16."""
-  for name, size in sizes.items():
-    if size < 16 or size & (size - 1):
-      raise ValueError(f"gated delta rule GPU kernel: {name}={size} must be a power of two >= 16 "
-                       "(use impl='reference' for other shapes)")
-
-
-def _flat(x: jax.Array) -> jax.Array:
-  """[B, H, ...] -> [B*H, ...] (free: a reshape of the leading axes)."""
-  return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
-
-
-def _struct(*shape: int, dtype=jnp.float32) -> jax.ShapeDtypeStruct:
-  return jax.ShapeDtypeStruct(shape, dtype)
+def _f32(x: jax.Array) -> jax.Array:
+  return x.astype(jnp.float32)
 
 
 # ------------------------------------------------------------------------------------------------ forward
 
 
-def _forward_kernel(*refs, num_chunks: int, block_v: int, mm, fused: bool):
-  """One (value block, batch*head): walks the chunks carrying its [Dk, BV] float32 state slice.
+def _wy_kernel(*refs, chunk: int, groups: int, segmented: bool, mm, inv_mm):
+  """One (chunk, value head, row): w = T (beta fs k), u = T (beta v) and T itself."""
+  (k_ref, v_ref, gc_ref, beta_ref), seg_refs, (w_ref, u_ref, t_ref) = _split_refs(refs, 4, segmented)
+  n, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  tokens = pl.ds(n * chunk, chunk)
+  rows, cols = _iotas(chunk)
+  k = _f32(k_ref[b, tokens, h // groups, :])
+  beta = beta_ref[b, h, tokens]
+  gates = _gates(gc_ref, seg_refs, b, h, tokens, chunk)
+  a = jnp.where(rows > cols, beta[:, None] * mm(k, k, trans_b=True) * gates.gamma, 0.0)
+  t = _unit_lower_inverse(a, rows, cols, inv_mm)
+  w_ref[b, tokens, h, :] = mm(t, (beta * gates.from_start)[:, None] * k).astype(w_ref.dtype)
+  u_ref[b, tokens, h, :] = mm(t, beta[:, None] * _f32(v_ref[b, tokens, h, :])).astype(u_ref.dtype)
+  t_ref[b, h, n] = t.astype(t_ref.dtype)
 
-  refs: (q, k, w, u, intra, decay, h0 | out, final, states, v_new) if fused, else without q, intra and out.
-  """
-  if fused:
-    q_ref, k_ref, w_ref, u_ref, intra_ref, decay_ref, h0_ref, out_ref, final_ref, states_ref, v_new_ref = refs
-  else:
-    k_ref, w_ref, u_ref, decay_ref, h0_ref, final_ref, states_ref, v_new_ref = refs
-  vb, bh = pl.program_id(0), pl.program_id(1)
+
+def _state_kernel(*refs, chunk: int, groups: int, num_chunks: int, block_v: int, segmented: bool, mm):
+  """One (value block, value head, row): walks the chunks carrying its [Dk, BV] float32 state slice."""
+  (k_ref, w_ref, u_ref, gc_ref, h0_ref), seg_refs, (final_ref, states_ref, v_new_ref) = _split_refs(
+      refs, 5, segmented)
+  vb, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   cols = pl.ds(vb * block_v, block_v)
 
-  def step(n, h):  # h: [Dk, BV] float32, the state entering chunk n
-    states_ref[bh, n, :, cols] = h.astype(states_ref.dtype)
-    v_new = u_ref[bh, n, :, cols].astype(jnp.float32) - mm(w_ref[bh, n], h)  # [C, BV]
-    v_new_ref[bh, n, :, cols] = v_new.astype(v_new_ref.dtype)
-    if fused:
-      out = mm(q_ref[bh, n], h) + mm(intra_ref[bh, n], v_new)
-      out_ref[bh, n, :, cols] = out.astype(out_ref.dtype)
-    return decay_ref[bh, n] * h + mm(k_ref[bh, n], v_new, trans_a=True)
+  def step(n, state):  # state: [Dk, BV], entering chunk n
+    tokens = pl.ds(n * chunk, chunk)
+    states_ref[b, h, n, :, cols] = state.astype(states_ref.dtype)
+    v_new = _f32(u_ref[b, tokens, h, cols]) - mm(w_ref[b, tokens, h, :], state)  # [C, BV]
+    v_new_ref[b, tokens, h, cols] = v_new.astype(v_new_ref.dtype)
+    gates = _gates(gc_ref, seg_refs, b, h, tokens, chunk)
+    update = mm(k_ref[b, tokens, h // groups, :], gates.to_end[:, None] * v_new, trans_a=True)
+    return gates.decay * state + update
 
-  final_ref[bh, :, cols] = jax.lax.fori_loop(0, num_chunks, step, h0_ref[bh, :, cols])
-
-
-def _output_kernel(q_ref, intra_ref, states_ref, v_new_ref, out_ref, *, block_v: int, mm):
-  """One (value block, chunk, batch*head): out = q h_n + intra v_new, from the states the recurrence stored.
-
-  Reading h_n and v_new back as stored rounds nothing new: the dots round them to their operand precision anyway.
-  """
-  vb, n, bh = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  cols = pl.ds(vb * block_v, block_v)
-  out = mm(q_ref[bh, n], states_ref[bh, n, :, cols]) + mm(intra_ref[bh, n], v_new_ref[bh, n, :, cols])
-  out_ref[bh, n, :, cols] = out.astype(out_ref.dtype)
+  final_ref[b, h, :, cols] = jax.lax.fori_loop(0, num_chunks, step, h0_ref[b, h, :, cols])
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "block_sizes", "precision"))
-def inter_chunk_forward_gpu(q, k, w, u, intra, decay, h0, *, interpret: bool = False,
-                            block_sizes: GpuBlockSizes = GpuBlockSizes(),
-                            precision: str | None = None) -> ForwardResult:
-  """Pallas-Triton forward of the inter-chunk recurrence; same contract as inter_chunk.inter_chunk_forward.
-
-  precision: 'ieee', 'tf32', 'tf32x3' or 'bf16' (see the module docstring); None: by the inputs' dtype.
-  """
-  batch, heads, num_chunks, chunk, key_dim = q.shape
-  value_dim = u.shape[-1]
-  block_v = min(block_sizes.block_v, value_dim)
-  output_block_v = min(block_sizes.output_block_v, value_dim)
-  check_dims(chunk_size=chunk, key_dim=key_dim, value_dim=value_dim, block_v=block_v,
-              output_block_v=output_block_v)
-  precision, store, mm = _matmul((q, k, w, u, intra), precision, interpret)
-  fused = block_sizes.fuse_output
-  bh = batch * heads
-  q, k, w, u, intra = map(_flat, (q, k, w, u, intra))
-  out_struct = _struct(bh, num_chunks, chunk, value_dim, dtype=store)
-  carried = (_struct(bh, key_dim, value_dim), _struct(bh, num_chunks, key_dim, value_dim, dtype=store),
-             _struct(bh, num_chunks, chunk, value_dim, dtype=store))  # final state, states, v_new
-  results = pl.pallas_call(
-      functools.partial(_forward_kernel, num_chunks=num_chunks, block_v=block_v, mm=mm, fused=fused),
-      # Value blocks vary fastest so the programs sharing one head's k, w (q, intra) run together (L2 reuse).
-      grid=(value_dim // block_v, bh),
-      out_shape=((out_struct,) if fused else ()) + carried,
-      compiler_params=block_sizes.recurrence_params(precision, heavy=fused),
-      interpret=interpret,
-      name="gdr_inter_chunk_fwd",
-  )(*((q, k, w, u, intra) if fused else (k, w, u)), _flat(decay).astype(jnp.float32),
-    _flat(h0).astype(jnp.float32))
-  if fused:
-    out, final_state, states, v_new = results
-  else:
-    final_state, states, v_new = results
-    out = pl.pallas_call(
-        functools.partial(_output_kernel, block_v=output_block_v, mm=mm),
-        grid=(value_dim // output_block_v, num_chunks, bh),
-        out_shape=out_struct,
-        compiler_params=block_sizes.output_params(),
-        interpret=interpret,
-        name="gdr_inter_chunk_out",
-    )(q, intra, states, v_new)
-  unflat = lambda x: x.reshape(batch, heads, *x.shape[1:])
-  return ForwardResult(unflat(out), unflat(final_state), unflat(states), unflat(v_new))
+def _output_kernel(*refs, chunk: int, groups: int, scale: float, segmented: bool, mm):
+  """One (chunk, value head, row): o = s fs (q h_n) + s (Gamma * q k^T) v_new."""
+  (q_ref, k_ref, gc_ref, states_ref, v_new_ref), seg_refs, (o_ref,) = _split_refs(refs, 5, segmented)
+  n, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  tokens = pl.ds(n * chunk, chunk)
+  q, k = q_ref[b, tokens, h // groups, :], k_ref[b, tokens, h // groups, :]
+  gates = _gates(gc_ref, seg_refs, b, h, tokens, chunk)
+  scores = mm(q, k, trans_b=True) * (scale * gates.gamma)
+  out = (scale * gates.from_start)[:, None] * mm(q, states_ref[b, h, n]) + mm(scores, v_new_ref[b, tokens, h, :])
+  o_ref[b, tokens, h, :] = out.astype(o_ref.dtype)
 
 
 # ----------------------------------------------------------------------------------------------- backward
 
 
-def _state_grad_kernel(q_ref, k_ref, w_ref, intra_ref, decay_ref, do_ref, dfinal_ref,
-                       du_ref, dh_ref, dh0_ref, *, num_chunks: int, block_v: int, mm):
-  """One (value block, batch*head), chunks in reverse: du = dv_new and dh = dL/dh_{n+1} per chunk, then dh0."""
-  vb, bh = pl.program_id(0), pl.program_id(1)
+def _local_dv_kernel(*refs, chunk: int, groups: int, scale: float, segmented: bool, mm):
+  """One (chunk, value head, row): the chunk-local part of dv_new, (s Gamma * q k^T)^T do."""
+  (q_ref, k_ref, gc_ref, do_ref), seg_refs, (dv_ref,) = _split_refs(refs, 4, segmented)
+  n, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  tokens = pl.ds(n * chunk, chunk)
+  gates = _gates(gc_ref, seg_refs, b, h, tokens, chunk)
+  scores = mm(q_ref[b, tokens, h // groups, :], k_ref[b, tokens, h // groups, :], trans_b=True)
+  scores = scores * (scale * gates.gamma)
+  dv_ref[b, tokens, h, :] = mm(scores, do_ref[b, tokens, h, :], trans_a=True).astype(dv_ref.dtype)
+
+
+def _state_grad_kernel(*refs, chunk: int, groups: int, num_chunks: int, block_v: int, scale: float,
+                       segmented: bool, mm):
+  """One (value block, value head, row), chunks in reverse: dv_new and dh_{n+1} = dL/dh_{n+1} per chunk, dh0."""
+  (q_ref, k_ref, w_ref, gc_ref, do_ref, dv_local_ref, dfinal_ref), seg_refs, outs = _split_refs(
+      refs, 7, segmented)
+  dv_new_ref, dstates_ref, dh0_ref = outs
+  vb, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   cols = pl.ds(vb * block_v, block_v)
+  hk = h // groups
 
-  def step(i, dh):  # dh: [Dk, BV]
+  def step(i, dh):  # dh: [Dk, BV], the gradient of the state leaving chunk n
     n = num_chunks - 1 - i
-    dh_ref[bh, n, :, cols] = dh
-    do = do_ref[bh, n, :, cols]  # [C, BV]
-    dv_new = mm(intra_ref[bh, n], do, trans_a=True) + mm(k_ref[bh, n], dh)  # [C, BV]
-    du_ref[bh, n, :, cols] = dv_new.astype(du_ref.dtype)
-    return decay_ref[bh, n] * dh + mm(q_ref[bh, n], do, trans_a=True) - mm(w_ref[bh, n], dv_new, trans_a=True)
+    tokens = pl.ds(n * chunk, chunk)
+    dstates_ref[b, h, n, :, cols] = dh.astype(dstates_ref.dtype)
+    gates = _gates(gc_ref, seg_refs, b, h, tokens, chunk)
+    dv_new = _f32(dv_local_ref[b, tokens, h, cols]) + gates.to_end[:, None] * mm(k_ref[b, tokens, hk, :], dh)
+    dv_new_ref[b, tokens, h, cols] = dv_new.astype(dv_new_ref.dtype)
+    d_out = (scale * gates.from_start)[:, None] * _f32(do_ref[b, tokens, h, cols])
+    return (gates.decay * dh + mm(q_ref[b, tokens, hk, :], d_out, trans_a=True)
+            - mm(w_ref[b, tokens, h, :], dv_new, trans_a=True))
 
-  dh0_ref[bh, :, cols] = jax.lax.fori_loop(0, num_chunks, step, dfinal_ref[bh, :, cols])
-
-
-def _chunk_grad_kernel(states_ref, dh_ref, v_new_ref, do_ref, du_ref,
-                       dq_ref, dk_ref, dw_ref, dintra_ref, ddecay_ref, *, block_k: int, block_v: int, mm):
-  """One (key block, chunk, batch*head): the gradients that reduce over Dv, accumulated over value blocks."""
-  kb, n, bh = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  rows = pl.ds(kb * block_k, block_k)
-  chunk, value_dim = do_ref.shape[2:]
-  value_blocks = [pl.ds(j * block_v, block_v) for j in range(value_dim // block_v)]  # <= 8: unrolled
-  dq = dk = dw = jnp.zeros((chunk, block_k), jnp.float32)
-  ddecay = jnp.zeros((), jnp.float32)
-  for cols in value_blocks:
-    h, dh = states_ref[bh, n, rows, cols], dh_ref[bh, n, rows, cols]  # [BK, BV]
-    do, du = do_ref[bh, n, :, cols], du_ref[bh, n, :, cols]  # [C, BV]
-    dq += mm(do, h, trans_b=True)
-    dw -= mm(du, h, trans_b=True)
-    dk += mm(v_new_ref[bh, n, :, cols], dh, trans_b=True)
-    # float32 products: no operand rounding in the decay gradient beyond the states' storage.
-    ddecay += jnp.sum(h.astype(jnp.float32) * dh.astype(jnp.float32))
-  dq_ref[bh, n, :, rows] = dq.astype(dq_ref.dtype)
-  dk_ref[bh, n, :, rows] = dk.astype(dk_ref.dtype)
-  dw_ref[bh, n, :, rows] = dw.astype(dw_ref.dtype)
-  ddecay_ref[kb, bh, n] = ddecay  # this key block's share, summed by the caller
-
-  @pl.when(kb == 0)  # dintra = do @ v_new^T involves no key dim: the first key block's program writes it
-  def _():
-    dintra = jnp.zeros((chunk, chunk), jnp.float32)
-    for cols in value_blocks:
-      dintra += mm(do_ref[bh, n, :, cols], v_new_ref[bh, n, :, cols], trans_b=True)
-    dintra_ref[bh, n] = dintra.astype(dintra_ref.dtype)
+  dh0_ref[b, h, :, cols] = jax.lax.fori_loop(0, num_chunks, step, dfinal_ref[b, h, :, cols])
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "block_sizes", "precision"))
-def inter_chunk_backward_gpu(q, k, w, intra, decay, states, v_new, d_out, d_final_state, *,
-                             interpret: bool = False, block_sizes: GpuBlockSizes = GpuBlockSizes(),
-                             precision: str | None = None) -> BackwardResult:
-  """Pallas-Triton backward of the inter-chunk recurrence; same contract as inter_chunk.inter_chunk_backward.
+def _output_grad_kernel(*refs, chunk: int, groups: int, heads: int, block_k: int, block_v: int, scale: float,
+                        segmented: bool, mm):
+  """One (key block, chunk, row * value head): the gradients through o and the state update, on BK key columns.
 
-  precision: as for inter_chunk_forward_gpu (pass the same).
+  Writes those columns of dq, of this value head's share of dk (without the WY system's part) and of
+  dw = -dv_new h_n^T, and this key block's share of dgc (from fs, te, decay and the pair decays of o: each is a
+  sum over the key dim, so the key blocks' shares add up). Key blocks keep the three [C, BK] accumulators in
+  registers (one program for the whole key dim spilled).
   """
-  batch, heads, num_chunks, chunk, key_dim = q.shape
-  value_dim = d_out.shape[-1]
-  block_v = min(block_sizes.block_v, value_dim)
-  block_k = min(block_sizes.grad_block_k, key_dim)
-  grad_block_v = min(block_sizes.grad_block_v, value_dim)
-  check_dims(chunk_size=chunk, key_dim=key_dim, value_dim=value_dim, block_v=block_v, grad_block_k=block_k,
-              grad_block_v=grad_block_v)
-  precision, store, mm = _matmul((q, k, w, intra), precision, interpret)
-  bh = batch * heads
-  q, k, w, intra, states, v_new, d_out = map(_flat, (q, k, w, intra, states, v_new, d_out))
+  ins, seg_refs, outs = _split_refs(refs, 8, segmented)
+  q_ref, k_ref, gc_ref, states_ref, dstates_ref, do_ref, v_new_ref, dv_new_ref = ins
+  dq_ref, dk_ref, dw_ref, dgc_ref = outs
+  kb, n, bh = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  b, h = bh // heads, bh % heads
+  tokens, keys = pl.ds(n * chunk, chunk), pl.ds(kb * block_k, block_k)
+  q, k = _f32(q_ref[b, tokens, h // groups, keys]), _f32(k_ref[b, tokens, h // groups, keys])  # [C, BK]
+  value_dim = do_ref.shape[-1]
+  gates = _gates(gc_ref, seg_refs, b, h, tokens, chunk)
 
-  du, dh, dh0 = pl.pallas_call(
-      functools.partial(_state_grad_kernel, num_chunks=num_chunks, block_v=block_v, mm=mm),
-      grid=(value_dim // block_v, bh),
-      out_shape=(_struct(bh, num_chunks, chunk, value_dim, dtype=store), _struct(bh, num_chunks, key_dim, value_dim),
-                 _struct(bh, key_dim, value_dim)),
-      compiler_params=block_sizes.recurrence_params(precision, heavy=True),
-      interpret=interpret,
-      name="gdr_inter_chunk_bwd_state",
-  )(q, k, w, intra, _flat(decay).astype(jnp.float32), d_out, _flat(d_final_state).astype(jnp.float32))
+  q_state = jnp.zeros((chunk, block_k), jnp.float32)  # do h_n^T
+  k_state = jnp.zeros((chunk, block_k), jnp.float32)  # v_new dh^T
+  dw = jnp.zeros((chunk, block_k), jnp.float32)  # -dv_new h_n^T
+  d_scores = jnp.zeros((chunk, chunk), jnp.float32)  # do v_new^T (every key block forms it: it needs no keys)
+  d_decay = jnp.zeros((), jnp.float32)
+  for start in range(0, value_dim, block_v):  # static: at most a few value blocks
+    vcols = pl.ds(start, block_v)
+    state, d_state = states_ref[b, h, n, keys, vcols], dstates_ref[b, h, n, keys, vcols]  # [BK, BV]
+    do, v_new, dv_new = (x[b, tokens, h, vcols] for x in (do_ref, v_new_ref, dv_new_ref))  # [C, BV]
+    q_state += mm(do, state, trans_b=True)
+    k_state += mm(v_new, d_state, trans_b=True)
+    dw -= mm(dv_new, state, trans_b=True)
+    d_scores += mm(do, v_new, trans_b=True)
+    d_decay += jnp.sum(_f32(state) * _f32(d_state))
+  dw_ref[b, tokens, h, keys] = dw.astype(dw_ref.dtype)
 
-  num_key_blocks = key_dim // block_k
-  dq, dk, dw, dintra, ddecay = pl.pallas_call(
-      functools.partial(_chunk_grad_kernel, block_k=block_k, block_v=grad_block_v, mm=mm),
-      # Key blocks vary fastest: the programs of one chunk read the same d_out, v_new and du together.
-      grid=(num_key_blocks, num_chunks, bh),
-      out_shape=(*[_struct(bh, num_chunks, chunk, key_dim, dtype=store)] * 3,  # dq, dk, dw
-                 _struct(bh, num_chunks, chunk, chunk, dtype=store), _struct(num_key_blocks, bh, num_chunks)),
-      compiler_params=block_sizes.gradient_params(),
-      interpret=interpret,
-      name="gdr_inter_chunk_bwd_grads",
-  )(states, dh, v_new, d_out, du)
+  # o = s fs (q h) + P v_new with P = s Gamma * (q k^T);  h_{n+1} = decay h + k^T (te v_new).
+  fs, te = gates.from_start, gates.to_end
+  d_qk = d_scores * (scale * gates.gamma)
+  dq_ref[b, tokens, h, keys] = ((scale * fs)[:, None] * q_state + mm(d_qk, k)).astype(dq_ref.dtype)
+  dk_ref[b, tokens, h, keys] = (te[:, None] * k_state + mm(d_qk, q, trans_a=True)).astype(dk_ref.dtype)
+  d_pairs = d_qk * mm(q, k, trans_b=True)  # d/dgc_i of P_ij is P_ij, of gc_j -P_ij
+  d_te = jnp.sum(k_state * k, axis=1) * te
+  dgc = scale * fs * jnp.sum(q_state * q, axis=1) + jnp.sum(d_pairs, axis=1) - jnp.sum(d_pairs, axis=0) - d_te
+  dgc_ref[kb, b, h, tokens] = dgc + jnp.where(gates.is_last, jnp.sum(d_te) + d_decay * gates.decay, 0.0)
 
-  unflat = lambda x: x.reshape(batch, heads, *x.shape[1:])
-  return BackwardResult(unflat(dq), unflat(dk), unflat(dw), unflat(du), unflat(dintra),
-                        unflat(ddecay.sum(axis=0)), unflat(dh0))
+
+def _wy_grad_kernel(*refs, chunk: int, groups: int, key_blocks: int, segmented: bool, mm):
+  """One (chunk, value head, row): through w = T (beta fs k) and u = T (beta v), du = dv_new.
+
+  d(rhs) = T^T d(out), dT = d(out) rhs^T, dA = -T^T dT T^T on A's strictly lower support. Adds to the dk and dgc
+  of _output_grad_kernel; writes dv and dbeta.
+  """
+  ins, seg_refs, outs = _split_refs(refs, 9, segmented)
+  k_ref, v_ref, gc_ref, beta_ref, t_ref, dw_ref, du_ref, dk_in_ref, dgc_in_ref = ins
+  dk_ref, dv_ref, dgc_ref, dbeta_ref = outs
+  n, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  tokens = pl.ds(n * chunk, chunk)
+  rows, cols = _iotas(chunk)
+  k = _f32(k_ref[b, tokens, h // groups, :])
+  gates = _gates(gc_ref, seg_refs, b, h, tokens, chunk)
+  beta = beta_ref[b, h, tokens]
+  t = _f32(t_ref[b, h, n])
+  bw = beta * gates.from_start
+  dw, du, v = dw_ref[b, tokens, h, :], du_ref[b, tokens, h, :], _f32(v_ref[b, tokens, h, :])
+  d_t = mm(dw, bw[:, None] * k, trans_b=True) + mm(du, beta[:, None] * v, trans_b=True)
+  d_rhs_u = mm(t, du, trans_a=True)  # [C, Dv]
+  dv_ref[b, tokens, h, :] = (beta[:, None] * d_rhs_u).astype(dv_ref.dtype)
+  dbeta = jnp.sum(d_rhs_u * v, axis=1)
+  d_rhs_w = mm(t, dw, trans_a=True)  # [C, Dk]
+  d_bw = jnp.sum(d_rhs_w * k, axis=1)
+  d_a = jnp.where(rows > cols, -mm(t, mm(d_t, t, trans_b=True), trans_a=True), 0.0)
+  kk_gamma = mm(k, k, trans_b=True) * gates.gamma
+  d_kk = d_a * beta[:, None] * gates.gamma
+  dk = _f32(dk_in_ref[b, tokens, h, :]) + bw[:, None] * d_rhs_w + mm(d_kk, k) + mm(d_kk, k, trans_a=True)
+  dk_ref[b, tokens, h, :] = dk.astype(dk_ref.dtype)
+  d_a_pairs = d_a * beta[:, None] * kk_gamma  # dA * A
+  dgc = d_bw * bw + jnp.sum(d_a_pairs, axis=1) - jnp.sum(d_a_pairs, axis=0)
+  for kb in range(key_blocks):  # the output-gradient kernel's shares
+    dgc += dgc_in_ref[kb, b, h, tokens]
+  dgc_ref[b, h, tokens] = dgc
+  dbeta_ref[b, h, tokens] = dbeta + d_bw * gates.from_start + jnp.sum(d_a * kk_gamma, axis=1)
+
+
+# ------------------------------------------------------------------------------------------------ wrappers
+
+
+@functools.cache
+def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret: bool,
+                     launch: ChunkedLaunch = ChunkedLaunch()) -> Callable:
+  """(q, k, v, gc, beta, h0, segments) -> (o [B, T, Hv, Dv] in v's dtype, final state f32), differentiable in all
+  but segments. Layouts in the module docstring; q, k normalised and T a multiple of chunk.
+  """
+
+  def setup(q, v):
+    batch, length, key_heads, key_dim = q.shape
+    value_heads, value_dim = v.shape[2:]
+    block_v, grad_block_v = min(launch.block_v, value_dim), min(launch.grad_block_v, value_dim)
+    check_dims(chunk_size=chunk, key_dim=key_dim, value_dim=value_dim, block_v=block_v, grad_block_v=grad_block_v)
+    if length % chunk:
+      raise ValueError(f"gated delta rule GPU kernels: length {length} must be a multiple of the chunk {chunk}")
+    mode, store, mm = matmul_mode((q, v), precision, interpret)
+    inv_mm = functools.partial(dot, precision="ieee" if mode == "ieee" else "tf32", interpret=interpret)
+    common = dict(chunk=chunk, groups=value_heads // key_heads, mm=mm)
+    dims = (batch, length, value_heads, key_dim, value_dim, length // chunk)
+    return dims, store, common, inv_mm, block_v, grad_block_v
+
+  def walk_stages(store) -> int:
+    if launch.walk_stages is not None:
+      return launch.walk_stages
+    return 3 if jnp.dtype(store).itemsize == 2 else 1
+
+  def call(kernel, name, grid, out_shape, params, args, segments, **static):
+    return pl.pallas_call(
+        functools.partial(kernel, segmented=segments is not None, **static),
+        grid=grid, out_shape=out_shape, compiler_params=params, interpret=interpret, name=name,
+    )(*args, *(segments or ()))
+
+  def forward(q, k, v, gc, beta, h0, segments):
+    (batch, length, heads, key_dim, value_dim, num_chunks), store, common, inv_mm, block_v, _ = setup(q, v)
+    struct = lambda *shape, dtype=store: jax.ShapeDtypeStruct(shape, dtype)
+    parallel = (num_chunks, heads, batch)
+    parallel_params = TritonParams(num_warps=launch.parallel_warps, num_stages=1)
+    walk_params = TritonParams(num_warps=launch.walk_warps, num_stages=walk_stages(store))
+    w, u, t = call(_wy_kernel, "gdr_wy_fwd", parallel,
+                   (struct(batch, length, heads, key_dim), struct(batch, length, heads, value_dim),
+                    struct(batch, heads, num_chunks, chunk, chunk)),
+                   parallel_params, (k, v, gc, beta), segments, inv_mm=inv_mm, **common)
+    final, states, v_new = call(
+        _state_kernel, "gdr_state_fwd", (value_dim // block_v, heads, batch),
+        (struct(batch, heads, key_dim, value_dim, dtype=jnp.float32),
+         struct(batch, heads, num_chunks, key_dim, value_dim), struct(batch, length, heads, value_dim)),
+        walk_params, (k, w, u, gc, h0.astype(jnp.float32)), segments, num_chunks=num_chunks, block_v=block_v,
+        **common)
+    o = call(_output_kernel, "gdr_output_fwd", parallel, struct(batch, length, heads, value_dim, dtype=v.dtype),
+             parallel_params, (q, k, gc, states, v_new), segments, scale=scale, **common)
+    return (o, final), (w, t, states, v_new)
+
+  def backward(q, k, v, gc, beta, h0, segments, w, t, states, v_new, d_out, d_final):
+    (batch, length, heads, key_dim, value_dim, num_chunks), store, common, _, block_v, grad_block_v = setup(q, v)
+    struct = lambda *shape, dtype=store: jax.ShapeDtypeStruct(shape, dtype)
+    parallel = (num_chunks, heads, batch)
+    d_out = d_out.astype(store)
+    dv_local = call(_local_dv_kernel, "gdr_local_dv_bwd", parallel, struct(batch, length, heads, value_dim),
+                    TritonParams(num_warps=launch.parallel_warps, num_stages=1), (q, k, gc, d_out), segments,
+                    scale=scale, **common)
+    dv_new, d_states, dh0 = call(
+        _state_grad_kernel, "gdr_state_bwd", (value_dim // block_v, heads, batch),
+        (struct(batch, length, heads, value_dim), struct(batch, heads, num_chunks, key_dim, value_dim),
+         struct(batch, heads, key_dim, value_dim, dtype=jnp.float32)),
+        TritonParams(num_warps=launch.walk_warps, num_stages=walk_stages(store)),
+        (q, k, w, gc, d_out, dv_local, d_final.astype(jnp.float32)), segments, num_chunks=num_chunks,
+        block_v=block_v, scale=scale, **common)
+    block_k = min(launch.grad_block_k, key_dim)
+    check_dims(grad_block_k=block_k)
+    key_blocks = key_dim // block_k
+    dq, dk, dw, dgc = call(
+        _output_grad_kernel, "gdr_output_bwd", (key_blocks, num_chunks, batch * heads),
+        (struct(batch, length, heads, key_dim), struct(batch, length, heads, key_dim),
+         struct(batch, length, heads, key_dim), struct(key_blocks, batch, heads, length, dtype=jnp.float32)),
+        TritonParams(num_warps=launch.grad_warps, num_stages=1),
+        (q, k, gc, states, d_states, d_out, v_new, dv_new), segments, heads=heads, block_k=block_k,
+        block_v=grad_block_v, scale=scale, **common)
+    dk, dv, dgc, dbeta = call(
+        _wy_grad_kernel, "gdr_wy_bwd", parallel,
+        (struct(batch, length, heads, key_dim), struct(batch, length, heads, value_dim),
+         struct(batch, heads, length, dtype=jnp.float32), struct(batch, heads, length, dtype=jnp.float32)),
+        TritonParams(num_warps=launch.wy_grad_warps, num_stages=1),
+        (k, v, gc, beta, t, dw, dv_new, dk, dgc), segments, key_blocks=key_blocks, **common)
+    key_heads = q.shape[2]
+    by_key_head = lambda x: _f32(x).reshape(batch, length, key_heads, heads // key_heads, key_dim).sum(3)
+    return (by_key_head(dq).astype(q.dtype), by_key_head(dk).astype(k.dtype), dv.astype(v.dtype), dgc, dbeta,
+            dh0.astype(h0.dtype))
+
+  @jax.custom_vjp
+  def run(q, k, v, gc, beta, h0, segments):
+    return forward(q, k, v, gc, beta, h0, segments)[0]
+
+  def run_forward(q, k, v, gc, beta, h0, segments):
+    outputs, saved = forward(q, k, v, gc, beta, h0, segments)
+    return outputs, (q, k, v, gc, beta, h0, segments, *saved)
+
+  def run_backward(residuals, cotangents):
+    *saved, segments = residuals[:7]
+    grads = backward(*saved, segments, *residuals[7:], *cotangents)
+    return (*grads, None)
+
+  run.defvjp(run_forward, run_backward)
+  return run
+
+
+def chunk_gated_delta_rule_gpu(q, k, v, g, beta, initial_state, *, segment_ids=None, chunk_size: int = 64,
+                               use_qk_l2norm: bool = True, scale: float | None = None,
+                               precision: str | None = None, interpret: bool = False,
+                               launch: ChunkedLaunch = ChunkedLaunch()) -> tuple[jax.Array, jax.Array]:
+  """Model layouts (reference.py) -> (o [B, T, Hv, Dv] in v's dtype, final state [B, Hv, Dk, Dv] float32).
+
+  The l2 norm, the chunk-local cumulative sum of g, the padding to whole chunks and the sum of dq, dk over each
+  key head's value heads run under XLA (autodiff); everything else is this module's kernels. precision: gpu.py's
+  modes, None for the inputs' dtype's default ('bf16' for 16-bit inputs, 'ieee' for float32).
+  """
+  batch, length, _, key_dim = q.shape
+  value_heads = v.shape[2]
+  pad = (-length) % chunk_size
+  padded = length + pad
+  pad_time = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
+  mode = matmul_mode((q, k, v), precision, interpret)[0]
+  operand = q.dtype if mode == "bf16" else jnp.float32
+  if use_qk_l2norm:
+    q, k = l2_normalize(_f32(q)), l2_normalize(_f32(k))
+  q, k, v = pad_time(q.astype(operand)), pad_time(k.astype(operand)), pad_time(v)  # o, dv take v's dtype
+  per_head = lambda x: jnp.swapaxes(_f32(pad_time(x)), 1, 2)  # [B, T, Hv] -> [B, Hv, T]
+  gc = jnp.cumsum(per_head(g).reshape(batch, value_heads, padded // chunk_size, chunk_size), axis=-1)
+  gc = gc.reshape(batch, value_heads, padded)
+  segments = None
+  if segment_ids is not None:
+    ids = jnp.pad(segment_ids, [(0, 0), (0, pad)], mode="edge") if pad else segment_ids
+    segments = segment_masks(ids, chunk_size)
+  run = chunked_with_vjp(chunk_size, float(key_dim**-0.5 if scale is None else scale), mode, interpret, launch)
+  out, final = run(q, k, v, gc, per_head(beta), initial_state, segments)
+  return out[:, :length], final

@@ -36,7 +36,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 from maxtext.kernels.gated_delta_rule.chunking import L2_NORM_EPS, check_shapes
-from maxtext.kernels.gated_delta_rule.gpu import check_dims
+from maxtext.kernels.gated_delta_rule.gpu_precision import check_dims
 from maxtext.kernels.gated_delta_rule.reference import _initial_state
 
 _F32 = jnp.float32
