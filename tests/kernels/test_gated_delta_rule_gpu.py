@@ -40,13 +40,13 @@ def check(dims, chunk, dtype, precision, segment_ids=None, with_state=True, laun
     assert relative_error(a, b) < TOLERANCE[precision], name
 
 
-# batch, length, key heads, value heads, key dim, value dim; chunk
-@pytest.mark.parametrize("dims, chunk", [
-    ((1, 100, 1, 2, 64, 32), 32),  # ragged tail; 4 key blocks and 2 value blocks with SMALL_TILES; Dk != Dv
-    ((2, 20, 2, 2, 16, 16), 16),  # one value head per key head, B > 1, shorter than two chunks
+# batch, length, key heads, value heads, key dim, value dim; chunk; initial state
+@pytest.mark.parametrize("dims, chunk, with_state", [
+    ((1, 100, 1, 2, 64, 32), 32, True),  # ragged tail; 4 key blocks, 2 value blocks with SMALL_TILES; Dk != Dv
+    ((2, 20, 2, 2, 16, 16), 16, False),  # one value head per key head, B > 1, shorter than two chunks
 ], ids=["groups2_tiles", "groups1_short"])
-def test_float32_matches_reference_with_small_tiles(dims, chunk):
-  check(dims, chunk, jnp.float32, "ieee", launch=SMALL_TILES)
+def test_float32_matches_reference_with_small_tiles(dims, chunk, with_state):
+  check(dims, chunk, jnp.float32, "ieee", with_state=with_state, launch=SMALL_TILES)
 
 
 def test_packed_documents_with_small_tiles():

@@ -1,4 +1,4 @@
-"""The whole chunked gated delta rule on GPU: six Pallas-Triton kernels over the model's layout, with a custom vjp.
+"""The whole chunked gated delta rule on GPU: seven Pallas-Triton kernels over the model's layout, with a custom vjp.
 
 The kernels read q and k [B, T, Hk, Dk] (already l2-normalised: the caller does that under autodiff, so its
 gradient is JAX's), v [B, T, Hv, Dv], the chunk-local cumulative log decays gc and the betas [B, Hv, T] in float32,
@@ -13,32 +13,43 @@ rows of its key head and s the 1/sqrt(Dk) scale:
 (carried: the token belongs to the segment of the state entering the chunk; in_last: to the chunk's last segment;
 both 1 without segment ids. The initial state belongs to each row's first segment.)
 
-Forward: `_wy_kernel` (parallel over chunks: w, u and T, kept for the backward), `_state_kernel` (one program per
-value block walks the chunks carrying its [Dk, BV] float32 state: h_n and v_new) and `_output_kernel` (parallel: o).
-Backward: `_local_dv_kernel` (parallel: (s Gamma * q k^T)^T do), `_state_grad_kernel` (reverse walk: dv_new and
-dh_{n+1}, then dh0), `_output_grad_kernel` (parallel: the gradients through o and the state update) and
-`_wy_grad_kernel` (parallel: through the WY system). The per-value-head dq, dk are summed over each key head's
-group by XLA afterwards. (One kernel for both parallel gradient parts measured 5.8 ms at B=1, T=16384, 32 heads
-on an H100: too many live tiles, spilled.)
+Forward (kernel bodies in gpu_kernels.py): `wy_kernel` (parallel over chunks: w, u and T, kept for the
+backward), `state_kernel` (one program per value block walks the chunks carrying its [Dk, BV] float32 state: h_n
+and v_new) and `output_kernel` (parallel: o). Backward: `local_dv_kernel` (parallel: (s Gamma * q k^T)^T do),
+`state_grad_kernel` (reverse walk: dv_new and dh_{n+1}, then dh0), `output_grad_kernel` (parallel: the gradients
+through o and the state update) and `wy_grad_kernel` (parallel: through the WY system). The per-value-head dq, dk
+are summed over each key head's group by XLA afterwards. (One kernel for both parallel gradient parts measured
+5.8 ms at B=1, T=16384, 32 heads on an H100: too many live tiles, spilled.)
 
 Precision (gpu_precision.py's modes): 'bf16' (the default for 16-bit inputs) rounds every dot operand to bf16, as
 fla does, and stores the intermediates (w, u, T, states, v_new and the gradients between kernels) in the inputs'
-16-bit dtype; 'tf32'/'tf32x3'/'ieee' store float32 (about 3x slower on an H100, 10x more accurate). The inverse T
-always comes from float32 products ('ieee' with float32 inputs, else 'tf32').
+16-bit dtype; 'tf32'/'tf32x3'/'ieee' store float32 ('tf32': ~4x slower on an H100, ~7x more accurate). The
+inverse T always comes from float32 products ('ieee' with float32 inputs, else 'tf32').
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from maxtext.kernels.gated_delta_rule.chunking import l2_normalize
+from maxtext.kernels.gated_delta_rule.gpu_kernels import (
+    Segments,
+    local_dv_kernel,
+    output_grad_kernel,
+    output_kernel,
+    state_grad_kernel,
+    state_kernel,
+    wy_grad_kernel,
+    wy_kernel,
+)
 from maxtext.kernels.gated_delta_rule.gpu_precision import TritonParams, check_dims, dot, matmul_mode
+from maxtext.kernels.gated_delta_rule.reference import _initial_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,14 +68,6 @@ class ChunkedLaunch:
   grad_block_v: int = 64  # value columns per inner step of the output-gradient kernel
 
 
-class Segments(NamedTuple):
-  """Per-token segment masks [B, T]: the id (int32), carried and in_last (float32, see the module docstring)."""
-
-  ids: jax.Array
-  carried: jax.Array
-  in_last: jax.Array
-
-
 def segment_masks(segment_ids: jax.Array, chunk: int) -> Segments:
   """Segments for [B, T] ids, T a multiple of chunk (pad with mode='edge': padding continues the last segment)."""
   batch, length = segment_ids.shape
@@ -75,17 +78,6 @@ def segment_masks(segment_ids: jax.Array, chunk: int) -> Segments:
                   flat((seg == seg[..., -1:]).astype(jnp.float32)))
 
 
-# ------------------------------------------------------------------------------------------- in-kernel math
-
-
-class _Gates(NamedTuple):
-  gamma: jax.Array  # [C, C], zero off the causal same-segment pairs
-  from_start: jax.Array  # fs [C]
-  to_end: jax.Array  # te [C]
-  decay: jax.Array  # scalar
-  is_last: jax.Array  # [C] bool, the chunk's last row
-
-
 def supports(chunk_size: int, key_dim: int, value_dim: int) -> bool:
   """Whether Triton can tile these sizes (powers of two >= 16); the dispatcher runs XLA for the others."""
   try:
@@ -93,232 +85,6 @@ def supports(chunk_size: int, key_dim: int, value_dim: int) -> bool:
   except ValueError:
     return False
   return True
-
-
-def _iotas(size: int):
-  return (jax.lax.broadcasted_iota(jnp.int32, (size, size), 0), jax.lax.broadcasted_iota(jnp.int32, (size, size), 1))
-
-
-def _gates(gc_ref, seg_refs, b, h, tokens, chunk: int) -> _Gates:
-  """The decays of one (row, value head, chunk) from its cumulative log decays and segment masks."""
-  rows, cols = _iotas(chunk)
-  gc = gc_ref[b, h, tokens]
-  is_last = jax.lax.broadcasted_iota(jnp.int32, (chunk,), 0) == chunk - 1
-  gc_last = jnp.sum(jnp.where(is_last, gc, 0.0))
-  mask = rows >= cols
-  if seg_refs is not None:
-    seg = seg_refs.ids[b, tokens]
-    mask = mask & (seg[:, None] == seg[None, :])
-  gamma = jnp.exp(jnp.where(mask, gc[:, None] - gc[None, :], -jnp.inf))  # masked before exp: nothing overflows
-  from_start, to_end, decay = jnp.exp(gc), jnp.exp(gc_last - gc), jnp.exp(gc_last)
-  if seg_refs is not None:
-    carried = seg_refs.carried[b, tokens]
-    from_start = from_start * carried
-    to_end = to_end * seg_refs.in_last[b, tokens]
-    decay = decay * jnp.sum(jnp.where(is_last, carried, 0.0))
-  return _Gates(gamma, from_start, to_end, decay, is_last)
-
-
-def _unit_lower_inverse(a: jax.Array, rows: jax.Array, cols: jax.Array, mm) -> jax.Array:
-  """(I + a)^-1 for strictly lower [C, C] a, C a power of two, by merging diagonal blocks pairwise at full size.
-
-  With T_s the block diagonal of the inverses of the s x s diagonal blocks and L_s the lower-left s x s blocks of
-  each 2s x 2s diagonal block of a: T_2s = T_s - T_s L_s T_s (inv([[A, 0], [B, D]]) has -inv(D) B inv(A) below).
-  T_2 = I - L_1. Exact, unlike a Neumann product, whose powers of A reach C(62, 31) ~ 5e17 for identical keys.
-  """
-  size = a.shape[0]
-  apart = rows ^ cols  # < 2s: same 2s block; >= s: different s blocks
-  lower = rows > cols
-  t = jnp.where(rows == cols, 1.0, 0.0) - jnp.where(lower & (apart == 1), a, 0.0)
-  s = 2
-  while s < size:
-    block = jnp.where(lower & (apart >= s) & (apart < 2 * s), a, 0.0)
-    t = t - mm(t, mm(block, t))
-    s *= 2
-  return t
-
-
-def _split_refs(refs, count: int, segmented: bool):
-  """(first `count` refs, Segments of refs or None, the rest)."""
-  head, rest = refs[:count], refs[count:]
-  if not segmented:
-    return head, None, rest
-  return head, Segments(*rest[:3]), rest[3:]
-
-
-def _f32(x: jax.Array) -> jax.Array:
-  return x.astype(jnp.float32)
-
-
-# ------------------------------------------------------------------------------------------------ forward
-
-
-def _wy_kernel(*refs, chunk: int, groups: int, segmented: bool, mm, inv_mm):
-  """One (chunk, value head, row): w = T (beta fs k), u = T (beta v) and T itself."""
-  (k_ref, v_ref, gc_ref, beta_ref), seg_refs, (w_ref, u_ref, t_ref) = _split_refs(refs, 4, segmented)
-  n, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  tokens = pl.ds(n * chunk, chunk)
-  rows, cols = _iotas(chunk)
-  k = _f32(k_ref[b, tokens, h // groups, :])
-  beta = beta_ref[b, h, tokens]
-  gates = _gates(gc_ref, seg_refs, b, h, tokens, chunk)
-  a = jnp.where(rows > cols, beta[:, None] * mm(k, k, trans_b=True) * gates.gamma, 0.0)
-  t = _unit_lower_inverse(a, rows, cols, inv_mm)
-  w_ref[b, tokens, h, :] = mm(t, (beta * gates.from_start)[:, None] * k).astype(w_ref.dtype)
-  u_ref[b, tokens, h, :] = mm(t, beta[:, None] * _f32(v_ref[b, tokens, h, :])).astype(u_ref.dtype)
-  t_ref[b, h, n] = t.astype(t_ref.dtype)
-
-
-def _state_kernel(*refs, chunk: int, groups: int, num_chunks: int, block_v: int, segmented: bool, mm):
-  """One (value block, value head, row): walks the chunks carrying its [Dk, BV] float32 state slice."""
-  (k_ref, w_ref, u_ref, gc_ref, h0_ref), seg_refs, (final_ref, states_ref, v_new_ref) = _split_refs(
-      refs, 5, segmented)
-  vb, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  cols = pl.ds(vb * block_v, block_v)
-
-  def step(n, state):  # state: [Dk, BV], entering chunk n
-    tokens = pl.ds(n * chunk, chunk)
-    states_ref[b, h, n, :, cols] = state.astype(states_ref.dtype)
-    v_new = _f32(u_ref[b, tokens, h, cols]) - mm(w_ref[b, tokens, h, :], state)  # [C, BV]
-    v_new_ref[b, tokens, h, cols] = v_new.astype(v_new_ref.dtype)
-    gates = _gates(gc_ref, seg_refs, b, h, tokens, chunk)
-    update = mm(k_ref[b, tokens, h // groups, :], gates.to_end[:, None] * v_new, trans_a=True)
-    return gates.decay * state + update
-
-  final_ref[b, h, :, cols] = jax.lax.fori_loop(0, num_chunks, step, h0_ref[b, h, :, cols])
-
-
-def _output_kernel(*refs, chunk: int, groups: int, scale: float, segmented: bool, mm):
-  """One (chunk, value head, row): o = s fs (q h_n) + s (Gamma * q k^T) v_new."""
-  (q_ref, k_ref, gc_ref, states_ref, v_new_ref), seg_refs, (o_ref,) = _split_refs(refs, 5, segmented)
-  n, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  tokens = pl.ds(n * chunk, chunk)
-  q, k = q_ref[b, tokens, h // groups, :], k_ref[b, tokens, h // groups, :]
-  gates = _gates(gc_ref, seg_refs, b, h, tokens, chunk)
-  scores = mm(q, k, trans_b=True) * (scale * gates.gamma)
-  out = (scale * gates.from_start)[:, None] * mm(q, states_ref[b, h, n]) + mm(scores, v_new_ref[b, tokens, h, :])
-  o_ref[b, tokens, h, :] = out.astype(o_ref.dtype)
-
-
-# ----------------------------------------------------------------------------------------------- backward
-
-
-def _local_dv_kernel(*refs, chunk: int, groups: int, scale: float, segmented: bool, mm):
-  """One (chunk, value head, row): the chunk-local part of dv_new, (s Gamma * q k^T)^T do."""
-  (q_ref, k_ref, gc_ref, do_ref), seg_refs, (dv_ref,) = _split_refs(refs, 4, segmented)
-  n, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  tokens = pl.ds(n * chunk, chunk)
-  gates = _gates(gc_ref, seg_refs, b, h, tokens, chunk)
-  scores = mm(q_ref[b, tokens, h // groups, :], k_ref[b, tokens, h // groups, :], trans_b=True)
-  scores = scores * (scale * gates.gamma)
-  dv_ref[b, tokens, h, :] = mm(scores, do_ref[b, tokens, h, :], trans_a=True).astype(dv_ref.dtype)
-
-
-def _state_grad_kernel(*refs, chunk: int, groups: int, num_chunks: int, block_v: int, scale: float,
-                       segmented: bool, mm):
-  """One (value block, value head, row), chunks in reverse: dv_new and dh_{n+1} = dL/dh_{n+1} per chunk, dh0."""
-  (q_ref, k_ref, w_ref, gc_ref, do_ref, dv_local_ref, dfinal_ref), seg_refs, outs = _split_refs(
-      refs, 7, segmented)
-  dv_new_ref, dstates_ref, dh0_ref = outs
-  vb, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  cols = pl.ds(vb * block_v, block_v)
-  hk = h // groups
-
-  def step(i, dh):  # dh: [Dk, BV], the gradient of the state leaving chunk n
-    n = num_chunks - 1 - i
-    tokens = pl.ds(n * chunk, chunk)
-    dstates_ref[b, h, n, :, cols] = dh.astype(dstates_ref.dtype)
-    gates = _gates(gc_ref, seg_refs, b, h, tokens, chunk)
-    dv_new = _f32(dv_local_ref[b, tokens, h, cols]) + gates.to_end[:, None] * mm(k_ref[b, tokens, hk, :], dh)
-    dv_new_ref[b, tokens, h, cols] = dv_new.astype(dv_new_ref.dtype)
-    d_out = (scale * gates.from_start)[:, None] * _f32(do_ref[b, tokens, h, cols])
-    return (gates.decay * dh + mm(q_ref[b, tokens, hk, :], d_out, trans_a=True)
-            - mm(w_ref[b, tokens, h, :], dv_new, trans_a=True))
-
-  dh0_ref[b, h, :, cols] = jax.lax.fori_loop(0, num_chunks, step, dfinal_ref[b, h, :, cols])
-
-
-def _output_grad_kernel(*refs, chunk: int, groups: int, heads: int, block_k: int, block_v: int, scale: float,
-                        segmented: bool, mm):
-  """One (key block, chunk, row * value head): the gradients through o and the state update, on BK key columns.
-
-  Writes those columns of dq, of this value head's share of dk (without the WY system's part) and of
-  dw = -dv_new h_n^T, and this key block's share of dgc (from fs, te, decay and the pair decays of o: each is a
-  sum over the key dim, so the key blocks' shares add up). Key blocks keep the three [C, BK] accumulators in
-  registers (one program for the whole key dim spilled).
-  """
-  ins, seg_refs, outs = _split_refs(refs, 8, segmented)
-  q_ref, k_ref, gc_ref, states_ref, dstates_ref, do_ref, v_new_ref, dv_new_ref = ins
-  dq_ref, dk_ref, dw_ref, dgc_ref = outs
-  kb, n, bh = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  b, h = bh // heads, bh % heads
-  tokens, keys = pl.ds(n * chunk, chunk), pl.ds(kb * block_k, block_k)
-  q, k = _f32(q_ref[b, tokens, h // groups, keys]), _f32(k_ref[b, tokens, h // groups, keys])  # [C, BK]
-  value_dim = do_ref.shape[-1]
-  gates = _gates(gc_ref, seg_refs, b, h, tokens, chunk)
-
-  q_state = jnp.zeros((chunk, block_k), jnp.float32)  # do h_n^T
-  k_state = jnp.zeros((chunk, block_k), jnp.float32)  # v_new dh^T
-  dw = jnp.zeros((chunk, block_k), jnp.float32)  # -dv_new h_n^T
-  d_scores = jnp.zeros((chunk, chunk), jnp.float32)  # do v_new^T (every key block forms it: it needs no keys)
-  d_decay = jnp.zeros((), jnp.float32)
-  for start in range(0, value_dim, block_v):  # static: at most a few value blocks
-    vcols = pl.ds(start, block_v)
-    state, d_state = states_ref[b, h, n, keys, vcols], dstates_ref[b, h, n, keys, vcols]  # [BK, BV]
-    do, v_new, dv_new = (x[b, tokens, h, vcols] for x in (do_ref, v_new_ref, dv_new_ref))  # [C, BV]
-    q_state += mm(do, state, trans_b=True)
-    k_state += mm(v_new, d_state, trans_b=True)
-    dw -= mm(dv_new, state, trans_b=True)
-    d_scores += mm(do, v_new, trans_b=True)
-    d_decay += jnp.sum(_f32(state) * _f32(d_state))
-  dw_ref[b, tokens, h, keys] = dw.astype(dw_ref.dtype)
-
-  # o = s fs (q h) + P v_new with P = s Gamma * (q k^T);  h_{n+1} = decay h + k^T (te v_new).
-  fs, te = gates.from_start, gates.to_end
-  d_qk = d_scores * (scale * gates.gamma)
-  dq_ref[b, tokens, h, keys] = ((scale * fs)[:, None] * q_state + mm(d_qk, k)).astype(dq_ref.dtype)
-  dk_ref[b, tokens, h, keys] = (te[:, None] * k_state + mm(d_qk, q, trans_a=True)).astype(dk_ref.dtype)
-  d_pairs = d_qk * mm(q, k, trans_b=True)  # d/dgc_i of P_ij is P_ij, of gc_j -P_ij
-  d_te = jnp.sum(k_state * k, axis=1) * te
-  dgc = scale * fs * jnp.sum(q_state * q, axis=1) + jnp.sum(d_pairs, axis=1) - jnp.sum(d_pairs, axis=0) - d_te
-  dgc_ref[kb, b, h, tokens] = dgc + jnp.where(gates.is_last, jnp.sum(d_te) + d_decay * gates.decay, 0.0)
-
-
-def _wy_grad_kernel(*refs, chunk: int, groups: int, key_blocks: int, segmented: bool, mm):
-  """One (chunk, value head, row): through w = T (beta fs k) and u = T (beta v), du = dv_new.
-
-  d(rhs) = T^T d(out), dT = d(out) rhs^T, dA = -T^T dT T^T on A's strictly lower support. Adds to the dk and dgc
-  of _output_grad_kernel; writes dv and dbeta.
-  """
-  ins, seg_refs, outs = _split_refs(refs, 9, segmented)
-  k_ref, v_ref, gc_ref, beta_ref, t_ref, dw_ref, du_ref, dk_in_ref, dgc_in_ref = ins
-  dk_ref, dv_ref, dgc_ref, dbeta_ref = outs
-  n, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  tokens = pl.ds(n * chunk, chunk)
-  rows, cols = _iotas(chunk)
-  k = _f32(k_ref[b, tokens, h // groups, :])
-  gates = _gates(gc_ref, seg_refs, b, h, tokens, chunk)
-  beta = beta_ref[b, h, tokens]
-  t = _f32(t_ref[b, h, n])
-  bw = beta * gates.from_start
-  dw, du, v = dw_ref[b, tokens, h, :], du_ref[b, tokens, h, :], _f32(v_ref[b, tokens, h, :])
-  d_t = mm(dw, bw[:, None] * k, trans_b=True) + mm(du, beta[:, None] * v, trans_b=True)
-  d_rhs_u = mm(t, du, trans_a=True)  # [C, Dv]
-  dv_ref[b, tokens, h, :] = (beta[:, None] * d_rhs_u).astype(dv_ref.dtype)
-  dbeta = jnp.sum(d_rhs_u * v, axis=1)
-  d_rhs_w = mm(t, dw, trans_a=True)  # [C, Dk]
-  d_bw = jnp.sum(d_rhs_w * k, axis=1)
-  d_a = jnp.where(rows > cols, -mm(t, mm(d_t, t, trans_b=True), trans_a=True), 0.0)
-  kk_gamma = mm(k, k, trans_b=True) * gates.gamma
-  d_kk = d_a * beta[:, None] * gates.gamma
-  dk = _f32(dk_in_ref[b, tokens, h, :]) + bw[:, None] * d_rhs_w + mm(d_kk, k) + mm(d_kk, k, trans_a=True)
-  dk_ref[b, tokens, h, :] = dk.astype(dk_ref.dtype)
-  d_a_pairs = d_a * beta[:, None] * kk_gamma  # dA * A
-  dgc = d_bw * bw + jnp.sum(d_a_pairs, axis=1) - jnp.sum(d_a_pairs, axis=0)
-  for kb in range(key_blocks):  # the output-gradient kernel's shares
-    dgc += dgc_in_ref[kb, b, h, tokens]
-  dgc_ref[b, h, tokens] = dgc
-  dbeta_ref[b, h, tokens] = dbeta + d_bw * gates.from_start + jnp.sum(d_a * kk_gamma, axis=1)
 
 
 # ------------------------------------------------------------------------------------------------ wrappers
@@ -361,17 +127,17 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
     parallel = (num_chunks, heads, batch)
     parallel_params = TritonParams(num_warps=launch.parallel_warps, num_stages=1)
     walk_params = TritonParams(num_warps=launch.walk_warps, num_stages=walk_stages(store))
-    w, u, t = call(_wy_kernel, "gdr_wy_fwd", parallel,
+    w, u, t = call(wy_kernel, "gdr_wy_fwd", parallel,
                    (struct(batch, length, heads, key_dim), struct(batch, length, heads, value_dim),
                     struct(batch, heads, num_chunks, chunk, chunk)),
                    parallel_params, (k, v, gc, beta), segments, inv_mm=inv_mm, **common)
     final, states, v_new = call(
-        _state_kernel, "gdr_state_fwd", (value_dim // block_v, heads, batch),
+        state_kernel, "gdr_state_fwd", (value_dim // block_v, heads, batch),
         (struct(batch, heads, key_dim, value_dim, dtype=jnp.float32),
          struct(batch, heads, num_chunks, key_dim, value_dim), struct(batch, length, heads, value_dim)),
         walk_params, (k, w, u, gc, h0.astype(jnp.float32)), segments, num_chunks=num_chunks, block_v=block_v,
         **common)
-    o = call(_output_kernel, "gdr_output_fwd", parallel, struct(batch, length, heads, value_dim, dtype=v.dtype),
+    o = call(output_kernel, "gdr_output_fwd", parallel, struct(batch, length, heads, value_dim, dtype=v.dtype),
              parallel_params, (q, k, gc, states, v_new), segments, scale=scale, **common)
     return (o, final), (w, t, states, v_new)
 
@@ -380,11 +146,11 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
     struct = lambda *shape, dtype=store: jax.ShapeDtypeStruct(shape, dtype)
     parallel = (num_chunks, heads, batch)
     d_out = d_out.astype(store)
-    dv_local = call(_local_dv_kernel, "gdr_local_dv_bwd", parallel, struct(batch, length, heads, value_dim),
+    dv_local = call(local_dv_kernel, "gdr_local_dv_bwd", parallel, struct(batch, length, heads, value_dim),
                     TritonParams(num_warps=launch.parallel_warps, num_stages=1), (q, k, gc, d_out), segments,
                     scale=scale, **common)
     dv_new, d_states, dh0 = call(
-        _state_grad_kernel, "gdr_state_bwd", (value_dim // block_v, heads, batch),
+        state_grad_kernel, "gdr_state_bwd", (value_dim // block_v, heads, batch),
         (struct(batch, length, heads, value_dim), struct(batch, heads, num_chunks, key_dim, value_dim),
          struct(batch, heads, key_dim, value_dim, dtype=jnp.float32)),
         TritonParams(num_warps=launch.walk_warps, num_stages=walk_stages(store)),
@@ -394,20 +160,20 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
     check_dims(grad_block_k=block_k)
     key_blocks = key_dim // block_k
     dq, dk, dw, dgc = call(
-        _output_grad_kernel, "gdr_output_bwd", (key_blocks, num_chunks, batch * heads),
+        output_grad_kernel, "gdr_output_bwd", (key_blocks, num_chunks, batch * heads),
         (struct(batch, length, heads, key_dim), struct(batch, length, heads, key_dim),
          struct(batch, length, heads, key_dim), struct(key_blocks, batch, heads, length, dtype=jnp.float32)),
         TritonParams(num_warps=launch.grad_warps, num_stages=1),
         (q, k, gc, states, d_states, d_out, v_new, dv_new), segments, heads=heads, block_k=block_k,
         block_v=grad_block_v, scale=scale, **common)
     dk, dv, dgc, dbeta = call(
-        _wy_grad_kernel, "gdr_wy_bwd", parallel,
+        wy_grad_kernel, "gdr_wy_bwd", parallel,
         (struct(batch, length, heads, key_dim), struct(batch, length, heads, value_dim),
          struct(batch, heads, length, dtype=jnp.float32), struct(batch, heads, length, dtype=jnp.float32)),
         TritonParams(num_warps=launch.wy_grad_warps, num_stages=1),
         (k, v, gc, beta, t, dw, dv_new, dk, dgc), segments, key_blocks=key_blocks, **common)
     key_heads = q.shape[2]
-    by_key_head = lambda x: _f32(x).reshape(batch, length, key_heads, heads // key_heads, key_dim).sum(3)
+    by_key_head = lambda x: x.astype(jnp.float32).reshape(batch, length, key_heads, heads // key_heads, key_dim).sum(3)
     return (by_key_head(dq).astype(q.dtype), by_key_head(dk).astype(k.dtype), dv.astype(v.dtype), dgc, dbeta,
             dh0.astype(h0.dtype))
 
@@ -435,20 +201,21 @@ def chunk_gated_delta_rule_gpu(q, k, v, g, beta, initial_state, *, segment_ids=N
   """Model layouts (reference.py) -> (o [B, T, Hv, Dv] in v's dtype, final state [B, Hv, Dk, Dv] float32).
 
   The l2 norm, the chunk-local cumulative sum of g, the padding to whole chunks and the sum of dq, dk over each
-  key head's value heads run under XLA (autodiff); everything else is this module's kernels. precision: gpu.py's
-  modes, None for the inputs' dtype's default ('bf16' for 16-bit inputs, 'ieee' for float32).
+  key head's value heads run under XLA (autodiff); everything else is this module's kernels. precision:
+  gpu_precision.py's modes, None for the inputs' dtype's default ('bf16' for 16-bit inputs, 'ieee' for float32).
   """
   batch, length, _, key_dim = q.shape
-  value_heads = v.shape[2]
+  value_heads, value_dim = v.shape[2:]
+  initial_state = _initial_state(initial_state, batch, value_heads, key_dim, value_dim)
   pad = (-length) % chunk_size
   padded = length + pad
   pad_time = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
   mode = matmul_mode((q, k, v), precision, interpret)[0]
   operand = q.dtype if mode == "bf16" else jnp.float32
   if use_qk_l2norm:
-    q, k = l2_normalize(_f32(q)), l2_normalize(_f32(k))
+    q, k = l2_normalize(q.astype(jnp.float32)), l2_normalize(k.astype(jnp.float32))
   q, k, v = pad_time(q.astype(operand)), pad_time(k.astype(operand)), pad_time(v)  # o, dv take v's dtype
-  per_head = lambda x: jnp.swapaxes(_f32(pad_time(x)), 1, 2)  # [B, T, Hv] -> [B, Hv, T]
+  per_head = lambda x: jnp.swapaxes(pad_time(x).astype(jnp.float32), 1, 2)  # [B, T, Hv] -> [B, Hv, T]
   gc = jnp.cumsum(per_head(g).reshape(batch, value_heads, padded // chunk_size, chunk_size), axis=-1)
   gc = gc.reshape(batch, value_heads, padded)
   segments = None
