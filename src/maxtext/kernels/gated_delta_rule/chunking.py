@@ -125,17 +125,26 @@ def _to_chunks(x: jax.Array, chunk_size: int, pad_value=0) -> jax.Array:
   return jnp.moveaxis(x, 3, 1) if x.ndim > 3 else x
 
 
-def _segment_masks(segment_ids: jax.Array | None, batch: int, length: int, chunk_size: int):
+def token_segment_masks(segment_ids: jax.Array, chunk_size: int):
+  """(segment ids, carried, in_last_segment), each [B, N, C], for [B, T] ids padded up to whole chunks.
+
+  carried: the token belongs to the segment of the state entering its chunk (each row's first segment for the
+  first chunk); in_last_segment: to its chunk's last segment. Padding continues the last segment; padded tokens
+  carry beta = 0 and k = 0, so they change nothing.
+  """
+  batch, length = segment_ids.shape
+  padded = jnp.pad(segment_ids, [(0, 0), (0, (-length) % chunk_size)], mode="edge")
+  seg = padded.reshape(batch, -1, chunk_size)
+  previous_last = jnp.concatenate([seg[:, :1, :1], seg[:, :-1, -1:]], axis=1)  # segment of the carried state
+  return seg, seg == previous_last, seg == seg[..., -1:]
+
+
+def _segment_masks(segment_ids: jax.Array | None, chunk_size: int):
   """(same_segment [B, 1, N, C, C], carried [B, 1, N, C], in_last_segment [B, 1, N, C]) or Nones."""
   if segment_ids is None:
     return None, None, None
-  # Padding continues the last segment; padded tokens carry beta = 0 and k = 0, so they change nothing.
-  padded = jnp.pad(segment_ids, [(0, 0), (0, (-length) % chunk_size)], mode="edge")
-  seg = padded.reshape(batch, -1, chunk_size)  # [B, N, C]
-  previous_last = jnp.concatenate([seg[:, :1, :1], seg[:, :-1, -1:]], axis=1)  # segment of the carried state
+  seg, carried, in_last_segment = token_segment_masks(segment_ids, chunk_size)
   same_segment = seg[..., :, None] == seg[..., None, :]
-  carried = seg == previous_last
-  in_last_segment = seg == seg[..., -1:]
   return same_segment[:, None], carried[:, None], in_last_segment[:, None]
 
 
@@ -169,7 +178,7 @@ def prepare_chunks(
   groups = value_heads // key_heads
   q, k = jnp.repeat(q, groups, axis=2), jnp.repeat(k, groups, axis=2)
   q, k, v, g, beta = (_to_chunks(x, chunk_size) for x in (q, k, v, g, beta))  # [B, H, N, C, ...]
-  same_segment, carried, in_last_segment = _segment_masks(segment_ids, batch, length, chunk_size)
+  same_segment, carried, in_last_segment = _segment_masks(segment_ids, chunk_size)
 
   g_cum = jnp.cumsum(g, axis=-1)  # [B, H, N, C]
   pair_mask = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))

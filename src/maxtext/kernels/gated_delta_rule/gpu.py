@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from maxtext.kernels.gated_delta_rule.chunking import l2_normalize
+from maxtext.kernels.gated_delta_rule.chunking import l2_normalize, token_segment_masks
 from maxtext.kernels.gated_delta_rule.gpu_kernels import (
     Segments,
     local_dv_kernel,
@@ -69,13 +69,11 @@ class ChunkedLaunch:
 
 
 def segment_masks(segment_ids: jax.Array, chunk: int) -> Segments:
-  """Segments for [B, T] ids, T a multiple of chunk (pad with mode='edge': padding continues the last segment)."""
-  batch, length = segment_ids.shape
-  seg = segment_ids.astype(jnp.int32).reshape(batch, length // chunk, chunk)
-  previous_last = jnp.concatenate([seg[:, :1, :1], seg[:, :-1, -1:]], axis=1)  # segment of the carried state
-  flat = lambda x: x.reshape(batch, length)
-  return Segments(flat(seg), flat((seg == previous_last).astype(jnp.float32)),
-                  flat((seg == seg[..., -1:]).astype(jnp.float32)))
+  """The kernels' Segments for [B, T] ids (chunking.token_segment_masks, flattened to [B, T_padded])."""
+  batch = segment_ids.shape[0]
+  seg, carried, in_last = token_segment_masks(segment_ids.astype(jnp.int32), chunk)
+  flat = lambda x: x.reshape(batch, -1)
+  return Segments(flat(seg), flat(carried).astype(jnp.float32), flat(in_last).astype(jnp.float32))
 
 
 def supports(chunk_size: int, key_dim: int, value_dim: int) -> bool:
@@ -218,10 +216,7 @@ def chunk_gated_delta_rule_gpu(q, k, v, g, beta, initial_state, *, segment_ids=N
   per_head = lambda x: jnp.swapaxes(pad_time(x).astype(jnp.float32), 1, 2)  # [B, T, Hv] -> [B, Hv, T]
   gc = jnp.cumsum(per_head(g).reshape(batch, value_heads, padded // chunk_size, chunk_size), axis=-1)
   gc = gc.reshape(batch, value_heads, padded)
-  segments = None
-  if segment_ids is not None:
-    ids = jnp.pad(segment_ids, [(0, 0), (0, pad)], mode="edge") if pad else segment_ids
-    segments = segment_masks(ids, chunk_size)
+  segments = None if segment_ids is None else segment_masks(segment_ids, chunk_size)
   run = chunked_with_vjp(chunk_size, float(key_dim**-0.5 if scale is None else scale), mode, interpret, launch)
   out, final = run(q, k, v, gc, per_head(beta), initial_state, segments)
   return out[:, :length], final

@@ -26,7 +26,7 @@ class Segments(NamedTuple):
 
 
 class _Gates(NamedTuple):
-  gamma: jax.Array  # [C, C], zero off the causal same-segment pairs
+  gamma: jax.Array | None  # [C, C], zero off the causal same-segment pairs
   from_start: jax.Array  # fs [C]
   to_end: jax.Array  # te [C]
   decay: jax.Array  # scalar
@@ -37,17 +37,22 @@ def _iotas(size: int):
   return (jax.lax.broadcasted_iota(jnp.int32, (size, size), 0), jax.lax.broadcasted_iota(jnp.int32, (size, size), 1))
 
 
-def _gates(gc_ref, seg_refs, b, h, tokens, chunk: int) -> _Gates:
-  """The decays of one (row, value head, chunk) from its cumulative log decays and segment masks."""
-  rows, cols = _iotas(chunk)
+def _gates(gc_ref, seg_refs, b, h, tokens, chunk: int, pairs: bool = True) -> _Gates:
+  """The decays of one (row, value head, chunk) from its cumulative log decays and segment masks.
+
+  pairs=False (the sequential walks, which never use them) leaves out the [C, C] pair decays: gamma is None.
+  """
   gc = gc_ref[b, h, tokens]
   is_last = jax.lax.broadcasted_iota(jnp.int32, (chunk,), 0) == chunk - 1
   gc_last = jnp.sum(jnp.where(is_last, gc, 0.0))
-  mask = rows >= cols
-  if seg_refs is not None:
-    seg = seg_refs.ids[b, tokens]
-    mask = mask & (seg[:, None] == seg[None, :])
-  gamma = jnp.exp(jnp.where(mask, gc[:, None] - gc[None, :], -jnp.inf))  # masked before exp: nothing overflows
+  gamma = None
+  if pairs:
+    rows, cols = _iotas(chunk)
+    mask = rows >= cols
+    if seg_refs is not None:
+      seg = seg_refs.ids[b, tokens]
+      mask = mask & (seg[:, None] == seg[None, :])
+    gamma = jnp.exp(jnp.where(mask, gc[:, None] - gc[None, :], -jnp.inf))  # masked before exp: nothing overflows
   from_start, to_end, decay = jnp.exp(gc), jnp.exp(gc_last - gc), jnp.exp(gc_last)
   if seg_refs is not None:
     carried = seg_refs.carried[b, tokens]
@@ -119,7 +124,7 @@ def state_kernel(*refs, chunk: int, groups: int, num_chunks: int, block_v: int, 
     states_ref[b, h, n, :, cols] = state.astype(states_ref.dtype)
     v_new = _f32(u_ref[b, tokens, h, cols]) - mm(w_ref[b, tokens, h, :], state)  # [C, BV]
     v_new_ref[b, tokens, h, cols] = v_new.astype(v_new_ref.dtype)
-    gates = _gates(gc_ref, seg_refs, b, h, tokens, chunk)
+    gates = _gates(gc_ref, seg_refs, b, h, tokens, chunk, pairs=False)
     update = mm(k_ref[b, tokens, h // groups, :], gates.to_end[:, None] * v_new, trans_a=True)
     return gates.decay * state + update
 
@@ -166,7 +171,7 @@ def state_grad_kernel(*refs, chunk: int, groups: int, num_chunks: int, block_v: 
     n = num_chunks - 1 - i
     tokens = pl.ds(n * chunk, chunk)
     dstates_ref[b, h, n, :, cols] = dh.astype(dstates_ref.dtype)
-    gates = _gates(gc_ref, seg_refs, b, h, tokens, chunk)
+    gates = _gates(gc_ref, seg_refs, b, h, tokens, chunk, pairs=False)
     dv_new = _f32(dv_local_ref[b, tokens, h, cols]) + gates.to_end[:, None] * mm(k_ref[b, tokens, hk, :], dh)
     dv_new_ref[b, tokens, h, cols] = dv_new.astype(dv_new_ref.dtype)
     d_out = (scale * gates.from_start)[:, None] * _f32(do_ref[b, tokens, h, cols])
