@@ -91,3 +91,35 @@ def test_token_logprobs_are_the_unmodified_log_softmax():
 def test_bad_sampling_params_are_refused(bad):
   with pytest.raises(ValueError, match=next(iter(bad))):
     SamplingParams(**bad)
+
+
+@pytest.mark.parametrize("top_n", [1, 4, 7])
+def test_few_alternatives_match_a_full_sort(top_n):
+  # top_n <= 4 takes repeated max passes instead of lax.top_k; ties (two equal logits) keep the lower id first.
+  logits = np.random.default_rng(2).normal(size=(2, 3, 40))
+  logits[0, 0, 5] = logits[0, 0, 9] = logits[0, 0].max() + 1.0
+  tokens = np.zeros((2, 3), np.int32)
+  _, top_values, top_ids = token_logprobs(jnp.asarray(logits, jnp.float32), jnp.asarray(tokens), top_n)
+  reference = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  order = np.argsort(-reference, axis=-1, kind="stable")[..., :top_n]
+  np.testing.assert_array_equal(np.asarray(top_ids), order)
+  np.testing.assert_allclose(np.asarray(top_values), np.take_along_axis(reference, order, -1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [-1, -(2**63), 2**32, 2**63, 2**64 - 1])
+def test_any_64_bit_or_negative_seed_gives_a_stream(seed):
+  # Clients send 64-bit seeds and -1; each must give a key, and a reproducible draw.
+  first, again = (_draws(SamplingParams(temperature=1.0, seed=seed))[:50] for _ in range(2))
+  np.testing.assert_array_equal(first, again)
+
+
+def test_seeds_below_2_to_32_keep_their_stream_and_wide_ones_differ():
+  from maxtext.inference.sampling import seed_bits
+
+  assert [seed_bits(s) for s in (0, 7, 2**32 - 1)] == [0, 7, 2**32 - 1]
+  assert seed_bits(2**32 + 7) != seed_bits(7) and seed_bits(-1) == 0  # -1 -> all ones, folded: 0
+
+
+def test_top_k_beyond_the_vocabulary_keeps_everything():
+  expected = _softmax(LOGITS)
+  _assert_distribution(_draws(SamplingParams(temperature=1.0, top_k=10**12, seed=5)), expected)

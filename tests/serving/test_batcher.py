@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from maxtext.serving.batcher import Batcher
 from tests.serving.fake_engine import FakeEngine, FakeSamplingParams
@@ -29,7 +30,8 @@ def test_requests_gathered_in_the_window_run_together_up_to_max_batch():
   batcher.close()
   assert results == [[SCRIPT[:3], SCRIPT[:3]], [SCRIPT[:2]], [SCRIPT[:1], SCRIPT[:1]]]
   assert [len(prompts) for kind, prompts in engine.calls] == [3, 2]
-  assert engine.calls[0][1] == [[1], [2, 2], [3]]
+  # Round-robin over the requests: one prompt of each in turn, so the first batch holds every request's first.
+  assert engine.calls[0][1] == [[1], [3], [4]] and engine.calls[1][1] == [[2, 2], [5]]
 
 
 def test_score_and_generate_requests_are_not_mixed():
@@ -54,13 +56,76 @@ def test_engine_errors_reach_the_request():
     def score(self, prompts, top_n=0):
       raise ValueError("boom")
 
+    def generate(self, prompts, params):
+      raise RuntimeError("device lost")
+
   batcher = Batcher(Broken(SCRIPT), window_s=0.0)
 
   async def main():
-    try:
-      await batcher.score([[1]])
-    except ValueError as e:
-      return str(e)
+    out = []
+    for call in (batcher.score([[1]]), collect(batcher, [[1]], 1)):
+      try:
+        await call
+      except Exception as e:  # pylint: disable=broad-except
+        out.append((type(e).__name__, getattr(e, "status", None), str(e)))
+    return out
 
-  assert asyncio.run(main()) == "boom"
+  # The engine's ValueError (input it refuses) is the client's 400; anything else stays a server error.
+  assert asyncio.run(main()) == [("APIError", 400, "boom"), ("RuntimeError", None, "device lost")]
   batcher.close()
+
+
+class Poisoned(FakeEngine):
+  """Refuses any call that holds the prompt [666], as an engine would a request it cannot run."""
+
+  def generate(self, prompts, params):
+    if [666] in prompts:
+      raise ValueError("prompt [666] refused")
+    return super().generate(prompts, params)
+
+
+def test_one_bad_prompt_fails_its_request_alone():
+  engine = Poisoned(SCRIPT)
+  batcher = Batcher(engine, window_s=0.3, max_batch=8)
+
+  async def attempt(prompts):
+    try:
+      return await collect(batcher, prompts, 2)
+    except Exception as e:  # pylint: disable=broad-except
+      return (getattr(e, "status", None), str(e))
+
+  async def main():
+    return await asyncio.gather(*(attempt(p) for p in ([[1]], [[2], [3]], [[666]], [[4]], [[5]], [[6]])))
+
+  results = asyncio.run(main())
+  batcher.close()
+  assert results[2] == (400, "prompt [666] refused")
+  assert results[:2] + results[3:] == [[SCRIPT[:2]], [SCRIPT[:2], SCRIPT[:2]]] + [[SCRIPT[:2]]] * 3
+  # Tried together once (round-robin order), then one by one; the engine ran only the good ones.
+  assert [size for _, size in batcher.calls] == [7] + [1] * 7
+  assert [prompts for _, prompts in engine.calls] == [[[1]], [[2]], [[4]], [[5]], [[6]], [[3]]]
+
+
+def test_a_request_of_many_prompts_does_not_starve_a_later_one():
+  class Slow(FakeEngine):
+    def generate(self, prompts, params):
+      time.sleep(0.02)
+      return super().generate(prompts, params)
+
+  engine = Slow(SCRIPT)
+  batcher = Batcher(engine, window_s=0.0, max_batch=8)
+
+  async def later():
+    await asyncio.sleep(0.1)
+    start = time.monotonic()
+    await collect(batcher, [[9]], 1)
+    return time.monotonic() - start, len(engine.calls)
+
+  async def main():
+    return await asyncio.gather(collect(batcher, [[1]] * 400, 1), later())
+
+  big, (waited, calls_when_served) = asyncio.run(main())
+  batcher.close()
+  assert big == [SCRIPT[:1]] * 400
+  # FIFO would run all 50 batches of the big request first; round-robin serves the newcomer in the next batch.
+  assert calls_when_served <= 10 and waited < 1.0, (calls_when_served, waited)

@@ -1,17 +1,20 @@
-"""The ASGI app: OpenAI routes over a ServedModel."""
+"""The ASGI app: OpenAI routes, the tokenizer routes and /metrics over a ServedModel, behind the guards."""
 
 from __future__ import annotations
 
 import contextlib
 
 from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse
 
-from maxtext.serving import chat, completions, errors
+from maxtext.serving import chat, completions, errors, metrics, tokenizer_routes
+from maxtext.serving.guards import Guards
 from maxtext.serving.protocol import ChatCompletionRequest, CompletionRequest, model_card
 from maxtext.serving.served_model import ServedModel
 
 
-def build_app(model: ServedModel) -> FastAPI:
+def build_app(model: ServedModel, api_key: str = "", max_body_bytes: int = 8 << 20) -> Guards:
+  """The app wrapped in Guards (API key, body limit); `.app` is the FastAPI app inside."""
 
   @contextlib.asynccontextmanager
   async def lifespan(_: FastAPI):
@@ -20,10 +23,20 @@ def build_app(model: ServedModel) -> FastAPI:
 
   app = FastAPI(title="maxtext OpenAI-compatible server", lifespan=lifespan, docs_url=None, redoc_url=None)
   errors.install(app)
+  guarded = Guards(app, api_key=api_key, max_body_bytes=max_body_bytes)
+  throughput = metrics.Throughput()
 
   @app.get("/health")
   async def health() -> dict:
     return {"status": "ok"}
+
+  @app.get("/metrics")
+  async def get_metrics() -> PlainTextResponse:
+    stats = model.batcher.stats
+    cache = getattr(model.batcher.engine, "prefix_cache_stats", None)
+    text = metrics.render(stats, dict(guarded.responses), throughput.rate(stats.generated_tokens),
+                          cache() if callable(cache) else None)
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
   @app.get("/v1/models")
   async def list_models() -> dict:
@@ -42,4 +55,5 @@ def build_app(model: ServedModel) -> FastAPI:
   async def create_chat_completion(request: ChatCompletionRequest):
     return await chat.create(request, model)
 
-  return app
+  tokenizer_routes.install(app, model)
+  return guarded

@@ -26,17 +26,41 @@ def _template_messages(request: ChatCompletionRequest) -> list[dict[str, Any]]:
   return messages
 
 
-def prompt_ids(request: ChatCompletionRequest, model: ServedModel) -> list[int]:
-  """The chat template applied to the messages, ending with the assistant turn's header, as token ids."""
-  try:
-    text = model.tokenizer.apply_chat_template(
-        _template_messages(request), add_generation_prompt=True, tokenize=False,
-        **(request.chat_template_kwargs or {}))
-  except Exception as e:  # pylint: disable=broad-except  # jinja raises for messages the template refuses
-    raise errors.bad_request(f"the chat template rejected the messages: {e}", param="messages") from None
-  ids = model.encode(text)
-  model.check_tokens(ids, "messages")
-  return ids
+# chat_template_kwargs keys that would change what apply_chat_template returns rather than what the template sees.
+_RESERVED_TEMPLATE_KWARGS = frozenset({"tokenize", "return_dict", "return_tensors", "padding", "truncation",
+                                       "max_length", "tokenizer_kwargs", "return_assistant_tokens_mask",
+                                       "add_generation_prompt", "conversation"})
+
+
+def _template_kwargs(request: ChatCompletionRequest, model: ServedModel) -> dict[str, Any]:
+  kwargs = dict(request.chat_template_kwargs or {})
+  if "chat_template" in kwargs and not model.allow_client_chat_template:
+    raise errors.bad_request("clients may not replace the chat template (the server's"
+                             " server_allow_client_chat_template is off)", param="chat_template_kwargs.chat_template")
+  reserved = sorted(_RESERVED_TEMPLATE_KWARGS & kwargs.keys())
+  if reserved:
+    raise errors.bad_request(f"chat_template_kwargs may not set '{reserved[0]}'",
+                             param=f"chat_template_kwargs.{reserved[0]}")
+  return kwargs
+
+
+async def prompt_ids(request: ChatCompletionRequest, model: ServedModel) -> list[int]:
+  """The chat template applied to the messages, ending with the assistant turn's header, as token ids. Rendered
+  and tokenised off the event loop within the time budget; the rendered text is measured before tokenising."""
+  kwargs = _template_kwargs(request, model)
+  messages = _template_messages(request)
+
+  def work() -> list[int]:
+    try:
+      text = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+    except Exception as e:  # pylint: disable=broad-except  # jinja raises for messages the template refuses
+      raise errors.bad_request(f"the chat template rejected the messages: {e}", param="messages") from None
+    model.check_text(text, "messages")
+    ids = model.encode(text)
+    model.check_tokens(ids, "messages")
+    return ids
+
+  return await model.off_loop(work, "rendering and tokenizing 'messages'")
 
 
 def _check(request: ChatCompletionRequest) -> None:
@@ -56,7 +80,7 @@ async def create(request: ChatCompletionRequest, model: ServedModel) -> dict | S
   model.check_model(request.model)
   stop = check_sampling(request)
   _check(request)
-  ids = prompt_ids(request, model)
+  ids = await prompt_ids(request, model)
   requested = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
   # Without a limit the answer may use whatever the context has left, but at least one token.
   max_tokens = requested if requested is not None else max(1, model.max_context - len(ids))

@@ -54,8 +54,9 @@ class _Choice(GeneratedChoice):
             "logprobs": None if self.logprobs is None else self.logprobs.body(), "finish_reason": self.finish_reason}
 
 
-def _prompts(request: CompletionRequest, model: ServedModel) -> list[tuple[list[int], str]]:
-  """(token ids, text) per prompt, from a string, strings, a token list or token lists."""
+async def _prompts(request: CompletionRequest, model: ServedModel) -> list[tuple[list[int], str]]:
+  """(token ids, text) per prompt, from a string, strings, a token list or token lists; the text only with echo.
+  Counted and measured on the event loop (cheap), tokenised and checked off it (within the time budget)."""
   prompt = request.prompt
   if isinstance(prompt, str):
     items: list = [prompt]
@@ -65,12 +66,24 @@ def _prompts(request: CompletionRequest, model: ServedModel) -> list[tuple[list[
     items = [prompt]
   else:
     items = list(prompt)
-  out = []
+  model.check_prompt_count(len(items), "prompt")
   for item in items:
-    ids = model.encode(item) if isinstance(item, str) else list(item)
-    model.check_tokens(ids, "prompt")
-    out.append((ids, item if isinstance(item, str) else model.tokenizer.decode(ids)))
-  return out
+    if isinstance(item, str):
+      model.check_text(item, "prompt")
+    elif len(item) > model.max_context:
+      raise errors.context_length_exceeded(model.max_context, len(item), 0, "prompt")
+  echo = bool(request.echo)
+
+  def work() -> list[tuple[list[int], str]]:
+    out = []
+    for item in items:
+      ids = model.encode(item) if isinstance(item, str) else list(item)
+      model.check_tokens(ids, "prompt")
+      text = item if isinstance(item, str) else (model.tokenizer.decode(ids) if echo else "")
+      out.append((ids, text))
+    return out
+
+  return await model.off_loop(work, "tokenizing 'prompt'")
 
 
 async def create(request: CompletionRequest, model: ServedModel) -> dict | StreamingResponse:
@@ -83,7 +96,7 @@ async def create(request: CompletionRequest, model: ServedModel) -> dict | Strea
   if request.logprobs is not None and request.logprobs > MAX_LOGPROBS:
     raise errors.bad_request(f"logprobs must be at most {MAX_LOGPROBS}, got {request.logprobs}", param="logprobs")
   max_tokens = 16 if request.max_tokens is None else request.max_tokens
-  prompts = _prompts(request, model)
+  prompts = await _prompts(request, model)
   for ids, _ in prompts:
     model.check_length(ids, max_tokens, "prompt")
   top_n = request.logprobs or 0

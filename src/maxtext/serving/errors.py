@@ -71,7 +71,7 @@ def install(app: FastAPI) -> None:
 
   @app.exception_handler(StarletteHTTPException)
   async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
     error = APIError(exc.status_code, str(exc.detail), code=code)
     return JSONResponse(error.body(), status_code=exc.status_code)
 

@@ -16,7 +16,8 @@ Prompt = Union[str, list[str], list[int], list[list[int]]]
 
 
 class _Request(BaseModel):
-  model_config = ConfigDict(extra="forbid")
+  # No NaN or infinity in any number: they would pass the range checks below and reach the sampler.
+  model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class StreamOptions(_Request):
@@ -27,25 +28,25 @@ class _SamplingFields(_Request):
   model: str
   temperature: float | None = Field(default=None, ge=0.0, le=2.0)
   top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-  top_k: int | None = Field(default=None, ge=-1)
+  top_k: int | None = Field(default=None, ge=-1, le=2**63 - 1)  # -1/0: off; beyond the vocabulary: every token
   min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-  n: int | None = Field(default=None, ge=1)
+  n: int | None = Field(default=None, ge=1, le=2**63 - 1)
   stream: bool | None = False
   stream_options: StreamOptions | None = None
   stop: str | list[str] | None = None
   presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
   frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
   logit_bias: dict[str, float] | None = None
-  seed: int | None = None
+  seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # negative: random; 64-bit: folded
   user: str | None = None
 
 
 class CompletionRequest(_SamplingFields):
   prompt: Prompt
-  max_tokens: int | None = Field(default=16, ge=0)
+  max_tokens: int | None = Field(default=16, ge=0, le=2**63 - 1)
   echo: bool | None = False
-  logprobs: int | None = Field(default=None, ge=0)
-  best_of: int | None = Field(default=None, ge=1)
+  logprobs: int | None = Field(default=None, ge=0, le=2**63 - 1)
+  best_of: int | None = Field(default=None, ge=1, le=2**63 - 1)
   suffix: str | None = None
 
 
@@ -63,10 +64,10 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_SamplingFields):
   messages: list[ChatMessage] = Field(min_length=1)
-  max_tokens: int | None = Field(default=None, ge=0)
-  max_completion_tokens: int | None = Field(default=None, ge=0)
+  max_tokens: int | None = Field(default=None, ge=0, le=2**63 - 1)
+  max_completion_tokens: int | None = Field(default=None, ge=0, le=2**63 - 1)
   logprobs: bool | None = False
-  top_logprobs: int | None = Field(default=None, ge=0)
+  top_logprobs: int | None = Field(default=None, ge=0, le=2**63 - 1)
   chat_template_kwargs: dict[str, Any] | None = None
   tools: list[dict[str, Any]] | None = None
   tool_choice: str | dict[str, Any] | None = None

@@ -45,9 +45,12 @@ def load_served_model(config: Config) -> ServedModel:
   start = time.perf_counter()
   engine = Engine(config)
   log.info("engine ready in %.1fs (max context %d tokens)", time.perf_counter() - start, engine.max_context)
-  batcher = Batcher(engine, window_s=config.server_batch_window_ms / 1000.0, max_batch=config.server_max_batch_size)
+  batcher = Batcher(engine, window_s=config.server_batch_window_ms / 1000.0, max_batch=config.server_max_batch_size,
+                    timeout_s=config.server_request_timeout_s)
   return ServedModel(batcher, tokenizer, served_model_id(config), engine.max_context, config.vocab_size,
-                     SamplingParams)
+                     SamplingParams, max_prompts_per_request=config.server_max_prompts_per_request,
+                     tokenize_timeout_s=config.server_tokenize_timeout_s,
+                     allow_client_chat_template=config.server_allow_client_chat_template)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -56,7 +59,8 @@ def main(argv: Sequence[str]) -> int:
   config = load_config(argv)
   model = load_served_model(config)
   log.info("serving '%s' on http://%s:%d/v1", model.model_id, config.server_host, config.server_port)
-  uvicorn.run(build_app(model), host=config.server_host, port=config.server_port, log_level="info")
+  app = build_app(model, api_key=config.server_api_key, max_body_bytes=config.server_max_body_bytes)
+  uvicorn.run(app, host=config.server_host, port=config.server_port, log_level="info")
   return 0
 
 
