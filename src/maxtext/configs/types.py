@@ -8,8 +8,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, get_args, get_origin, get_type_hints
 
-from maxtext.configs import layer_pattern
-
 DType = Literal["float32", "bfloat16", "float16"]
 TokenizerType = Literal["huggingface"]
 GdnKernel = Literal["auto", "reference", "xla", "tpu", "gpu"]
@@ -19,15 +17,10 @@ AttentionKernel = Literal["autoselected", "dot_product", "flash"]
 RematPolicy = Literal["none", "minimal", "full"]
 DatasetType = Literal["synthetic", "grain", "hf"]
 GrainFileType = Literal["jsonl", "parquet", "arrayrecord"]
-# The checkpoint family (HF model_type): same layer math, different HF config and tensor layout, tokenizer.
-ModelFamily = Literal["qwen3_next", "qwen3_5_moe"]
-RlAlgorithm = Literal["grpo", "gspo"]
-KlType = Literal["k1", "k3"]
-RlLossAggregation = Literal["token_mean", "sequence_mean"]
 
 # The architecture keys: what a checkpoint fixes and stores beside its parameters (models/*.yml set these).
 MODEL_KEYS = (
-    "model_family", "decoder_layer_types", "vocab_size", "base_emb_dim", "base_num_decoder_layers", "base_num_query_heads", "base_num_kv_heads",
+    "vocab_size", "base_emb_dim", "base_num_decoder_layers", "base_num_query_heads", "base_num_kv_heads",
     "head_dim", "normalization_layer_epsilon", "rope_max_timescale", "partial_rotary_factor",
     "full_attention_interval", "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
     "linear_num_key_heads", "linear_num_value_heads", "num_experts", "num_experts_per_tok", "norm_topk_prob",
@@ -43,8 +36,6 @@ class ConfigError(ValueError):
 class Config:
   model_name: str
 
-  model_family: ModelFamily
-  decoder_layer_types: str
   vocab_size: int
   base_emb_dim: int
   base_num_decoder_layers: int
@@ -172,44 +163,23 @@ class Config:
   compile_topology_num_slices: int
   compiled_trace_file: str
 
-  # ---- RL post-training (issue 17) ----
-  rl_algorithm: RlAlgorithm
-  rl_train_files: str
-  rl_eval_files: str
-  rl_reward: str
-  num_generations: int
-  rollout_batch_size: int
-  max_response_length: int
-  rl_global_batch_size: int
-  rl_temperature: float
-  eps_clip: float
-  eps_clip_high: float
-  kl_coef: float
-  kl_type: KlType
-  rl_loss_aggregation: RlLossAggregation
-  rl_advantage_std_normalization: bool
-  importance_sampling_cap: float
-  rl_dynamic_sampling: bool
-  rl_dynamic_sampling_max_rounds: int
-  rl_eval_period: int
-  rl_eval_num_samples: int
-
   def __post_init__(self) -> None:
     _validate(self)
 
   # ---- derived sizes ----
   @property
   def layer_types(self) -> tuple[str, ...]:
-    """'linear_attention' or 'full_attention' per decoder layer, as HF's `layer_types`: decoder_layer_types when
-    given, else every full_attention_interval-th layer full attention."""
-    if self.decoder_layer_types:
-      return layer_pattern.parse_layer_types(self.decoder_layer_types)
-    return layer_pattern.interval_pattern(self.base_num_decoder_layers, self.full_attention_interval)
+    """'linear_attention' or 'full_attention' per decoder layer, as HF's `layer_types`."""
+    interval = self.full_attention_interval
+    return tuple(
+        "full_attention" if (i + 1) % interval == 0 else "linear_attention"
+        for i in range(self.base_num_decoder_layers)
+    )
 
   @property
   def num_blocks(self) -> int:
-    """Repeats of the shortest repeating block of layer_types; the scan length when scan_layers."""
-    return self.base_num_decoder_layers // layer_pattern.block_length(self.layer_types)
+    """Repeats of the (interval - 1) GDN + 1 attention block; the scan length when scan_layers."""
+    return self.base_num_decoder_layers // self.full_attention_interval
 
   @property
   def rotary_dim(self) -> int:
@@ -273,24 +243,18 @@ def _validate(c: Config) -> None:
       c.num_experts_per_tok <= c.num_experts,
       f"config key 'num_experts_per_tok' ({c.num_experts_per_tok}) must not exceed 'num_experts' ({c.num_experts})",
   )
-  if c.model_family == "qwen3_5_moe":
-    _require(c.norm_topk_prob, "config key 'norm_topk_prob' must be true for model_family=qwen3_5_moe (HF always"
-             " renormalises its top-k weights)")
-  if c.decoder_layer_types:
-    _validate_layer_types(c)
-  else:
-    _require(
-        c.full_attention_interval <= c.base_num_decoder_layers,
-        f"config key 'full_attention_interval' ({c.full_attention_interval}) exceeds 'base_num_decoder_layers'"
-        f" ({c.base_num_decoder_layers}): the model would have no attention layer",
-    )
-  if c.scan_layers and not c.decoder_layer_types:
+  _require(
+      c.full_attention_interval <= c.base_num_decoder_layers,
+      f"config key 'full_attention_interval' ({c.full_attention_interval}) exceeds 'base_num_decoder_layers'"
+      f" ({c.base_num_decoder_layers}): the model would have no attention layer",
+  )
+  if c.scan_layers:
     _require(
         c.base_num_decoder_layers % c.full_attention_interval == 0,
         f"config key 'base_num_decoder_layers' ({c.base_num_decoder_layers}) must be a multiple of"
         f" 'full_attention_interval' ({c.full_attention_interval}) when scan_layers=true",
     )
-  _require(not c.use_multimodal, "config key 'use_multimodal' must be false: only the text model is supported (no image/video inputs)")
+  _require(not c.use_multimodal, "config key 'use_multimodal' must be false: Qwen3-Next is a text-only model")
   for name in _MESH_AXES:
     value = getattr(c, name)
     _require(value == -1 or value >= 1, f"config key '{name}' must be -1 (auto) or >= 1, got {value}")
@@ -315,22 +279,9 @@ def _validate(c: Config) -> None:
   _validate_training(c)
   _validate_inference(c)
   _validate_compile(c)
-  _validate_rl(c)
 
 
 # Each area's rules live in its own function so the sections above stay independent.
-
-
-def _validate_layer_types(c: Config) -> None:
-  try:
-    types = layer_pattern.parse_layer_types(c.decoder_layer_types)
-  except ValueError as e:
-    raise ConfigError(f"config key 'decoder_layer_types': {e}") from None
-  _require(
-      len(types) == c.base_num_decoder_layers,
-      f"config key 'decoder_layer_types' lists {len(types)} layers but 'base_num_decoder_layers' is"
-      f" {c.base_num_decoder_layers}",
-  )
 
 
 def _validate_moe(c: Config) -> None:
@@ -427,32 +378,3 @@ def _validate_compile(c: Config) -> None:
       parse_topology(c.compile_topology)
     except TopologyError as e:
       raise ConfigError(f"config key 'compile_topology': {e}") from None
-
-
-def _validate_rl(c: Config) -> None:
-  for name in ("num_generations", "rollout_batch_size", "max_response_length", "rl_eval_num_samples"):
-    _require(getattr(c, name) > 0, f"config key '{name}' must be > 0, got {getattr(c, name)}")
-  # max_response_length against max_target_length is checked by the RL command (post_train/rl/run_config.py):
-  # other runs leave the RL defaults alone, as they do the decode ones.
-  responses = c.rollout_batch_size * c.num_generations
-  if c.rl_global_batch_size:
-    _require(
-        c.rl_global_batch_size > 0 and c.rl_global_batch_size % c.num_generations == 0
-        and responses % c.rl_global_batch_size == 0,
-        f"config key 'rl_global_batch_size' ({c.rl_global_batch_size}) must be a multiple of num_generations"
-        f" ({c.num_generations}) that divides rollout_batch_size x num_generations ({responses}): whole groups per step",
-    )
-  _require(c.rl_temperature > 0, f"config key 'rl_temperature' must be > 0, got {c.rl_temperature}")
-  _require(0 < c.eps_clip < 1, f"config key 'eps_clip' must be in (0, 1), got {c.eps_clip}")
-  _require(c.eps_clip_high > 0, f"config key 'eps_clip_high' must be > 0, got {c.eps_clip_high}")
-  _require(c.kl_coef >= 0, f"config key 'kl_coef' must be >= 0, got {c.kl_coef}")
-  _require(
-      c.importance_sampling_cap == 0 or c.importance_sampling_cap >= 1,
-      f"config key 'importance_sampling_cap' must be 0 (off) or >= 1, got {c.importance_sampling_cap}",
-  )
-  for name in ("rl_dynamic_sampling_max_rounds", "rl_eval_period"):
-    _require(getattr(c, name) >= 0, f"config key '{name}' must be >= 0, got {getattr(c, name)}")
-  _require(
-      ":" not in c.rl_reward or all(part.strip() for part in c.rl_reward.split(":", 1)),
-      f"config key 'rl_reward' must be 'math' or 'module:function', got '{c.rl_reward}'",
-  )
