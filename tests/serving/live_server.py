@@ -58,17 +58,19 @@ def serve_in_thread(app):
 
 
 @contextlib.contextmanager
-def fake_server(tokenizer, script: list[int], window_s: float = 0.1, max_context: int = 64):
-  """(base_url, engine, served model): the real app and uvicorn over the scripted FakeEngine."""
+def fake_server(tokenizer, script: list[int], window_s: float = 0.1, max_context: int = 64, engine=None,
+                sampling_params_type=None, timeout_s: float = 0.0, api_key: str = "", max_body_bytes: int = 8 << 20,
+                **model_kwargs):
+  """(base_url, engine, served model): the real app and uvicorn over the scripted FakeEngine (or `engine`)."""
   from maxtext.serving.app import build_app
   from maxtext.serving.batcher import Batcher
   from maxtext.serving.served_model import ServedModel
   from tests.serving.fake_engine import FakeEngine, FakeSamplingParams
 
-  engine = FakeEngine(script, max_context=max_context)
-  model = ServedModel(Batcher(engine, window_s=window_s, max_batch=8), tokenizer, "tiny", engine.max_context,
-                      len(tokenizer), FakeSamplingParams)
-  with serve_in_thread(build_app(model)) as base_url:
+  engine = engine or FakeEngine(script, max_context=max_context)
+  model = ServedModel(Batcher(engine, window_s=window_s, max_batch=8, timeout_s=timeout_s), tokenizer, "tiny",
+                      engine.max_context, len(tokenizer), sampling_params_type or FakeSamplingParams, **model_kwargs)
+  with serve_in_thread(build_app(model, api_key=api_key, max_body_bytes=max_body_bytes)) as base_url:
     yield base_url, engine, model
 
 
