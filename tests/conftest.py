@@ -76,3 +76,29 @@ def hub_layout(named_tensors: dict) -> dict[str, np.ndarray]:
     else:
       out[name] = array
   return out
+
+
+def build_qwen36_tiny(name: str, directory: str, seed: int = 0, **text_overrides) -> HfTiny:
+  """A tiny random Qwen3_5MoeForConditionalGeneration saved with save_pretrained (experts per expert)."""
+  from tests.assets.tiny_qwen36_checkpoint import read_tensors, save_tiny_qwen36
+
+  model, config = save_tiny_qwen36(name, directory, seed, **text_overrides)
+  return HfTiny(name, model, config.to_dict(), read_tensors(directory), directory)
+
+
+@pytest.fixture(scope="session")
+def qwen36_periodic(tmp_path_factory) -> HfTiny:
+  """Tiny Qwen3.6 with its periodic pattern (3 GDN + 1 attention, twice)."""
+  return build_qwen36_tiny("periodic", str(tmp_path_factory.mktemp("qwen36_periodic")))
+
+
+@pytest.fixture(scope="session")
+def qwen36_irregular(tmp_path_factory) -> HfTiny:
+  """Tiny Qwen3.6 with a non-periodic layer_types and a tied head."""
+  return build_qwen36_tiny("irregular", str(tmp_path_factory.mktemp("qwen36_irregular")))
+
+
+@pytest.fixture(params=["periodic", "irregular"])
+def hf_qwen36(request) -> HfTiny:
+  """Both tiny Qwen3.6 shapes, built once per session."""
+  return request.getfixturevalue(f"qwen36_{request.param}")

@@ -37,10 +37,10 @@ def test_hf_to_ours_to_hf_is_exact(hf_tiny):
 def test_scan_then_unscan_is_identity():
   spec = ModelSpec.from_config(load_config(["scan_layers=false"]))
   params = nn.unbox(model_params.init_variables(spec, jax.random.key(0)))["params"]
-  scanned = scan_layers(params, spec.num_layers, spec.full_attention_interval)
+  scanned = scan_layers(params, spec.num_layers, spec.block_length)
   scanned_shapes = model_params.flat_shapes(ModelSpec.from_config(load_config(["scan_layers=true"])))
   assert {k: v.shape for k, v in model_params.flatten(scanned).items()} == scanned_shapes
-  restored = unscan_layers(scanned, spec.num_layers, spec.full_attention_interval)
+  restored = unscan_layers(scanned, spec.num_layers, spec.block_length)
   jax.tree.map(np.testing.assert_array_equal, restored, params)
 
 

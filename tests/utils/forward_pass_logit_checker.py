@@ -69,13 +69,13 @@ def compare(golden: np.ndarray, ours: np.ndarray) -> dict[str, float]:
   }
 
 
-def _tokenizer(tokenizer_path: str):
-  """The tokenizer named by the config (the shipped Qwen3 one by default), to confirm the golden token ids."""
+def _tokenizer(tokenizer_path: str, model_family: str):
+  """The tokenizer named by the config (the family's shipped one by default), to confirm the golden token ids."""
   from transformers import AutoTokenizer
 
-  from maxtext.assets.tokenizers import ensure_qwen3_tokenizer
+  from maxtext.assets.tokenizers import ensure_family_tokenizer
 
-  return AutoTokenizer.from_pretrained(tokenizer_path or ensure_qwen3_tokenizer())
+  return AutoTokenizer.from_pretrained(tokenizer_path or ensure_family_tokenizer(model_family))
 
 
 def main(argv: Sequence[str]) -> int:
@@ -97,14 +97,14 @@ def main(argv: Sequence[str]) -> int:
   params = orbax_io.load_params(config.load_parameters_path, spec)
   model = Qwen3NextForCausalLM(spec)
   forward = jax.jit(lambda p, t: model.apply({"params": p}, t, with_mtp=False).logits.astype(jnp.float32))
-  tokenizer = _tokenizer(config.tokenizer_path)
+  tokenizer = _tokenizer(config.tokenizer_path, config.model_family)
   max_kl, max_abs, min_top1 = flags.get("max_kl_div"), flags.get("max_abs_diff"), flags.get("min_top1_agreement")
   failed = False
   print(f"{'prompt':<32} {'tokens':>6} {'max KL':>10} {'max |diff|':>11} {'top-1':>6}")
   for record in read_golden(flags["golden_logits_path"]):
     tokens = np.asarray(record["tokens"], np.int32)[None]
     if tokenizer(record["prompt"])["input_ids"] != record["tokens"]:
-      print(f"note: the tokenizer at '{config.tokenizer_path or 'the shipped Qwen3 asset'}' tokenises"
+      print(f"note: the tokenizer at '{config.tokenizer_path or 'the shipped tokenizer asset'}' tokenises"
             f" {record['prompt']!r} differently from the golden file; using the golden ids")
     if tokens.max() >= config.vocab_size:
       raise SystemExit(f"error: golden token id {tokens.max()} >= the model's vocab_size {config.vocab_size}")

@@ -26,5 +26,5 @@ def params_from_hf_state(spec: ModelSpec, hf_tensors: Mapping[str, np.ndarray], 
   target = np.dtype(dtype or spec.numerics.weight_dtype)
   tree = model_params.unflatten({k: np.asarray(v).astype(target) for k, v in flat.items()})
   if spec.scan_layers:
-    tree = scan_layers(tree, spec.num_layers, spec.full_attention_interval)
+    tree = scan_layers(tree, spec.num_layers, spec.block_length)
   return tree

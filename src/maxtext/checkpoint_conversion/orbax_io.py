@@ -240,7 +240,7 @@ def load_params(load_parameters_path: str, spec, cast: bool = True) -> dict[str,
     flat = {path: array.astype(dtype, copy=False) for path, array in flat.items()}
   tree = model_params.unflatten(flat)
   if stored_scanned and not spec.scan_layers:
-    tree = unscan_layers(tree, spec.num_layers, spec.full_attention_interval)
+    tree = unscan_layers(tree, spec.num_layers, spec.block_length)
   elif spec.scan_layers and not stored_scanned:
-    tree = scan_layers(tree, spec.num_layers, spec.full_attention_interval)
+    tree = scan_layers(tree, spec.num_layers, spec.block_length)
   return tree

@@ -1,5 +1,6 @@
 """The one pure map between the unscanned ('decoder/layers_{i}') and scanned ('decoder/blocks/layer_{j}',
-stacked over blocks on axis 0) parameter layouts. Layer i sits at block i // interval, position i % interval."""
+stacked over blocks on axis 0) parameter layouts. With blocks of `block_length` layers (ModelSpec.block_length, the
+repeating unit of the layer pattern), layer i sits at block i // block_length, position i % block_length."""
 
 from __future__ import annotations
 
@@ -11,23 +12,23 @@ import numpy as np
 from maxtext.models.qwen3_next import SCANNED_BLOCKS, block_layer_name, unscanned_layer_name
 
 
-def scan_layers(params: Mapping[str, Any], num_layers: int, interval: int, stack=np.stack) -> dict[str, Any]:
+def scan_layers(params: Mapping[str, Any], num_layers: int, block_length: int, stack=np.stack) -> dict[str, Any]:
   """Unscanned params (nested dict with 'decoder') -> scanned params. Other top-level entries pass through."""
   decoder = params["decoder"]
-  num_blocks = num_layers // interval
+  num_blocks = num_layers // block_length
   blocks = {}
-  for position in range(interval):
-    layers = [decoder[unscanned_layer_name(b * interval + position)] for b in range(num_blocks)]
+  for position in range(block_length):
+    layers = [decoder[unscanned_layer_name(b * block_length + position)] for b in range(num_blocks)]
     blocks[block_layer_name(position)] = _tree_stack(layers, stack)
   return {**params, "decoder": {SCANNED_BLOCKS: blocks}}
 
 
-def unscan_layers(params: Mapping[str, Any], num_layers: int, interval: int) -> dict[str, Any]:
+def unscan_layers(params: Mapping[str, Any], num_layers: int, block_length: int) -> dict[str, Any]:
   """Scanned params -> unscanned params; the inverse of scan_layers."""
   blocks = params["decoder"][SCANNED_BLOCKS]
   decoder = {}
   for index in range(num_layers):
-    block, position = divmod(index, interval)
+    block, position = divmod(index, block_length)
     decoder[unscanned_layer_name(index)] = _tree_index(blocks[block_layer_name(position)], block)
   return {**params, "decoder": decoder}
 
@@ -44,12 +45,12 @@ def _tree_index(tree: Any, index: int) -> Any:
   return tree[index]
 
 
-def scanned_slot(path: str, interval: int) -> tuple[str, int | None]:
+def scanned_slot(path: str, block_length: int) -> tuple[str, int | None]:
   """Where the unscanned parameter `path` lives in the scanned layout: (path, index along axis 0) for a decoder
   layer's parameter, (path, None) for everything else."""
   parts = path.split("/")
   prefix = unscanned_layer_name(0).rsplit("_", 1)[0] + "_"
   if len(parts) > 2 and parts[0] == "decoder" and parts[1].startswith(prefix):
-    block, position = divmod(int(parts[1][len(prefix) :]), interval)
+    block, position = divmod(int(parts[1][len(prefix) :]), block_length)
     return "/".join(["decoder", SCANNED_BLOCKS, block_layer_name(position), *parts[2:]]), block
   return path, None

@@ -3,8 +3,10 @@
   python3 -m maxtext.checkpoint_conversion.to_huggingface src/maxtext/configs/base.yml \
       load_parameters_path=OUT/0/items base_output_directory=HF_OUT
 
-Walks the same name table as to_maxtext, backwards; tensors keep the checkpoint's dtype. The directory is built
-under a temporary name and renamed into place when complete.
+Walks the same name table as to_maxtext, backwards; tensors keep the checkpoint's dtype. The HF layout follows the
+model family: Qwen3-Next as `Qwen3NextForCausalLM`; Qwen3.5 / 3.6 MoE as the hub's `Qwen3_5MoeForConditionalGeneration`
+folder (text model only, experts written one tensor per expert, which transformers fuses on load). The directory is
+built under a temporary name and renamed into place when complete.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def export(config: Config, load_parameters_path: str, output_dir: str, shard_byt
     for m in parameter_mappings(spec, include_mtp=bool(spec.mtp_num_layers)):
       array = np.asarray(flat[m.ours])
       dtypes.add(str(array.dtype))
-      writer.add_all(to_hf(m, array))
+      writer.add_all(to_hf(m, array, spec.gated_delta_net.key_head_dim))
     files = writer.close()
     hf_config = hf_config_from_config(config)
     hf_config["dtype"] = "bfloat16" if "bfloat16" in dtypes else sorted(dtypes)[0]

@@ -4,7 +4,8 @@
       base_output_directory=OUT [model_name=auto|<name>] [scan_layers=true|false]
 
 Writes OUT/0/items (load it with load_parameters_path=OUT/0/items) and OUT/0/maxtext_model.json. Without model_name
-the model comes from HF_DIR/config.json; a named model must match it. Tensors keep the checkpoint's dtype.
+the model comes from HF_DIR/config.json (Qwen3-Next or Qwen3.5 / 3.6 MoE); a named model must match it. Tensors keep
+the checkpoint's dtype (block FP8 becomes bfloat16); a multimodal checkpoint's vision tower is skipped.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from collections.abc import Sequence
 
 
 from maxtext.checkpoint_conversion import orbax_io
-from maxtext.checkpoint_conversion.param_mapping import ParamMapping, hf_shape, parameter_mappings, to_ours
-from maxtext.checkpoint_conversion.safetensors_io import SafetensorsCheckpoint
+from maxtext.checkpoint_conversion.hf_reader import HfTensorReader
+from maxtext.checkpoint_conversion.param_mapping import (
+    ParamMapping, hf_shapes, parameter_mappings, resolve_expert_layout, to_ours,
+)
 from maxtext.checkpoint_conversion.scan_layout import scanned_slot
 from maxtext.configs import Config, ConfigError, load_config
 from maxtext.models import params as model_params
@@ -26,7 +29,7 @@ from maxtext.models.spec import ModelSpec
 from maxtext.utils import cli
 
 
-def _check_tensors(checkpoint: SafetensorsCheckpoint, table: list[ParamMapping], shapes: dict) -> None:
+def _check_tensors(checkpoint: HfTensorReader, table: list[ParamMapping], shapes: dict, key_head_dim: int) -> None:
   """Every expected tensor present with the right shape, nothing unexpected: fail before writing anything."""
   expected = [name for m in table for name in m.hf]
   missing = [name for name in expected if name not in checkpoint]
@@ -36,15 +39,14 @@ def _check_tensors(checkpoint: SafetensorsCheckpoint, table: list[ParamMapping],
   if extra:
     raise ConfigError(f"checkpoint has unexpected tensor '{extra[0]}' ({len(extra)} unexpected in all)")
   for m in table:
-    want = hf_shape(m, shapes[m.ours])
-    for name in m.hf:
+    for name, want in zip(m.hf, hf_shapes(m, shapes[m.ours], key_head_dim)):
       if checkpoint.shape(name) != want:
         raise ConfigError(f"tensor '{name}' has shape {checkpoint.shape(name)}, expected {want}")
 
 
 def convert(config: Config, hf_model_path: str, step_dir: str, log=print) -> str:
   """Convert; returns the items path. Nothing appears at `step_dir` unless the conversion completes."""
-  checkpoint = SafetensorsCheckpoint(hf_model_path)
+  checkpoint = HfTensorReader(hf_model_path, log)
   has_mtp = any(name.startswith("mtp.") for name in checkpoint.names())
   if config.mtp_num_layers and not has_mtp:
     log("note: the checkpoint has no mtp.* tensors; converting without the MTP module (mtp_num_layers=0)")
@@ -52,10 +54,12 @@ def convert(config: Config, hf_model_path: str, step_dir: str, log=print) -> str
   spec = ModelSpec.from_config(config)
   flat_spec = model_params.unscanned(spec)
   table = parameter_mappings(flat_spec, include_mtp=bool(spec.mtp_num_layers))
+  table = resolve_expert_layout(table, set(checkpoint.names()))
   unscanned_shapes = model_params.flat_shapes(flat_spec)
-  _check_tensors(checkpoint, table, unscanned_shapes)
+  key_head_dim = spec.gated_delta_net.key_head_dim
+  _check_tensors(checkpoint, table, unscanned_shapes, key_head_dim)
 
-  place = lambda path: scanned_slot(path, spec.full_attention_interval) if spec.scan_layers else (path, None)
+  place = lambda path: scanned_slot(path, spec.block_length) if spec.scan_layers else (path, None)
   leaves = {}
   for m in table:
     target, index = place(m.ours)
@@ -65,7 +69,7 @@ def convert(config: Config, hf_model_path: str, step_dir: str, log=print) -> str
   try:
     start, done_bytes, last_layer = time.perf_counter(), 0, None
     for m in table:
-      array = to_ours(m, [checkpoint.read(name) for name in m.hf], unscanned_shapes[m.ours])
+      array = to_ours(m, [checkpoint.read(name) for name in m.hf], unscanned_shapes[m.ours], key_head_dim)
       target, index = place(m.ours)
       writer.write(target, array, index)
       done_bytes += array.nbytes

@@ -8,7 +8,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, get_args, get_origin, get_type_hints
 
+from maxtext.configs import layer_pattern
+
 DType = Literal["float32", "bfloat16", "float16"]
+# The checkpoint family (HF model_type): same layer math, different HF config and tensor layout, tokenizer.
+ModelFamily = Literal["qwen3_next", "qwen3_5_moe"]
 TokenizerType = Literal["huggingface"]
 GdnKernel = Literal["auto", "reference", "xla", "tpu", "gpu"]
 DecodeSamplingStrategy = Literal["greedy", "weighted", "nucleus", "topk"]
@@ -20,6 +24,7 @@ GrainFileType = Literal["jsonl", "parquet", "arrayrecord"]
 
 # The architecture keys: what a checkpoint fixes and stores beside its parameters (models/*.yml set these).
 MODEL_KEYS = (
+    "model_family", "decoder_layer_types",
     "vocab_size", "base_emb_dim", "base_num_decoder_layers", "base_num_query_heads", "base_num_kv_heads",
     "head_dim", "normalization_layer_epsilon", "rope_max_timescale", "partial_rotary_factor",
     "full_attention_interval", "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
@@ -36,6 +41,8 @@ class ConfigError(ValueError):
 class Config:
   model_name: str
 
+  model_family: ModelFamily
+  decoder_layer_types: str
   vocab_size: int
   base_emb_dim: int
   base_num_decoder_layers: int
@@ -169,17 +176,16 @@ class Config:
   # ---- derived sizes ----
   @property
   def layer_types(self) -> tuple[str, ...]:
-    """'linear_attention' or 'full_attention' per decoder layer, as HF's `layer_types`."""
-    interval = self.full_attention_interval
-    return tuple(
-        "full_attention" if (i + 1) % interval == 0 else "linear_attention"
-        for i in range(self.base_num_decoder_layers)
-    )
+    """'linear_attention' or 'full_attention' per decoder layer, as HF's `layer_types`: decoder_layer_types when
+    given, else every full_attention_interval-th layer full attention."""
+    if self.decoder_layer_types:
+      return layer_pattern.parse_layer_types(self.decoder_layer_types)
+    return layer_pattern.interval_pattern(self.base_num_decoder_layers, self.full_attention_interval)
 
   @property
   def num_blocks(self) -> int:
-    """Repeats of the (interval - 1) GDN + 1 attention block; the scan length when scan_layers."""
-    return self.base_num_decoder_layers // self.full_attention_interval
+    """Repeats of the shortest repeating block of layer_types; the scan length when scan_layers."""
+    return self.base_num_decoder_layers // layer_pattern.block_length(self.layer_types)
 
   @property
   def rotary_dim(self) -> int:
@@ -243,18 +249,24 @@ def _validate(c: Config) -> None:
       c.num_experts_per_tok <= c.num_experts,
       f"config key 'num_experts_per_tok' ({c.num_experts_per_tok}) must not exceed 'num_experts' ({c.num_experts})",
   )
-  _require(
-      c.full_attention_interval <= c.base_num_decoder_layers,
-      f"config key 'full_attention_interval' ({c.full_attention_interval}) exceeds 'base_num_decoder_layers'"
-      f" ({c.base_num_decoder_layers}): the model would have no attention layer",
-  )
-  if c.scan_layers:
+  if c.model_family == "qwen3_5_moe":
+    _require(c.norm_topk_prob, "config key 'norm_topk_prob' must be true for model_family=qwen3_5_moe (HF always"
+             " renormalises its top-k weights)")
+  if c.decoder_layer_types:
+    _validate_layer_types(c)
+  else:
+    _require(
+        c.full_attention_interval <= c.base_num_decoder_layers,
+        f"config key 'full_attention_interval' ({c.full_attention_interval}) exceeds 'base_num_decoder_layers'"
+        f" ({c.base_num_decoder_layers}): the model would have no attention layer",
+    )
+  if c.scan_layers and not c.decoder_layer_types:
     _require(
         c.base_num_decoder_layers % c.full_attention_interval == 0,
         f"config key 'base_num_decoder_layers' ({c.base_num_decoder_layers}) must be a multiple of"
         f" 'full_attention_interval' ({c.full_attention_interval}) when scan_layers=true",
     )
-  _require(not c.use_multimodal, "config key 'use_multimodal' must be false: Qwen3-Next is a text-only model")
+  _require(not c.use_multimodal, "config key 'use_multimodal' must be false: only the text model is supported (no image/video inputs)")
   for name in _MESH_AXES:
     value = getattr(c, name)
     _require(value == -1 or value >= 1, f"config key '{name}' must be -1 (auto) or >= 1, got {value}")
@@ -282,6 +294,18 @@ def _validate(c: Config) -> None:
 
 
 # Each area's rules live in its own function so the sections above stay independent.
+
+
+def _validate_layer_types(c: Config) -> None:
+  try:
+    types = layer_pattern.parse_layer_types(c.decoder_layer_types)
+  except ValueError as e:
+    raise ConfigError(f"config key 'decoder_layer_types': {e}") from None
+  _require(
+      len(types) == c.base_num_decoder_layers,
+      f"config key 'decoder_layer_types' lists {len(types)} layers but 'base_num_decoder_layers' is"
+      f" {c.base_num_decoder_layers}",
+  )
 
 
 def _validate_moe(c: Config) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +48,8 @@ def _run_layer(layer: DecoderLayer, x, cos, sin, segment_ids, cache, decode):
 
 
 class DecoderBlock(nn.Module):
-  """(interval - 1) Gated DeltaNet layers then one attention layer: the unit the scan repeats."""
+  """The first spec.block_length layers of the pattern (Qwen3-Next: 3 Gated DeltaNet layers then one attention
+  layer): the unit the scan repeats."""
 
   spec: ModelSpec
 
@@ -55,7 +58,7 @@ class DecoderBlock(nn.Module):
     """cache: a tuple of the block's layer caches (decoding) or None -> (x, (stats, new caches or None))."""
     spec = self.spec
     stats, new_caches = None, []
-    for position in range(spec.full_attention_interval):
+    for position in range(spec.block_length):
       layer = _decoder_layer(spec, spec.layer_types[position], block_layer_name(position))
       x, layer_stats, layer_cache = _run_layer(
           layer, x, cos, sin, segment_ids, None if cache is None else cache[position], decode
@@ -69,6 +72,15 @@ def _decoder_layer(spec: ModelSpec, layer_type: str, name: str, layer_cls=Decode
   return layer_cls(
       layer_type, spec.attention, spec.gated_delta_net, spec.moe, spec.eps, spec.numerics, name=name
   )
+
+
+@functools.lru_cache(maxsize=None)
+def _note_unrepeated_pattern(spec: ModelSpec) -> None:
+  """Say once that a pattern without a shorter repeat is scanned as a single block (no compile-time saving)."""
+  if spec.num_blocks == 1 and spec.num_layers > 1:
+    logging.getLogger(__name__).info(
+        "layer_types has no block that repeats over all %d layers: scan_layers=true scans one block of all of them"
+        " (compiled like scan_layers=false)", spec.num_layers)
 
 
 # What the backward pass keeps of a rematerialised block: 'minimal' keeps every matmul output, 'full' nothing.
@@ -98,6 +110,7 @@ class Decoder(nn.Module):
     spec = self.spec
     remat_policy = spec.remat_policy if decode is None else "none"
     if spec.scan_layers:
+      _note_unrepeated_pattern(spec)
       blocks = nn.scan(
           _rematerialised(DecoderBlock, remat_policy, prevent_cse=False),
           variable_axes={"params": 0},

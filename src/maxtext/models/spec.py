@@ -7,6 +7,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from maxtext.configs import Config
+from maxtext.configs.layer_pattern import block_length
 from maxtext.layers.specs import AttentionSpec, GatedDeltaNetSpec, MoeSpec, Numerics
 
 
@@ -15,7 +16,6 @@ class ModelSpec:
   vocab_size: int
   emb_dim: int
   layer_types: tuple[str, ...]
-  full_attention_interval: int
   attention: AttentionSpec
   gated_delta_net: GatedDeltaNetSpec
   moe: MoeSpec
@@ -27,14 +27,21 @@ class ModelSpec:
   numerics: Numerics
   # Rematerialisation of each decoder block (scanned) or layer (unscanned): 'none', 'minimal' or 'full'.
   remat_policy: str = "none"
+  # The HF checkpoint family (the converters' name table); the layer math is the same for all.
+  family: str = "qwen3_next"
 
   @property
   def num_layers(self) -> int:
     return len(self.layer_types)
 
   @property
+  def block_length(self) -> int:
+    """Layers per scanned block: the shortest block that repeats over layer_types (all layers if none does)."""
+    return block_length(self.layer_types)
+
+  @property
   def num_blocks(self) -> int:
-    return self.num_layers // self.full_attention_interval
+    return self.num_layers // self.block_length
 
   @classmethod
   def from_config(cls, c: Config) -> "ModelSpec":
@@ -42,7 +49,6 @@ class ModelSpec:
         vocab_size=c.vocab_size,
         emb_dim=c.base_emb_dim,
         layer_types=c.layer_types,
-        full_attention_interval=c.full_attention_interval,
         attention=AttentionSpec(
             num_heads=c.base_num_query_heads,
             num_kv_heads=c.base_num_kv_heads,
@@ -76,5 +82,6 @@ class ModelSpec:
         mtp_num_layers=c.mtp_num_layers,
         scan_layers=c.scan_layers,
         remat_policy=c.remat_policy,
+        family=c.model_family,
         numerics=Numerics(dtype=jnp.dtype(c.dtype), weight_dtype=jnp.dtype(c.weight_dtype)),
     )

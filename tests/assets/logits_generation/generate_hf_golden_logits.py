@@ -20,9 +20,19 @@ def _tokenizer_dir(model_dir: str, tokenizer_path: str | None) -> str:
     return tokenizer_path
   if any(os.path.isfile(os.path.join(model_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
     return model_dir
-  from maxtext.assets.tokenizers import ensure_qwen3_tokenizer
+  from maxtext.assets.tokenizers import ensure_family_tokenizer
 
-  return str(ensure_qwen3_tokenizer())
+  return str(ensure_family_tokenizer(_model_family(model_dir)))
+
+
+def _model_family(model_dir: str) -> str:
+  """qwen3_5_moe for a Qwen3.5 / 3.6 folder (its shipped tokenizer is Qwen3.6's), else qwen3_next."""
+  path = os.path.join(model_dir, "config.json")
+  if not os.path.isfile(path):
+    return "qwen3_next"
+  with open(path, encoding="utf-8") as f:
+    model_type = json.load(f).get("model_type", "")
+  return "qwen3_5_moe" if str(model_type).startswith("qwen3_5_moe") else "qwen3_next"
 
 
 def generate(model_dir: str, prompts: list[str], output_path: str, tokenizer_path: str | None, dtype: str) -> None:
@@ -65,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--model-id", required=True, help="local HF checkpoint directory")
   parser.add_argument("--output-path", required=True, help="JSON-lines file to write")
   parser.add_argument("--prompts", default="I love to;Today is a;What is the", help="';'-separated prompts")
-  parser.add_argument("--tokenizer-path", default=None, help="default: the model directory, else the shipped Qwen3")
+  parser.add_argument("--tokenizer-path", default=None,
+                      help="default: the model directory, else the model family's shipped tokenizer (Qwen3 / Qwen3.6)")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   args = parser.parse_args(argv)
   if not os.path.isdir(args.model_id):
