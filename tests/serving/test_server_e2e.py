@@ -138,3 +138,14 @@ def test_bad_requests_get_openai_errors(real, body, status, code):
   assert answer_status == status, answer
   assert set(answer["error"]) == {"message", "type", "param", "code"}
   assert answer["error"]["code"] == code and answer["error"]["type"] == "invalid_request_error"
+
+
+def test_clients_seeds_and_top_k_never_fail_a_batch(real):
+  # seed -1 ("random"), 64-bit seeds and a huge top_k once made the engine raise, failing all six with a 500.
+  extremes = [{"seed": -1}, {"seed": 2**63}, {"top_k": 10**12}, {"seed": 2**64 - 1}, {"seed": 3}, {}]
+  bodies = [{"model": real.model_id, "prompt": PROMPT, "max_tokens": 2, "temperature": 0.8, **extra}
+            for extra in extremes]
+  with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+    answers = list(pool.map(lambda body: post(real.base_url, "/v1/completions", body), bodies))
+  assert [status for status, _ in answers] == [200] * len(bodies), answers
+  assert all(answer["usage"]["completion_tokens"] == 2 for _, answer in answers)
