@@ -21,6 +21,9 @@ AttentionKernel = Literal["autoselected", "dot_product", "flash"]
 RematPolicy = Literal["none", "minimal", "full"]
 DatasetType = Literal["synthetic", "grain", "hf"]
 GrainFileType = Literal["jsonl", "parquet", "arrayrecord"]
+RlAlgorithm = Literal["grpo", "gspo"]
+KlType = Literal["k1", "k3"]
+RlLossAggregation = Literal["token_mean", "sequence_mean"]
 
 # The architecture keys: what a checkpoint fixes and stores beside its parameters (models/*.yml set these).
 MODEL_KEYS = (
@@ -170,6 +173,28 @@ class Config:
   compile_topology_num_slices: int
   compiled_trace_file: str
 
+  # ---- RL post-training (issue 17) ----
+  rl_algorithm: RlAlgorithm
+  rl_train_files: str
+  rl_eval_files: str
+  rl_reward: str
+  num_generations: int
+  rollout_batch_size: int
+  max_response_length: int
+  rl_global_batch_size: int
+  rl_temperature: float
+  eps_clip: float
+  eps_clip_high: float
+  kl_coef: float
+  kl_type: KlType
+  rl_loss_aggregation: RlLossAggregation
+  rl_advantage_std_normalization: bool
+  importance_sampling_cap: float
+  rl_dynamic_sampling: bool
+  rl_dynamic_sampling_max_rounds: int
+  rl_eval_period: int
+  rl_eval_num_samples: int
+
   def __post_init__(self) -> None:
     _validate(self)
 
@@ -291,6 +316,7 @@ def _validate(c: Config) -> None:
   _validate_training(c)
   _validate_inference(c)
   _validate_compile(c)
+  _validate_rl(c)
 
 
 # Each area's rules live in its own function so the sections above stay independent.
@@ -402,3 +428,31 @@ def _validate_compile(c: Config) -> None:
       parse_topology(c.compile_topology)
     except TopologyError as e:
       raise ConfigError(f"config key 'compile_topology': {e}") from None
+
+def _validate_rl(c: Config) -> None:
+  for name in ("num_generations", "rollout_batch_size", "max_response_length", "rl_eval_num_samples"):
+    _require(getattr(c, name) > 0, f"config key '{name}' must be > 0, got {getattr(c, name)}")
+  # max_response_length against max_target_length is checked by the RL command (post_train/rl/run_config.py):
+  # other runs leave the RL defaults alone, as they do the decode ones.
+  responses = c.rollout_batch_size * c.num_generations
+  if c.rl_global_batch_size:
+    _require(
+        c.rl_global_batch_size > 0 and c.rl_global_batch_size % c.num_generations == 0
+        and responses % c.rl_global_batch_size == 0,
+        f"config key 'rl_global_batch_size' ({c.rl_global_batch_size}) must be a multiple of num_generations"
+        f" ({c.num_generations}) that divides rollout_batch_size x num_generations ({responses}): whole groups per step",
+    )
+  _require(c.rl_temperature > 0, f"config key 'rl_temperature' must be > 0, got {c.rl_temperature}")
+  _require(0 < c.eps_clip < 1, f"config key 'eps_clip' must be in (0, 1), got {c.eps_clip}")
+  _require(c.eps_clip_high > 0, f"config key 'eps_clip_high' must be > 0, got {c.eps_clip_high}")
+  _require(c.kl_coef >= 0, f"config key 'kl_coef' must be >= 0, got {c.kl_coef}")
+  _require(
+      c.importance_sampling_cap == 0 or c.importance_sampling_cap >= 1,
+      f"config key 'importance_sampling_cap' must be 0 (off) or >= 1, got {c.importance_sampling_cap}",
+  )
+  for name in ("rl_dynamic_sampling_max_rounds", "rl_eval_period"):
+    _require(getattr(c, name) >= 0, f"config key '{name}' must be >= 0, got {getattr(c, name)}")
+  _require(
+      ":" not in c.rl_reward or all(part.strip() for part in c.rl_reward.split(":", 1)),
+      f"config key 'rl_reward' must be 'math' or 'module:function', got '{c.rl_reward}'",
+  )

@@ -1,0 +1,27 @@
+"""RL post-training of a Qwen3-Next model: GRPO or GSPO on prompt/label rows, rollouts by our engine.
+
+  python3 -m maxtext.trainers.post_train.rl src/maxtext/configs/base.yml run_name=RUN base_output_directory=DIR \
+      rl_train_files=train.jsonl [rl_eval_files=eval.jsonl rl_algorithm=grpo|gspo load_parameters_path=... ...]
+
+One metrics line per step (reward, signal, length, loss, clip fraction, KL, train/rollout mismatch, throughput);
+TensorBoard in DIR/RUN/tensorboard; checkpoints (state, data position) in DIR/RUN/checkpoints, resumed automatically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from maxtext.configs import load_config
+from maxtext.utils import cli
+
+
+def main(argv: Sequence[str]) -> int:
+  from maxtext.trainers.post_train.rl.loop import rl_train  # noqa: PLC0415 - after cli.run set up platforms
+
+  history = rl_train(load_config(argv))
+  finite = all(m.get("policy_loss", 0.0) == m.get("policy_loss", 0.0) for m in history)
+  return 0 if finite else 1  # a NaN loss fails the run
+
+
+if __name__ == "__main__":
+  cli.run(main)

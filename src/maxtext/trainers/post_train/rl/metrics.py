@@ -1,0 +1,27 @@
+"""The RL step's console line (TensorBoard gets every scalar through the trainer's MetricsWriter)."""
+
+from __future__ import annotations
+
+from maxtext.trainers.metrics import progress_bar
+
+
+def format_rl_line(step: int, total: int, m: dict[str, float]) -> str:
+  parts = [
+      progress_bar(step, total),
+      f"reward {m['reward_mean']:.3f}±{m['reward_std']:.3f}",
+      f"signal {m['signal_fraction']:.2f}",
+      f"len {m['response_length']:.1f}",
+  ]
+  if "policy_loss" in m:
+    parts += [f"loss {m['policy_loss']:+.4f}", f"clip {m['clip_fraction']:.3f}"]
+    parts.append(f"kl {m['kl']:.2e}" if "kl" in m else "kl off")
+    parts.append(f"mismatch {m['mismatch_mean']:.2e}/{m['mismatch_max']:.2e} k3 {m['mismatch_k3']:.2e}")
+  else:
+    parts.append("no group with signal: update skipped")
+  parts += [f"rollout {m['rollout_tokens_per_s']:,.0f} tok/s"]
+  if "train_tokens_per_s" in m:
+    parts.append(f"train {m['train_tokens_per_s']:,.0f} tok/s")
+  parts.append(f"{m['step_time_s']:.2f}s (rollout {m['rollout_s']:.2f}, train {m.get('train_s', 0.0):.2f})")
+  if "eval_pass_at_1" in m:
+    parts.append(f"eval pass@1 {m['eval_pass_at_1']:.3f}")
+  return "rl step " + " | ".join(parts)
