@@ -49,3 +49,8 @@ TOY_MODEL = {
     "per_device_batch_size": 8, "max_response_length": 2, "num_generations": 8, "rollout_batch_size": 8,
     "decode_stop_token_ids": "auto", "enable_checkpointing": False, "enable_tensorboard": False,
 }
+
+
+def length_reward(response: str, label: str) -> float:
+  """A user reward function (module:function) for the tests: the response's length."""
+  return float(len(response))

@@ -108,7 +108,8 @@ def policy_loss(
   grpo: per token -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) x w, rho = exp(logp - old), aggregated as
   options.aggregation. gspo: per response s = exp(mean_t(logp - old)), -min(s A, clip(s, ...) A) x w;
   token_mean weighs each response by its length / num_tokens, sequence_mean by 1 / num_sequences.
-  Metric sums (divide by the step's totals): clipped tokens or responses, sum of ratios, KL sum per token.
+  Metric sums (divide by the step's totals): clipped tokens or responses, sum of ratios, KL sum per token; and the
+  largest |ratio - 1| (exactly 0 on a step's first update when the old log-probs are the trainer's own).
   """
   mask = mask.astype(jnp.float32)
   low, high = 1.0 - options.eps_low, 1.0 + options.eps_high
@@ -119,6 +120,7 @@ def policy_loss(
     loss = _aggregate(per_token, mask, seq_ids, options.aggregation, num_tokens, num_sequences)
     clip_count = jnp.sum((clipped < unclipped) * mask)
     ratio_sum = jnp.sum(ratio * mask)
+    ratio_deviation = jnp.max(jnp.abs(ratio - 1.0) * mask)
   elif options.algorithm == "gspo":
     log_ratio, lengths = sequence_means(logp - old_logp, mask, seq_ids)
     seq_adv, _ = sequence_means(advantages, mask, seq_ids)
@@ -133,9 +135,10 @@ def policy_loss(
       loss = jnp.sum(jnp.where(present, per_seq, 0.0)) / num_sequences
     clip_count = jnp.sum((clipped < unclipped) * present)
     ratio_sum = jnp.sum(jnp.where(present, ratio, 0.0))
+    ratio_deviation = jnp.max(jnp.where(present, jnp.abs(ratio - 1.0), 0.0))
   else:
     raise ValueError(f"algorithm must be grpo or gspo, got {options.algorithm!r}")
-  sums = {"clipped": clip_count, "ratio": ratio_sum}
+  sums = {"clipped": clip_count, "ratio": ratio_sum, "ratio_deviation_max": ratio_deviation}
   if ref_logp is not None:
     kl = kl_estimate(logp, ref_logp, options.kl_type)
     kl_loss = _aggregate(kl, mask, seq_ids, options.aggregation, num_tokens, num_sequences)

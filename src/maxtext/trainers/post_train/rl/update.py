@@ -96,7 +96,12 @@ def train_on_rollout(config: Config, training: Training, rl_step: RLStep, state:
       if "kl" in step_sums:
         step_sums["kl"] = step_sums["kl"] / totals["num_tokens"]
       for key, value in step_sums.items():
-        sums[key] = sums.get(key, 0.0) + value / len(steps)
+        if key.endswith("_max"):
+          sums[key] = value if key not in sums else jax.numpy.maximum(sums[key], value)
+        else:
+          sums[key] = sums.get(key, 0.0) + value / len(steps)
+      if "first_ratio_deviation_max" not in sums:  # the step's first update: on-policy, the ratio must be 1
+        sums["first_ratio_deviation_max"] = step_sums["ratio_deviation_max"]
     state, update_metrics = rl_step.update(state, gradient)
     for key, value in update_metrics.items():
       sums[key] = sums.get(key, 0.0) + value / len(steps)
