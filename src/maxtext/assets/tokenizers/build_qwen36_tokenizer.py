@@ -27,7 +27,7 @@ from pathlib import Path
 
 from maxtext.assets.tokenizers import build_qwen3_tokenizer as qwen3
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 GENERATION_CONFIG = "generation_config.json"
 OUTPUT_FILES = (*qwen3.OUTPUT_FILES[:-1], GENERATION_CONFIG, qwen3.BUILD_INFO_FILE)
 DEFAULT_OUTPUT_DIR = Path(__file__).resolve().parent / "qwen3.6-tokenizer"
@@ -125,7 +125,9 @@ def tokenizer_config() -> dict:
       for token_id, content in specials
   }
   return {
-      "tokenizer_class": "Qwen2Tokenizer",
+      # Qwen2Tokenizer would rebuild the pre-tokenizer with Qwen3's split regex (no \p{M}), splitting words at
+      # combining marks; Qwen3_5Tokenizer uses the Qwen3.5 regex, as tokenizer.json does.
+      "tokenizer_class": "Qwen3_5Tokenizer",
       "add_bos_token": False,
       "add_eos_token": False,
       "add_prefix_space": False,
