@@ -86,7 +86,7 @@ class BatchSampling:
 
 def sample(logits: jax.Array, sampling: BatchSampling, presence: jax.Array, step: jax.Array, *,
            greedy_only: bool = False) -> jax.Array:
-  """logits [B, V] float32; presence [B, V] bool (tokens generated so far); step [] int -> tokens [B] int32.
+  """logits [B, V] float32; presence [B, V] bool (tokens generated so far); step [] or [B] int -> tokens [B] int32.
 
   The draw of row b at `step` uses fold_in(its key, step): a request's tokens do not depend on its batch mates.
   greedy_only (static: every row has temperature 0) leaves out the full-vocabulary sort. It is a compile-time
@@ -112,7 +112,8 @@ def _draw(logits: jax.Array, sampling: BatchSampling, step: jax.Array) -> jax.Ar
   keep &= mass_before < sampling.top_p[:, None]
   keep &= probs >= sampling.min_p[:, None] * probs[:, :1]
   keep = keep.at[:, 0].set(True)  # the most likely token always survives
-  keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(sampling.keys, step)
+  steps = jnp.broadcast_to(jnp.asarray(step), sampling.keys.shape)  # one step for all rows, or one per row
+  keys = jax.vmap(jax.random.fold_in)(sampling.keys, steps)
   noise = jax.vmap(lambda key: jax.random.gumbel(key, (vocab,)))(keys)
   choice = jnp.argmax(jnp.where(keep, sorted_logits + noise, -jnp.inf), axis=-1)
   return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)

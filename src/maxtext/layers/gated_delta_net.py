@@ -94,7 +94,8 @@ class GatedDeltaNet(nn.Module):
       convolved = causal_depthwise_conv(mixed, conv_kernel)
       conv_cache = _last_inputs(mixed, jnp.sum(decode.valid, axis=-1), spec.conv_kernel - 1)
     else:
-      convolved, conv_cache = _conv_step(mixed, cache.conv, conv_kernel, decode.keep_all_states)
+      convolved, conv_cache = _conv_step(mixed, cache.conv, conv_kernel, decode.keep_all_states,
+                                         jnp.sum(decode.valid, axis=-1))
     convolved = jax.nn.silu(convolved)
     q, k, v = jnp.split(convolved, [spec.key_dim, 2 * spec.key_dim], axis=-1)
     q = q.reshape(batch, length, spec.num_key_heads, dk)
@@ -134,10 +135,13 @@ def _last_inputs(x: jax.Array, lengths: jax.Array, count: int) -> jax.Array:
   return read_rows(jnp.pad(x, ((0, 0), (count, 0), (0, 0))), lengths, count)
 
 
-def _conv_step(x: jax.Array, previous: jax.Array, kernel: jax.Array, keep_all: bool) -> tuple[jax.Array, jax.Array]:
+def _conv_step(x: jax.Array, previous: jax.Array, kernel: jax.Array, keep_all: bool,
+               counts: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """The conv of T new inputs x [B, T, C] after the K - 1 previous ones [B, K - 1, C].
 
   Returns (outputs [B, T, C], the last K - 1 inputs [B, K - 1, C], or after each token [B, T, K - 1, C]).
+  counts [B]: row b's first counts[b] inputs are real (a chunked prefill's last chunk is right-padded); the kept
+  inputs end at the last real one. None: all are.
   """
   window = previous.shape[1]
   full = jnp.concatenate([previous.astype(x.dtype), x], axis=1)  # [B, K - 1 + T, C]
@@ -145,7 +149,9 @@ def _conv_step(x: jax.Array, previous: jax.Array, kernel: jax.Array, keep_all: b
   length = x.shape[1]
   if keep_all:
     return out, jnp.stack([full[:, t + 1 : t + 1 + window] for t in range(length)], axis=1)
-  return out, full[:, length:]
+  if counts is None or length == 1:  # one token a row: rows without one (count 0) are idle, their cache unused
+    return out, full[:, length:]
+  return out, read_rows(full, counts, window)
 
 
 def _recurrent(q, k, v, g, beta, state, impl: str, keep_all: bool) -> tuple[jax.Array, jax.Array]:
