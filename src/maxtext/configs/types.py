@@ -166,6 +166,10 @@ class Config:
   server_tokenize_timeout_s: float
   server_request_timeout_s: float
   server_allow_client_chat_template: bool
+  server_continuous_batching: bool
+  enable_prefix_caching: bool
+  prefix_cache_bytes: int
+  prefill_chunk_size: int
 
   # ---- Attention kernel and deviceless compilation (issue 8) ----
   attention: AttentionKernel
@@ -412,7 +416,7 @@ def _validate_serving(c: Config) -> None:
   _require(0 < c.server_port < 65536, f"config key 'server_port' must be in 1..65535, got {c.server_port}")
   for name, low in (("server_batch_window_ms", 0), ("server_max_batch_size", 1), ("server_max_body_bytes", 1024),
                     ("server_max_prompts_per_request", 1), ("server_tokenize_timeout_s", 0.001),
-                    ("server_request_timeout_s", 0)):
+                    ("server_request_timeout_s", 0), ("prefix_cache_bytes", 0), ("prefill_chunk_size", 1)):
     _require(getattr(c, name) >= low, f"config key '{name}' must be >= {low}, got {getattr(c, name)}")
 
 
