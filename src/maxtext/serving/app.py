@@ -33,7 +33,7 @@ def build_app(model: ServedModel, api_key: str = "", max_body_bytes: int = 8 << 
   @app.get("/metrics")
   async def get_metrics() -> PlainTextResponse:
     stats = model.batcher.stats
-    cache = getattr(model.batcher.engine, "prefix_cache_stats", None)
+    cache = getattr(model.batcher, "prefix_cache_stats", None)
     text = metrics.render(stats, dict(guarded.responses), throughput.rate(stats.generated_tokens),
                           cache() if callable(cache) else None)
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4")

@@ -4,8 +4,10 @@
       server_host=127.0.0.1 server_port=8000 [served_model_name=qwen3-next] [key=value ...]
 
 Parameters come from `load_parameters_path` (random when empty: smoke tests only); prompts and generations must fit
-in `max_target_length` tokens. Concurrent requests are batched into one engine call (`server_batch_window_ms`,
-`server_max_batch_size`). Binds 127.0.0.1 by default: pass server_host=0.0.0.0 to listen on every interface.
+in `max_target_length` tokens. Requests join the running batch as rows free up (`server_continuous_batching`,
+`server_max_batch_size` rows, prompts prefilled `prefill_chunk_size` tokens at a time) and reuse cached prefixes
+(`enable_prefix_caching`, `prefix_cache_bytes`); `server_continuous_batching=false` batches whole requests
+instead (`server_batch_window_ms`). Binds 127.0.0.1 by default: pass server_host=0.0.0.0 to listen on every interface.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from maxtext.configs import ConfigError, load_config
 from maxtext.configs.types import Config
 from maxtext.serving.app import build_app
 from maxtext.serving.batcher import Batcher
+from maxtext.serving.continuous_batcher import ContinuousBatcher
 from maxtext.serving.served_model import ServedModel
 from maxtext.utils import cli
 
@@ -34,6 +37,7 @@ def load_served_model(config: Config) -> ServedModel:
   """Tokenizer + Engine (parameters loaded or initialised) behind a Batcher."""
   from maxtext.inference.engine import Engine  # noqa: PLC0415 - imports jax and the model
   from maxtext.inference.sampling import SamplingParams  # noqa: PLC0415
+  from maxtext.inference.scheduler import Scheduler  # noqa: PLC0415
   from maxtext.inference.tokenizer import load_tokenizer  # noqa: PLC0415
 
   tokenizer = load_tokenizer(config)
@@ -45,8 +49,15 @@ def load_served_model(config: Config) -> ServedModel:
   start = time.perf_counter()
   engine = Engine(config)
   log.info("engine ready in %.1fs (max context %d tokens)", time.perf_counter() - start, engine.max_context)
-  batcher = Batcher(engine, window_s=config.server_batch_window_ms / 1000.0, max_batch=config.server_max_batch_size,
-                    timeout_s=config.server_request_timeout_s)
+  batching = dict(window_s=config.server_batch_window_ms / 1000.0, max_batch=config.server_max_batch_size,
+                  timeout_s=config.server_request_timeout_s)
+  if config.server_continuous_batching:
+    cache_bytes = config.prefix_cache_bytes if config.enable_prefix_caching else 0
+    scheduler = Scheduler(engine, rows=config.server_max_batch_size, chunk=config.prefill_chunk_size,
+                          prefix_cache_bytes=cache_bytes)
+    batcher = ContinuousBatcher(engine, scheduler, **batching)
+  else:
+    batcher = Batcher(engine, **batching)
   return ServedModel(batcher, tokenizer, served_model_id(config), engine.max_context, config.vocab_size,
                      SamplingParams, max_prompts_per_request=config.server_max_prompts_per_request,
                      tokenize_timeout_s=config.server_tokenize_timeout_s,
