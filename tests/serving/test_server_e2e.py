@@ -113,10 +113,11 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(real, greedy_comple
   def ask(prompt):
     return c.completions.create(model=real.model_id, prompt=prompt, max_tokens=6, temperature=0, logprobs=2)
 
-  before = real.process.log().count("generate batch of 3 prompt(s)")
+  joined = "admitted 3 prompt(s) into the running batch"  # continuous batching: all three start in one step
+  before = real.process.log().count(joined)
   with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
     together = list(pool.map(ask, prompts))
-  assert real.process.log().count("generate batch of 3 prompt(s)") == before + 1
+  assert real.process.log().count(joined) == before + 1
   alone = greedy_completion.choices[0].logprobs
   batched = together[0].choices[0].logprobs
   # Batched with other prompts (padding, another batch shape), the same prompt gets the same answer.
