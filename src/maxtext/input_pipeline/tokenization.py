@@ -16,14 +16,15 @@ from maxtext.configs import Config, ConfigError
 
 
 def load_tokenizer(config: Config):
-  """transformers' AutoTokenizer on `tokenizer_path`, or the shipped Qwen3 tokenizer when it is empty."""
+  """transformers' AutoTokenizer on `tokenizer_path`, or the model family's shipped tokenizer (Qwen3 / Qwen3.6) when
+  it is empty."""
   from transformers import AutoTokenizer  # noqa: PLC0415 - slow import, only pipelines with files need it
 
   path = config.tokenizer_path
   if not path:
-    from maxtext.assets.tokenizers import ensure_qwen3_tokenizer  # noqa: PLC0415
+    from maxtext.assets.tokenizers import ensure_family_tokenizer  # noqa: PLC0415
 
-    path = ensure_qwen3_tokenizer()
+    path = ensure_family_tokenizer(config.model_family)
   elif not os.path.isdir(path):
     raise ConfigError(f"config key 'tokenizer_path': '{path}' does not exist or is not a directory")
   try:
