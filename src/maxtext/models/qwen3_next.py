@@ -110,7 +110,8 @@ class Decoder(nn.Module):
     spec = self.spec
     remat_policy = spec.remat_policy if decode is None else "none"
     if spec.scan_layers:
-      _note_unrepeated_pattern(spec)
+      if not self.is_initializing():  # shape-only inits (checkpoint layouts) are not runs worth a note
+        _note_unrepeated_pattern(spec)
       blocks = nn.scan(
           _rematerialised(DecoderBlock, remat_policy, prevent_cse=False),
           variable_axes={"params": 0},
