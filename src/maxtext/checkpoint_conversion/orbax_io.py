@@ -18,17 +18,19 @@ import shutil
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
-from maxtext.configs.types import MODEL_KEYS, Config, ConfigError
+from maxtext.checkpoint_conversion import fingerprint, model_record
+from maxtext.checkpoint_conversion.param_reader import ParamReader
+from maxtext.checkpoint_conversion.safetensors_io import CheckpointFormatError
+from maxtext.configs.types import MODEL_KEYS, Config
 
-ITEMS = "items"
-MODEL_CONFIG_FILE = "maxtext_model.json"
-_FORMAT_VERSION = 1
+ITEMS = model_record.ITEMS
+MODEL_CONFIG_FILE = model_record.MODEL_CONFIG_FILE
+step_dir_of = model_record.step_dir_of
 
 
 def _handler() -> ocp.PyTreeCheckpointHandler:
@@ -57,6 +59,8 @@ class StreamingCheckpointWriter:
     self._items = os.path.join(self.staging, ITEMS)
     self._leaves = dict(leaves)
     self._stores: dict[str, Any] = {}
+    self._fingerprints: dict[str, fingerprint.Fingerprint] = {}
+    self._written: dict[str, set[int | None]] = {path: set() for path in self._leaves}
     # One context (thread pools) for all arrays; no fsync per chunk, since the directory only becomes visible
     # (renamed into place) after every write has finished.
     self._context = ts.Context({"file_io_sync": False})
@@ -134,12 +138,23 @@ class StreamingCheckpointWriter:
     if tuple(array.shape) != tuple(want):
       raise ValueError(f"parameter '{path}' slab has shape {tuple(array.shape)}, expected {tuple(want)}")
     store = self._stores[path] if index is None else self._stores[path][index]
-    store.write(np.asarray(array, dtype)).result()
+    array = np.asarray(array, dtype)
+    store.write(array).result()
+    if index not in self._written[path]:
+      self._written[path].add(index)
+      self._fingerprints[path] = fingerprint.add(self._fingerprints.get(path, (0, 0)), fingerprint.host_fingerprint(array))
 
   def publish(self, model_config: Mapping[str, Any]) -> str:
-    """Write the model config beside the items and move the finished step directory into place."""
-    with open(os.path.join(self.staging, MODEL_CONFIG_FILE), "w", encoding="utf-8") as f:
-      json.dump({"format_version": _FORMAT_VERSION, **model_config}, f, indent=2, sort_keys=True)
+    """Write the model record (model keys, layout, every array's checksum) beside the items and move the finished
+    step directory into place: the step becomes visible complete, or not at all."""
+    arrays = {}
+    for path, (shape, dtype, stacked) in self._leaves.items():
+      expected = set(range(shape[0])) if stacked and self._written[path] != {None} else {None}
+      if self._written[path] != expected:
+        raise ValueError(f"parameter '{path}' was not written completely; the step is not published")
+      arrays[f"params/{path}"] = model_record.array_entry(shape, dtype, self._fingerprints[path])
+    model_record.write_record(self.staging, model_record.record_json(
+        model_config["model"], model_config["scan_layers"], arrays))
     os.rename(self.staging, self.step_dir)
     return os.path.join(self.step_dir, ITEMS)
 
@@ -163,56 +178,26 @@ def model_config_record(config: Config) -> dict[str, Any]:
   return {"model": {key: getattr(config, key) for key in MODEL_KEYS}, "scan_layers": config.scan_layers}
 
 
-def step_dir_of(load_parameters_path: str) -> str:
-  """`.../<step>/items` -> `.../<step>` (a path to the step directory itself is accepted too)."""
-  path = os.path.abspath(load_parameters_path.rstrip("/"))
-  return os.path.dirname(path) if os.path.basename(path) == ITEMS else path
-
-
 def read_model_config(load_parameters_path: str) -> dict[str, Any] | None:
   """The stored model record of a checkpoint, or None when it has none (e.g. not written by us)."""
-  file = os.path.join(step_dir_of(load_parameters_path), MODEL_CONFIG_FILE)
-  if not os.path.isfile(file):
-    return None
-  try:
-    with open(file, encoding="utf-8") as f:
-      record = json.load(f)
-    record["model"], record["scan_layers"]  # noqa: B018 - both keys must exist
-  except (json.JSONDecodeError, KeyError, TypeError):
-    raise ConfigError(f"'{file}' is not a valid model record; re-convert the checkpoint") from None
-  return record
+  return model_record.read_record(load_parameters_path)
 
 
 def items_dir(load_parameters_path: str) -> str:
-  items = os.path.join(step_dir_of(load_parameters_path), ITEMS)
+  step_dir = step_dir_of(load_parameters_path)
+  if not os.path.exists(step_dir):
+    raise CheckpointFormatError(f"load_parameters_path '{load_parameters_path}' does not exist")
+  items = os.path.join(step_dir, ITEMS)
   if not os.path.isdir(items):
-    raise FileNotFoundError(f"no orbax checkpoint at '{items}' (load_parameters_path={load_parameters_path})")
+    raise CheckpointFormatError(f"'{step_dir}' is not a checkpoint step: it has no '{ITEMS}' directory")
   return items
 
 
 def restore_flat(load_parameters_path: str) -> dict[str, np.ndarray]:
-  """'/'-path -> numpy array of every stored parameter, in the stored layout and dtype."""
-  items = items_dir(load_parameters_path)
-  checkpointer = ocp.Checkpointer(_handler())
-  try:
-    metadata = checkpointer.metadata(items).item_metadata.tree
-    # Restore straight to host numpy arrays: no device copy, no sharding needed.
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
-    tree = checkpointer.restore(items, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-  except Exception as e:  # orbax raises many types; say which checkpoint failed, in one line
-    raise ValueError(f"cannot restore the orbax checkpoint at '{items}': {type(e).__name__}: {str(e)[:300]}") from None
-  params = tree["params"] if "params" in tree else tree
-  flat = {}
-
-  def visit(prefix: str, node: Any) -> None:
-    if isinstance(node, Mapping):
-      for key, value in node.items():
-        visit(f"{prefix}/{key}" if prefix else key, value)
-    else:
-      flat[prefix] = np.asarray(node)
-
-  visit("", params)
-  return flat
+  """'/'-path -> numpy array of every stored parameter (never optimizer state), in the stored layout and dtype,
+  each checked against the step's model record."""
+  reader = ParamReader(items_dir(load_parameters_path), read_model_config(load_parameters_path))
+  return dict(reader.read_all())
 
 
 def load_params(load_parameters_path: str, spec, cast: bool = True) -> dict[str, Any]:
@@ -228,13 +213,14 @@ def load_params(load_parameters_path: str, spec, cast: bool = True) -> dict[str,
   where = items_dir(load_parameters_path)
   missing = sorted(set(expected) - set(flat))
   if missing:
-    raise ValueError(f"checkpoint '{where}' lacks parameter '{missing[0]}' ({len(missing)} missing in all)")
+    raise CheckpointFormatError(f"checkpoint '{where}' lacks parameter '{missing[0]}' ({len(missing)} missing in all)")
   extra = sorted(set(flat) - set(expected))
   if extra:
-    raise ValueError(f"checkpoint '{where}' has unexpected parameter '{extra[0]}' ({len(extra)} in all)")
+    raise CheckpointFormatError(f"checkpoint '{where}' has unexpected parameter '{extra[0]}' ({len(extra)} in all)")
   for path, shape in expected.items():
     if tuple(flat[path].shape) != tuple(shape):
-      raise ValueError(f"checkpoint '{where}': parameter '{path}' has shape {flat[path].shape}, expected {shape}")
+      raise CheckpointFormatError(
+          f"checkpoint '{where}': parameter '{path}' has shape {flat[path].shape}, expected {shape}")
   if cast:
     dtype = np.dtype(spec.numerics.weight_dtype)
     flat = {path: array.astype(dtype, copy=False) for path, array in flat.items()}

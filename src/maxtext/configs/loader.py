@@ -145,7 +145,8 @@ def load_config(
   later: list[tuple[str, Mapping[str, Any]]] = [("the command line", cli_overrides), ("overrides", overrides or {})]
   last = lambda key: next((layer[key] for _, layer in reversed(later) if key in layer), base.get(key))
   named_model = next((layer["model_name"] for _, layer in reversed(later) if "model_name" in layer), None)
-  checkpoint = _checkpoint_model(str(last("load_parameters_path") or ""), str(last("hf_model_path") or ""))
+  checkpoint = _checkpoint_model(str(last("load_parameters_path") or ""), str(last("hf_model_path") or ""),
+                                 model_named=named_model not in (None, "auto"))
   if named_model == "auto" and checkpoint is None:
     raise ConfigError("model_name=auto reads the model from a checkpoint: also give load_parameters_path or hf_model_path")
   if checkpoint is not None and named_model in (None, "auto"):
@@ -179,15 +180,27 @@ def load_config(
   return Config(**values)
 
 
-def _checkpoint_model(load_parameters_path: str, hf_model_path: str) -> tuple[str, dict[str, Any]] | None:
+def _checkpoint_model(
+    load_parameters_path: str, hf_model_path: str, model_named: bool
+) -> tuple[str, dict[str, Any]] | None:
   """(where from, model keys) of the checkpoint the run starts from, if it says what model it holds."""
   if load_parameters_path:
-    from maxtext.checkpoint_conversion import orbax_io  # noqa: PLC0415 - heavy, and only needed here
+    from maxtext.checkpoint_conversion import model_record  # noqa: PLC0415 - only needed here
 
-    record = orbax_io.read_model_config(load_parameters_path)
+    step_dir = model_record.step_dir_of(load_parameters_path)
+    if not os.path.exists(step_dir):
+      raise ConfigError(f"load_parameters_path '{load_parameters_path}' does not exist")
+    if not os.path.isdir(os.path.join(step_dir, model_record.ITEMS)):
+      raise ConfigError(f"load_parameters_path '{load_parameters_path}' is not a checkpoint step (no"
+                        f" '{model_record.ITEMS}' directory in '{step_dir}')")
+    record = model_record.read_record(load_parameters_path)
     if record is None:
-      return None
-    return f"the checkpoint '{orbax_io.step_dir_of(load_parameters_path)}'", dict(record["model"])
+      if model_named:
+        return None  # a checkpoint written elsewhere: the named model's shapes are checked at load
+      raise ConfigError(
+          f"the checkpoint '{step_dir}' has no model record ({model_record.MODEL_CONFIG_FILE}): an incomplete save or"
+          " not a maxtext checkpoint; name its model with model_name=... to load it anyway")
+    return f"the checkpoint '{step_dir}'", dict(record["model"])
   if hf_model_path:
     from maxtext.checkpoint_conversion import hf_config  # noqa: PLC0415
 

@@ -71,12 +71,13 @@ class Engine:
 
   # ---- parameters ----
   def _place(self, params: Any) -> Any:
-    abstract = model_params.abstract_variables(self.spec)
-    shardings = sharding.logical_sharding(abstract, self.mesh)["params"]
     if params is None and self.config.load_parameters_path:
       from maxtext.checkpoint_conversion import orbax_io  # noqa: PLC0415 - orbax only when loading
 
+      # Read first: a damaged checkpoint stops here, before the model is built.
       params = orbax_io.load_params(self.config.load_parameters_path, self.spec)
+    abstract = model_params.abstract_variables(self.spec)
+    shardings = sharding.logical_sharding(abstract, self.mesh)["params"]
     if params is None:
       _logger.info("no load_parameters_path: random parameters (seed %d)", self.config.init_weights_seed)
       variables, _ = sharding.init_sharded(

@@ -34,10 +34,10 @@ def output_directory(config: Config) -> str:
 
 def _initial_state(config: Config, training: Training, checkpointer, iterator) -> tuple[Any, int]:
   """(state, its step): the run's latest checkpoint if there is one, else load_parameters_path, else fresh."""
-  latest = checkpointer.latest_step() if checkpointer else None
-  if latest is not None:
-    _logger.info("resuming from step %d of %s", latest, checkpointer.directory)
-    return checkpointer.restore(latest, training.abstract_state, iterator), latest
+  resumed = checkpointer.restore_latest(training.abstract_state, iterator) if checkpointer else None
+  if resumed is not None:
+    _logger.info("resumed from step %d of %s", resumed[1], checkpointer.directory)
+    return resumed
   if config.load_parameters_path:
     from maxtext.checkpoint_conversion import orbax_io  # noqa: PLC0415
 

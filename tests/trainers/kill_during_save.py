@@ -1,0 +1,86 @@
+"""Run the training CLI and SIGKILL it at a chosen moment of one save (a test tool, never used by the product).
+
+  python3 -m tests.trainers.kill_during_save POINT STEP config.yml key=value ...
+
+POINT is where the process dies while saving step STEP:
+  before_save     the step is due, nothing written yet
+  mid_arrays      after the first few arrays of the state are on disk, the rest not
+  before_record   every item but the model record written
+  before_publish  every item written, the step directory not yet renamed into place
+  after_publish   right after the rename that makes the step visible
+The hooks wrap orbax 0.12's per-array write and its rename (module attributes looked up at call time).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from orbax.checkpoint._src.path import async_path
+from orbax.checkpoint._src.serialization import serialization
+
+from maxtext.trainers import checkpointing
+from maxtext.trainers.pre_train import train as train_cli
+from maxtext.utils import cli
+
+POINTS = ("before_save", "mid_arrays", "before_record", "before_publish", "after_publish")
+
+
+def die() -> None:
+  sys.stderr.flush()
+  os.kill(os.getpid(), signal.SIGKILL)
+
+
+def install(point: str, step: int) -> None:
+  armed = {"on": False, "arrays": 0}
+  save = checkpointing.TrainCheckpointer.maybe_save
+
+  def maybe_save(self, at_step, *args, **kwargs):
+    if at_step == step:
+      self.wait()  # the save before this one is complete: the run has a step to fall back to
+      armed["on"] = True
+      if point == "before_save":
+        die()
+    return save(self, at_step, *args, **kwargs)
+
+  write_array = serialization.async_serialize_from_host
+
+  async def async_serialize_from_host(*args, **kwargs):
+    result = await write_array(*args, **kwargs)
+    if armed["on"] and point == "mid_arrays":
+      armed["arrays"] += 1
+      if armed["arrays"] == 3:
+        die()
+    return result
+
+  write_record = checkpointing.ModelRecordHandler.save
+
+  def record_save(self, *args, **kwargs):
+    if armed["on"] and point == "before_record":
+      die()
+    return write_record(self, *args, **kwargs)
+
+  rename = async_path.rename
+
+  async def rename_then_maybe_die(src, dst):
+    publishing = armed["on"] and os.path.basename(str(dst)) == str(step)
+    if publishing and point == "before_publish":
+      die()
+    result = await rename(src, dst)
+    if publishing and point == "after_publish":
+      die()
+    return result
+
+  checkpointing.TrainCheckpointer.maybe_save = maybe_save
+  serialization.async_serialize_from_host = async_serialize_from_host
+  checkpointing.ModelRecordHandler.save = record_save
+  async_path.rename = rename_then_maybe_die
+
+
+if __name__ == "__main__":
+  kill_point, kill_step, *argv = sys.argv[1:]
+  if kill_point not in POINTS:
+    raise SystemExit(f"unknown kill point {kill_point!r}: one of {', '.join(POINTS)}")
+  install(kill_point, int(kill_step))
+  cli.run(train_cli.main, argv)
