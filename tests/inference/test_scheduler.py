@@ -1,8 +1,19 @@
-"""Continuous batching and the prefix cache (float32): generated log-probs against an independent full forward pass
-(Engine.score), a prefix-cache hit against a cold run for prefixes on and off chunk boundaries, and a request that
-joins a busy batch mid-flight against the same request alone."""
+"""Continuous batching and the prefix cache (float32), through the engine and through HTTP (the real app, uvicorn, a
+tiny Engine shared by every test here so its steps compile once): generated log-probs against an independent full
+forward pass (Engine.score), a prefix-cache hit against a cold run for prefixes on and off chunk boundaries, a
+request that joins a busy batch mid-flight against the same request alone; and the serving benchmark's machinery
+at a tiny shape."""
 
 from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import os
+import sys
+import threading
+import time
+import urllib.request
 
 import jax
 import numpy as np
@@ -11,6 +22,8 @@ import pytest
 from maxtext.inference.engine import Engine
 from maxtext.inference.sampling import SamplingParams
 from maxtext.inference.scheduler import Scheduler
+from tests.serving.live_server import REPO, serve_in_thread
+from tests.serving.test_api import post
 
 CHUNK = 8
 ROWS = 4
@@ -24,6 +37,15 @@ def engine():
   config = load_config(overrides=dict(dtype="float32", weight_dtype="float32", scan_layers=True,
                                       max_target_length=64, base_num_decoder_layers=4))
   return Engine(config, devices=jax.devices()[:1])
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  from transformers import AutoTokenizer
+
+  from maxtext.assets.tokenizers import ensure_qwen3_tokenizer
+
+  return AutoTokenizer.from_pretrained(ensure_qwen3_tokenizer())
 
 
 def scheduler(engine, cache_bytes: int = 0) -> Scheduler:
@@ -110,3 +132,113 @@ def test_the_cache_keeps_to_its_budget_least_recently_used_first(engine):
   before = sched.cache.stats["hit_tokens"]
   run(sched, [a], [SamplingParams(max_tokens=1, logprobs=1)])
   assert sched.cache.stats["hit_tokens"] - before == CHUNK  # a's first block survived, its second did not
+
+
+# ---- through HTTP ----
+
+
+@contextlib.contextmanager
+def served(engine, tokenizer, cache_bytes: int):
+  from maxtext.inference.sampling import SamplingParams
+  from maxtext.inference.scheduler import Scheduler
+  from maxtext.serving.app import build_app
+  from maxtext.serving.continuous_batcher import ContinuousBatcher
+  from maxtext.serving.served_model import ServedModel
+
+  scheduler = Scheduler(engine, rows=4, chunk=CHUNK, prefix_cache_bytes=cache_bytes)
+  batcher = ContinuousBatcher(engine, scheduler, window_s=0.05, max_batch=4)
+  model = ServedModel(batcher, tokenizer, "tiny", engine.max_context, engine.spec.vocab_size, SamplingParams)
+  with serve_in_thread(build_app(model)) as base_url:
+    yield base_url
+
+
+@pytest.fixture(scope="module")
+def servers(engine, tokenizer):
+  with served(engine, tokenizer, 0) as cold, served(engine, tokenizer, 64 << 20) as cached:
+    yield cold, cached
+
+
+def complete(base_url: str, prompt: list[int], max_tokens: int = 4, **extra) -> dict:
+  status, answer = post(base_url, "/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens,
+                                                      "temperature": 0, "logprobs": 1, **extra})
+  assert status == 200, answer
+  return answer["choices"][0]
+
+
+def metrics(base_url: str) -> dict[str, float]:
+  with urllib.request.urlopen(f"{base_url}/metrics", timeout=30) as response:
+    text = response.read().decode()
+  return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+          if line and not line.startswith("#")}
+
+
+@pytest.mark.parametrize("prefix", [1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 2])
+def test_prefix_cache_hit_over_http_equals_a_cold_run(engine, servers, prefix):
+  cold, cached = servers
+  rng = np.random.default_rng(prefix)
+  vocab = engine.spec.vocab_size
+  shared = rng.integers(0, vocab, prefix).tolist()
+  first, second = shared + rng.integers(0, vocab, 5).tolist(), shared + rng.integers(0, vocab, 3).tolist()
+  expected = complete(cold, second)
+  complete(cached, first)
+  before = metrics(cached)["maxtext_prefix_cache_hit_tokens_total"]
+  got = complete(cached, second)
+  assert metrics(cached)["maxtext_prefix_cache_hit_tokens_total"] - before == (prefix // CHUNK) * CHUNK
+  assert got["text"] == expected["text"] and got["logprobs"]["tokens"] == expected["logprobs"]["tokens"]
+  np.testing.assert_allclose(got["logprobs"]["token_logprobs"], expected["logprobs"]["token_logprobs"],
+                             rtol=0, atol=1e-5)
+
+
+def test_a_request_joining_mid_generation_answers_as_alone(servers):
+  cold, _ = servers
+  long_prompt = list(range(100, 100 + 2 * CHUNK + 3))
+  newcomer = list(range(300, 300 + CHUNK + 2))
+  sampled = dict(temperature=0.8, seed=5)
+  alone = complete(cold, newcomer, 6, **sampled)
+
+  first_token = threading.Event()
+
+  def stream_long() -> list[float]:
+    body = json.dumps({"model": "tiny", "prompt": long_prompt, "max_tokens": 40, "temperature": 0, "logprobs": 1,
+                       "stream": True}).encode()
+    request = urllib.request.Request(f"{cold}/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    arrivals = []
+    with urllib.request.urlopen(request, timeout=120) as response:
+      for line in response:
+        if line.startswith(b"data: {"):
+          arrivals.append(time.monotonic())
+          first_token.set()
+    return arrivals
+
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    long_run = pool.submit(stream_long)
+    assert first_token.wait(120)  # the long request is generating now
+    start = time.monotonic()
+    joined = complete(cold, newcomer, 6, **sampled)
+    end = time.monotonic()
+    arrivals = long_run.result()
+  assert any(t > end for t in arrivals) and any(t < start for t in arrivals)  # it really ran beside the long one
+  assert joined["text"] == alone["text"] and joined["logprobs"]["tokens"] == alone["logprobs"]["tokens"]
+  np.testing.assert_allclose(joined["logprobs"]["token_logprobs"], alone["logprobs"]["token_logprobs"],
+                             rtol=0, atol=1e-5)
+
+
+def test_serving_benchmark_measures_a_tiny_workload(engine, tokenizer):
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import serving as bench  # noqa: PLC0415 - benchmarks/serving.py
+
+  # Four users only: the rows of the tests above, so nothing compiles again (users=1 runs the same code).
+  args = bench.parse(["--quick", "--users", "4", "--requests", "6", "--chunk", str(CHUNK), "--prefix-length",
+                      str(2 * CHUNK), "--suffix", "2,5", "--new-tokens", "2,4", "--scoring-requests", "3"])
+  args.vocab = engine.spec.vocab_size
+  requests = bench.workload(args)
+  result = bench.measure(args, requests, engine, tokenizer)
+  assert [(r["users"], r["prefix_cache"]) for r in result["runs"]] == [(4, False), (4, True)]
+  for run in result["runs"]:
+    # Streamed chunks counted by the client: every requested token came back (no end token in a 512-token vocab).
+    assert run["tokens"] == sum(r["max_tokens"] for r in requests) and run["output_tok_s"] > 0
+    assert run["ttft_ms"]["p50"] > 0 and run["tpot_ms"]["p99"] >= run["tpot_ms"]["p50"]
+    # Six requests over four 16-token prefixes: the later two reuse a prefix's first block.
+    assert (run["prefix_hit_rate"] > 0) == run["prefix_cache"]
+  assert result["mmlu_requests_s"] > 0
+  assert "| 4 | on |" in bench.table(result, {})
