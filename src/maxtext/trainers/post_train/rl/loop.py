@@ -80,13 +80,16 @@ def collect(config: Config, roller: Roller, iterator: PromptIterator, seed: int)
 
 
 def evaluate(config: Config, roller: Roller, prompts: list, seed: int) -> float:
-  """pass@1 averaged over rl_eval_num_samples samples per prompt (the mean reward), in calls of at most the training
-  rollout's size (so they reuse its compiled shapes)."""
+  """pass@1 averaged over rl_eval_num_samples samples per prompt (the mean reward). Each call holds as many requests
+  as a training rollout (a short last call is padded with repeats, whose rewards are dropped), so evaluation reuses
+  the rollout's compiled shapes."""
   rewards = []
   per_call = max(1, config.rollout_batch_size * config.num_generations // config.rl_eval_num_samples)
   for start in range(0, len(prompts), per_call):
-    rollout = roller.sample(prompts[start : start + per_call], config.rl_eval_num_samples, seed + start)
-    rewards.append(rollout.rewards)
+    chunk = prompts[start : start + per_call]
+    padded = (chunk * per_call)[:per_call] if len(prompts) > per_call or per_call <= 4 * len(chunk) else chunk
+    rollout = roller.sample(padded, config.rl_eval_num_samples, seed + start)
+    rewards.append(rollout.rewards[: len(chunk) * config.rl_eval_num_samples])
   return float(np.concatenate(rewards).mean())
 
 

@@ -50,7 +50,7 @@ def kl_estimate(logp: jax.Array, ref_logp: jax.Array, kl_type: str) -> jax.Array
     return logp - ref_logp
   if kl_type == "k3":
     delta = ref_logp - logp
-    return jnp.exp(delta) - delta - 1.0
+    return jnp.expm1(delta) - delta  # = e^delta - 1 - delta, without cancelling to 0 for small delta
   raise ValueError(f"kl_type must be k1 or k3, got {kl_type!r}")
 
 
@@ -155,5 +155,5 @@ def mismatch_sums(train_logp: jax.Array, rollout_logp: jax.Array, mask: jax.Arra
   return {
       "abs_sum": jnp.sum(jnp.abs(delta) * mask),
       "abs_max": jnp.max(jnp.abs(delta) * mask),
-      "k3_sum": jnp.sum((jnp.exp(delta) - delta - 1.0) * mask),
+      "k3_sum": jnp.sum((jnp.expm1(delta) - delta) * mask),
   }

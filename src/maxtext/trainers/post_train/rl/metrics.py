@@ -13,7 +13,9 @@ def format_rl_line(step: int, total: int, m: dict[str, float]) -> str:
       f"len {m['response_length']:.1f}",
   ]
   if "policy_loss" in m:
-    parts += [f"loss {m['policy_loss']:+.4f}", f"clip {m['clip_fraction']:.3f}"]
+    # |ratio - 1| of the first update: pi_old is that update's own forward, so anything but 0 is a bug.
+    parts += [f"loss {m['policy_loss']:+.4f}", f"clip {m['clip_fraction']:.3f}",
+              f"r-1 {m['first_ratio_deviation_max']:.1e}"]
     parts.append(f"kl {m['kl']:.2e}" if "kl" in m else "kl off")
     parts.append(f"mismatch {m['mismatch_mean']:.2e}/{m['mismatch_max']:.2e} k3 {m['mismatch_k3']:.2e}")
   else:

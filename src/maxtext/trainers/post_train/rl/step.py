@@ -4,6 +4,7 @@ old / reference log-probs (forward only), the gradient of one packed micro-batch
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -18,7 +19,9 @@ from maxtext.models.qwen3_next import Qwen3NextForCausalLM
 from maxtext.trainers import mesh as train_mesh
 from maxtext.trainers.loss import cross_entropy_sum, mtp_weights
 from maxtext.trainers.optimizer import learning_rate_schedule
-from maxtext.trainers.post_train.rl.losses import PolicyLossOptions, mismatch_sums, policy_loss, token_logprobs
+from maxtext.trainers.post_train.rl.losses import (
+    PolicyLossOptions, importance_weights, mismatch_sums, policy_loss, token_logprobs,
+)
 from maxtext.trainers.train_step import Training
 
 
@@ -52,7 +55,11 @@ def _on_mesh(jitted: Callable, mesh) -> Callable:
 @dataclasses.dataclass(frozen=True)
 class RLStep:
   logprobs: Callable  # (params, micro-batch) -> (logp at rl_temperature [R, T], logp at temperature 1 [R, T])
-  grads: Callable  # (params, micro-batch, totals) -> (gradient, metric sums): the step's loss / its micro-batches
+  # (params, micro-batch, totals) -> (gradient, metric sums) of the step's loss share of one micro-batch. On-policy
+  # (a step's first update): pi_old is the forward itself; off-policy: the batch carries old_logp and is_weights.
+  grads_on_policy: Callable
+  grads_off_policy: Callable
+  weights: Callable  # (old logp, rollout logp, mask, seq_ids) -> truncated importance weights
   add: Callable  # (gradient, gradient) -> sum (first argument donated)
   update: Callable  # (state, gradient) -> (state, {grad_norm, learning_rate}); state donated
   mismatch: Callable  # (train logp, rollout logp, mask) -> mismatch sums
@@ -78,15 +85,28 @@ def build_rl_step(config: Config, training: Training) -> RLStep:
     plain = tempered if temperature == 1.0 else token_logprobs(logits, batch["targets"])
     return tempered, plain
 
-  def loss_fn(params, batch, totals):
+  def loss_fn(params, batch, totals, on_policy: bool):
     output = forward(params, batch, with_mtp)
     logp = token_logprobs(output.logits, batch["targets"], temperature)
-    loss, sums = policy_loss(
-        logp, batch["old_logp"], batch["advantages"], batch["loss_mask"], batch["seq_ids"], batch["is_weights"],
+    sums = {}
+    if on_policy:
+      # The step's first update: pi_old is this very forward (the same parameters), so its detached log-probs
+      # are the old ones and the ratio is exactly 1. The engine's log-probs are compared with them here too.
+      old_logp = jax.lax.stop_gradient(logp)
+      plain = old_logp if temperature == 1.0 else jax.lax.stop_gradient(token_logprobs(output.logits,
+                                                                                        batch["targets"]))
+      is_weights = importance_weights(plain, batch["rollout_logp"], batch["loss_mask"], batch["seq_ids"],
+                                      config.importance_sampling_cap, config.rl_algorithm)
+      sums.update({f"mismatch_{k}": v for k, v in mismatch_sums(plain, batch["rollout_logp"],
+                                                                 batch["loss_mask"]).items()})
+    else:
+      old_logp, is_weights = batch["old_logp"], batch["is_weights"]
+    loss, policy_sums = policy_loss(
+        logp, old_logp, batch["advantages"], batch["loss_mask"], batch["seq_ids"], is_weights,
         totals["num_tokens"], totals["num_sequences"], options, ref_logp=batch.get("ref_logp"),
     )
     per_micro = 1.0 / totals["num_micro_batches"]
-    sums = {**sums, "policy_loss": loss, "aux_loss": output.aux_loss * per_micro}
+    sums.update(policy_sums, policy_loss=loss, aux_loss=output.aux_loss * per_micro)
     total = loss + config.load_balance_loss_weight * output.aux_loss * per_micro
     if with_mtp:
       mtp = _mtp_loss(output, batch) * per_micro
@@ -94,8 +114,8 @@ def build_rl_step(config: Config, training: Training) -> RLStep:
       sums["mtp_loss"] = mtp
     return total, sums
 
-  def grads(params, batch, totals):
-    (_, sums), gradient = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, totals)
+  def grads(params, batch, totals, on_policy: bool):
+    (_, sums), gradient = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, totals, on_policy)
     return gradient, sums
 
   def update(state, gradient):
@@ -107,11 +127,17 @@ def build_rl_step(config: Config, training: Training) -> RLStep:
   state_shardings = training.state_shardings
   return RLStep(
       logprobs=_on_mesh(jax.jit(logprobs, in_shardings=(param_shardings, rows), out_shardings=(rows, rows)), mesh),
-      grads=_on_mesh(jax.jit(grads, in_shardings=(param_shardings, rows, replicated),
-                            out_shardings=(param_shardings, replicated)), mesh),
+      grads_on_policy=_on_mesh(jax.jit(functools.partial(grads, on_policy=True),
+                                       in_shardings=(param_shardings, rows, replicated),
+                                       out_shardings=(param_shardings, replicated)), mesh),
+      grads_off_policy=_on_mesh(jax.jit(functools.partial(grads, on_policy=False),
+                                        in_shardings=(param_shardings, rows, replicated),
+                                        out_shardings=(param_shardings, replicated)), mesh),
+      weights=jax.jit(functools.partial(importance_weights, cap=config.importance_sampling_cap,
+                                        algorithm=config.rl_algorithm)),
       add=jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=(0,)),
       update=_on_mesh(jax.jit(update, in_shardings=(state_shardings, param_shardings),
-                             out_shardings=(state_shardings, replicated), donate_argnums=(0, 1)), mesh),
+                             out_shardings=(state_shardings, replicated), donate_argnums=(0,)), mesh),
       mismatch=jax.jit(mismatch_sums),
   )
 

@@ -1,5 +1,10 @@
-"""Training on one rollout: pack its responses, take the old (and reference) log-probs with the training forward
-before any update, then one optimizer step per rl_global_batch_size responses (micro-batches add their gradients)."""
+"""Training on one rollout: pack its responses, one optimizer step per rl_global_batch_size responses (micro-batches
+of packed rows add their gradients).
+
+The first optimizer step is on-policy: its forward pass is pi_old itself. Later steps of the same rollout need
+pi_old's log-probs from before any update, so those are taken first with a forward-only pass (as are the reference
+policy's when kl_coef > 0). The train/rollout mismatch is measured on every response token either way.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +12,16 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from maxtext.configs import Config
-from maxtext.trainers.post_train.rl.losses import importance_weights
 from maxtext.trainers.post_train.rl.packing import pack
 from maxtext.trainers.post_train.rl.rollout import Rollout
 from maxtext.trainers.post_train.rl.step import RLStep, on_mesh
 from maxtext.trainers.train_step import Training
+
+_MISMATCH = ("mismatch_abs_sum", "mismatch_abs_max", "mismatch_k3_sum")
 
 
 def _chunks(rollout: Rollout, config: Config) -> list[np.ndarray]:
@@ -24,13 +31,21 @@ def _chunks(rollout: Rollout, config: Config) -> list[np.ndarray]:
   return [indices[start : start + per_step] for start in range(0, len(indices), per_step)]
 
 
+def _merge(into: dict, sums: dict, scale: float) -> None:
+  for key, value in sums.items():
+    if key.endswith("_max"):
+      into[key] = value if key not in into else jnp.maximum(into[key], value)
+    else:
+      into[key] = into.get(key, 0.0) + value * scale
+
+
 def prepare(config: Config, training: Training, rl_step: RLStep, params: Any, rollout: Rollout,
-            ref_params: Any = None) -> tuple[list[tuple[list[dict], dict]], dict[str, float]]:
-  """Per optimizer step: (device micro-batches with old_logp, is_weights [, ref_logp], totals); and the
-  train/rollout mismatch over all response tokens. Every log-prob here comes from `params` before any update."""
+            ref_params: Any = None) -> tuple[list[tuple[list[dict], dict]], dict, int]:
+  """(per optimizer step: device micro-batches and totals; mismatch sums of the off-policy steps; tokens trained).
+  Every log-prob taken here comes from `params` before any update."""
   advantages = rollout.advantages(config.rl_advantage_std_normalization)
-  steps, mismatch, tokens, trained = [], {"abs_sum": 0.0, "abs_max": 0.0, "k3_sum": 0.0}, 0, 0
-  for chunk in _chunks(rollout, config):
+  steps, mismatch, trained = [], {}, 0
+  for index, chunk in enumerate(_chunks(rollout, config)):
     host_batches = pack([rollout.prompts[i] for i in chunk], [rollout.responses[i] for i in chunk],
                         [rollout.rollout_logprobs[i] for i in chunk], advantages[chunk],
                         training.global_batch_size, config.max_target_length)
@@ -38,74 +53,55 @@ def prepare(config: Config, training: Training, rl_step: RLStep, params: Any, ro
     for host in host_batches:
       trained += int(np.sum(host["segment_ids"] > 0))
       batch = on_mesh(host, training.mesh)
-      old_logp, plain_logp = rl_step.logprobs(params, batch)
-      batch["old_logp"] = old_logp
-      batch["is_weights"] = _weights(config, plain_logp, batch)
+      if index > 0:
+        old_logp, plain_logp = rl_step.logprobs(params, batch)
+        batch["old_logp"] = old_logp
+        # Both at temperature 1: the engine reports the untempered model's log-probs.
+        batch["is_weights"] = rl_step.weights(plain_logp, batch["rollout_logp"], batch["loss_mask"], batch["seq_ids"])
+        sums = rl_step.mismatch(plain_logp, batch["rollout_logp"], batch["loss_mask"])
+        _merge(mismatch, {f"mismatch_{k}": v for k, v in sums.items()}, 1.0)
       if ref_params is not None:
         batch["ref_logp"] = rl_step.logprobs(ref_params, batch)[0]
-      sums = rl_step.mismatch(plain_logp, batch["rollout_logp"], batch["loss_mask"])
-      mismatch = {k: (max if k == "abs_max" else (lambda a, b: a + b))(mismatch[k], sums[k]) for k in mismatch}
       micro.append(batch)
-    num_tokens = int(sum(len(rollout.responses[i]) for i in chunk))
-    tokens += num_tokens
-    totals = {"num_tokens": np.float32(num_tokens), "num_sequences": np.float32(len(chunk)),
-              "num_micro_batches": np.float32(len(micro))}
+    totals = {"num_tokens": np.float32(sum(len(rollout.responses[i]) for i in chunk)),
+              "num_sequences": np.float32(len(chunk)), "num_micro_batches": np.float32(len(micro))}
     steps.append((micro, totals))
-  mismatch = jax.device_get(mismatch)
-  stats = {
-      "mismatch_mean": float(mismatch["abs_sum"]) / tokens, "mismatch_max": float(mismatch["abs_max"]),
-      "mismatch_k3": float(mismatch["k3_sum"]) / tokens, "train_tokens": trained,
-  }
-  return steps, stats
-
-
-def _weights(config: Config, plain_logp, batch):
-  # Both sides at temperature 1: the engine reports the untempered model's log-probs, so the weight measures the
-  # numerical mismatch between the engine and the trainer, which is what it corrects.
-  return _jitted_weights(config.importance_sampling_cap, config.rl_algorithm)(
-      plain_logp, batch["rollout_logp"], batch["loss_mask"], batch["seq_ids"])
-
-
-_WEIGHT_FNS: dict = {}
-
-
-def _jitted_weights(cap: float, algorithm: str):
-  key = (cap, algorithm)
-  if key not in _WEIGHT_FNS:
-    _WEIGHT_FNS[key] = jax.jit(lambda old, rollout, mask, ids: importance_weights(old, rollout, mask, ids, cap,
-                                                                                  algorithm))
-  return _WEIGHT_FNS[key]
+  return steps, mismatch, trained
 
 
 def train_on_rollout(config: Config, training: Training, rl_step: RLStep, state: Any, rollout: Rollout,
                      ref_params: Any = None) -> tuple[Any, dict[str, float]]:
-  """Optimizer steps on `rollout` -> (new state, metrics averaged over the steps)."""
+  """Optimizer steps on `rollout` -> (new state, metrics: means over the steps, maxima, mismatch over all tokens)."""
   began = time.perf_counter()
-  steps, stats = prepare(config, training, rl_step, state["params"], rollout, ref_params)
-  sums: dict[str, float] = {}
-  for micro, totals in steps:
+  steps, mismatch, trained = prepare(config, training, rl_step, state["params"], rollout, ref_params)
+  sums: dict[str, Any] = {}
+  for index, (micro, totals) in enumerate(steps):
+    grads_fn = rl_step.grads_on_policy if index == 0 else rl_step.grads_off_policy
     gradient = None
     for batch in micro:
-      grads, step_sums = rl_step.grads(state["params"], batch, totals)
+      grads, step_sums = grads_fn(state["params"], batch, totals)
       gradient = grads if gradient is None else rl_step.add(gradient, grads)
       step_sums = dict(step_sums)
-      # Per-step means: clip and ratio per token (grpo) or response (gspo), KL per token.
+      _merge(mismatch, {k: step_sums.pop(k) for k in _MISMATCH if k in step_sums}, 1.0)
+      # Per-step means: clip fraction and ratio per token (grpo) or response (gspo), KL per token.
       unit = totals["num_tokens"] if config.rl_algorithm == "grpo" else totals["num_sequences"]
       step_sums["clip_fraction"] = step_sums.pop("clipped") / unit
       step_sums["ratio_mean"] = step_sums.pop("ratio") / unit
       if "kl" in step_sums:
         step_sums["kl"] = step_sums["kl"] / totals["num_tokens"]
-      for key, value in step_sums.items():
-        if key.endswith("_max"):
-          sums[key] = value if key not in sums else jax.numpy.maximum(sums[key], value)
-        else:
-          sums[key] = sums.get(key, 0.0) + value / len(steps)
-      if "first_ratio_deviation_max" not in sums:  # the step's first update: on-policy, the ratio must be 1
-        sums["first_ratio_deviation_max"] = step_sums["ratio_deviation_max"]
+      if index == 0:
+        # The on-policy update: |ratio - 1| is exactly 0 when the trainer's log-probs are self-consistent.
+        _merge(sums, {"first_ratio_deviation_max": step_sums["ratio_deviation_max"]}, 1.0)
+      _merge(sums, step_sums, 1.0 / len(steps))
     state, update_metrics = rl_step.update(state, gradient)
-    for key, value in update_metrics.items():
-      sums[key] = sums.get(key, 0.0) + value / len(steps)
+    _merge(sums, update_metrics, 1.0 / len(steps))
   metrics = {key: float(value) for key, value in jax.device_get(sums).items()}  # waits for the last update
+  mismatch = jax.device_get(mismatch)
+  tokens = sum(len(r) for r in rollout.responses)
   seconds = time.perf_counter() - began
-  metrics.update(stats, train_s=seconds, train_tokens_per_s=stats["train_tokens"] / seconds, optimizer_steps=len(steps))
+  metrics.update(
+      mismatch_mean=float(mismatch["mismatch_abs_sum"]) / tokens, mismatch_max=float(mismatch["mismatch_abs_max"]),
+      mismatch_k3=float(mismatch["mismatch_k3_sum"]) / tokens, train_s=seconds, train_tokens=trained,
+      train_tokens_per_s=trained / seconds, optimizer_steps=len(steps),
+  )
   return state, metrics

@@ -1,0 +1,161 @@
+"""One RL iteration of the 2.5B bench model on one device: rollout by our engine on the live parameters, then the
+GRPO update by our trainer, with the time of each phase and the bf16 train/rollout mismatch.
+
+  python3 benchmarks/rl_step.py [--prompts 8] [--generations 8] [--prompt-length 256] [--response-length 512] \
+      [--draft-tokens 1] [--rows 8] [--weight-dtype float32] [--json out.json] [--tiny]
+
+Model: the "2.5B bench" config of shared/bench (see bench_model.py) plus one MTP layer, bf16 compute, random
+weights. Phases, each compiled by a warm-up call first and then timed:
+  - rollout: prompts x generations responses sampled at temperature 1 (the RL setting), exactly --response-length
+    tokens each (no stop token), with the engine's per-token log-probs;
+  - greedy rollout of the same batch without and with MTP speculation (our engine speculates for greedy requests
+    only). A random MTP head is rarely right, so the table also gives the speed-up if every draft held, from the
+    measured cost of a verification round against a plain step;
+  - train: the update on that rollout (packing, on-policy forward + backward, AdamW), train tokens/s counting
+    prompt and response tokens; mismatch = |logp_train - logp_rollout| over response tokens and k3 KL, in bf16.
+--tiny runs the tiny model at toy lengths on a CPU (a check of the script, not a measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from bench_model import BENCH_MODEL
+
+
+def rl_config(args, **overrides):
+  from maxtext.configs import load_config
+
+  model = {"model_name": "qwen3-next-tiny"} if args.tiny else {**BENCH_MODEL, "mtp_num_layers": 1}
+  return load_config(overrides={
+      **model, "dtype": "bfloat16", "weight_dtype": args.weight_dtype, "scan_layers": False,
+      "remat_policy": args.remat_policy, "max_target_length": args.prompt_length + args.response_length + 1,
+      "max_prefill_predict_length": args.prompt_length, "per_device_batch_size": args.rows,
+      "num_generations": args.generations, "rollout_batch_size": args.prompts,
+      "max_response_length": args.response_length, "rl_temperature": 1.0, "rl_algorithm": "grpo",
+      "learning_rate": 1e-6, "warmup_steps_fraction": 0.0, "steps": 10, "mtp_loss_scaling_factor": 0.2,
+      "mtp_num_draft_tokens": args.draft_tokens, "enable_checkpointing": False, "enable_tensorboard": False,
+      **overrides,
+  })
+
+
+def generate(engine, prompts, sampling):
+  """(seconds, responses, log-probs) of one generate call, waited for."""
+  responses = [[] for _ in prompts]
+  logprobs = [[] for _ in prompts]
+  began = time.perf_counter()
+  for event in engine.generate(prompts, sampling):
+    responses[event.request].append(event.token_id)
+    logprobs[event.request].append(event.logprob)
+  return time.perf_counter() - began, responses, logprobs
+
+
+def run(args) -> dict:
+  import jax
+  import numpy as np
+
+  from maxtext.inference.engine import Engine
+  from maxtext.inference.sampling import SamplingParams
+  from maxtext.trainers import mesh as train_mesh
+  from maxtext.trainers.post_train.rl.rollout import Rollout
+  from maxtext.trainers.post_train.rl.step import build_rl_step
+  from maxtext.trainers.post_train.rl.update import train_on_rollout
+  from maxtext.trainers.train_step import build_training
+
+  config = rl_config(args)
+  devices = jax.devices()[:1]
+  mesh = train_mesh.make_training_mesh(config, devices)
+  training = build_training(config, mesh)
+  rl_step = build_rl_step(config, training)
+  state = training.init_state(jax.random.key(0))
+  engine = Engine(config, params=state["params"], devices=devices)  # the live parameters, no copy
+  rng = np.random.default_rng(0)
+  unique = rng.integers(0, config.vocab_size, (args.prompts, args.prompt_length)).tolist()
+  prompts = [p for p in unique for _ in range(args.generations)]
+  n = len(prompts)
+  sampled = [SamplingParams(max_tokens=args.response_length, temperature=1.0, seed=i) for i in range(n)]
+  result = {"device": jax.devices()[0].device_kind, "responses": n, "params": int(sum(
+      x.size for x in jax.tree.leaves(state["params"])))}
+
+  generate(engine, prompts, [SamplingParams(max_tokens=4, temperature=1.0, seed=i) for i in range(n)])  # compile
+  seconds, responses, logprobs = generate(engine, prompts, sampled)
+  result["rollout_s"], result["rollout_tok_s"] = seconds, n * args.response_length / seconds
+
+  greedy = [SamplingParams(max_tokens=args.response_length)] * n
+  generate(engine, prompts, [SamplingParams(max_tokens=4)] * n)
+  plain_s, plain_tokens, _ = generate(engine, prompts, greedy)
+  result["greedy_tok_s"] = n * args.response_length / plain_s
+  spec_engine = Engine(rl_config(args, mtp_speculative_decoding=True), params=state["params"], devices=devices)
+  generate(spec_engine, prompts, [SamplingParams(max_tokens=4)] * n)
+  spec_s, spec_tokens, _ = generate(spec_engine, prompts, greedy)
+  stats = spec_engine.last_stats
+  result["mtp_tok_s"] = n * args.response_length / spec_s
+  result["mtp_same_tokens"] = plain_tokens == spec_tokens
+  result["mtp_acceptance"] = stats["accepted"] / max(stats["drafted"], 1)
+  round_s, step_s = spec_s / (stats["steps"] + 1), plain_s / args.response_length
+  result["mtp_tok_s_all_accepted"] = result["greedy_tok_s"] * (args.draft_tokens + 1) * step_s / round_s
+  del spec_engine
+
+  rewards = rng.integers(0, 2, n).astype(np.float32)  # random verdicts: every group has signal, as in a real step
+  rollout = Rollout(args.generations, [tuple(p) for p in prompts], responses, logprobs, rewards, seconds)
+  state, first = train_on_rollout(config, training, rl_step, state, rollout)  # compiles; on-policy mismatch
+  result.update({k: first[k] for k in ("mismatch_mean", "mismatch_max", "mismatch_k3", "first_ratio_deviation_max")})
+  state, timed = train_on_rollout(config, training, rl_step, state, rollout)
+  result["train_s"], result["train_tok_s"] = timed["train_s"], timed["train_tokens_per_s"]
+  result["optimizer_steps"], result["train_tokens"] = timed["optimizer_steps"], timed["train_tokens"]
+  result["policy_loss_finite"] = bool(np.isfinite(timed["policy_loss"]) and np.isfinite(timed["grad_norm"]))
+  result["iteration_s"] = result["rollout_s"] + result["train_s"]
+  memory = jax.devices()[0].memory_stats() or {}
+  result["peak_gib"] = memory.get("peak_bytes_in_use", 0) / 2**30
+  return result
+
+
+def table(r: dict, args) -> str:
+  rows = [
+      ("rollout, sampled T=1 (tokens/s)", f"{r['rollout_tok_s']:,.0f}"),
+      ("rollout, greedy, no speculation (tokens/s)", f"{r['greedy_tok_s']:,.0f}"),
+      (f"rollout, greedy, MTP speculation {args.draft_tokens} draft (tokens/s)", f"{r['mtp_tok_s']:,.0f}"),
+      ("MTP acceptance (random head) / same tokens as greedy", f"{r['mtp_acceptance']:.3f} / {r['mtp_same_tokens']}"),
+      ("MTP tokens/s if every draft held (from the round cost)", f"{r['mtp_tok_s_all_accepted']:,.0f}"),
+      ("train (prompt + response tokens/s)", f"{r['train_tok_s']:,.0f}"),
+      ("time: rollout / train / iteration (s)", f"{r['rollout_s']:.2f} / {r['train_s']:.2f} / {r['iteration_s']:.2f}"),
+      ("mismatch bf16: mean / max abs logp diff", f"{r['mismatch_mean']:.4f} / {r['mismatch_max']:.4f}"),
+      ("mismatch bf16: k3 KL(rollout || train) per token", f"{r['mismatch_k3']:.2e}"),
+      ("first update max abs(ratio - 1)", f"{r['first_ratio_deviation_max']:.1e}"),
+      ("optimizer steps / peak memory (GiB)", f"{r['optimizer_steps']} / {r['peak_gib']:.1f}"),
+  ]
+  head = (f"{r['device']}: {r['params']:,} parameters, {args.prompts} prompts x {args.generations} responses, prompt"
+          f" {args.prompt_length} + response {args.response_length} tokens, bf16 compute, {args.weight_dtype} weights")
+  return "\n".join([head, "", "| measure | value |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows)])
+
+
+def main() -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--prompts", type=int, default=8)
+  parser.add_argument("--generations", type=int, default=8)
+  parser.add_argument("--prompt-length", type=int, default=256)
+  parser.add_argument("--response-length", type=int, default=512)
+  parser.add_argument("--draft-tokens", type=int, default=1)
+  parser.add_argument("--rows", type=int, default=8, help="packed training rows per micro-batch")
+  parser.add_argument("--weight-dtype", default="float32", help="parameter dtype (the trainer's master weights)")
+  parser.add_argument("--remat-policy", default="full")
+  parser.add_argument("--json", help="also write the numbers to this file")
+  parser.add_argument("--tiny", action="store_true", help="the tiny model at toy lengths (CPU check)")
+  args = parser.parse_args()
+  if args.tiny:
+    args.prompts, args.generations, args.prompt_length, args.response_length, args.rows = 2, 2, 8, 8, 1
+  result = run(args)
+  print("ours:", json.dumps(result), flush=True)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"ours": result, "args": vars(args)}, f, indent=1)
+  print(table(result, args))
+  ok = result["policy_loss_finite"] and result["mtp_same_tokens"] and result["first_ratio_deviation_max"] == 0.0
+  return 0 if ok else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
