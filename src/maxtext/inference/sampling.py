@@ -134,8 +134,9 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array, top_n: int) -> tuple[ja
 
 
 # Up to this many alternatives come from repeated max passes rather than lax.top_k, which sorts the whole
-# vocabulary at every position on CPU (lm-eval's logprobs=1 over a 600-token echo: 38 s against 2 s).
-_FEW_BEST = 4
+# vocabulary at every position on CPU (a 600-token echo, vocabulary 151936: top 5 by lax.top_k 45 s, top 1 by one
+# pass 4.6 s, nothing 3.1 s; each pass costs about one log-softmax).
+_FEW_BEST = 8
 
 
 def _few_best(logp: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
