@@ -1,5 +1,5 @@
 """Qwen3.6 decoding: `maxtext.decode` on a converted checkpoint continues a prompt exactly as HF `generate` does
-(greedy, float32, the shipped Qwen3.6 tokenizer), and MTP speculative decoding returns the plain greedy tokens."""
+(greedy, float32, the shipped Qwen3.6 tokenizer), and MTP speculative decoding returns the same greedy tokens."""
 
 import os
 import subprocess
@@ -64,15 +64,13 @@ def test_decode_cli_matches_hf_generate(with_mtp, hf_greedy):
   assert f"{NEW_TOKENS} tokens in" in result.stderr
 
 
-def test_engine_and_mtp_speculation_give_hf_greedy_tokens(with_mtp, hf_greedy):
-  """Token ids, unscanned this time; the speculative engine drafts 2 tokens a round with the converted MTP head."""
+def test_mtp_speculation_gives_the_greedy_token_ids(with_mtp, hf_greedy):
+  """Token ids: the speculative engine (2 drafts a round from the converted MTP head) emits
+  HF's greedy ids, which the command above reproduces with plain decoding."""
   items, (prompt_ids, expected, _) = with_mtp[1], hf_greedy
-  base = [f"load_parameters_path={items}", "dtype=float32", "max_target_length=64", "max_prefill_predict_length=16",
-          "scan_layers=false"]
-  plain = Engine(load_config(base), devices=jax.devices()[:1])
-  speculative = Engine(load_config([*base, "mtp_speculative_decoding=true", "mtp_num_draft_tokens=2"]),
-                       plain.params, devices=jax.devices()[:1])
-  request = [SamplingParams(max_tokens=NEW_TOKENS)]
-  assert [e.token_id for e in plain.generate([prompt_ids], request)] == expected
-  assert [e.token_id for e in speculative.generate([prompt_ids], request)] == expected
+  config = load_config([f"load_parameters_path={items}", "dtype=float32", "max_target_length=64",
+                        "max_prefill_predict_length=16", "scan_layers=true", "mtp_speculative_decoding=true",
+                        "mtp_num_draft_tokens=2"])
+  speculative = Engine(config, devices=jax.devices()[:1])
+  assert [e.token_id for e in speculative.generate([prompt_ids], [SamplingParams(max_tokens=NEW_TOKENS)])] == expected
   assert speculative.last_stats["drafted"] > 0
