@@ -151,7 +151,8 @@ def test_stream_ends_with_done(fake):
 
 
 BAD_COMPLETIONS = [
-    ({"prompt": "x", "n": 2}, "n", "invalid_value"),
+    ({"prompt": "x", "n": 100_000}, "n", "invalid_value"),
+    ({"prompt": ["x"] * 200, "n": 2}, "n", "invalid_value"),
     ({"prompt": "x", "temperature": -1}, "temperature", "invalid_value"),
     ({"prompt": "x", "logprobs": 50}, "logprobs", "invalid_value"),
     ({"prompt": "x", "max_tokens": -1}, "max_tokens", "invalid_value"),
@@ -217,3 +218,22 @@ def test_bad_chat_requests_are_400(fake, body, param):
 def test_unknown_route_is_an_openai_404(fake):
   status, answer = post(fake[0], "/v1/embeddings", {"model": "tiny", "input": "x"})
   assert status == 404 and answer["error"]["type"] == "invalid_request_error"
+
+
+def test_n_choices_per_prompt_in_openai_order(fake, tokenizer):
+  base_url, engine, _ = fake
+  out = client(base_url).completions.create(model="tiny", prompt=["Hi", "Yo there"], n=3, max_tokens=2,
+                                            temperature=0)
+  assert [c.index for c in out.choices] == list(range(6))
+  assert {c.text for c in out.choices} == {tokenizer.decode(engine.script[:2])}
+  assert out.usage.completion_tokens == 12
+  assert out.usage.prompt_tokens == 3 * (len(tokenizer.encode("Hi")) + len(tokenizer.encode("Yo there")))
+  chat = client(base_url).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], n=2,
+                                                  max_tokens=2, temperature=0)
+  assert [c.index for c in chat.choices] == [0, 1] and chat.usage.completion_tokens == 4
+  chunks = list(client(base_url).chat.completions.create(
+      model="tiny", messages=[{"role": "user", "content": "hi"}], n=2, max_tokens=2, temperature=0, stream=True))
+  for index in (0, 1):
+    mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
+    assert "".join(c.delta.content or "" for c in mine) == chat.choices[index].message.content
+    assert [c.finish_reason for c in mine if c.finish_reason] == ["length"]

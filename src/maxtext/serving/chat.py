@@ -80,61 +80,75 @@ async def create(request: ChatCompletionRequest, model: ServedModel) -> dict | S
   model.check_model(request.model)
   stop = check_sampling(request)
   _check(request)
+  n = request.n or 1
+  model.check_prompt_count(n, "n")
   ids = await prompt_ids(request, model)
   requested = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
   # Without a limit the answer may use whatever the context has left, but at least one token.
   max_tokens = requested if requested is not None else max(1, model.max_context - len(ids))
   model.check_length(ids, max_tokens, "messages")
   top_n = (request.top_logprobs or 0) if request.logprobs else 0
-  params = model.sampling_params(request, max_tokens, top_n)
-  choice = GeneratedChoice(model, stop)
+  params = [model.sampling_params(request, max_tokens, top_n, choice=j) for j in range(n)]
+  choices = [GeneratedChoice(model, stop) for _ in range(n)]
   meta = (new_id("chatcmpl"), now(), model.model_id)
-  deltas = _deltas(model, choice, ids, params, bool(request.logprobs), top_n)
+  deltas = _deltas(model, choices, ids, params, bool(request.logprobs), top_n)
   if request.stream:
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
-    return StreamingResponse(_stream(deltas, choice, len(ids), meta, include_usage), media_type="text/event-stream")
-  content, logprobs = [], []
-  async for text, entry in deltas:
-    content.append(text)
+    return StreamingResponse(_stream(deltas, choices, len(ids), meta, include_usage), media_type="text/event-stream")
+  content: list[list[str]] = [[] for _ in choices]
+  logprobs: list[list[dict]] = [[] for _ in choices]
+  async for index, text, entry in deltas:
+    content[index].append(text)
     if entry is not None:
-      logprobs.append(entry)
-  message = {"role": "assistant", "content": "".join(content)}
-  body = {"index": 0, "message": message, "logprobs": {"content": logprobs} if request.logprobs else None,
-          "finish_reason": choice.finish_reason}
-  return chat_body(*meta, [body], usage(len(ids), choice.completion_tokens))
+      logprobs[index].append(entry)
+  bodies = [{"index": j, "message": {"role": "assistant", "content": "".join(content[j])},
+             "logprobs": {"content": logprobs[j]} if request.logprobs else None,
+             "finish_reason": choice.finish_reason} for j, choice in enumerate(choices)]
+  return chat_body(*meta, bodies, usage(len(ids), sum(c.completion_tokens for c in choices)))
 
 
-async def _deltas(model: ServedModel, choice: GeneratedChoice, ids: list[int], params: Any, logprobs: bool,
-                  top_n: int) -> AsyncIterator[tuple[str, dict | None]]:
-  """(new text, logprob entry of the token or None) per generated token."""
-  if params.max_tokens == 0:
-    choice.finish_reason = "length"
+async def _deltas(model: ServedModel, choices: list[GeneratedChoice], ids: list[int], params: list[Any],
+                  logprobs: bool, top_n: int) -> AsyncIterator[tuple[int, str, dict | None]]:
+  """(choice index, new text, logprob entry of the token or None) per generated token."""
+  if params[0].max_tokens == 0:
+    for choice in choices:
+      choice.finish_reason = "length"
     return
-  async with contextlib.aclosing(model.batcher.generate([ids], [params])) as events:
+  async with contextlib.aclosing(model.batcher.generate([ids] * len(choices), params)) as events:
     async for event in events:
+      choice = choices[event.request]
+      if choice.done:
+        continue
       text, counts = choice.take(event)
       entry = None
       if logprobs and counts:
         entry = chat_logprob_entries(model, event.token_id, event.logprob, event.top_logprobs, top_n)
-      yield text, entry
-      if choice.done:
+      yield event.request, text, entry
+      if all(c.done for c in choices):
         break
 
 
-async def _stream(deltas: AsyncIterator[tuple[str, dict | None]], choice: GeneratedChoice, prompt_tokens: int,
-                  meta: tuple, include_usage: bool) -> AsyncIterator[str]:
-  def chunk(delta: dict, logprobs: dict | None = None, finish_reason: str | None = None) -> str:
-    return sse(chat_body(*meta, [{"index": 0, "delta": delta, "logprobs": logprobs,
+async def _stream(deltas: AsyncIterator[tuple[int, str, dict | None]], choices: list[GeneratedChoice],
+                  prompt_tokens: int, meta: tuple, include_usage: bool) -> AsyncIterator[str]:
+  def chunk(index: int, delta: dict, logprobs: dict | None = None, finish_reason: str | None = None) -> str:
+    return sse(chat_body(*meta, [{"index": index, "delta": delta, "logprobs": logprobs,
                                   "finish_reason": finish_reason}], None, chunk=True))
 
   try:
-    yield chunk({"role": "assistant", "content": ""})
-    async for text, entry in deltas:
+    for index in range(len(choices)):
+      yield chunk(index, {"role": "assistant", "content": ""})
+    finished = set()
+    async for index, text, entry in deltas:
       if text or entry is not None:
-        yield chunk({"content": text}, None if entry is None else {"content": [entry]})
-    yield chunk({}, finish_reason=choice.finish_reason)
+        yield chunk(index, {"content": text}, None if entry is None else {"content": [entry]})
+      if choices[index].done and index not in finished:
+        finished.add(index)
+        yield chunk(index, {}, finish_reason=choices[index].finish_reason)
+    for index, choice in enumerate(choices):
+      if index not in finished:
+        yield chunk(index, {}, finish_reason=choice.finish_reason)
     if include_usage:
-      yield sse(chat_body(*meta, [], usage(prompt_tokens, choice.completion_tokens), chunk=True))
+      yield sse(chat_body(*meta, [], usage(prompt_tokens, sum(c.completion_tokens for c in choices)), chunk=True))
   except errors.APIError as e:
     yield sse(e.body())
   except Exception as e:  # pylint: disable=broad-except

@@ -96,13 +96,17 @@ async def create(request: CompletionRequest, model: ServedModel) -> dict | Strea
   if request.logprobs is not None and request.logprobs > MAX_LOGPROBS:
     raise errors.bad_request(f"logprobs must be at most {MAX_LOGPROBS}, got {request.logprobs}", param="logprobs")
   max_tokens = 16 if request.max_tokens is None else request.max_tokens
+  n = request.n or 1
+  model.check_prompt_count(n, "n")
   prompts = await _prompts(request, model)
+  model.check_prompt_count(n * len(prompts), "n")
   for ids, _ in prompts:
     model.check_length(ids, max_tokens, "prompt")
   top_n = request.logprobs or 0
-  choices = [_Choice(model, i, ids, text, bool(request.echo), stop, request.logprobs)
-             for i, (ids, text) in enumerate(prompts)]
-  params = [model.sampling_params(request, max_tokens, top_n)] * len(choices)
+  # n choices per prompt, prompt-major (OpenAI's order: index = prompt * n + sample), each its own rng stream.
+  choices = [_Choice(model, i * n + j, ids, text, bool(request.echo), stop, request.logprobs)
+             for i, (ids, text) in enumerate(prompts) for j in range(n)]
+  params = [model.sampling_params(request, max_tokens, top_n, choice=j) for _ in prompts for j in range(n)]
   score = bool(request.echo) and request.logprobs is not None
   run = _run(model, choices, params, max_tokens, top_n if score else None)
   meta = (new_id("cmpl"), now(), model.model_id)

@@ -98,10 +98,11 @@ class ServedModel:
   def token_strings(self, token_ids: Sequence[int]) -> list[str]:
     return list(self.tokenizer.batch_decode([[t] for t in token_ids]))
 
-  def sampling_params(self, request: Any, max_tokens: int, logprobs: int) -> Any:
-    """The engine's SamplingParams for an OpenAI request (after `check_sampling`)."""
+  def sampling_params(self, request: Any, max_tokens: int, logprobs: int, choice: int = 0) -> Any:
+    """The engine's SamplingParams for an OpenAI request (after `check_sampling`); `choice` (of n) gets its own
+    stream: seed + choice when seeded."""
     # Negative seeds (clients send -1) mean "random", like no seed; 64-bit seeds are folded by the engine.
-    seed = random.randrange(2**31) if request.seed is None or request.seed < 0 else request.seed
+    seed = random.randrange(2**31) if request.seed is None or request.seed < 0 else request.seed + choice
     try:
       return self.sampling_params_type(
           max_tokens=max_tokens,
@@ -120,8 +121,6 @@ class ServedModel:
 
 def check_sampling(request: Any) -> list[str]:
   """Reject what we cannot honour (one line naming the parameter); returns the stop strings."""
-  if (request.n or 1) != 1:
-    raise errors.bad_request("only n=1 is supported", param="n")
   if request.frequency_penalty:
     raise errors.bad_request("frequency_penalty is not supported (presence_penalty is)", param="frequency_penalty")
   if request.logit_bias:
