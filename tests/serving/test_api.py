@@ -208,7 +208,8 @@ def test_malformed_requests_are_400(fake, body, status, param):
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
     ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
-    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": "required"}, "tool_choice"),
 ])
 def test_bad_chat_requests_are_400(fake, body, param):
   status, answer = post(fake[0], "/v1/chat/completions", {"model": "tiny", **body})

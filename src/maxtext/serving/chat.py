@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi.responses import StreamingResponse
 
 from maxtext.serving import errors
+from maxtext.serving.chat_output import THINK, ChatOutput, parse
 from maxtext.serving.generation import GeneratedChoice, sse
 from maxtext.serving.logprobs import chat_logprob_entries
 from maxtext.serving.protocol import ChatCompletionRequest, chat_body, new_id, now, usage
@@ -22,8 +24,20 @@ def _template_messages(request: ChatCompletionRequest) -> list[dict[str, Any]]:
     item = message.model_dump(exclude_none=True)
     if isinstance(message.content, list):
       item["content"] = "".join(part.text for part in message.content)
+    for call in item.get("tool_calls") or []:
+      # OpenAI sends a call's arguments as a JSON string; Qwen's template writes them out as an object.
+      function = call.get("function") if isinstance(call, dict) else None
+      if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+        try:
+          function["arguments"] = json.loads(function["arguments"])
+        except json.JSONDecodeError:
+          pass
     messages.append(item)
   return messages
+
+
+def _uses_tools(request: ChatCompletionRequest) -> bool:
+  return bool(request.tools) and request.tool_choice != "none"
 
 
 # chat_template_kwargs keys that would change what apply_chat_template returns rather than what the template sees.
@@ -44,13 +58,15 @@ def _template_kwargs(request: ChatCompletionRequest, model: ServedModel) -> dict
   return kwargs
 
 
-async def prompt_ids(request: ChatCompletionRequest, model: ServedModel) -> list[int]:
-  """The chat template applied to the messages, ending with the assistant turn's header, as token ids. Rendered
-  and tokenised off the event loop within the time budget; the rendered text is measured before tokenising."""
+async def prompt_ids(request: ChatCompletionRequest, model: ServedModel) -> tuple[list[int], str]:
+  """The chat template applied to the messages (and tools), ending with the assistant turn's header: (token ids,
+  text). Rendered and tokenised off the event loop within the time budget; the text is measured before tokenising."""
   kwargs = _template_kwargs(request, model)
+  if _uses_tools(request):
+    kwargs["tools"] = request.tools
   messages = _template_messages(request)
 
-  def work() -> list[int]:
+  def work() -> tuple[list[int], str]:
     try:
       text = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
     except Exception as e:  # pylint: disable=broad-except  # jinja raises for messages the template refuses
@@ -58,14 +74,15 @@ async def prompt_ids(request: ChatCompletionRequest, model: ServedModel) -> list
     model.check_text(text, "messages")
     ids = model.encode(text)
     model.check_tokens(ids, "messages")
-    return ids
+    return ids, text
 
   return await model.off_loop(work, "rendering and tokenizing 'messages'")
 
 
 def _check(request: ChatCompletionRequest) -> None:
-  if request.tools:
-    raise errors.bad_request("tools are not supported", param="tools")
+  if request.tool_choice not in (None, "auto", "none"):
+    raise errors.bad_request("tool_choice may be 'auto' or 'none' (a forced or required call is not supported)",
+                             param="tool_choice")
   if request.response_format and request.response_format.get("type", "text") != "text":
     raise errors.bad_request("only response_format type 'text' is supported", param="response_format")
   if request.top_logprobs is not None:
@@ -82,7 +99,11 @@ async def create(request: ChatCompletionRequest, model: ServedModel) -> dict | S
   _check(request)
   n = request.n or 1
   model.check_prompt_count(n, "n")
-  ids = await prompt_ids(request, model)
+  ids, text = await prompt_ids(request, model)
+  # Qwen3 thinks inside <think>...</think> (some templates open it in the prompt); tool calls come as <tool_call>.
+  thinking = model.tokenizer.convert_tokens_to_ids(THINK) != getattr(model.tokenizer, "unk_token_id", None)
+  started = thinking and text.rstrip().endswith(THINK)
+  shape = (thinking, _uses_tools(request), started)
   requested = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
   # Without a limit the answer may use whatever the context has left, but at least one token.
   max_tokens = requested if requested is not None else max(1, model.max_context - len(ids))
@@ -94,16 +115,17 @@ async def create(request: ChatCompletionRequest, model: ServedModel) -> dict | S
   deltas = _deltas(model, choices, ids, params, bool(request.logprobs), top_n)
   if request.stream:
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
-    return StreamingResponse(_stream(deltas, choices, len(ids), meta, include_usage), media_type="text/event-stream")
+    return StreamingResponse(_stream(deltas, choices, len(ids), meta, include_usage, shape),
+                             media_type="text/event-stream")
   content: list[list[str]] = [[] for _ in choices]
   logprobs: list[list[dict]] = [[] for _ in choices]
   async for index, text, entry in deltas:
     content[index].append(text)
     if entry is not None:
       logprobs[index].append(entry)
-  bodies = [{"index": j, "message": {"role": "assistant", "content": "".join(content[j])},
-             "logprobs": {"content": logprobs[j]} if request.logprobs else None,
-             "finish_reason": choice.finish_reason} for j, choice in enumerate(choices)]
+  messages = [{"role": "assistant", **parse("".join(content[j]), *shape)} for j in range(n)]
+  bodies = [{"index": j, "message": messages[j], "logprobs": {"content": logprobs[j]} if request.logprobs else None,
+             "finish_reason": _finish_reason(choice, "tool_calls" in messages[j])} for j, choice in enumerate(choices)]
   return chat_body(*meta, bodies, usage(len(ids), sum(c.completion_tokens for c in choices)))
 
 
@@ -128,25 +150,57 @@ async def _deltas(model: ServedModel, choices: list[GeneratedChoice], ids: list[
         break
 
 
+def _finish_reason(choice: GeneratedChoice, called_tools: bool) -> str | None:
+  return "tool_calls" if called_tools and choice.finish_reason == "stop" else choice.finish_reason
+
+
+def _delta(kind: str, value: Any, calls_so_far: int) -> dict[str, Any]:
+  if kind == "reasoning":
+    return {"reasoning_content": value}
+  if kind == "tool_call":
+    return {"tool_calls": [{"index": calls_so_far, **value}]}
+  return {"content": value}
+
+
 async def _stream(deltas: AsyncIterator[tuple[int, str, dict | None]], choices: list[GeneratedChoice],
-                  prompt_tokens: int, meta: tuple, include_usage: bool) -> AsyncIterator[str]:
+                  prompt_tokens: int, meta: tuple, include_usage: bool, shape: tuple) -> AsyncIterator[str]:
   def chunk(index: int, delta: dict, logprobs: dict | None = None, finish_reason: str | None = None) -> str:
     return sse(chat_body(*meta, [{"index": index, "delta": delta, "logprobs": logprobs,
                                   "finish_reason": finish_reason}], None, chunk=True))
+
+  parsers = [ChatOutput(*shape) for _ in choices]
+  calls = [0] * len(choices)
+
+  def parts(index: int, new: list, entry: dict | None) -> list[str]:
+    """The chunks of one choice's newly parsed parts; a token's logprobs ride on its first chunk (or an empty one)."""
+    out, logprobs = [], None if entry is None else {"content": [entry]}
+    for kind, value in new:
+      out.append(chunk(index, _delta(kind, value, calls[index]), logprobs))
+      calls[index] += kind == "tool_call"
+      logprobs = None
+    if logprobs is not None:
+      out.append(chunk(index, {"content": ""}, logprobs))
+    return out
+
+  def close(index: int) -> list[str]:
+    out = parts(index, parsers[index].finish(), None)
+    return out + [chunk(index, {}, finish_reason=_finish_reason(choices[index], calls[index] > 0))]
 
   try:
     for index in range(len(choices)):
       yield chunk(index, {"role": "assistant", "content": ""})
     finished = set()
     async for index, text, entry in deltas:
-      if text or entry is not None:
-        yield chunk(index, {"content": text}, None if entry is None else {"content": [entry]})
+      for event in parts(index, parsers[index].feed(text), entry):
+        yield event
       if choices[index].done and index not in finished:
         finished.add(index)
-        yield chunk(index, {}, finish_reason=choices[index].finish_reason)
-    for index, choice in enumerate(choices):
+        for event in close(index):
+          yield event
+    for index in range(len(choices)):
       if index not in finished:
-        yield chunk(index, {}, finish_reason=choice.finish_reason)
+        for event in close(index):
+          yield event
     if include_usage:
       yield sse(chat_body(*meta, [], usage(prompt_tokens, sum(c.completion_tokens for c in choices)), chunk=True))
   except errors.APIError as e:
