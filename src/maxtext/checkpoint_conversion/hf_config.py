@@ -44,7 +44,7 @@ def _layer_pattern(hf: Mapping[str, Any]) -> dict[str, Any]:
   if len(types) != layers:
     raise ConfigError(f"HF config 'layer_types' lists {len(types)} layers but num_hidden_layers is {layers}")
   periodic = layer_pattern.periodic_interval(types)
-  if periodic is not None:
+  if periodic is not None and layers % periodic == 0:  # whole blocks: Qwen3-Next's form, scannable as such
     return {"full_attention_interval": periodic, "decoder_layer_types": ""}
   return {"full_attention_interval": interval, "decoder_layer_types": layer_pattern.format_layer_types(types)}
 
