@@ -17,6 +17,8 @@ def format_rl_line(step: int, total: int, m: dict[str, float]) -> str:
     parts += [f"loss {m['policy_loss']:+.4f}", f"clip {m['clip_fraction']:.3f}",
               f"r-1 {m['first_ratio_deviation_max']:.1e}"]
     parts.append(f"kl {m['kl']:.2e}" if "kl" in m else "kl off")
+    if "mtp_loss" in m:
+      parts.append(f"mtp {m['mtp_loss']:.3f}")
     parts.append(f"mismatch {m['mismatch_mean']:.2e}/{m['mismatch_max']:.2e} k3 {m['mismatch_k3']:.2e}")
   else:
     parts.append("no group with signal: update skipped")
