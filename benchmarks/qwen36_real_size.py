@@ -105,6 +105,20 @@ def peak_gb_torch(device) -> float:
   return torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else float("nan")
 
 
+class Partial(dict):
+  """A worker's result that is written to its JSON file after every measurement, so a run cut short by the
+  device's time limit still leaves what it measured (in $OUT when set)."""
+
+  def __init__(self, path: str):
+    super().__init__()
+    self.path = path
+
+  def __setitem__(self, key, value):
+    super().__setitem__(key, value)
+    with open(self.path, "w", encoding="utf-8") as f:
+      json.dump(dict(self), f)
+
+
 def peak_gb_jax() -> float:
   import jax
 
@@ -134,7 +148,8 @@ def hf_decode(args) -> dict:
     sync(device)
     return time.perf_counter() - start, out.shape[1] - prompt
 
-  result = {"fla": fla, "experts_impl": impl, "params": sum(p.numel() for p in model.parameters())}
+  result = Partial(args.json)
+  result.update(fla=fla, experts_impl=impl, params=sum(p.numel() for p in model.parameters()))
   with torch.no_grad():
     for length in args.ttft_lengths:
       generate(1, length, 1)
@@ -142,7 +157,7 @@ def hf_decode(args) -> dict:
     for batch in args.batch_sizes:
       generate(batch, args.prompt_length, 4)
       seconds, new = generate(batch, args.prompt_length, args.peer_new_tokens)
-      first, _ = generate(batch, args.prompt_length, 1)
+      first = min(generate(batch, args.prompt_length, 1)[0] for _ in range(2))  # prefill + first token
       result[f"tok_s_{batch}"] = batch * new / seconds
       result[f"tpot_ms_{batch}"] = (seconds - first) / max(new - 1, 1) * 1e3
   result["peak_gb"] = peak_gb_torch(device)
@@ -165,7 +180,9 @@ def ours_decode(args) -> dict:
   from maxtext.inference.engine import Engine
   from maxtext.inference.sampling import SamplingParams
 
-  result = {"device": jax.devices()[0].device_kind, "logits_max_abs_diff": check_logits(args)}
+  result = Partial(args.json)
+  result["device"] = jax.devices()[0].device_kind
+  result["logits_max_abs_diff"] = check_logits(args)
   rng = np.random.default_rng(0)
   context = args.prompt_length + args.new_tokens + 8
   start = time.perf_counter()
@@ -181,12 +198,14 @@ def ours_decode(args) -> dict:
     seconds, first, _ = timed_generate(base, prompts, [greedy] * batch)
     result[f"tok_s_{batch}"] = batch * args.new_tokens / seconds
     result[f"tpot_ms_{batch}"] = (seconds - first) / (args.new_tokens - 1) * 1e3
+    result["peak_gb"] = peak_gb_jax()
   for length in args.ttft_lengths:
     engine = Engine(our_config(args, max_target_length=length + 16, max_prefill_predict_length=length), base.params)
     prompt = rng.integers(0, vocab, (1, length)).tolist()
     timed_generate(engine, prompt, [SamplingParams(max_tokens=1)])
     result[f"ttft_ms_{length}"] = min(timed_generate(engine, prompt, [SamplingParams(max_tokens=1)])[1]
                                       for _ in range(2)) * 1e3
+    result["peak_gb"] = peak_gb_jax()
     del engine
   if args.mtp:
     speculative = Engine(our_config(args, max_target_length=context, mtp_speculative_decoding=True,
@@ -291,19 +310,20 @@ WORKERS = {"hf_decode": hf_decode, "ours_decode": ours_decode, "hf_train": hf_tr
 # ------------------------------------------------------------------------------------------------------- driver
 
 
-def run_worker(name: str, argv: list[str]) -> dict:
-  with tempfile.TemporaryDirectory() as scratch:
-    output = os.path.join(scratch, "result.json")
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, f"--worker={name}", f"--json={output}"],
-                          check=False, capture_output=True, text=True)
-    print(f"--- {name}: exit {proc.returncode} in {time.perf_counter() - start:.0f}s", flush=True)
-    if proc.returncode or not os.path.exists(output):
-      tail = proc.stderr.strip().splitlines()[-15:]
-      print("\n".join(tail), flush=True)
-      return {"error": tail[-1] if tail else f"exit {proc.returncode}"}
+def run_worker(name: str, argv: list[str], scratch: str) -> dict:
+  output = os.path.join(scratch, f"qwen36_{name}.json")
+  start = time.perf_counter()
+  proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, f"--worker={name}", f"--json={output}"],
+                        check=False, capture_output=True, text=True)
+  print(f"--- {name}: exit {proc.returncode} in {time.perf_counter() - start:.0f}s", flush=True)
+  result = {}
+  if os.path.exists(output):
     with open(output, encoding="utf-8") as f:
       result = json.load(f)
+  if proc.returncode:
+    tail = proc.stderr.strip().splitlines()[-15:]
+    print("\n".join(tail), flush=True)
+    result["error"] = tail[-1] if tail else f"exit {proc.returncode}"
   print(json.dumps(result), flush=True)
   return result
 
@@ -385,9 +405,10 @@ def main() -> int:
     return 0
   passthrough = [a for a in sys.argv[1:] if not a.startswith("--json")]
   results = {}
+  scratch = os.environ.get("OUT") or tempfile.mkdtemp(prefix="qwen36_bench_")
   for part in args.parts:
     for side in (["hf"] if args.peer else []) + ["ours"]:
-      results[f"{side}_{part}"] = run_worker(f"{side}_{part}", passthrough)
+      results[f"{side}_{part}"] = run_worker(f"{side}_{part}", passthrough, scratch)
   text = table(results, args)
   print(text)
   out = args.json or (os.path.join(os.environ["OUT"], "qwen36_real_size.json") if os.environ.get("OUT") else None)
