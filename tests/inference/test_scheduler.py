@@ -116,6 +116,26 @@ def test_a_request_joining_mid_flight_gives_the_same_tokens_as_alone(engine):
   np.testing.assert_allclose(logprobs, alone_logprobs[0], rtol=0, atol=1e-5)
 
 
+def test_a_stop_token_ends_a_request_though_calls_ran_ahead(engine):
+  # Calls run two ahead of the read-back: the request must still end at its stop token, exactly, and its row serve
+  # the next request as a fresh one.
+  prompt, other = random_prompt(engine, CHUNK + 2, 21), random_prompt(engine, 5, 22)
+  free_run, _ = run(scheduler(engine), [prompt], [SamplingParams(max_tokens=NEW, logprobs=1)])
+  stop = free_run[0][2]
+  expected = free_run[0][: free_run[0].index(stop) + 1]
+  alone, _ = run(scheduler(engine), [other], [SamplingParams(max_tokens=NEW, logprobs=1)])
+  sched = scheduler(engine)
+  # Three fillers keep the other rows busy longer: `other` waits for the stopped request's row.
+  fillers = [random_prompt(engine, 3, 30 + i) for i in range(ROWS - 1)]
+  params = ([SamplingParams(max_tokens=NEW, stop_token_ids=(stop,), logprobs=1)]
+            + [SamplingParams(max_tokens=3 * NEW, logprobs=1)] * len(fillers) + [SamplingParams(max_tokens=NEW, logprobs=1)])
+  events = list(sched.generate([prompt, *fillers, other], params))
+  first = [e for e in events if e.request == 0]
+  assert [e.token_id for e in first] == expected and first[-1].finish_reason == "stop"
+  assert [e.token_id for e in events if e.request == ROWS] == alone[0]
+  assert not sched.busy
+
+
 def test_the_cache_keeps_to_its_budget_least_recently_used_first(engine):
   sched = scheduler(engine, cache_bytes=1)
   run(sched, [random_prompt(engine, 2 * CHUNK + 1, 3)], [SamplingParams(max_tokens=1, logprobs=1)])

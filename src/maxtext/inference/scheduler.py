@@ -4,7 +4,9 @@ A fixed number of rows share one persistent cache (slot_steps.py). Each `step()`
 free rows (restoring any cached prefix), then runs one call in which rows still reading their prompt take its next
 chunk (up to `chunk` tokens, cut at chunk-aligned positions so every chunk boundary is a prefix-cache block) and
 decoding rows take their newest token, so prefill interleaves with decoding and no prompt waits for a whole
-batch to finish. A finished row is free for the next request at the next step.
+batch to finish. A finished row is free for the next request at the next step. Calls are dispatched up to
+_LOOKAHEAD ahead of the one whose tokens are read back: a decoding row's input is the previous call's token, taken
+on the device; a row that hits a stop token is seen one or two calls late, and what it drew meanwhile is dropped.
 
 A request's tokens do not depend on which others share its steps: each row's inputs, cache and rng stream
 (fold_in(seed, index of the token drawn)) are its own.
@@ -35,8 +37,9 @@ class _Request:
   params: SamplingParams
   stops: frozenset[int]
   fed: int = 0  # prompt tokens in the row's caches
-  generated: int = 0
-  last: int = 0  # newest generated token (fed at the next step)
+  generated: int = 0  # tokens drawn by dispatched calls
+  emitted: int = 0  # tokens read back and handed out
+  finished: bool = False
   digests: list[bytes] = dataclasses.field(default_factory=list)  # prefix-cache keys of the prompt's blocks
 
 
@@ -49,6 +52,9 @@ def _slot_steps(engine: Engine, chunk: int) -> SlotSteps:
   if chunk not in per_engine:
     per_engine[chunk] = SlotSteps(engine.model, engine.max_context + chunk, chunk)
   return per_engine[chunk]
+
+
+_LOOKAHEAD = 2  # calls dispatched ahead of the one being read back (the device never waits for the host)
 
 
 class Scheduler:
@@ -65,6 +71,8 @@ class Scheduler:
     self._slots: list[_Request | None] = [None] * rows
     self._cursor = np.zeros((rows,), np.int32)
     self._sampling: BatchSampling | None = None  # rebuilt when the rows' requests change
+    self._in_flight: collections.deque = collections.deque()  # (Sampled on the device, [(row, request)] drawn)
+    self._previous = np.zeros((rows,), np.int32)  # the last call's tokens (a device array once one ran)
     self.stats = {"steps": 0, "tokens": 0, "prefill_tokens": 0}
 
   # ---- requests ----
@@ -81,6 +89,7 @@ class Scheduler:
     self._waiting = collections.deque(r for r in self._waiting if r.id != request_id)
     for row, request in enumerate(self._slots):
       if request is not None and request.id == request_id:
+        request.finished = True
         self._free(row)
 
   @property
@@ -89,30 +98,38 @@ class Scheduler:
 
   @property
   def busy(self) -> bool:
-    return bool(self._waiting) or any(r is not None for r in self._slots)
+    return bool(self._waiting) or bool(self._in_flight) or any(r is not None for r in self._slots)
 
   def prefix_cache_stats(self) -> dict[str, float]:
     return dict(self.cache.stats, bytes=self.cache.nbytes) if self.cache else {}
 
   # ---- one step ----
   def step(self) -> list[TokenEvent]:
-    """Admit what fits, run one call for every busy row; the tokens it produced."""
+    """Admit what fits and dispatch one call for every busy row; read back the oldest call once _LOOKAHEAD are in
+    flight (or nothing more can be dispatched). Returns the tokens read back (possibly none yet)."""
     self._admit()
+    dispatched = self._dispatch()
+    if self._in_flight and (len(self._in_flight) > _LOOKAHEAD or not dispatched):
+      return self._read_back()
+    return []
+
+  def _dispatch(self) -> bool:
     active = [(row, r) for row, r in enumerate(self._slots) if r is not None]
     if not active:
-      return []
+      return False
     length = self.chunk if any(r.fed < len(r.prompt) for _, r in active) else 1
     tokens = np.zeros((self.rows, length), np.int32)
     counts = np.zeros((self.rows,), np.int32)
     emit = np.zeros((self.rows,), bool)
+    feed_previous = np.zeros((self.rows,), bool)
     draws = np.zeros((self.rows,), np.int32)
     for row, request in active:
       if request.fed < len(request.prompt):
         n = min(self.chunk - request.fed % self.chunk, len(request.prompt) - request.fed)
         tokens[row, :n] = request.prompt[request.fed : request.fed + n]
         counts[row], emit[row] = n, request.fed + n == len(request.prompt)
-      else:
-        tokens[row, 0], counts[row], emit[row] = request.last, 1, True
+      else:  # decoding: its input is the token the previous call drew for this row
+        counts[row], emit[row], feed_previous[row] = 1, True, True
       draws[row] = request.generated
     num_top = MAX_LOGPROBS if any(r.params.logprobs for _, r in active) else 0
     greedy_only = all(r.params.greedy for _, r in active)
@@ -121,32 +138,44 @@ class Scheduler:
     with sharding.activate(self.engine.mesh):
       self.state, sampled = self.steps.advance(
           self.engine.params, self.state, tokens, self._cursor.copy(), counts, emit, self._sampling, draws,
-          num_top=num_top, greedy_only=greedy_only)
-    sampled = jax.device_get(sampled)
+          self._previous, feed_previous, num_top=num_top, greedy_only=greedy_only)
+    self._previous = sampled.tokens
     self.stats["steps"] += 1
-    events = []
+    drawn = []
     for row, request in active:
       self._cursor[row] += counts[row]
       if request.fed < len(request.prompt):
         request.fed += int(counts[row])
         self.stats["prefill_tokens"] += int(counts[row])
-        self._snapshot(row, request)
+        self._snapshot(row, request)  # before the next call takes (donates) the state
       if emit[row]:
-        events.append(self._emitted(row, request, sampled))
-    return events
+        request.generated += 1
+        drawn.append((row, request))
+        if request.generated >= request.params.max_tokens:
+          self._free(row)  # its last token is drawn: the row can take a newcomer at the next step
+    self._in_flight.append((sampled, drawn))
+    return True
 
-  def _emitted(self, row: int, request: _Request, sampled) -> TokenEvent:
-    token = int(sampled.tokens[row])
-    request.generated += 1
-    request.last = token
-    self.stats["tokens"] += 1
-    done = request.generated >= request.params.max_tokens
-    reason = "stop" if token in request.stops else ("length" if done else None)
-    n = request.params.logprobs
-    top = tuple((int(i), float(v)) for i, v in zip(sampled.top_ids[row, :n], sampled.top_logprobs[row, :n]))
-    if reason is not None:
-      self._free(row)
-    return TokenEvent(request.id, token, float(sampled.logprobs[row]), top, reason)
+  def _read_back(self) -> list[TokenEvent]:
+    sampled, drawn = self._in_flight.popleft()
+    sampled = jax.device_get(sampled)
+    events = []
+    for row, request in drawn:
+      if request.finished:
+        continue  # it stopped at an earlier token; calls already in flight drew on
+      token = int(sampled.tokens[row])
+      request.emitted += 1
+      self.stats["tokens"] += 1
+      done = request.emitted >= request.params.max_tokens
+      reason = "stop" if token in request.stops else ("length" if done else None)
+      n = request.params.logprobs
+      top = tuple((int(i), float(v)) for i, v in zip(sampled.top_ids[row, :n], sampled.top_logprobs[row, :n]))
+      if reason is not None:
+        request.finished = True
+        if self._slots[row] is request:
+          self._free(row)
+      events.append(TokenEvent(request.id, token, float(sampled.logprobs[row]), top, reason))
+    return events
 
   # ---- rows ----
   def _free(self, row: int) -> None:

@@ -64,10 +64,13 @@ class SlotSteps:
     return SlotState(cache, jnp.zeros((rows, self.model.spec.vocab_size), bool))
 
   # ---- one call: every row forward by its counts ----
-  def _advance(self, params, state: SlotState, tokens, cursor, counts, emit, sampling: BatchSampling, steps, *,
-               num_top: int, greedy_only: bool) -> tuple[SlotState, Sampled]:
+  def _advance(self, params, state: SlotState, tokens, cursor, counts, emit, sampling: BatchSampling, steps,
+               previous, feed_previous, *, num_top: int, greedy_only: bool) -> tuple[SlotState, Sampled]:
     """tokens [B, T] (row b's first counts[b] real) at slots cursor[b]..; emit [B] bool: rows whose sampled token
-    is kept (marks presence). steps [B]: index of the token being drawn per row (its rng stream)."""
+    is kept (marks presence). steps [B]: index of the token being drawn per row (its rng stream). Rows where
+    feed_previous[b] take previous[b] (the token the previous call sampled, still on the device) as their input, so
+    a call can be dispatched before the previous one's tokens are read back."""
+    tokens = tokens.at[:, 0].set(jnp.where(feed_previous, previous, tokens[:, 0]))
     length = tokens.shape[1]
     positions = cursor[:, None] + jnp.arange(length, dtype=jnp.int32)
     context = DecodeContext(cursor, jnp.arange(length)[None, :] < counts[:, None])
