@@ -128,7 +128,8 @@ def test_a_stop_token_ends_a_request_though_calls_ran_ahead(engine):
   # Three fillers keep the other rows busy longer: `other` waits for the stopped request's row.
   fillers = [random_prompt(engine, 3, 30 + i) for i in range(ROWS - 1)]
   params = ([SamplingParams(max_tokens=NEW, stop_token_ids=(stop,), logprobs=1)]
-            + [SamplingParams(max_tokens=3 * NEW, logprobs=1)] * len(fillers) + [SamplingParams(max_tokens=NEW, logprobs=1)])
+            + [SamplingParams(max_tokens=3 * NEW, logprobs=1)] * len(fillers)
+            + [SamplingParams(max_tokens=NEW, logprobs=1)])
   events = list(sched.generate([prompt, *fillers, other], params))
   first = [e for e in events if e.request == 0]
   assert [e.token_id for e in first] == expected and first[-1].finish_reason == "stop"

@@ -63,8 +63,9 @@ def test_streamed_in_pieces_gives_the_same_parts(text, thinking, tools, started,
   assert normalised({"tool_calls": calls})["tool_calls"] == expected.get("tool_calls", [])
 
 
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+                                           "parameters": CITY}}]
 
 
 @pytest.mark.parametrize("stream", [False, True])
