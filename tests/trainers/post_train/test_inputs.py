@@ -144,3 +144,37 @@ def test_response_length_beyond_max_target_length(task, tmp_path, capsys):
   code, err = run_cli(capsys, *toy_args(task, tmp_path, max_response_length=31))  # prompt "0=" is 2 tokens
   assert code == 2 and err.count("\n") == 0
   assert err.endswith("row 1: 2 prompt tokens + max_response_length (31) exceed max_target_length (32)")
+
+
+class ScriptedRoller:
+  """Stands in for the engine in `collect`: each call returns the next scripted rewards (one row per group)."""
+
+  def __init__(self, rounds):
+    self.rounds, self.calls = list(rounds), 0
+
+  def sample(self, prompts, group_size, seed):
+    from maxtext.trainers.post_train.rl.rollout import Rollout
+
+    rewards = np.asarray(self.rounds[self.calls], np.float32).reshape(-1)
+    self.calls += 1
+    n = len(prompts) * group_size
+    return Rollout(group_size, [tuple(p.tokens) for p in prompts for _ in range(group_size)],
+                   [[1, 2]] * n, [[-1.0, -1.0]] * n, rewards, 1.0)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_dynamic_sampling_drops_groups_without_signal_and_refills(task, dynamic):
+  from maxtext.trainers.post_train.rl.data import Prompt
+  from maxtext.trainers.post_train.rl.loop import collect
+
+  config = load_config(overrides={**TOY_MODEL, **task, "rollout_batch_size": 3, "num_generations": 2,
+                                  "rl_dynamic_sampling": dynamic, "rl_dynamic_sampling_max_rounds": 2})
+  prompts = PromptIterator([Prompt((i,), str(i), "") for i in range(100)], seed=0)
+  roller = ScriptedRoller([[[1, 0], [1, 1], [0, 0]], [[0, 0], [0, 1], [0, 0]], [[1, 0], [0, 1], [1, 0]]])
+  kept, stats = collect(config, roller, prompts, seed=0)
+  assert stats["signal_fraction"] == pytest.approx(1 / 3) and stats["reward_mean"] == pytest.approx(0.5)
+  if not dynamic:
+    assert roller.calls == 1 and kept.rewards.tolist() == [1, 0, 1, 1, 0, 0]
+  else:  # round 1 keeps group 0, round 2 group 1, round 3 fills the third place (and drops the rest)
+    assert roller.calls == 3 and kept.rewards.tolist() == [1, 0, 0, 1, 1, 0]
+    assert kept.num_responses == 6 and kept.groups_with_signal().all()

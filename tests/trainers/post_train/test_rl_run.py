@@ -78,11 +78,13 @@ def test_tiny_model_learns_the_copy_task_through_the_cli(task, cache_dir, tmp_pa
 ONE_DEVICE = jax.devices()[:1]
 
 
-def test_bfloat16_mismatch_is_reported_and_a_killed_run_resumes_exactly(task, cache_dir, tmp_path, capsys):
+def test_bfloat16_two_updates_with_kl_mismatch_reported_and_a_killed_run_resumes_exactly(task, cache_dir, tmp_path, capsys):
   def config(run_name, **extra):
     return load_config(overrides={
         **TOY_MODEL, **task, **LEARNING, "dtype": "bfloat16", "steps": 2, "num_generations": 4,
-        "rollout_batch_size": 4, "enable_checkpointing": True, "async_checkpointing": False, "checkpoint_period": 1,
+        "rollout_batch_size": 4, "rl_global_batch_size": 8,  # two optimizer steps per rollout
+        "kl_coef": 0.01, "kl_type": "k3",  # the reference policy's forward runs too
+        "enable_checkpointing": True, "async_checkpointing": False, "checkpoint_period": 1,
         "base_output_directory": str(tmp_path), "run_name": run_name, **extra})
 
   full = rl_train(config("full"), devices=ONE_DEVICE)
@@ -91,6 +93,10 @@ def test_bfloat16_mismatch_is_reported_and_a_killed_run_resumes_exactly(task, ca
   assert f"mismatch {first['mismatch_mean']:.2e}/{first['mismatch_max']:.2e}" in line
   assert 0 < first["mismatch_mean"] < 0.05 and first["mismatch_max"] < 0.5, first  # bf16: small, not 0
   assert first["first_ratio_deviation_max"] == 0.0
+  # The second update compares with pi_old's log-probs taken before the first one: its ratio has moved off 1.
+  assert first["optimizer_steps"] == 2 and first["ratio_deviation_max"] > 0
+  # KL to the starting policy: 0 on the first update (the same parameters), > 0 on the second.
+  assert first["kl"] > 0 and f"kl {first['kl']:.2e}" in line
 
   rl_train(config("cut"), devices=ONE_DEVICE, stop_after=1)  # killed after step 1 (saved: checkpoint_period=1)
   [resumed] = rl_train(config("cut"), devices=ONE_DEVICE)
