@@ -433,6 +433,7 @@ def _validate_compile(c: Config) -> None:
     except TopologyError as e:
       raise ConfigError(f"config key 'compile_topology': {e}") from None
 
+
 def _validate_rl(c: Config) -> None:
   for name in ("num_generations", "rollout_batch_size", "max_response_length", "rl_eval_num_samples"):
     _require(getattr(c, name) > 0, f"config key '{name}' must be > 0, got {getattr(c, name)}")
