@@ -38,7 +38,8 @@ def task(tmp_path_factory):
 def cache_dir(tmp_path_factory):
   """One persistent compilation cache for the CLI runs and the in-process runs of this module."""
   directory = str(tmp_path_factory.mktemp("jax_cache"))
-  before = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
+  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+  before = {k: getattr(jax.config, k) for k in keys}
   jax.config.update("jax_compilation_cache_dir", directory)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   yield directory
@@ -78,7 +79,8 @@ def test_tiny_model_learns_the_copy_task_through_the_cli(task, cache_dir, tmp_pa
 ONE_DEVICE = jax.devices()[:1]
 
 
-def test_bfloat16_two_updates_with_kl_mismatch_reported_and_a_killed_run_resumes_exactly(task, cache_dir, tmp_path, capsys):
+def test_bfloat16_two_updates_with_kl_mismatch_reported_and_a_killed_run_resumes_exactly(task, cache_dir, tmp_path,
+                                                                                         capsys):
   def config(run_name, **extra):
     return load_config(overrides={
         **TOY_MODEL, **task, **LEARNING, "dtype": "bfloat16", "steps": 2, "num_generations": 4,

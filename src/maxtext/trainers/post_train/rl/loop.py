@@ -108,7 +108,9 @@ def rl_train(config: Config, *, devices: Sequence[jax.Device] | None = None,
   train_prompts = load_prompts(config, tokenizer, config.rl_train_files, "rl_train_files")
   eval_prompts = load_prompts(config, tokenizer, config.rl_eval_files, "rl_eval_files") if config.rl_eval_files else []
   iterator = PromptIterator(train_prompts, config.data_shuffle_seed, config.enable_data_shuffling)
-  checkpointer = TrainCheckpointer(os.path.join(run_dir, "checkpoints"), config) if config.enable_checkpointing else None
+  checkpointer = None
+  if config.enable_checkpointing:
+    checkpointer = TrainCheckpointer(os.path.join(run_dir, "checkpoints"), config)
   writer = MetricsWriter(os.path.join(run_dir, "tensorboard") if config.enable_tensorboard else "", config.log_period)
   history: list[dict[str, float]] = []
   try:

@@ -110,7 +110,8 @@ def build_rl_step(config: Config, training: Training) -> RLStep:
     total = loss + config.load_balance_loss_weight * output.aux_loss * per_micro
     if with_mtp:
       mtp = _mtp_loss(output, batch) * per_micro
-      total = total + config.mtp_loss_scaling_factor * mtp + config.load_balance_loss_weight * output.mtp_aux_loss * per_micro
+      mtp_aux = config.load_balance_loss_weight * output.mtp_aux_loss * per_micro
+      total = total + config.mtp_loss_scaling_factor * mtp + mtp_aux
       sums["mtp_loss"] = mtp
     return total, sums
 
