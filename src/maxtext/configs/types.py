@@ -170,6 +170,7 @@ class Config:
   enable_prefix_caching: bool
   prefix_cache_bytes: int
   prefill_chunk_size: int
+  server_batch_invariant_scoring: bool
 
   # ---- Attention kernel and deviceless compilation (issue 8) ----
   attention: AttentionKernel
