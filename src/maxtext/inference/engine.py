@@ -31,6 +31,7 @@ _logger = logging.getLogger("maxtext.inference")
 _MIN_BUCKET = 16
 _LOOKAHEAD = 2  # decode calls dispatched ahead of the one whose tokens are being read
 _SCORE_LOGITS_BYTES = 2 << 30  # cap on one scoring call's [B, T, V] float32 logits
+_INVARIANT_SCORE_ROWS = 8  # rows of every batch-invariant scoring call (fewer where the logits cap says so)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,28 +193,53 @@ class Engine:
           break
 
   # ---- scoring ----
-  def score(self, prompts: Sequence[Sequence[int]], top_n: int = 0) -> list[PromptScores]:
-    """Log-prob of every prompt token given the ones before it (one causal forward pass per batch of prompts)."""
+  def score(self, prompts: Sequence[Sequence[int]], top_n: int = 0,
+            batch_invariant: bool = False) -> list[PromptScores]:
+    """Log-prob of every prompt token given the ones before it (one causal forward pass per batch of prompts).
+
+    batch_invariant: each prompt goes through a call whose shape follows from its own length alone ([rows, its
+    length bucket], padding rows added), so its scores do not change with the prompts scored beside it (in bf16 a
+    different batch shape moves them by ~3e-3 on CPU); costs the padding rows."""
     if not 0 <= top_n <= MAX_LOGPROBS:
       raise ValueError(f"top_n must be in [0, {MAX_LOGPROBS}], got {top_n}")
     prompts = self._check_prompts(prompts, [0] * len(prompts))
-    steps = self._steps_for(0, 0)
-    length = min(_bucket(max(map(len, prompts), default=1), _MIN_BUCKET), self.max_context)
-    rows_per_call = max(1, _SCORE_LOGITS_BYTES // (length * self.spec.vocab_size * 4))
-    rows_per_call = 1 << (rows_per_call.bit_length() - 1)
+    if not batch_invariant:
+      length = min(_bucket(max(map(len, prompts), default=1), _MIN_BUCKET), self.max_context)
+      groups = [(list(range(len(prompts))), length, None)]
+    else:
+      by_length: dict[int, list[int]] = collections.defaultdict(list)
+      for index, prompt in enumerate(prompts):
+        by_length[min(_bucket(len(prompt), _MIN_BUCKET), self.max_context)].append(index)
+      groups = [(indices, length, min(_INVARIANT_SCORE_ROWS, self._score_rows(length)))
+                for length, indices in sorted(by_length.items())]
+    results: list[PromptScores | None] = [None] * len(prompts)
+    for indices, length, fixed_rows in groups:
+      rows = fixed_rows or self._score_rows(length)
+      for start in range(0, len(indices), rows):
+        chunk = indices[start : start + rows]
+        for index, scores in zip(chunk, self._score_call([prompts[i] for i in chunk], length, fixed_rows, top_n)):
+          results[index] = scores
+    return results
+
+  def _score_rows(self, length: int) -> int:
+    rows = max(1, _SCORE_LOGITS_BYTES // (length * self.spec.vocab_size * 4))
+    return 1 << (rows.bit_length() - 1)
+
+  def _score_call(self, chunk: list[list[int]], length: int, batch: int | None, top_n: int) -> list[PromptScores]:
+    """One forward pass over `chunk` padded to [batch (default: a power of two), length bucket]."""
+    tokens = np.zeros((batch or _bucket(len(chunk)), length), np.int32)
+    for row, prompt in enumerate(chunk):
+      tokens[row, : len(prompt)] = prompt
+    with sharding.activate(self.mesh):
+      chosen, top_values, top_ids = self._steps_for(0, 0).score(self.params, jnp.asarray(tokens), top_n=top_n)
+    chosen, top_values, top_ids = np.asarray(chosen), np.asarray(top_values), np.asarray(top_ids)
     results = []
-    for start in range(0, len(prompts), rows_per_call):
-      chunk = prompts[start : start + rows_per_call]
-      tokens, _ = self._padded(chunk, _MIN_BUCKET)
-      with sharding.activate(self.mesh):
-        chosen, top_values, top_ids = steps.score(self.params, jnp.asarray(tokens), top_n=top_n)
-      chosen, top_values, top_ids = np.asarray(chosen), np.asarray(top_values), np.asarray(top_ids)
-      for row, prompt in enumerate(chunk):
-        n = len(prompt)
-        logprobs = chosen[row, :n].astype(np.float32)
-        logprobs[0] = np.nan
-        tops = [()] + [
-            tuple((int(i), float(v)) for i, v in zip(top_ids[row, t], top_values[row, t])) for t in range(1, n)
-        ]
-        results.append(PromptScores(logprobs, tops))
+    for row, prompt in enumerate(chunk):
+      n = len(prompt)
+      logprobs = chosen[row, :n].astype(np.float32)
+      logprobs[0] = np.nan
+      tops = [()] + [
+          tuple((int(i), float(v)) for i, v in zip(top_ids[row, t], top_values[row, t])) for t in range(1, n)
+      ]
+      results.append(PromptScores(logprobs, tops))
     return results

@@ -94,8 +94,10 @@ def _client_error(error: BaseException) -> BaseException:
 class Batcher:
   """`await score(...)` and `async for event in generate(...)` from request handlers; calls run batched."""
 
-  def __init__(self, engine: Any, window_s: float = 0.01, max_batch: int = 8, timeout_s: float = 0.0):
+  def __init__(self, engine: Any, window_s: float = 0.01, max_batch: int = 8, timeout_s: float = 0.0,
+               invariant_scoring: bool = False):
     self.engine, self.window_s, self.max_batch, self.timeout_s = engine, window_s, max_batch, timeout_s
+    self.invariant_scoring = invariant_scoring  # a prompt's scores independent of its batch mates (Engine.score)
     self._inbox: queue.Queue = queue.Queue()
     self._jobs: collections.deque[_Job] = collections.deque()  # taken from the inbox, prompts left to run
     self.calls: collections.deque[tuple[str, int]] = collections.deque(maxlen=1024)  # (kind, prompts) per Engine call
@@ -246,7 +248,8 @@ class Batcher:
 
   def _run_score(self, batch: list[_Unit]) -> None:
     top_n = max(u.job.top_n for u in batch)
-    results = self.engine.score([u.prompt for u in batch], top_n=top_n)
+    invariant = {"batch_invariant": True} if self.invariant_scoring else {}
+    results = self.engine.score([u.prompt for u in batch], top_n=top_n, **invariant)
     self.stats.scored_tokens += sum(len(u.prompt) for u in batch)
     for unit, scores in zip(batch, results):
       if unit.job.top_n < top_n:

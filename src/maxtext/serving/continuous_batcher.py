@@ -23,10 +23,11 @@ log = logging.getLogger(__name__)
 class ContinuousBatcher(Batcher):
 
   def __init__(self, engine: Any, scheduler: Any, window_s: float = 0.01, max_batch: int = 8,
-               timeout_s: float = 0.0):
+               timeout_s: float = 0.0, invariant_scoring: bool = False):
     self.scheduler = scheduler
     self._running: dict[int, tuple[_Job, int]] = {}  # scheduler request id -> (job, prompt index)
-    super().__init__(engine, window_s=window_s, max_batch=max_batch, timeout_s=timeout_s)
+    super().__init__(engine, window_s=window_s, max_batch=max_batch, timeout_s=timeout_s,
+                     invariant_scoring=invariant_scoring)
 
   def prefix_cache_stats(self) -> dict[str, float]:
     return self.scheduler.prefix_cache_stats()

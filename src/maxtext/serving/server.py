@@ -50,7 +50,7 @@ def load_served_model(config: Config) -> ServedModel:
   engine = Engine(config)
   log.info("engine ready in %.1fs (max context %d tokens)", time.perf_counter() - start, engine.max_context)
   batching = dict(window_s=config.server_batch_window_ms / 1000.0, max_batch=config.server_max_batch_size,
-                  timeout_s=config.server_request_timeout_s)
+                  timeout_s=config.server_request_timeout_s, invariant_scoring=config.server_batch_invariant_scoring)
   if config.server_continuous_batching:
     cache_bytes = config.prefix_cache_bytes if config.enable_prefix_caching else 0
     scheduler = Scheduler(engine, rows=config.server_max_batch_size, chunk=config.prefill_chunk_size,
