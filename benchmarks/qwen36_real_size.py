@@ -403,7 +403,9 @@ def main() -> int:
     with open(args.json, "w", encoding="utf-8") as f:
       json.dump(result, f)
     return 0
-  passthrough = [a for a in sys.argv[1:] if not a.startswith("--json")]
+  argv = sys.argv[1:]
+  # "--json PATH" and "--json=PATH" are this process's output only, never the workers'.
+  passthrough = [a for i, a in enumerate(argv) if not a.startswith("--json") and not (i and argv[i - 1] == "--json")]
   results = {}
   scratch = os.environ.get("OUT") or tempfile.mkdtemp(prefix="qwen36_bench_")
   for part in args.parts:

@@ -114,10 +114,10 @@ def rl_train(config: Config, *, devices: Sequence[jax.Device] | None = None,
   writer = MetricsWriter(os.path.join(run_dir, "tensorboard") if config.enable_tensorboard else "", config.log_period)
   history: list[dict[str, float]] = []
   try:
-    latest = checkpointer.latest_step() if checkpointer else None
-    if latest is not None:
-      _logger.info("resuming from step %d of %s", latest, checkpointer.directory)
-      state, start = checkpointer.restore(latest, training.abstract_state, iterator), latest
+    resumed = checkpointer.restore_latest(training.abstract_state, iterator) if checkpointer else None
+    if resumed is not None:  # the newest readable step; damaged ones are reported and moved aside
+      state, start = resumed
+      _logger.info("resumed from step %d of %s", start, checkpointer.directory)
     else:
       state, start = training.state_from_params(starting_params(config, training)), 0
     ref_params = starting_params(config, training) if config.kl_coef > 0 else None
