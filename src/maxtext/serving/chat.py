@@ -10,12 +10,12 @@ from typing import Any
 
 from fastapi.responses import StreamingResponse
 
-from maxtext.serving import errors
+from maxtext.serving import client_template, errors
 from maxtext.serving.chat_output import THINK, ChatOutput, parse
 from maxtext.serving.generation import GeneratedChoice, sse
 from maxtext.serving.logprobs import chat_logprob_entries
 from maxtext.serving.protocol import ChatCompletionRequest, chat_body, new_id, now, usage
-from maxtext.serving.served_model import MAX_LOGPROBS, ServedModel, check_sampling
+from maxtext.serving.served_model import MAX_CHARS_PER_TOKEN, MAX_LOGPROBS, ServedModel, check_sampling
 
 
 def _template_messages(request: ChatCompletionRequest) -> list[dict[str, Any]]:
@@ -68,7 +68,15 @@ async def prompt_ids(request: ChatCompletionRequest, model: ServedModel) -> tupl
 
   def work() -> tuple[list[int], str]:
     try:
-      text = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+      if "chat_template" in kwargs:  # a client's template: size-bounded rendering, never the tokenizer's renderer
+        variables = {k: v for k, v in kwargs.items() if k != "chat_template"}
+        tokenizer = model.tokenizer
+        text = client_template.render(
+            kwargs["chat_template"], messages, MAX_CHARS_PER_TOKEN * model.max_context, add_generation_prompt=True,
+            bos_token=getattr(tokenizer, "bos_token", None) or "", eos_token=getattr(tokenizer, "eos_token", None) or "",
+            **variables)
+      else:
+        text = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
     except Exception as e:  # pylint: disable=broad-except  # jinja raises for messages the template refuses
       raise errors.bad_request(f"the chat template rejected the messages: {e}", param="messages") from None
     model.check_text(text, "messages")
