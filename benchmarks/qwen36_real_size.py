@@ -164,19 +164,11 @@ def hf_decode(args) -> dict:
   return result
 
 
-def timed_generate(engine, prompts, requests):
-  start, first, events = time.perf_counter(), None, []
-  for event in engine.generate(prompts, requests):
-    first = first or time.perf_counter() - start
-    events.append(event)
-  return time.perf_counter() - start, first, events
-
-
 def ours_decode(args) -> dict:
   import jax
   import numpy as np
 
-  from decode import check_logits
+  from decode import check_logits, timed_generate
   from maxtext.inference.engine import Engine
   from maxtext.inference.sampling import SamplingParams
 
@@ -229,22 +221,14 @@ def ours_decode(args) -> dict:
 # ------------------------------------------------------------------------------------------------------- train
 
 
-def _loss_problems(losses, vocab) -> list[str]:
-  if not all(math.isfinite(x) for x in losses):
-    return [f"non-finite loss {losses}"]
-  if abs(losses[0] - math.log(vocab)) > 1.0:
-    return [f"initial loss {losses[0]:.3f} is not near ln(vocab) = {math.log(vocab):.3f}"]
-  if not losses[-1] < losses[0] - 0.05:
-    return [f"loss does not fall on a repeated batch: {losses[0]:.3f} -> {losses[-1]:.3f}"]
-  return []
-
-
 def _slice(args) -> dict:
   return dict(base_num_decoder_layers=4, mtp_num_layers=0)
 
 
 def hf_train(args) -> dict:
   import torch
+
+  from train_step import check_losses
 
   device = "cuda" if torch.cuda.is_available() else "cpu"
   fla = lift_fla_guard()
@@ -269,39 +253,25 @@ def hf_train(args) -> dict:
   elapsed = (time.perf_counter() - start) / args.steps
   losses.append(loss)
   return dict(fla=fla, experts_impl=impl, step_s=elapsed, tok_s=args.train_length / elapsed,
-              peak_gb=peak_gb_torch(device), losses=losses, problems=_loss_problems(losses, config.vocab_size))
+              peak_gb=peak_gb_torch(device), losses=losses, problems=check_losses(losses, config.vocab_size))
 
 
 def ours_train(args) -> dict:
   import jax
 
-  from maxtext.input_pipeline.synthetic import SyntheticIterator
   from maxtext.trainers import flops
   from maxtext.trainers import mesh as train_mesh
-  from maxtext.trainers.train_step import build_training
+  from train_step import check_losses, time_train_steps
 
   config = our_config(args, **_slice(args), scan_layers=False, remat_policy="none", max_target_length=args.train_length,
                       per_device_batch_size=1, learning_rate=1e-4, warmup_steps_fraction=0.0, steps=1000,
                       ici_fsdp_parallelism=1)
   mesh = train_mesh.make_training_mesh(config, jax.devices()[:1])
-  training = build_training(config, mesh)
-  state = training.init_state(jax.random.key(0))
-  batch = train_mesh.host_batch_to_global(
-      next(SyntheticIterator(training.global_batch_size, args.train_length, config.vocab_size, 0)), mesh)
-  losses = []
-  for _ in range(args.warmup):
-    state, metrics = training.train_step(state, batch)
-    losses.append(float(metrics["loss"]))
-  start = time.perf_counter()
-  for _ in range(args.steps):
-    state, metrics = training.train_step(state, batch)
-  jax.block_until_ready(state)
-  elapsed = (time.perf_counter() - start) / args.steps
-  losses.append(float(metrics["loss"]))
+  _, _, losses, elapsed = time_train_steps(config, mesh, args.train_length, args.warmup, args.steps)
   tflops = flops.training_flops_per_token(config) * args.train_length / elapsed / 1e12
   peak = flops.peak_tflops(jax.devices()[0].device_kind)
   return dict(step_s=elapsed, tok_s=args.train_length / elapsed, tflops=tflops, mfu=tflops / peak if peak else None,
-              peak_gb=peak_gb_jax(), losses=losses, problems=_loss_problems(losses, config.vocab_size))
+              peak_gb=peak_gb_jax(), losses=losses, problems=check_losses(losses, config.vocab_size))
 
 
 WORKERS = {"hf_decode": hf_decode, "ours_decode": ours_decode, "hf_train": hf_train, "ours_train": ours_train}

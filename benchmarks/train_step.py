@@ -32,7 +32,7 @@ from bench_model import BENCH_MODEL, hf_bench_config
 LENGTH = 4096
 
 
-def _check_losses(losses: list[float], vocab: int) -> list[str]:
+def check_losses(losses: list[float], vocab: int) -> list[str]:
   problems = []
   if not all(math.isfinite(x) for x in losses):
     problems.append(f"non-finite loss {losses}")
@@ -43,14 +43,38 @@ def _check_losses(losses: list[float], vocab: int) -> list[str]:
   return problems
 
 
+def time_train_steps(config, mesh, length: int, warmup: int, steps: int):
+  """Our train step on one repeated synthetic batch: (training, final state, losses of the warm-up steps and the
+  last one, seconds per step after the warm-up)."""
+  import jax
+
+  from maxtext.input_pipeline.synthetic import SyntheticIterator
+  from maxtext.trainers import mesh as train_mesh
+  from maxtext.trainers.train_step import build_training
+
+  training = build_training(config, mesh)
+  state = training.init_state(jax.random.key(0))
+  batch = train_mesh.host_batch_to_global(
+      next(SyntheticIterator(training.global_batch_size, length, config.vocab_size, 0)), mesh)
+  losses = []
+  for _ in range(warmup):
+    state, metrics = training.train_step(state, batch)
+    losses.append(float(metrics["loss"]))
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = training.train_step(state, batch)
+  jax.block_until_ready(state)
+  elapsed = (time.perf_counter() - start) / steps
+  losses.append(float(metrics["loss"]))
+  return training, state, losses, elapsed
+
+
 def run_ours(args, devices: int, scanned: bool) -> dict:
   import jax
 
   from maxtext.configs import load_config
-  from maxtext.input_pipeline.synthetic import SyntheticIterator
   from maxtext.trainers import flops
   from maxtext.trainers import mesh as train_mesh
-  from maxtext.trainers.train_step import build_training
 
   ici = dict(item.split("=") for item in args.ici.split(",")) if devices > 1 else {"fsdp": "-1"}
   overrides = {
@@ -63,21 +87,7 @@ def run_ours(args, devices: int, scanned: bool) -> dict:
   }
   config = load_config(overrides=overrides)
   mesh = train_mesh.make_training_mesh(config, jax.devices()[:devices])
-  training = build_training(config, mesh)
-  state = training.init_state(jax.random.key(0))
-  batch = train_mesh.host_batch_to_global(
-      next(SyntheticIterator(training.global_batch_size, LENGTH, config.vocab_size, 0)), mesh
-  )
-  losses = []
-  for _ in range(args.warmup):
-    state, metrics = training.train_step(state, batch)
-    losses.append(float(metrics["loss"]))
-  start = time.perf_counter()
-  for _ in range(args.steps):
-    state, metrics = training.train_step(state, batch)
-  jax.block_until_ready(state)
-  elapsed = (time.perf_counter() - start) / args.steps
-  losses.append(float(metrics["loss"]))
+  training, state, losses, elapsed = time_train_steps(config, mesh, LENGTH, args.warmup, args.steps)
   tokens = training.global_batch_size * LENGTH
   flops_per_token = flops.training_flops_per_token(config)
   peak = flops.peak_tflops(jax.devices()[0].device_kind)
@@ -87,7 +97,7 @@ def run_ours(args, devices: int, scanned: bool) -> dict:
       tokens_per_s=tokens / elapsed,
       tflops_per_device=flops_per_token * tokens / elapsed / devices / 1e12, peak_tflops=peak,
       peak_memory_gb=stats.get("peak_bytes_in_use", 0) / 1e9, losses=losses,
-      problems=_check_losses(losses, config.vocab_size), flops_per_token=flops_per_token,
+      problems=check_losses(losses, config.vocab_size), flops_per_token=flops_per_token,
       device=jax.devices()[0].device_kind, params=sum(x.size for x in jax.tree.leaves(state["params"])),
       mesh=dict(mesh.shape),
   )
@@ -137,7 +147,7 @@ def run_hf(args) -> dict:
   return dict(
       side="HF+fla x1", devices=1, step_s=elapsed, tokens_per_s=LENGTH / elapsed, experts_impl=impl,
       peak_memory_gb=torch.cuda.max_memory_allocated() / 1e9, losses=losses,
-      problems=_check_losses(losses, config.vocab_size), device=torch.cuda.get_device_name(),
+      problems=check_losses(losses, config.vocab_size), device=torch.cuda.get_device_name(),
       params=sum(p.numel() for p in model.parameters()), fla_guard_lifted=not args.keep_fla_guard,
   )
 

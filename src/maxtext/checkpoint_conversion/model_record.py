@@ -49,6 +49,18 @@ def step_dir_of(load_parameters_path: str) -> str:
   return os.path.dirname(path) if os.path.basename(path) == ITEMS else path
 
 
+def items_dir(load_parameters_path: str) -> str:
+  """The `items` directory of the step at `load_parameters_path`; one line naming the path when there is none."""
+  step_dir = step_dir_of(load_parameters_path)
+  if not os.path.exists(step_dir):
+    raise CheckpointFormatError(f"load_parameters_path '{load_parameters_path}' does not exist")
+  items = os.path.join(step_dir, ITEMS)
+  if not os.path.isdir(items):
+    raise CheckpointFormatError(f"load_parameters_path '{load_parameters_path}' is not a checkpoint step (no"
+                                f" '{ITEMS}' directory in '{step_dir}')")
+  return items
+
+
 def read_record(load_parameters_path: str) -> dict[str, Any] | None:
   """The model record of the step at `load_parameters_path`, or None when the step has none."""
   file = os.path.join(step_dir_of(load_parameters_path), MODEL_CONFIG_FILE)

@@ -31,6 +31,7 @@ from maxtext.configs.types import MODEL_KEYS, Config
 ITEMS = model_record.ITEMS
 MODEL_CONFIG_FILE = model_record.MODEL_CONFIG_FILE
 step_dir_of = model_record.step_dir_of
+items_dir = model_record.items_dir
 
 
 def _handler() -> ocp.PyTreeCheckpointHandler:
@@ -181,16 +182,6 @@ def model_config_record(config: Config) -> dict[str, Any]:
 def read_model_config(load_parameters_path: str) -> dict[str, Any] | None:
   """The stored model record of a checkpoint, or None when it has none (e.g. not written by us)."""
   return model_record.read_record(load_parameters_path)
-
-
-def items_dir(load_parameters_path: str) -> str:
-  step_dir = step_dir_of(load_parameters_path)
-  if not os.path.exists(step_dir):
-    raise CheckpointFormatError(f"load_parameters_path '{load_parameters_path}' does not exist")
-  items = os.path.join(step_dir, ITEMS)
-  if not os.path.isdir(items):
-    raise CheckpointFormatError(f"'{step_dir}' is not a checkpoint step: it has no '{ITEMS}' directory")
-  return items
 
 
 def restore_flat(load_parameters_path: str) -> dict[str, np.ndarray]:

@@ -29,8 +29,9 @@ _OCDBT_MANIFEST = "manifest.ocdbt"
 _ORBAX_METADATA = "_METADATA"
 
 
-def _one_line(error: BaseException) -> str:
-  return " ".join(str(error).split("[tensorstore_spec=")[0].split())[:240]
+def one_line(error: BaseException) -> str:
+  """An exception's message on one line, without tensorstore's spec dump."""
+  return " ".join(str(error).split("[tensorstore_spec=")[0].split())[:300]
 
 
 def stored_array_paths(items: str, record: Mapping[str, Any] | None) -> tuple[list[str], bool]:
@@ -90,7 +91,7 @@ class ParamReader:
         return ts.open({"driver": driver, "kvstore": kvstore}, open=True, read=True, context=self._context).result()
       except ValueError as e:
         error = error or e
-    raise CheckpointFormatError(f"cannot open '{self._where(path)}' (missing or damaged metadata): {_one_line(error)}")
+    raise CheckpointFormatError(f"cannot open '{self._where(path)}' (missing or damaged metadata): {one_line(error)}")
 
   def read(self, path: str) -> np.ndarray:
     store = self._open(path)
@@ -106,7 +107,7 @@ class ParamReader:
     try:
       array = np.asarray(store.read().result())
     except ValueError as e:
-      raise CheckpointFormatError(f"cannot read '{where}' (truncated or corrupt file?): {_one_line(e)}") from None
+      raise CheckpointFormatError(f"cannot read '{where}' (truncated or corrupt file?): {one_line(e)}") from None
     if entry is not None and list(fingerprint.host_fingerprint(array)) != list(entry["fingerprint"]):
       raise CheckpointFormatError(f"'{where}' does not match its checksum in the model record: the file is corrupt")
     return array

@@ -187,12 +187,8 @@ def _checkpoint_model(
   if load_parameters_path:
     from maxtext.checkpoint_conversion import model_record  # noqa: PLC0415 - only needed here
 
+    model_record.items_dir(load_parameters_path)  # a missing path is named before anything else is read
     step_dir = model_record.step_dir_of(load_parameters_path)
-    if not os.path.exists(step_dir):
-      raise ConfigError(f"load_parameters_path '{load_parameters_path}' does not exist")
-    if not os.path.isdir(os.path.join(step_dir, model_record.ITEMS)):
-      raise ConfigError(f"load_parameters_path '{load_parameters_path}' is not a checkpoint step (no"
-                        f" '{model_record.ITEMS}' directory in '{step_dir}')")
     record = model_record.read_record(load_parameters_path)
     if record is None:
       if model_named:

@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from maxtext.checkpoint_conversion import fingerprint, model_record, orbax_io
+from maxtext.checkpoint_conversion.param_reader import one_line
 from maxtext.checkpoint_conversion.safetensors_io import CheckpointFormatError
 from maxtext.configs import Config
 
@@ -41,7 +42,20 @@ class CheckpointWriteError(OSError):
   """A save that failed (disk full, file too large, permissions); the previous steps are untouched."""
 
 
-class DataIteratorHandler(ocp.CheckpointHandler):
+class _SmallItemHandler(ocp.CheckpointHandler):
+  """An orbax item of one small file written synchronously: nothing to describe, finalize or release."""
+
+  def metadata(self, directory: epath.Path) -> None:
+    return None
+
+  def finalize(self, directory: epath.Path) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+class DataIteratorHandler(_SmallItemHandler):
   """Stores each host's iterator state (`get_state()`, JSON) in its own file: hosts read different data."""
 
   @staticmethod
@@ -62,15 +76,6 @@ class DataIteratorHandler(ocp.CheckpointHandler):
     args.iterator.set_state(state)
     return args.iterator
 
-  def metadata(self, directory: epath.Path) -> None:
-    return None
-
-  def finalize(self, directory: epath.Path) -> None:
-    pass
-
-  def close(self) -> None:
-    pass
-
 
 @ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
 @dataclasses.dataclass
@@ -84,7 +89,7 @@ class DataIteratorRestore(ocp.args.CheckpointArgs):
   iterator: Any
 
 
-class ModelRecordHandler(ocp.CheckpointHandler):
+class ModelRecordHandler(_SmallItemHandler):
   """Writes maxtext_model.json into the step's directory while orbax still holds it under its temporary name (the
   item directory's parent), so the rename that publishes the arrays publishes the record with them."""
 
@@ -94,15 +99,6 @@ class ModelRecordHandler(ocp.CheckpointHandler):
 
   def restore(self, directory: epath.Path, args: Any = None) -> None:
     return None
-
-  def metadata(self, directory: epath.Path) -> None:
-    return None
-
-  def finalize(self, directory: epath.Path) -> None:
-    pass
-
-  def close(self) -> None:
-    pass
 
 
 @ocp.args.register_with_handler(ModelRecordHandler, for_save=True)
@@ -149,10 +145,6 @@ def _flat_state(state: Any) -> dict[str, Any]:
   return {_leaf_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
 
 
-def _one_line(error: BaseException) -> str:
-  return " ".join(str(error).split("[tensorstore_spec=")[0].split())[:300]
-
-
 class TrainCheckpointer:
   """Saves every `checkpoint_period` steps (and the last), keeps `max_num_checkpoints_to_keep`, resumes the latest
   readable step."""
@@ -179,9 +171,6 @@ class TrainCheckpointer:
       )
     except OSError as e:
       raise CheckpointWriteError(f"cannot create the checkpoint directory '{self.directory}': {e}") from None
-
-  def latest_step(self) -> int | None:
-    return self._manager.latest_step()
 
   def _step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
@@ -225,8 +214,8 @@ class TrainCheckpointer:
     except Exception as e:  # orbax raises many types for missing or unreadable files
       if record is None:  # no record to tell damage from a mismatch
         raise CheckpointFormatError(f"cannot resume from '{where}' (a checkpoint of another model or optimizer, or"
-                                    f" damaged): {type(e).__name__}: {_one_line(e)}") from None
-      raise CheckpointDamagedError(f"'{where}' is damaged: {type(e).__name__}: {_one_line(e)}") from None
+                                    f" damaged): {type(e).__name__}: {one_line(e)}") from None
+      raise CheckpointDamagedError(f"'{where}' is damaged: {type(e).__name__}: {one_line(e)}") from None
     state = restored[STATE_ITEM]
     if record is not None and record.get("arrays"):
       sums = fingerprint.device_fingerprints(_flat_state(state))
@@ -276,7 +265,7 @@ class TrainCheckpointer:
     except Exception as e:  # a background write of an earlier step may surface here too
       self._failed = True
       raise CheckpointWriteError(f"saving checkpoint step {step} under '{self.directory}' failed:"
-                                 f" {type(e).__name__}: {_one_line(e)}") from None
+                                 f" {type(e).__name__}: {one_line(e)}") from None
 
   def wait(self) -> None:
     """Block until background saves are on disk."""
@@ -285,7 +274,7 @@ class TrainCheckpointer:
     except Exception as e:
       self._failed = True
       raise CheckpointWriteError(f"saving a checkpoint under '{self.directory}' failed: {type(e).__name__}:"
-                                 f" {_one_line(e)}") from None
+                                 f" {one_line(e)}") from None
 
   def close(self) -> None:
     if self._failed:  # the failure is already being reported; the manager's threads hold nothing worth waiting for
