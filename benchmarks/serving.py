@@ -336,6 +336,7 @@ def main(argv: list[str]) -> None:
   requests = workload(args)
   peer = {} if args.no_peer else run_peer([a for a in argv if a != "--json"] if "--json" not in argv else
                                           argv[: argv.index("--json")] + argv[argv.index("--json") + 2:])
+  print(json.dumps({"peer": peer}), flush=True)  # kept even if our side fails later in the call
   result = ours(args, requests)
   result["peer"] = peer
   if args.json:
