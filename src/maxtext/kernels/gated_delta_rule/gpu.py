@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from maxtext.kernels.gated_delta_rule import gpu_fused
 from maxtext.kernels.gated_delta_rule.chunking import l2_normalize, token_segment_masks
 from maxtext.kernels.gated_delta_rule.gpu_kernels import (
     Segments,
@@ -66,6 +67,9 @@ class ChunkedLaunch:
   wy_grad_warps: int = 4
   grad_block_k: int = 64  # key columns per program of the output-gradient kernel
   grad_block_v: int = 64  # value columns per inner step of the output-gradient kernel
+  # gpu_fused.py's forward: T and P per chunk, then one walk that also writes o (no u, no output kernel, and no
+  # state history when no backward follows).
+  fused_forward: bool = False
 
 
 def segment_masks(segment_ids: jax.Array, chunk: int) -> Segments:
@@ -119,12 +123,26 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
         grid=grid, out_shape=out_shape, compiler_params=params, interpret=interpret, name=name,
     )(*args, *(segments or ()))
 
-  def forward(q, k, v, gc, beta, h0, segments):
+  def forward(q, k, v, gc, beta, h0, segments, save: bool = True):
     (batch, length, heads, key_dim, value_dim, num_chunks), store, common, inv_mm, block_v, _ = setup(q, v)
     struct = lambda *shape, dtype=store: jax.ShapeDtypeStruct(shape, dtype)
     parallel = (num_chunks, heads, batch)
     parallel_params = TritonParams(num_warps=launch.parallel_warps, num_stages=1)
     walk_params = TritonParams(num_warps=launch.walk_warps, num_stages=walk_stages(store))
+    if launch.fused_forward:
+      chunk_matrix = struct(batch, heads, num_chunks, chunk, chunk)
+      t, p, *w = call(gpu_fused.prep_kernel, "gdr_prep_fwd", parallel,
+                      (chunk_matrix, chunk_matrix, *[struct(batch, length, heads, key_dim)] * save),
+                      parallel_params, (q, k, gc, beta), segments, scale=scale, with_w=save, inv_mm=inv_mm,
+                      **common)
+      saved = (struct(batch, heads, num_chunks, key_dim, value_dim), struct(batch, length, heads, value_dim))
+      o, final, *history = call(
+          gpu_fused.walk_output_kernel, "gdr_walk_fwd", (value_dim // block_v, heads, batch),
+          (struct(batch, length, heads, value_dim, dtype=v.dtype),
+           struct(batch, heads, key_dim, value_dim, dtype=jnp.float32), *saved[:2 * save]),
+          walk_params, (q, k, v, gc, beta, t, p, h0.astype(jnp.float32)), segments, num_chunks=num_chunks,
+          block_v=block_v, scale=scale, save=save, **common)
+      return (o, final), ((w[0], t, *history, p) if save else None)
     w, u, t = call(wy_kernel, "gdr_wy_fwd", parallel,
                    (struct(batch, length, heads, key_dim), struct(batch, length, heads, value_dim),
                     struct(batch, heads, num_chunks, chunk, chunk)),
@@ -139,21 +157,24 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
              parallel_params, (q, k, gc, states, v_new), segments, scale=scale, **common)
     return (o, final), (w, t, states, v_new)
 
-  def backward(q, k, v, gc, beta, h0, segments, w, t, states, v_new, d_out, d_final):
+  def backward(q, k, v, gc, beta, h0, segments, w, t, states, v_new, *scores, d_out, d_final):
     (batch, length, heads, key_dim, value_dim, num_chunks), store, common, _, block_v, grad_block_v = setup(q, v)
     struct = lambda *shape, dtype=store: jax.ShapeDtypeStruct(shape, dtype)
     parallel = (num_chunks, heads, batch)
     d_out = d_out.astype(store)
-    dv_local = call(local_dv_kernel, "gdr_local_dv_bwd", parallel, struct(batch, length, heads, value_dim),
-                    TritonParams(num_warps=launch.parallel_warps, num_stages=1), (q, k, gc, d_out), segments,
-                    scale=scale, **common)
+    if scores:  # the fused forward saved P: the reverse walk forms the chunk-local P^T do itself
+      local = scores[0]
+    else:
+      local = call(local_dv_kernel, "gdr_local_dv_bwd", parallel, struct(batch, length, heads, value_dim),
+                   TritonParams(num_warps=launch.parallel_warps, num_stages=1), (q, k, gc, d_out), segments,
+                   scale=scale, **common)
     dv_new, d_states, dh0 = call(
         state_grad_kernel, "gdr_state_bwd", (value_dim // block_v, heads, batch),
         (struct(batch, length, heads, value_dim), struct(batch, heads, num_chunks, key_dim, value_dim),
          struct(batch, heads, key_dim, value_dim, dtype=jnp.float32)),
         TritonParams(num_warps=launch.walk_warps, num_stages=walk_stages(store)),
-        (q, k, w, gc, d_out, dv_local, d_final.astype(jnp.float32)), segments, num_chunks=num_chunks,
-        block_v=block_v, scale=scale, **common)
+        (q, k, w, gc, d_out, local, d_final.astype(jnp.float32)), segments, num_chunks=num_chunks,
+        block_v=block_v, scale=scale, local_from_scores=bool(scores), **common)
     block_k = min(launch.grad_block_k, key_dim)
     check_dims(grad_block_k=block_k)
     key_blocks = key_dim // block_k
@@ -177,7 +198,7 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
 
   @jax.custom_vjp
   def run(q, k, v, gc, beta, h0, segments):
-    return forward(q, k, v, gc, beta, h0, segments)[0]
+    return forward(q, k, v, gc, beta, h0, segments, save=False)[0]
 
   def run_forward(q, k, v, gc, beta, h0, segments):
     outputs, saved = forward(q, k, v, gc, beta, h0, segments)
@@ -185,7 +206,8 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
 
   def run_backward(residuals, cotangents):
     *saved, segments = residuals[:7]
-    grads = backward(*saved, segments, *residuals[7:], *cotangents)
+    d_out, d_final = cotangents
+    grads = backward(*saved, segments, *residuals[7:], d_out=d_out, d_final=d_final)
     return (*grads, None)
 
   run.defvjp(run_forward, run_backward)

@@ -158,8 +158,12 @@ def local_dv_kernel(*refs, chunk: int, groups: int, scale: float, segmented: boo
 
 
 def state_grad_kernel(*refs, chunk: int, groups: int, num_chunks: int, block_v: int, scale: float,
-                       segmented: bool, mm):
-  """One (value block, value head, row), chunks in reverse: dv_new and dh_{n+1} = dL/dh_{n+1} per chunk, dh0."""
+                      segmented: bool, mm, local_from_scores: bool = False):
+  """One (value block, value head, row), chunks in reverse: dv_new and dh_{n+1} = dL/dh_{n+1} per chunk, dh0.
+
+  The chunk-local part of dv_new is read from local_dv_kernel's output, or (local_from_scores) formed here as
+  P^T do from the fused forward's saved P [B, Hv, N, C, C] (gpu_fused.py), which saves that kernel.
+  """
   (q_ref, k_ref, w_ref, gc_ref, do_ref, dv_local_ref, dfinal_ref), seg_refs, outs = _split_refs(
       refs, 7, segmented)
   dv_new_ref, dstates_ref, dh0_ref = outs
@@ -172,7 +176,11 @@ def state_grad_kernel(*refs, chunk: int, groups: int, num_chunks: int, block_v: 
     tokens = pl.ds(n * chunk, chunk)
     dstates_ref[b, h, n, :, cols] = dh.astype(dstates_ref.dtype)
     gates = _gates(gc_ref, seg_refs, b, h, tokens, chunk, pairs=False)
-    dv_new = _f32(dv_local_ref[b, tokens, h, cols]) + gates.to_end[:, None] * mm(k_ref[b, tokens, hk, :], dh)
+    if local_from_scores:
+      local = mm(dv_local_ref[b, h, n], do_ref[b, tokens, h, cols], trans_a=True)
+    else:
+      local = _f32(dv_local_ref[b, tokens, h, cols])
+    dv_new = local + gates.to_end[:, None] * mm(k_ref[b, tokens, hk, :], dh)
     dv_new_ref[b, tokens, h, cols] = dv_new.astype(dv_new_ref.dtype)
     d_out = (scale * gates.from_start)[:, None] * _f32(do_ref[b, tokens, h, cols])
     return (gates.decay * dh + mm(q_ref[b, tokens, hk, :], d_out, trans_a=True)

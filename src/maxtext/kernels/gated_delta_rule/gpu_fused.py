@@ -1,0 +1,64 @@
+"""The fused forward of gpu.py (ChunkedLaunch(fused_forward=True)): two kernels instead of three.
+
+`prep_kernel` (parallel over chunks) forms each chunk's WY inverse T and its output score matrix
+P = s Gamma * (q k^T) (both [C, C]; and w = T (beta fs k) when a backward will need it). `walk_output_kernel`
+(one program per value block, value head and row) then does everything that touches the state in one pass:
+  x = beta (v - fs (k h_n));  v_new = T x;  o = s fs (q h_n) + P v_new;  h_{n+1} = decay h_n + k^T (te v_new)
+(v_new = T (beta v) - T (beta fs k) h_n = u - w h_n of gpu.py's docstring.) So u, the output kernel and, for a
+forward alone (prefill), the [B, Hv, N, Dk, Dv] state history are never written. Gates and segment masks as in
+gpu_kernels.py.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from maxtext.kernels.gated_delta_rule.gpu_kernels import _f32, _gates, _iotas, _split_refs, _unit_lower_inverse
+
+
+def prep_kernel(*refs, chunk: int, groups: int, scale: float, segmented: bool, with_w: bool, mm, inv_mm):
+  """One (chunk, value head, row): T, P and (with_w) w."""
+  (q_ref, k_ref, gc_ref, beta_ref), seg_refs, outs = _split_refs(refs, 4, segmented)
+  t_ref, p_ref = outs[:2]
+  n, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  tokens = pl.ds(n * chunk, chunk)
+  rows, cols = _iotas(chunk)
+  k = _f32(k_ref[b, tokens, h // groups, :])
+  beta = beta_ref[b, h, tokens]
+  gates = _gates(gc_ref, seg_refs, b, h, tokens, chunk)
+  a = jnp.where(rows > cols, beta[:, None] * mm(k, k, trans_b=True) * gates.gamma, 0.0)
+  t = _unit_lower_inverse(a, rows, cols, inv_mm)
+  t_ref[b, h, n] = t.astype(t_ref.dtype)
+  p_ref[b, h, n] = (mm(q_ref[b, tokens, h // groups, :], k, trans_b=True) * (scale * gates.gamma)).astype(p_ref.dtype)
+  if with_w:
+    outs[2][b, tokens, h, :] = mm(t, (beta * gates.from_start)[:, None] * k).astype(outs[2].dtype)
+
+
+def walk_output_kernel(*refs, chunk: int, groups: int, num_chunks: int, block_v: int, scale: float,
+                       segmented: bool, save: bool, mm):
+  """One (value block, value head, row): walks the chunks carrying its [Dk, BV] float32 state; writes o, the
+  final state and (save) the state entering each chunk and v_new, for the backward."""
+  (q_ref, k_ref, v_ref, gc_ref, beta_ref, t_ref, p_ref, h0_ref), seg_refs, outs = _split_refs(refs, 8, segmented)
+  o_ref, final_ref = outs[:2]
+  vb, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  cols = pl.ds(vb * block_v, block_v)
+  hk = h // groups
+
+  def step(n, state):  # state: [Dk, BV], entering chunk n
+    tokens = pl.ds(n * chunk, chunk)
+    if save:
+      outs[2][b, h, n, :, cols] = state.astype(outs[2].dtype)
+    gates = _gates(gc_ref, seg_refs, b, h, tokens, chunk, pairs=False)
+    k = k_ref[b, tokens, hk, :]
+    beta = beta_ref[b, h, tokens]
+    x = beta[:, None] * (_f32(v_ref[b, tokens, h, cols]) - gates.from_start[:, None] * mm(k, state))
+    v_new = mm(t_ref[b, h, n], x)  # [C, BV]
+    if save:
+      outs[3][b, tokens, h, cols] = v_new.astype(outs[3].dtype)
+    out = (scale * gates.from_start)[:, None] * mm(q_ref[b, tokens, hk, :], state) + mm(p_ref[b, h, n], v_new)
+    o_ref[b, tokens, h, cols] = out.astype(o_ref.dtype)
+    return gates.decay * state + mm(k, gates.to_end[:, None] * v_new, trans_a=True)
+
+  final_ref[b, h, :, cols] = jax.lax.fori_loop(0, num_chunks, step, h0_ref[b, h, :, cols])
