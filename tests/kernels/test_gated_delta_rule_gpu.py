@@ -8,6 +8,8 @@ per rounded operand, 2e-3..9e-3 measured, so 1e-2 (fla's own error on the H100 a
 docs/benchmarks.md).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +23,7 @@ from tests.kernels.test_gated_delta_rule import random_inputs, relative_error, v
 
 TOLERANCE = {"ieee": 1e-5, "tf32": 2e-3, "bf16": 1e-2}
 SMALL_TILES = ChunkedLaunch(block_v=16, grad_block_k=16, grad_block_v=16)  # several key and value blocks
+FUSED = dict(split=dict(fused_forward=False), fused=dict(fused_forward=True))  # gpu_fused.py's forward or not
 
 
 def documents(lengths, batch=1):
@@ -60,6 +63,28 @@ def test_bf16_inputs_in_each_precision(precision):
   check((1, 130, 1, 2, 32, 32), 64, jnp.bfloat16, precision)
 
 
+def test_fused_forward_packed_ragged_with_state():
+  """gpu_fused.py's forward and the reverse walk that forms P^T do: documents inside and across chunks, a ragged
+  tail (100 tokens in chunks of 32), an initial state, two value blocks; values and every gradient."""
+  launch = dataclasses.replace(SMALL_TILES, fused_forward=True)
+  check((1, 100, 1, 2, 32, 32), 32, jnp.float32, "ieee", segment_ids=documents([30, 3, 47, 20]), launch=launch)
+
+
+def test_fused_forward_bf16_groups():
+  """The fused path in the 16-bit default precision, B = 2, two value heads per key head, Dk != Dv."""
+  check((2, 70, 2, 4, 32, 16), 16, jnp.bfloat16, "bf16", launch=ChunkedLaunch(fused_forward=True))
+
+
+def test_fused_forward_alone_matches_reference():
+  """A forward without a backward skips the state history: o and the final state still match."""
+  q, k, v, g, beta, h0 = random_inputs(1, 2, 70, 2, 4, 32, 16, jnp.float32, True)
+  launch = dataclasses.replace(SMALL_TILES, fused_forward=True)
+  out, state = chunk_gated_delta_rule_gpu(q, k, v, g, beta, h0, chunk_size=16, precision="ieee", launch=launch,
+                                          interpret=True)
+  expected, expected_state = chunk_gated_delta_rule_reference(q, k, v, g, beta, h0, chunk_size=16)
+  assert relative_error(out, expected) < 1e-5 and relative_error(state, expected_state) < 1e-5
+
+
 @pytest.mark.parametrize("sizes", [dict(key_dim=24), dict(value_dim=8)], ids=str)
 def test_rejects_dims_triton_cannot_tile(sizes):
   key_dim, value_dim = sizes.get("key_dim", 16), sizes.get("value_dim", 16)
@@ -90,8 +115,10 @@ DEVICE_TOLERANCE = {"ieee": 1e-5, "tf32": 3e-3, "bf16": 1e-2}
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (run with JAX_PLATFORMS=cuda)")
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
 @pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
-def test_compiled_on_gpu_matches_reference(precision, packed, monkeypatch):
+@pytest.mark.parametrize("path", list(FUSED))
+def test_compiled_on_gpu_matches_reference(precision, packed, path, monkeypatch):
   segment_ids = documents([100, 300, 1, 500, 123], batch=2) if packed else None
   monkeypatch.setitem(TOLERANCE, precision, DEVICE_TOLERANCE[precision])
   dtype = jnp.float32 if precision == "tf32" else jnp.bfloat16
-  check((2, 1024, 2, 4, 128, 128), 64, dtype, precision, segment_ids=segment_ids, interpret=False)
+  check((2, 1024, 2, 4, 128, 128), 64, dtype, precision, segment_ids=segment_ids, interpret=False,
+        launch=ChunkedLaunch(**FUSED[path]))

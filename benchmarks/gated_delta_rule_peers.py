@@ -1,0 +1,270 @@
+"""Chunked gated delta rule on a GPU: our kernels (one or more gpu.ChunkedLaunch variants) against
+jax-linear-attention (`jla`, Pallas Mosaic GPU) and fla (PyTorch + Triton), all in one run on the same inputs.
+
+Usage: python benchmarks/gated_delta_rule_peers.py [--shapes 1x4096,1x16384,1x65536,8x4096]
+           [--variants api,split,fused] [--no-jla] [--no-fla] [--trace 1x16384] [--check-shapes 1x4096]
+           [--markdown out.md] [--json out.json] [--docs docs/benchmarks.md]
+1. Times forward and forward+backward (gradients w.r.t. q, k, v, g, beta and the initial state, with cotangents
+   for the output and the final state) of every variant of ours, of jla and of fla (a subprocess started first,
+   alone on the GPU while JAX compiles: gated_delta_rule_fla.py). Median of time_jax (benchmarks/timing.py).
+2. At --check-shapes: each one's output and gradients (bf16 inputs) against the jnp reference run in float32 on
+   the same bf16-rounded values, max|a-b| / max|b| (o, and the worst over the final state and the gradients).
+3. At --trace: ms per kernel of one forward+backward of each JAX implementation (profiler device time).
+Shapes: 16 key heads, 32 value heads, head dim 128, chunk 64; q, k, v, beta bf16, g float32.
+On a CPU the Pallas kernels run in interpret mode (a smoke test of this script, not a benchmark), e.g.
+  --shapes 1x128 --check-shapes 1x128 --trace '' --no-fla --no-jla --key-heads 1 --value-heads 2 --dim 16 --chunk 16
+On the GPU run with XLA_FLAGS='--xla_gpu_autotune_level=0 --xla_gpu_enable_triton_gemm=false' (see
+gated_delta_rule.py) and jla/fla installed (docs/benchmarks.md gives the command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime
+import json
+import os
+import tempfile
+import time
+import traceback
+
+import numpy as np
+
+from gated_delta_rule import errors, finish_peer, start_peer
+from gated_delta_rule_fla import make_inputs, parse_shape
+from timing import time_jax
+
+GRAD_NAMES = ("final_state", "dq", "dk", "dv", "dg", "dbeta", "dh0")
+
+
+def launches() -> dict:
+  """Named variants of ours: 'api' is the public entry (impl='gpu', its own launch choice); the others call
+  gpu.chunk_gated_delta_rule_gpu with an explicit gpu.ChunkedLaunch."""
+  from maxtext.kernels.gated_delta_rule.gpu import ChunkedLaunch
+  return {"api": None, "split": ChunkedLaunch(fused_forward=False), "fused": ChunkedLaunch(fused_forward=True),
+          "fused_bv64": ChunkedLaunch(fused_forward=True, block_v=64),
+          "fused_w8": ChunkedLaunch(fused_forward=True, walk_warps=8)}
+
+
+def describe(launch) -> str:
+  """A launch as the fields that differ from gpu.ChunkedLaunch()'s defaults."""
+  import dataclasses
+  if launch is None:
+    return "chunk_gated_delta_rule(impl='gpu')"
+  default = type(launch)()
+  changed = [f"{f.name}={getattr(launch, f.name)}" for f in dataclasses.fields(launch)
+             if getattr(launch, f.name) != getattr(default, f.name)]
+  return "ChunkedLaunch(" + ", ".join(changed) + ")"
+
+
+def implementation(name: str, chunk: int, interpret: bool):
+  """(q, k, v, g, beta, h0) -> (o, final state) of ours (a launches() name), 'jla' or 'reference'."""
+  from maxtext.kernels.gated_delta_rule import chunk_gated_delta_rule, chunk_gated_delta_rule_reference
+  if name == "reference":
+    return lambda q, k, v, g, beta, h0: chunk_gated_delta_rule_reference(q, k, v, g, beta, h0, chunk_size=chunk)
+  if name == "jla":
+    from jla.ops import linear_attention  # noqa: PLC0415 - a peer, installed on the device only
+
+    return lambda q, k, v, g, beta, h0: linear_attention(
+        "gated_deltanet", q, k, v, g=g, beta=beta, initial_state=h0, output_final_state=True, use_qk_l2norm=True,
+        impl="mosaic_gpu")
+  launch = launches()[name]
+  if launch is None:
+    return lambda q, k, v, g, beta, h0: chunk_gated_delta_rule(q, k, v, g, beta, h0, chunk_size=chunk, impl="gpu")
+  from maxtext.kernels.gated_delta_rule.gpu import chunk_gated_delta_rule_gpu
+  return lambda q, k, v, g, beta, h0: chunk_gated_delta_rule_gpu(
+      q, k, v, g, beta, h0, chunk_size=chunk, launch=launch, interpret=interpret)
+
+
+def functions(run):
+  """(forward(inputs, h0), grads(inputs, h0, d_out, d_state) -> ((o, final), grads of q, k, v, g, beta, h0))."""
+  import jax
+  import jax.numpy as jnp
+
+  def loss(q, k, v, g, beta, h0, d_out, d_state):
+    o, final = run(q, k, v, g, beta, h0)
+    return jnp.sum(o.astype(jnp.float32) * d_out) + jnp.sum(final * d_state), (o, final)
+
+  grad = jax.grad(loss, argnums=tuple(range(6)), has_aux=True)
+  return (jax.jit(lambda inputs, h0: run(*inputs, h0)),
+          jax.jit(lambda inputs, h0, d_out, d_state: grad(*inputs, h0, d_out, d_state)[::-1]))
+
+
+def device_inputs(host: dict, upcast: bool):
+  """(inputs, h0, d_out, d_state): q, k, v, beta and d_out rounded to bf16 (in float32 when upcast)."""
+  import jax.numpy as jnp
+  low = jnp.float32 if upcast else jnp.bfloat16
+  rounded = lambda n: jnp.asarray(host[n], jnp.bfloat16).astype(jnp.float32)
+  inputs = tuple(jnp.asarray(host["g"]) if n == "g" else rounded(n).astype(low) for n in ("q", "k", "v", "g", "beta"))
+  return inputs, jnp.asarray(host["h0"]), rounded("d_out"), jnp.asarray(host["d_state"])
+
+
+def accuracy(result, expected) -> dict:
+  """o's error and the worst of the final state's and the gradients' (max|a-b| / max|b|)."""
+  (o, final), grads = result
+  (o_ref, final_ref), grads_ref = expected
+  worst = max(errors(a, b)[0] for a, b in zip((final, *grads), (final_ref, *grads_ref)))
+  return dict(o=errors(o, o_ref)[0], worst=worst)
+
+
+def kernel_table(fn, args, repeats: int = 3, top: int = 12) -> dict[str, float]:
+  import jax
+  from trace_summary import kernel_totals, profile
+  log_dir = tempfile.mkdtemp(prefix="gdn_peers_trace_")
+  profile(lambda: jax.block_until_ready(fn(*args)), log_dir, repeats=repeats)
+  totals = kernel_totals(log_dir, repeats=repeats)
+  return {name[:60]: ms for name, ms in list(totals.items())[:top]} | {"total": sum(totals.values())}
+
+
+def markdown(meta: dict, rows: list[dict], checks: dict, traces: dict, names: list[str]) -> str:
+  fmt = lambda x: "-" if x is None else f"{x:.2f}"
+  best = lambda row, kind: min((row.get(f"{n}_{kind}") or float("inf"), n) for n in names)
+  lines = [f"## Gated delta rule, chunked: ours vs jax-linear-attention {meta.get('jla', '-')} vs fla "
+           f"{meta.get('fla', '-')} ({meta['date']})", "",
+           f"Device {meta['device']}; jax {meta['jax']}; torch {meta.get('torch', '-')}, triton "
+           f"{meta.get('triton', '-')}; XLA_FLAGS='{meta['xla_flags']}'. benchmarks/gated_delta_rule_peers.py, one "
+           "run. Hk=16, Hv=32, Dk=Dv=128, chunk 64; q, k, v, beta bf16, g float32, qk l2-norm in the op; all with "
+           "an initial state, fwd+bwd = gradients w.r.t. q, k, v, g, beta and the initial state (fla's backward "
+           "with its Hopper guard lifted: timing only). Median ms. Ours: " + ", ".join(
+               f"{n} = {meta['variants'][n]}" for n in names) + ".", "",
+           "| B x T | " + " | ".join(f"{n} fwd+bwd" for n in names) + " | jla fwd+bwd | fla fwd+bwd | best ours / jla "
+           "| " + " | ".join(f"{n} fwd" for n in names) + " | jla fwd | fla fwd | best ours / jla fwd |",
+           "|---" * (2 * len(names) + 7) + "|"]
+  for r in rows:
+    ratio = lambda kind: fmt(best(r, kind)[0] / r[f"jla_{kind}"]) if r.get(f"jla_{kind}") else "-"
+    cells = [f"{r['batch']} x {r['length']}", *(fmt(r.get(f"{n}_fwd_bwd")) for n in names),
+             fmt(r.get("jla_fwd_bwd")), fmt(r.get("fla_fwd_bwd")), ratio("fwd_bwd"),
+             *(fmt(r.get(f"{n}_fwd")) for n in names), fmt(r.get("jla_fwd")), fmt(r.get("fla_fwd")), ratio("fwd")]
+    lines.append("| " + " | ".join(cells) + " |")
+  if checks:
+    lines += ["", "Error against the jnp reference in float32 on the same bf16-rounded inputs (max|a-b| / max|b|; "
+              "worst = over the final state and every gradient; fla: output and its gradients, no initial-state "
+              "gradient):", "", "| B x T | implementation | o | worst |", "|---|---|---|---|"]
+    lines += [f"| {shape} | {impl} | {e['o']:.1e} | {e['worst']:.1e} |" for shape, per in checks.items()
+              for impl, e in per.items()]
+  for shape, per in traces.items():
+    for impl, table in per.items():
+      lines += ["", f"Kernels of one forward+backward, {impl} at {shape} (ms, profiler device time):", "",
+                "| kernel | ms |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in table.items()]
+  return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--shapes", default="1x4096,1x16384,1x65536,8x4096", help="BxT, comma separated")
+  parser.add_argument("--variants", default="api,split,fused", help="ours, comma separated, of launches()")
+  parser.add_argument("--check-shapes", default="1x4096", help="shapes checked against the float32 reference")
+  parser.add_argument("--trace", default="1x16384", help="shape whose kernels are listed ('' for none)")
+  parser.add_argument("--key-heads", type=int, default=16)
+  parser.add_argument("--value-heads", type=int, default=32)
+  parser.add_argument("--dim", type=int, default=128)
+  parser.add_argument("--chunk", type=int, default=64)
+  parser.add_argument("--no-jla", action="store_true")
+  parser.add_argument("--no-fla", action="store_true")
+  parser.add_argument("--peer-timeout", type=float, default=300, help="seconds for fla, its autotuning included")
+  parser.add_argument("--compile-workers", type=int, default=8)
+  parser.add_argument("--markdown", help="write the result section here")
+  parser.add_argument("--json", help="write all numbers here")
+  parser.add_argument("--docs", help="append the result section to this file")
+  parser.add_argument("--date", default=datetime.date.today().isoformat())
+  args = parser.parse_args()
+
+  scratch = tempfile.mkdtemp(prefix="gdn_peers_")
+  peer_json, check_path = os.path.join(scratch, "fla.json"), os.path.join(scratch, "fla_check.npz")
+  process = None if args.no_fla else start_peer(args, peer_json, check_path)
+  import jax
+  interpret = jax.default_backend() == "cpu"
+  names = args.variants.split(",")
+  impls = names + ([] if args.no_jla else ["jla"])
+  shapes = [parse_shape(s) for s in args.shapes.split(",")]
+  checked = [parse_shape(s) for s in args.check_shapes.split(",") if s]
+  hosts = {shape: make_inputs(*shape, args.key_heads, args.value_heads, args.dim) for shape in set(shapes + checked)}
+  compiled, jobs = {}, []
+  for shape in hosts:
+    specs = {up: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), device_inputs(hosts[shape], up))
+             for up in (False, True)}
+    for impl in impls + (["reference"] if shape in checked else []):
+      forward, grads = functions(implementation(impl, args.chunk, interpret))
+      up = impl == "reference"
+      if shape in shapes and not up:
+        jobs.append(((shape, impl, "fwd"), forward, specs[up][:2]))
+      jobs.append(((shape, impl, "fwd_bwd"), grads, specs[up]))
+
+  def build(job):
+    key, fn, spec = job
+    try:
+      compiled[key] = fn.lower(*spec).compile()
+    except Exception as error:  # one failing variant must not cost the others' numbers
+      print(f"compile failed {key}: {type(error).__name__}: {str(error)[:600]}", flush=True)
+  started = time.perf_counter()
+  with concurrent.futures.ThreadPoolExecutor(args.compile_workers) as pool:
+    list(pool.map(build, jobs))
+  print(f"compiled {len(compiled)}/{len(jobs)} in {time.perf_counter() - started:.0f} s", flush=True)
+  peer = finish_peer(process, peer_json, args.peer_timeout) if process else {}
+  meta = dict(date=args.date, device=jax.devices()[0].device_kind, jax=jax.__version__,
+              xla_flags=os.environ.get("XLA_FLAGS", ""), variants={n: describe(launches()[n]) for n in names},
+              **{key: peer[key] for key in ("torch", "triton", "fla") if key in peer})
+  try:
+    import importlib.metadata
+    meta["jla"] = importlib.metadata.version("jax-linear-attention")
+  except Exception:  # not installed: --no-jla
+    pass
+  fla_rows = {(r["batch"], r["length"]): r for r in peer.get("rows", [])}
+  rows, checks, traces = [], {}, {}
+
+  def save() -> str:
+    section = markdown(meta, rows, checks, traces, names)
+    for path, text in ((args.markdown, section),
+                       (args.json, json.dumps(dict(meta=meta, rows=rows, checks=checks, traces=traces), indent=1))):
+      if path:
+        with open(path, "w") as f:
+          f.write(text)
+    return section
+
+  for shape in hosts:
+    label = f"{shape[0]}x{shape[1]}"
+    arrays = device_inputs(hosts[shape], False)
+    if shape in checked and (shape, "reference", "fwd_bwd") in compiled:
+      try:
+        expected = compiled[(shape, "reference", "fwd_bwd")](*device_inputs(hosts[shape], True))
+        checks[label] = {impl: accuracy(compiled[(shape, impl, "fwd_bwd")](*arrays), expected)
+                         for impl in impls if (shape, impl, "fwd_bwd") in compiled}
+        if shape == checked[0] and os.path.exists(check_path):
+          fla = dict(np.load(check_path))
+          (o_ref, final_ref), grads_ref = expected
+          checks[label]["fla"] = dict(o=errors(fla["o"], o_ref)[0], worst=max(
+              errors(fla[n], r)[0] for n, r in zip(("final", "dq", "dk", "dv", "dg", "dbeta", "dh0"),
+                                                    (final_ref, *grads_ref)) if n in fla))
+        print(label, checks[label], flush=True)
+      except Exception:
+        traceback.print_exc()
+    if shape not in shapes:
+      continue
+    row = dict(batch=shape[0], length=shape[1])
+    fla_row = fla_rows.get(shape, {})
+    row.update(fla_fwd=fla_row.get("fwd_ms"), fla_fwd_bwd=fla_row.get("fwd_bwd_ms"))
+    for impl in impls:
+      for kind in ("fwd", "fwd_bwd"):
+        fn = compiled.get((shape, impl, kind))
+        try:
+          row[f"{impl}_{kind}"] = None if fn is None else time_jax(fn, *(arrays if kind == "fwd_bwd" else arrays[:2]))
+        except Exception:
+          traceback.print_exc()
+    rows.append(row)
+    print(row, flush=True)
+    if label == args.trace:
+      traces[label] = {}
+      for impl in impls:
+        if (shape, impl, "fwd_bwd") in compiled:
+          traces[label][impl] = kernel_table(compiled[(shape, impl, "fwd_bwd")], arrays)
+          print(impl, traces[label][impl], flush=True)
+    save()
+  section = save()
+  print(section, flush=True)
+  if args.docs:
+    with open(args.docs, "a") as f:
+      f.write("\n" + section)
+
+
+if __name__ == "__main__":
+  main()
