@@ -54,7 +54,7 @@ def runner(impl: str, chunk: int, options: dict | None) -> Callable:
   if options is None:
     return lambda q, k, v, g, beta, h0: gdr.chunk_gated_delta_rule(q, k, v, g, beta, h0, chunk_size=chunk, impl=impl)
   chosen = gdr.ChunkOptions(**options)
-  return lambda q, k, v, g, beta, h0: gdr._chunked(
+  return lambda q, k, v, g, beta, h0: gdr.run_chunked(
       q, k, v, g, beta, h0, segment_ids=None, chunk_size=chunk, use_qk_l2norm=True, scale=None, impl=impl,
       interpret=_on_cpu(), options=chosen)
 
