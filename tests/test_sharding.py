@@ -33,16 +33,16 @@ def test_parameter_shardings_follow_the_rules():
   block = "params/decoder/blocks/layer_0"
   attention = "params/decoder/blocks/layer_3"
   expected = {
-      "params/token_embedder/embedding": P("tensor", "fsdp"),
-      "params/lm_head/kernel": P("fsdp", "tensor"),
-      f"{block}/linear_attn/in_proj_qkvz/kernel": P(None, "fsdp", "tensor", None),
-      f"{block}/linear_attn/out_proj/kernel": P(None, "tensor", None, "fsdp"),
+      "params/token_embedder/embedding": P("tensor", ("fsdp", "context")),
+      "params/lm_head/kernel": P(("fsdp", "context"), "tensor"),
+      f"{block}/linear_attn/in_proj_qkvz/kernel": P(None, ("fsdp", "context"), "tensor", None),
+      f"{block}/linear_attn/out_proj/kernel": P(None, "tensor", None, ("fsdp", "context")),
       f"{block}/linear_attn/A_log": P(None, "tensor"),
-      f"{block}/mlp/experts/gate_proj": P(None, "expert", "fsdp", "tensor"),
-      f"{block}/mlp/experts/down_proj": P(None, "expert", "tensor", "fsdp"),
-      f"{attention}/self_attn/q_proj/kernel": P(None, "fsdp", "tensor", None),
-      f"{attention}/self_attn/k_proj/kernel": P(None, "fsdp", "tensor", None),
-      f"{attention}/self_attn/o_proj/kernel": P(None, "tensor", None, "fsdp"),
+      f"{block}/mlp/experts/gate_proj": P(None, "expert", ("fsdp", "context"), "tensor"),
+      f"{block}/mlp/experts/down_proj": P(None, "expert", "tensor", ("fsdp", "context")),
+      f"{attention}/self_attn/q_proj/kernel": P(None, ("fsdp", "context"), "tensor", None),
+      f"{attention}/self_attn/k_proj/kernel": P(None, ("fsdp", "context"), "tensor", None),
+      f"{attention}/self_attn/o_proj/kernel": P(None, "tensor", None, ("fsdp", "context")),
       "params/norm/scale": P(None),
   }
   for path, spec_ in expected.items():
@@ -80,7 +80,7 @@ def test_sharded_decoder_layer_matches_unsharded(layer_type):
   mesh = mesh_of(tensor=2)
   variables, _ = sharding.init_sharded(lambda r: layer.init(r, x, cos, sin), boxed, mesh, jax.random.key(0))
   kernel = variables["params"]["mlp"]["shared_expert"]["gate_proj"]["kernel"]
-  assert kernel.sharding.spec == P("fsdp", "tensor") and kernel.sharding.shard_shape(kernel.shape)[1] == kernel.shape[1] // 2
+  assert kernel.sharding.spec == P(("fsdp", "context"), "tensor") and kernel.sharding.shard_shape(kernel.shape)[1] == kernel.shape[1] // 2
   with sharding.activate(mesh):
     out, _ = jax.jit(lambda v, x: layer.apply(v, x, cos, sin))(variables, x)
   np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-5, atol=1e-5)
@@ -89,4 +89,4 @@ def test_sharded_decoder_layer_matches_unsharded(layer_type):
 def test_mesh_shape_rejects_a_product_that_does_not_match_the_devices():
   with pytest.raises(ValueError, match="multiply to 6, but there are 4 devices"):
     sharding.mesh_shape({"data": 1, "fsdp": 3, "tensor": 2, "expert": 1}, 4)
-  assert sharding.mesh_shape({"data": 1, "fsdp": -1, "tensor": 2, "expert": 1}, 4) == (1, 2, 2, 1)
+  assert sharding.mesh_shape({"data": 1, "fsdp": -1, "tensor": 2, "expert": 1}, 4) == (1, 2, 1, 2, 1)  # (data, fsdp, context, tensor, expert)

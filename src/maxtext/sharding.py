@@ -14,14 +14,19 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
+# `context` splits each sequence (context parallelism); it sits inside fsdp and outside tensor, as in MaxText, so
+# the sequence's shards are ICI neighbours of one another when tensor is 1.
+MESH_AXES = ("data", "fsdp", "context", "tensor", "expert")
+CONTEXT_AXIS = "context"
 
 # (logical name, mesh axis or axes). A name absent here, or mapped to None, is replicated. When two names of one
 # tensor want the same mesh axis, the first one keeps it.
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # parameters
     ("vocab", "tensor"),
-    ("embed", "fsdp"),
+    # Parameters are also split over the context devices (ZeRO-3 over fsdp x context, as MaxText does): a
+    # sequence split over context would otherwise leave each of them a whole fsdp shard of weights and moments.
+    ("embed", ("fsdp", "context")),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
@@ -32,7 +37,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("conv_channels", None),
     # activations
     ("activation_batch", ("data", "fsdp", "expert")),
-    ("activation_length", None),
+    ("activation_length", "context"),
     ("activation_embed", None),
     ("activation_heads", "tensor"),
     ("activation_kv_heads", "tensor"),
@@ -44,12 +49,12 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 
 def mesh_shape(parallelism: dict[str, int], num_devices: int, *, prefix: str = "ici", what: str = "devices"
                ) -> tuple[int, ...]:
-  """Sizes of (data, fsdp, tensor, expert) from `<prefix>_*_parallelism` values; one -1 takes the remaining devices.
+  """Sizes of MESH_AXES from `<prefix>_*_parallelism` values; one -1 takes the remaining devices.
 
   Raises ValueError naming the keys when they do not fit `num_devices` (`what` says what is counted: devices,
   hosts, slices).
   """
-  sizes = [parallelism[axis] for axis in MESH_AXES]
+  sizes = [parallelism.get(axis, 1) for axis in MESH_AXES]  # an axis left out has size 1
   fixed = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % fixed:
@@ -73,6 +78,7 @@ def config_parallelism(config) -> dict[str, int]:
       "fsdp": config.ici_fsdp_parallelism,
       "tensor": config.ici_tensor_parallelism,
       "expert": config.ici_expert_parallelism,
+      "context": config.ici_context_parallelism,
   }
 
 
@@ -104,11 +110,13 @@ def kernel_partition(logical_axes: Sequence[str], sizes: Sequence[int]):
   """(mesh, PartitionSpec) for calling a Pallas kernel inside shard_map on the current mesh, or (None, None).
 
   Each logical axis takes the mesh axes RULES give it, keeping only those of size > 1 whose product divides the
-  dimension (the rest replicate); None when no mesh is active or nothing would be split.
+  dimension and that are not manual already (inside a shard_map); the rest replicate. None when no mesh is active
+  or nothing would be split.
   """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return None, None
+  manual = set(mesh.manual_axes)  # inside a shard_map these are split already
   rules = dict(RULES)
   used: set[str] = set()
   spec = []
@@ -118,7 +126,8 @@ def kernel_partition(logical_axes: Sequence[str], sizes: Sequence[int]):
     chosen = []
     for axis in wanted:
       axis_size = mesh.shape.get(axis, 1)
-      if axis in used or axis_size == 1 or size % (math.prod(mesh.shape[a] for a in chosen) * axis_size):
+      split = math.prod(mesh.shape[a] for a in chosen) * axis_size
+      if axis in used or axis in manual or axis_size == 1 or size % split:
         continue
       chosen.append(axis)
     used.update(chosen)
@@ -126,3 +135,12 @@ def kernel_partition(logical_axes: Sequence[str], sizes: Sequence[int]):
   if all(axis is None for axis in spec):
     return None, None
   return mesh, jax.sharding.PartitionSpec(*spec)
+
+
+def context_shards() -> int:
+  """How many devices the active mesh splits each sequence over (its `context` axis); 1 without a mesh, or inside
+  a shard_map that already mapped that axis (the per-device code then sees its own shard as a whole sequence)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or CONTEXT_AXIS in mesh.manual_axes:
+    return 1
+  return mesh.shape.get(CONTEXT_AXIS, 1)

@@ -46,7 +46,7 @@ def test_bad_name_is_a_config_error_at_load():
 def test_mesh_sizes_fill_the_slice():
   ici = {"data": 1, "fsdp": -1, "tensor": 2, "expert": 1}
   dcn = {"data": -1, "fsdp": 1, "tensor": 1, "expert": 1}
-  assert mesh_shape(ici, dcn, devices_per_slice=32, num_slices=2) == ((1, 16, 2, 1), (2, 1, 1, 1))
+  assert mesh_shape(ici, dcn, devices_per_slice=32, num_slices=2) == ((1, 16, 1, 2, 1), (2, 1, 1, 1, 1))
 
 
 @pytest.mark.parametrize(

@@ -24,12 +24,15 @@ GrainFileType = Literal["jsonl", "parquet", "arrayrecord"]
 RlAlgorithm = Literal["grpo", "gspo"]
 KlType = Literal["k1", "k3"]
 RlLossAggregation = Literal["token_mean", "sequence_mean"]
+RopeType = Literal["default", "yarn"]
 
 # The architecture keys: what a checkpoint fixes and stores beside its parameters (models/*.yml set these).
 MODEL_KEYS = (
     "model_family", "decoder_layer_types",
     "vocab_size", "base_emb_dim", "base_num_decoder_layers", "base_num_query_heads", "base_num_kv_heads",
     "head_dim", "normalization_layer_epsilon", "rope_max_timescale", "partial_rotary_factor",
+    "rope_type", "rope_factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "rope_attention_factor",
+    "mscale", "mscale_all_dim", "rope_truncate",
     "full_attention_interval", "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
     "linear_num_key_heads", "linear_num_value_heads", "num_experts", "num_experts_per_tok", "norm_topk_prob",
     "base_moe_mlp_dim", "shared_expert_mlp_dim", "logits_via_embedding", "mtp_num_layers",
@@ -55,6 +58,15 @@ class Config:
   normalization_layer_epsilon: float
   rope_max_timescale: float
   partial_rotary_factor: float
+  rope_type: RopeType
+  rope_factor: float
+  original_max_position_embeddings: int
+  beta_fast: float
+  beta_slow: float
+  rope_attention_factor: float
+  mscale: float
+  mscale_all_dim: float
+  rope_truncate: bool
   full_attention_interval: int
   linear_conv_kernel_dim: int
   linear_key_head_dim: int
@@ -84,6 +96,7 @@ class Config:
   ici_fsdp_parallelism: int
   ici_tensor_parallelism: int
   ici_expert_parallelism: int
+  ici_context_parallelism: int
 
   load_parameters_path: str
   base_output_directory: str
@@ -138,6 +151,13 @@ class Config:
   dcn_fsdp_parallelism: int
   dcn_tensor_parallelism: int
   dcn_expert_parallelism: int
+  dcn_context_parallelism: int
+  coordinator_address: str
+  num_processes: int
+  process_id: int
+  jax_distributed_initialization_timeout: int
+  skip_jax_distributed_system: bool
+  data_shards: int
 
 
   # ---- Decode and serving (issue 7) ----
@@ -240,7 +260,8 @@ _POSITIVE_INTS = (
     "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads", "gdn_chunk_size", "num_experts",
     "num_experts_per_tok", "base_moe_mlp_dim", "shared_expert_mlp_dim", "max_target_length",
 )
-_MESH_AXES = ("ici_data_parallelism", "ici_fsdp_parallelism", "ici_tensor_parallelism", "ici_expert_parallelism")
+_MESH_AXES = ("ici_data_parallelism", "ici_fsdp_parallelism", "ici_tensor_parallelism", "ici_expert_parallelism",
+              "ici_context_parallelism")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -265,6 +286,7 @@ def _validate(c: Config) -> None:
       f"config key 'partial_rotary_factor' ({c.partial_rotary_factor}) times head_dim ({c.head_dim}) must be an even"
       " integer (the rotary dimension)",
   )
+  _validate_rope(c)
   _require(
       c.base_num_query_heads % c.base_num_kv_heads == 0,
       f"config key 'base_num_query_heads' ({c.base_num_query_heads}) must be a multiple of 'base_num_kv_heads'"
@@ -317,14 +339,28 @@ def _validate(c: Config) -> None:
         c.num_experts % expert == 0,
         f"config key 'num_experts' ({c.num_experts}) must be divisible by 'ici_expert_parallelism' ({expert})",
     )
+  _validate_context(c)
   _validate_moe(c)
   _validate_training(c)
   _validate_inference(c)
   _validate_compile(c)
   _validate_rl(c)
+  _validate_processes(c)
 
 
 # Each area's rules live in its own function so the sections above stay independent.
+
+
+def _validate_context(c: Config) -> None:
+  # The sequence splits evenly over the context axis (ici x dcn); -1 sizes are checked when the mesh is built.
+  context = c.ici_context_parallelism * c.dcn_context_parallelism
+  if context > 1:
+    _require(
+        c.max_target_length % context == 0,
+        f"context parallelism {context} (ici_context_parallelism {c.ici_context_parallelism} x"
+        f" dcn_context_parallelism {c.dcn_context_parallelism}) must divide 'max_target_length'"
+        f" ({c.max_target_length})",
+    )
 
 
 def _validate_layer_types(c: Config) -> None:
@@ -339,6 +375,27 @@ def _validate_layer_types(c: Config) -> None:
   )
 
 
+# YaRN's keys; 0 means unset (the two required ones) or "derive as HF does" (the attention factor and mscales).
+_YARN_REQUIRED = ("rope_factor", "original_max_position_embeddings")
+_YARN_OPTIONAL_ZERO = ("rope_attention_factor", "mscale", "mscale_all_dim")
+
+
+def _validate_rope(c: Config) -> None:
+  if c.rope_type == "default":
+    for name in _YARN_REQUIRED + _YARN_OPTIONAL_ZERO:
+      _require(getattr(c, name) == 0, f"config key '{name}' ({getattr(c, name)}) is a YaRN key but rope_type is"
+               " 'default': set rope_type=yarn or leave it at 0")
+    return
+  for name in _YARN_REQUIRED:
+    _require(getattr(c, name) > 0, f"rope_type=yarn needs config key '{name}' (> 0, as in the HF config's"
+             f" rope_parameters), got {getattr(c, name)}")
+  for name in ("beta_fast", "beta_slow"):
+    _require(getattr(c, name) > 0, f"config key '{name}' must be > 0, got {getattr(c, name)}")
+  for name in _YARN_OPTIONAL_ZERO:
+    _require(getattr(c, name) >= 0, f"config key '{name}' must be >= 0 (0: derived as HF does), got"
+             f" {getattr(c, name)}")
+
+
 def _validate_moe(c: Config) -> None:
   _require(
       c.sparse_matmul is False or c.capacity_factor <= 0,
@@ -347,7 +404,8 @@ def _validate_moe(c: Config) -> None:
   )
 
 
-_DCN_AXES = ("dcn_data_parallelism", "dcn_fsdp_parallelism", "dcn_tensor_parallelism", "dcn_expert_parallelism")
+_DCN_AXES = ("dcn_data_parallelism", "dcn_fsdp_parallelism", "dcn_tensor_parallelism", "dcn_expert_parallelism",
+             "dcn_context_parallelism")
 
 
 def _validate_training(c: Config) -> None:
@@ -433,6 +491,16 @@ def _validate_compile(c: Config) -> None:
       parse_topology(c.compile_topology)
     except TopologyError as e:
       raise ConfigError(f"config key 'compile_topology': {e}") from None
+
+
+def _validate_processes(c: Config) -> None:
+  _require(c.num_processes >= 0, f"config key 'num_processes' must be >= 0 (0: from the environment), got"
+           f" {c.num_processes}")
+  _require(c.process_id >= -1, f"config key 'process_id' must be >= 0, or -1 (from the environment), got"
+           f" {c.process_id}")
+  _require(c.jax_distributed_initialization_timeout > 0, "config key 'jax_distributed_initialization_timeout' must"
+           f" be > 0 seconds, got {c.jax_distributed_initialization_timeout}")
+  _require(c.data_shards >= 0, f"config key 'data_shards' must be >= 0 (0: one per process), got {c.data_shards}")
 
 
 def _validate_rl(c: Config) -> None:

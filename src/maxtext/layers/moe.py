@@ -23,7 +23,9 @@ from maxtext.kernels.grouped_matmul import grouped_matmul
 from maxtext.layers.linear import DEFAULT_INIT_STDDEV, Linear, partitioned
 from maxtext.layers.specs import MoeSpec, Numerics
 
-BATCH_MESH_AXES = ("data", "fsdp", "expert")  # the mesh axes `activation_batch` splits tokens over (RULES)
+# The mesh axes the flattened tokens [B * T] split over: `activation_batch`'s (RULES), then `activation_length`'s
+# (context parallelism splits each row), in the order flattening [B, T] lays them out.
+BATCH_MESH_AXES = ("data", "fsdp", "expert", "context")
 EXPERT_MESH_AXIS = "expert"
 
 

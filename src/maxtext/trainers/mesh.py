@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 
 import jax
 import numpy as np
@@ -19,41 +18,37 @@ _logger = logging.getLogger("maxtext.trainers")
 BATCH_AXES = ("activation_batch", "activation_length")
 
 
-def maybe_initialize_distributed() -> None:
-  """Join the other hosts when launched as one process of several (JAX_COORDINATOR_ADDRESS, or a TPU pod /
-  SLURM job that jax.distributed detects itself); a single process does nothing."""
-  wanted = os.environ.get("JAX_COORDINATOR_ADDRESS") or int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1
-  wanted = wanted or int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  if wanted and not jax.distributed.is_initialized():
-    jax.distributed.initialize()
-    _logger.info("joined %d processes; this is process %d", jax.process_count(), jax.process_index())
-
-
 def _dcn_parallelism(config: Config) -> dict[str, int]:
   return {
       "data": config.dcn_data_parallelism,
       "fsdp": config.dcn_fsdp_parallelism,
       "tensor": config.dcn_tensor_parallelism,
       "expert": config.dcn_expert_parallelism,
+      "context": config.dcn_context_parallelism,
   }
 
 
 def make_training_mesh(config: Config, devices=None) -> Mesh:
-  """Mesh over (data, fsdp, tensor, expert): each axis is ici x dcn; the dcn part spans hosts (or slices)."""
+  """Mesh over sharding.MESH_AXES: each axis is ici x dcn; the dcn part spans hosts (or slices)."""
   devices = list(jax.devices() if devices is None else devices)
   dcn = _dcn_parallelism(config)
-  num_hosts = len({d.process_index for d in devices})
+  # DCN granules: TPU slices (all hosts of a slice share ICI), elsewhere processes (one per host).
+  on_tpu = devices[0].platform == "tpu"
+  granules = len({d.slice_index if on_tpu else d.process_index for d in devices})
+  what = "TPU slices" if on_tpu else "processes (hosts)"
   try:
-    if num_hosts == 1 and all(v in (1, -1) for v in dcn.values()):
+    if granules == 1 and all(v in (1, -1) for v in dcn.values()):
       return sharding.make_mesh(sharding.config_parallelism(config), devices)
-    dcn_shape = sharding.mesh_shape(dcn, num_hosts, prefix="dcn", what="hosts")
-    per_host = len(devices) // num_hosts
-    ici_shape = sharding.mesh_shape(sharding.config_parallelism(config), per_host)
+    dcn_shape = sharding.mesh_shape(dcn, granules, prefix="dcn", what=what)
+    if len(devices) % granules:
+      raise ValueError(f"the {len(devices)} devices do not split evenly over the {granules} {what}")
+    per = "devices per slice" if on_tpu else "devices per process"
+    ici_shape = sharding.mesh_shape(sharding.config_parallelism(config), len(devices) // granules, what=per)
   except ValueError as e:
-    raise ConfigError(str(e).replace("devices", "devices per host") if num_hosts > 1 else str(e)) from None
+    raise ConfigError(str(e)) from None
   from jax.experimental import mesh_utils  # noqa: PLC0415
 
-  grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices, process_is_granule=True)
+  grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices, process_is_granule=not on_tpu)
   return Mesh(grid, sharding.MESH_AXES)
 
 
