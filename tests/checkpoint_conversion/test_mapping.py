@@ -65,7 +65,7 @@ def test_missing_and_misshaped_tensors_are_named(hf_tiny):
 
 def test_unsupported_hf_configs_are_rejected():
   good = hf_config_from_config(load_config())
-  with pytest.raises(ConfigError, match="rope_type 'yarn' is not supported"):
-    config_overrides_from_hf({**good, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6}})
+  with pytest.raises(ConfigError, match="rope_type 'dynamic' is not supported"):
+    config_overrides_from_hf({**good, "rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e6}})
   with pytest.raises(ConfigError, match="dense MLP layers"):
     config_overrides_from_hf({**good, "mlp_only_layers": [0]})

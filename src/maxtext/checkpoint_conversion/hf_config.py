@@ -20,14 +20,49 @@ SUPPORTED_MODEL_TYPES = (QWEN3_NEXT, QWEN3_5_MOE, "qwen3_5_moe_text")
 SUPPORTED_QUANTIZATION = ("fp8",)
 
 
-def _rope(hf: Mapping[str, Any]) -> tuple[float, float, str]:
-  """(theta, partial_rotary_factor, rope_type): transformers 5 nests them in rope_parameters; the hub keeps
-  them at top level."""
-  nested = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+def _rope(hf: Mapping[str, Any]) -> tuple[float, float, str, Mapping[str, Any]]:
+  """(theta, partial_rotary_factor, rope_type, the rope dict): transformers 5 nests them in rope_parameters (a
+  non-empty legacy rope_scaling replaces it, as transformers does); the hub keeps theta and the factor at top level."""
+  nested = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
   theta = nested.get("rope_theta", hf.get("rope_theta", 10000.0))
   factor = nested.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.25))
   rope_type = nested.get("rope_type", nested.get("type", "default"))
-  return float(theta), float(factor), rope_type
+  return float(theta), float(factor), rope_type, nested
+
+
+def _yarn(hf: Mapping[str, Any], rope: Mapping[str, Any]) -> dict[str, Any]:
+  """Our YaRN keys from an HF rope dict, with transformers' fallbacks (a top-level original_max_position_embeddings
+  wins, then the rope dict's, then max_position_embeddings; beta_fast / beta_slow 32 / 1 when unset or 0)."""
+  if rope.get("factor") is None:
+    raise ConfigError("HF config rope_type 'yarn' needs rope_parameters 'factor' (the context extension factor)")
+  original = hf.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") or hf.get(
+      "max_position_embeddings")
+  if not original:
+    raise ConfigError("HF config rope_type 'yarn' needs rope_parameters 'original_max_position_embeddings' (or"
+                      " max_position_embeddings)")
+  return {
+      "rope_type": "yarn",
+      "rope_factor": float(rope["factor"]),
+      "original_max_position_embeddings": int(original),
+      "beta_fast": float(rope.get("beta_fast") or 32),
+      "beta_slow": float(rope.get("beta_slow") or 1),
+      "rope_attention_factor": float(rope.get("attention_factor") or 0),
+      "mscale": float(rope.get("mscale") or 0),
+      "mscale_all_dim": float(rope.get("mscale_all_dim") or 0),
+      "rope_truncate": bool(rope.get("truncate", True)),
+  }
+
+
+def _yarn_to_hf(c: Config) -> dict[str, Any]:
+  """The HF rope dict entries of our YaRN keys (the derived-by-default ones only when set)."""
+  rope = {"rope_type": "yarn", "factor": c.rope_factor, "original_max_position_embeddings":
+          c.original_max_position_embeddings, "beta_fast": c.beta_fast, "beta_slow": c.beta_slow,
+          "truncate": c.rope_truncate}
+  for ours, theirs in (("rope_attention_factor", "attention_factor"), ("mscale", "mscale"),
+                       ("mscale_all_dim", "mscale_all_dim")):
+    if getattr(c, ours):
+      rope[theirs] = getattr(c, ours)
+  return rope
 
 
 def _layer_pattern(hf: Mapping[str, Any]) -> dict[str, Any]:
@@ -82,9 +117,9 @@ def config_overrides_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
   """Our model keys from an HF config.json dict; raises ConfigError on what we cannot represent."""
   family, text = text_config_of(hf)
   _check_quantization(hf, text)
-  theta, partial, rope_type = _rope(text)
-  if rope_type != "default":
-    raise ConfigError(f"HF config rope_type '{rope_type}' is not supported yet (only 'default')")
+  theta, partial, rope_type, rope = _rope(text)
+  if rope_type not in ("default", "yarn"):
+    raise ConfigError(f"HF config rope_type '{rope_type}' is not supported (only 'default' and 'yarn')")
   if text.get("mlp_only_layers") or text.get("decoder_sparse_step", 1) != 1:
     raise ConfigError("HF config has dense MLP layers (mlp_only_layers / decoder_sparse_step); only all-MoE is supported")
   if text.get("attention_bias", False):
@@ -104,6 +139,7 @@ def config_overrides_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
       "normalization_layer_epsilon": text.get("rms_norm_eps", 1e-6),
       "rope_max_timescale": theta,
       "partial_rotary_factor": partial,
+      **(_yarn(text, rope) if rope_type == "yarn" else {}),
       "linear_conv_kernel_dim": text["linear_conv_kernel_dim"],
       "linear_key_head_dim": text["linear_key_head_dim"],
       "linear_value_head_dim": text["linear_value_head_dim"],
@@ -157,6 +193,10 @@ def hf_config_from_config(c: Config) -> dict[str, Any]:
   keys; Qwen3.5 / 3.6 the nested multimodal layout with transformers' default vision_config)."""
   text = _text_config(c)
   rope = {"rope_type": "default", "rope_theta": c.rope_max_timescale, "partial_rotary_factor": c.partial_rotary_factor}
+  if c.rope_type == "yarn":
+    rope.update(_yarn_to_hf(c))
+    # transformers checks factor against max_position_embeddings / original_max_position_embeddings.
+    text["max_position_embeddings"] = int(c.original_max_position_embeddings * c.rope_factor)
   if c.model_family == QWEN3_5_MOE:
     rope.update(mrope_section=_mrope_section(c.rotary_dim), mrope_interleaved=True)
     return {

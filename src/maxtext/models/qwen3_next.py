@@ -176,7 +176,7 @@ class Qwen3NextForCausalLM(nn.Module):
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     x = self.token_embedder(tokens)
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
-    cos, sin = rotary_cos_sin(positions, spec.attention.rotary_dim, spec.rope_theta)
+    cos, sin = rotary_cos_sin(positions, spec.attention.rotary_dim, spec.rope_theta, spec.rope_scaling)
     x, stats, _ = self.decoder(x, cos, sin, segment_ids)
     hidden = self.norm(x)
     logits = self._head(hidden)
@@ -203,7 +203,7 @@ class Qwen3NextForCausalLM(nn.Module):
     """
     spec = self.spec
     x = self.token_embedder(tokens)
-    cos, sin = rotary_cos_sin(positions, spec.attention.rotary_dim, spec.rope_theta)
+    cos, sin = rotary_cos_sin(positions, spec.attention.rotary_dim, spec.rope_theta, spec.rope_scaling)
     x, _, new_cache = self.decoder(x, cos, sin, None, cache, decode)
     return self.norm(x), new_cache
 
@@ -216,5 +216,6 @@ class Qwen3NextForCausalLM(nn.Module):
   ) -> tuple[jax.Array, object]:
     """The first MTP layer as a drafter: main hidden h_t [B, T, E] and token t + 1 [B, T] at `positions` ->
     (MTP hidden [B, T, E], whose logits predict token t + 2; the MTP layer's new KVCache)."""
-    cos, sin = rotary_cos_sin(positions, self.spec.attention.rotary_dim, self.spec.rope_theta)
+    cos, sin = rotary_cos_sin(positions, self.spec.attention.rotary_dim, self.spec.rope_theta,
+                               self.spec.rope_scaling)
     return self.mtp(hidden, next_tokens, self.token_embedder, cos, sin, None, cache, decode)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from maxtext.configs import Config
 from maxtext.configs.layer_pattern import block_length
+from maxtext.layers.rotary import RopeScaling
 from maxtext.layers.specs import AttentionSpec, GatedDeltaNetSpec, MoeSpec, Numerics
 
 
@@ -29,6 +30,8 @@ class ModelSpec:
   remat_policy: str = "none"
   # The HF checkpoint family (the converters' name table); the layer math is the same for all.
   family: str = "qwen3_next"
+  # YaRN or plain RoPE (on the attention's rotary_dim dims).
+  rope_scaling: RopeScaling = RopeScaling()
 
   @property
   def num_layers(self) -> int:
@@ -83,5 +86,16 @@ class ModelSpec:
         scan_layers=c.scan_layers,
         remat_policy=c.remat_policy,
         family=c.model_family,
+        rope_scaling=rope_scaling_of(c),
         numerics=Numerics(dtype=jnp.dtype(c.dtype), weight_dtype=jnp.dtype(c.weight_dtype)),
     )
+
+
+def rope_scaling_of(c: Config) -> RopeScaling:
+  if c.rope_type == "default":
+    return RopeScaling()
+  return RopeScaling(
+      rope_type=c.rope_type, factor=c.rope_factor, original_max_position_embeddings=c.original_max_position_embeddings,
+      beta_fast=c.beta_fast, beta_slow=c.beta_slow, attention_factor=c.rope_attention_factor, mscale=c.mscale,
+      mscale_all_dim=c.mscale_all_dim, truncate=c.rope_truncate,
+  )
