@@ -18,6 +18,7 @@ import jax
 
 from maxtext import sharding
 from maxtext.kernels import dispatch as kernel_dispatch
+from maxtext.kernels.gated_delta_rule import context_parallel
 from maxtext.kernels.gated_delta_rule.chunked import ChunkOptions, run_chunked
 from maxtext.kernels.gated_delta_rule.chunking import check_shapes
 from maxtext.kernels.gated_delta_rule.reference import (
@@ -95,6 +96,10 @@ def chunk_gated_delta_rule(
   interpret=True, Pallas kernels run in interpret mode. gpu_precision: the GPU kernels' dots (gpu_precision.py:
   None = 'bf16' for 16-bit inputs as fla, 'ieee' for float32; 'tf32' is ~10x more accurate and ~3x slower).
   """
+  if sharding.context_shards() > 1:  # the sequence is split over devices: each runs this op on its shard
+    return context_parallel.chunk_gated_delta_rule(
+        chunk_gated_delta_rule, q, k, v, g, beta, initial_state, segment_ids=segment_ids, chunk_size=chunk_size,
+        use_qk_l2norm=use_qk_l2norm, scale=scale, impl=impl, interpret=interpret, gpu_precision=gpu_precision)
   chosen = choose("gated_delta_rule", CHUNKED, impl, (chunk_size, k.shape[-1], v.shape[-1]))
   if chosen == "reference":
     return chunk_gated_delta_rule_reference(
