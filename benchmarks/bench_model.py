@@ -24,7 +24,7 @@ def hf_bench_config(**overrides):
   """transformers' Qwen3NextConfig of the bench model (with `overrides` of our config keys)."""
   from transformers import Qwen3NextConfig  # noqa: PLC0415 - only the HF worker needs torch/transformers
 
-  from maxtext.checkpoint_conversion.hf_config import hf_config_from_config  # noqa: PLC0415
+  from maxtext.configs.hf_config import hf_config_from_config  # noqa: PLC0415
   from maxtext.configs import load_config  # noqa: PLC0415
 
   return Qwen3NextConfig(**hf_config_from_config(load_config(overrides={**BENCH_MODEL, **overrides})))

@@ -29,7 +29,7 @@ GIB = 1 << 30
 
 def build_checkpoint(directory: str, layers: int) -> tuple[int, int]:
   """Write the synthetic HF checkpoint; returns (total bytes, largest layer's bytes)."""
-  from maxtext.checkpoint_conversion.hf_config import hf_config_from_config
+  from maxtext.configs.hf_config import hf_config_from_config
   from maxtext.checkpoint_conversion.param_mapping import hf_shape, parameter_mappings
   from maxtext.checkpoint_conversion.safetensors_io import ShardedSafetensorsWriter
   from maxtext.configs import load_config

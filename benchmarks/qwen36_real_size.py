@@ -62,7 +62,7 @@ def hf_text_config(args, **more):
   """transformers' Qwen3_5MoeTextConfig of the same model, derived by our export's translation."""
   from transformers import Qwen3_5MoeTextConfig
 
-  from maxtext.checkpoint_conversion.hf_config import hf_config_from_config
+  from maxtext.configs.hf_config import hf_config_from_config
 
   text = hf_config_from_config(our_config(args, **more))["text_config"]
   return Qwen3_5MoeTextConfig(**{k: v for k, v in text.items() if k != "model_type"})

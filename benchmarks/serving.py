@@ -223,7 +223,7 @@ def measure(args, requests: list[dict], engine, tokenizer) -> dict:
 
 def quick_hf_config():
   from transformers import Qwen3NextConfig  # noqa: PLC0415
-  from maxtext.checkpoint_conversion.hf_config import hf_config_from_config  # noqa: PLC0415
+  from maxtext.configs.hf_config import hf_config_from_config  # noqa: PLC0415
   from maxtext.configs import load_config  # noqa: PLC0415
 
   return Qwen3NextConfig(**hf_config_from_config(load_config(overrides=QUICK)))

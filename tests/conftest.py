@@ -40,7 +40,7 @@ def hf_tiny(request, tmp_path_factory) -> HfTiny:
 
 
 def our_config(hf_config: dict, **overrides):
-  from maxtext.checkpoint_conversion.hf_config import config_overrides_from_hf
+  from maxtext.configs.hf_config import config_overrides_from_hf
   from maxtext.configs import load_config
 
   values = {**config_overrides_from_hf(hf_config), "dtype": "float32", "weight_dtype": "float32", **overrides}

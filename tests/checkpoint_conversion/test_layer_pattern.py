@@ -2,7 +2,7 @@
 
 import pytest
 
-from maxtext.checkpoint_conversion.hf_config import config_overrides_from_hf, hf_config_from_config
+from maxtext.configs.hf_config import config_overrides_from_hf, hf_config_from_config
 from maxtext.configs import ConfigError, load_config
 from maxtext.configs.layer_pattern import block_length, periodic_interval
 

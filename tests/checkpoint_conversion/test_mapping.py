@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from maxtext.checkpoint_conversion.hf_config import config_overrides_from_hf, hf_config_from_config
+from maxtext.configs.hf_config import config_overrides_from_hf, hf_config_from_config
 from maxtext.checkpoint_conversion.hf_state import params_from_hf_state
 from maxtext.checkpoint_conversion.param_mapping import parameter_mappings, to_hf
 from maxtext.checkpoint_conversion.scan_layout import scan_layers, unscan_layers

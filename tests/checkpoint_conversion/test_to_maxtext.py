@@ -205,7 +205,7 @@ def test_named_model_that_matches_converts(capsys, tmp_path):
   import torch
   from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
 
-  from maxtext.checkpoint_conversion.hf_config import hf_config_from_config
+  from maxtext.configs.hf_config import hf_config_from_config
 
   torch.manual_seed(0)
   hf_config = hf_config_from_config(load_config(["model_name=qwen3-next-tiny"]))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from maxtext.checkpoint_conversion import to_maxtext
-from maxtext.checkpoint_conversion.hf_config import config_overrides_from_hf, hf_config_from_config
+from maxtext.configs.hf_config import config_overrides_from_hf, hf_config_from_config
 from maxtext.configs import ConfigError, load_config
 from tests.assets.logits_generation import generate_hf_golden_logits
 from tests.checkpoint_conversion.test_conversion_e2e import BASE_YML, run_module

@@ -1,1 +1,4 @@
-"""HF <-> our parameter conversion: one name table, scan stacking, config translation."""
+"""HF <-> our parameter conversion: one name table, scan stacking, streaming I/O, the model record.
+
+The HF config.json <-> config keys translation is configs/hf_config.py (the config loader reads it).
+"""

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from maxtext.checkpoint_conversion import orbax_io
-from maxtext.checkpoint_conversion.hf_config import hf_config_from_config
+from maxtext.configs.hf_config import hf_config_from_config
 from maxtext.checkpoint_conversion.param_mapping import parameter_mappings, to_hf
 from maxtext.checkpoint_conversion.safetensors_io import ShardedSafetensorsWriter
 from maxtext.configs import Config, ConfigError, load_config

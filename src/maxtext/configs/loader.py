@@ -14,6 +14,9 @@ from typing import Any
 
 import yaml
 
+# model_record is a leaf of checkpoint_conversion (json + numpy); the HF config translation lives in configs/.
+from maxtext.checkpoint_conversion import model_record
+from maxtext.configs import hf_config
 from maxtext.configs.types import MODEL_KEYS, Config, ConfigError, allowed_values
 
 CONFIGS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -185,8 +188,6 @@ def _checkpoint_model(
 ) -> tuple[str, dict[str, Any]] | None:
   """(where from, model keys) of the checkpoint the run starts from, if it says what model it holds."""
   if load_parameters_path:
-    from maxtext.checkpoint_conversion import model_record  # noqa: PLC0415 - only needed here
-
     model_record.items_dir(load_parameters_path)  # a missing path is named before anything else is read
     step_dir = model_record.step_dir_of(load_parameters_path)
     record = model_record.read_record(load_parameters_path)
@@ -198,8 +199,6 @@ def _checkpoint_model(
           " not a maxtext checkpoint; name its model with model_name=... to load it anyway")
     return f"the checkpoint '{step_dir}'", dict(record["model"])
   if hf_model_path:
-    from maxtext.checkpoint_conversion import hf_config  # noqa: PLC0415
-
     path = os.path.join(hf_model_path, "config.json")
     if not os.path.isfile(path):
       raise ConfigError(f"hf_model_path '{hf_model_path}' has no config.json")

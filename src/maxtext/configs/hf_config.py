@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from maxtext.configs import Config, ConfigError
+from maxtext.configs.types import Config, ConfigError
 from maxtext.configs import layer_pattern
 
 QWEN3_NEXT = "qwen3_next"
