@@ -42,6 +42,7 @@ def launches() -> dict:
   gpu.chunk_gated_delta_rule_gpu with an explicit gpu.ChunkedLaunch."""
   from maxtext.kernels.gated_delta_rule.gpu import ChunkedLaunch
   return {"api": None, "split": ChunkedLaunch(fused_forward=False), "fused": ChunkedLaunch(fused_forward=True),
+          "fused_w": ChunkedLaunch(fused_forward=True, fused_walk_reads_w=True),
           "fused_bv64": ChunkedLaunch(fused_forward=True, block_v=64),
           "fused_w8": ChunkedLaunch(fused_forward=True, walk_warps=8)}
 
@@ -107,7 +108,7 @@ def accuracy(result, expected) -> dict:
   return dict(o=errors(o, o_ref)[0], worst=worst)
 
 
-def kernel_table(fn, args, repeats: int = 3, top: int = 12) -> dict[str, float]:
+def kernel_table(fn, args, repeats: int = 3, top: int = 16) -> dict[str, float]:
   import jax
   from trace_summary import kernel_totals, profile
   log_dir = tempfile.mkdtemp(prefix="gdn_peers_trace_")

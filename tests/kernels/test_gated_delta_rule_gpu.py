@@ -71,14 +71,17 @@ def test_fused_forward_packed_ragged_with_state():
 
 
 def test_fused_forward_bf16_groups():
-  """The fused path in the 16-bit default precision, B = 2, two value heads per key head, Dk != Dv."""
-  check((2, 70, 2, 4, 32, 16), 16, jnp.bfloat16, "bf16", launch=ChunkedLaunch(fused_forward=True))
+  """The fused path (its walk reading w) in the 16-bit default precision, B = 2, two value heads per key head,
+  Dk != Dv."""
+  check((2, 70, 2, 4, 32, 16), 16, jnp.bfloat16, "bf16",
+        launch=ChunkedLaunch(fused_forward=True, fused_walk_reads_w=True))
 
 
-def test_fused_forward_alone_matches_reference():
+@pytest.mark.parametrize("reads_w", [False, True], ids=["kh", "w"])
+def test_fused_forward_alone_matches_reference(reads_w):
   """A forward without a backward skips the state history: o and the final state still match."""
   q, k, v, g, beta, h0 = random_inputs(1, 2, 70, 2, 4, 32, 16, jnp.float32, True)
-  launch = dataclasses.replace(SMALL_TILES, fused_forward=True)
+  launch = dataclasses.replace(SMALL_TILES, fused_forward=True, fused_walk_reads_w=reads_w)
   out, state = chunk_gated_delta_rule_gpu(q, k, v, g, beta, h0, chunk_size=16, precision="ieee", launch=launch,
                                           interpret=True)
   expected, expected_state = chunk_gated_delta_rule_reference(q, k, v, g, beta, h0, chunk_size=16)

@@ -70,6 +70,7 @@ class ChunkedLaunch:
   # gpu_fused.py's forward: T and P per chunk, then one walk that also writes o (no u, no output kernel, and no
   # state history when no backward follows).
   fused_forward: bool = False
+  fused_walk_reads_w: bool = False  # the fused walk forms v_new = u - w h_n from a stored w (gpu_fused.py)
 
 
 def segment_masks(segment_ids: jax.Array, chunk: int) -> Segments:
@@ -131,17 +132,19 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
     walk_params = TritonParams(num_warps=launch.walk_warps, num_stages=walk_stages(store))
     if launch.fused_forward:
       chunk_matrix = struct(batch, heads, num_chunks, chunk, chunk)
+      with_w = save or launch.fused_walk_reads_w
       t, p, *w = call(gpu_fused.prep_kernel, "gdr_prep_fwd", parallel,
-                      (chunk_matrix, chunk_matrix, *[struct(batch, length, heads, key_dim)] * save),
-                      parallel_params, (q, k, gc, beta), segments, scale=scale, with_w=save, inv_mm=inv_mm,
+                      (chunk_matrix, chunk_matrix, *[struct(batch, length, heads, key_dim)] * with_w),
+                      parallel_params, (q, k, gc, beta), segments, scale=scale, with_w=with_w, inv_mm=inv_mm,
                       **common)
+      walk_w = w[:1] if launch.fused_walk_reads_w else []
       saved = (struct(batch, heads, num_chunks, key_dim, value_dim), struct(batch, length, heads, value_dim))
       o, final, *history = call(
           gpu_fused.walk_output_kernel, "gdr_walk_fwd", (value_dim // block_v, heads, batch),
           (struct(batch, length, heads, value_dim, dtype=v.dtype),
            struct(batch, heads, key_dim, value_dim, dtype=jnp.float32), *saved[:2 * save]),
-          walk_params, (q, k, v, gc, beta, t, p, h0.astype(jnp.float32)), segments, num_chunks=num_chunks,
-          block_v=block_v, scale=scale, save=save, **common)
+          walk_params, (q, k, v, gc, beta, t, p, h0.astype(jnp.float32), *walk_w), segments, num_chunks=num_chunks,
+          block_v=block_v, scale=scale, save=save, with_w=bool(walk_w), **common)
       return (o, final), ((w[0], t, *history, p) if save else None)
     w, u, t = call(wy_kernel, "gdr_wy_fwd", parallel,
                    (struct(batch, length, heads, key_dim), struct(batch, length, heads, value_dim),
