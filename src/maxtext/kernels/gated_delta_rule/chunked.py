@@ -1,15 +1,17 @@
 """One shard of the chunked gated delta rule: the intra-chunk algebra, the inter-chunk recurrence with its vjp.
 
 dispatch.py chooses the implementation and maps this over the mesh; benchmarks call `run_chunked` directly to
-vary `ChunkOptions`. On GPU the whole op is gpu.py's Pallas-Triton kernels (three forward, four backward); on TPU
-(and for impl='xla') it is chunking.py's algebra (jnp, differentiated by JAX) around the inter-chunk recurrence,
-whose forward and backward are the impl's kernels (tpu.py for 'tpu', inter_chunk.py's jnp twin for 'xla').
+vary `ChunkOptions`. On GPU the whole op is gpu.py's Pallas-Triton kernels (three forward, four backward). On TPU
+it is Pallas Mosaic kernels end to end: the intra-chunk algebra (tpu_intra_chunk.py) and the inter-chunk
+recurrence (tpu.py), each with a kernel backward. impl='xla' runs chunking.py's algebra (jnp, differentiated by
+JAX) around inter_chunk.py's jnp recurrence with its hand-written backward.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Any, Callable
 
 import jax
@@ -19,18 +21,27 @@ from maxtext.kernels.gated_delta_rule import inter_chunk
 from maxtext.kernels.gated_delta_rule.chunking import merge_chunks, prepare_chunks
 from maxtext.kernels.gated_delta_rule.reference import _initial_state
 
+_logger = logging.getLogger("maxtext.kernels")
+
 
 @dataclasses.dataclass(frozen=True)
 class ChunkOptions:
   """solve, precision: prepare_chunks' triangular solve and matmul precision, and operand_dtype: the dtype of the
   recurrence kernels' operands (impl 'xla' and 'tpu'); kernel_precision: the GPU kernels' dot precision
-  (gpu_precision.py's modes; None: 'bf16' for 16-bit inputs, 'ieee' for float32).
+  (gpu_precision.py's modes; None: 'bf16' for 16-bit inputs, 'ieee' for float32); tpu_algebra: impl 'tpu''s
+  intra-chunk algebra, 'pallas' (tpu_intra_chunk.py) or 'jnp' (chunking.py under XLA, the earlier form, kept
+  for the before/after comparison in tpu_aot_check.py).
   """
 
   solve: str = "solve_triangular"
   precision: Any = jax.lax.Precision.HIGHEST
   operand_dtype: Any = jnp.float32
   kernel_precision: str | None = None
+  tpu_algebra: str = "pallas"
+
+  def __post_init__(self):
+    if self.tpu_algebra not in ("pallas", "jnp"):
+      raise ValueError(f"ChunkOptions.tpu_algebra '{self.tpu_algebra}': choose 'pallas' or 'jnp'")
 
 
 def _recurrence_kernels(impl: str, interpret: bool) -> tuple[Callable, Callable]:
@@ -92,12 +103,31 @@ def run_chunked(q, k, v, g, beta, initial_state, *, segment_ids, chunk_size: int
     return gpu.chunk_gated_delta_rule_gpu(
         q, k, v, g, beta, state, segment_ids=segment_ids, chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm,
         scale=scale, precision=options.kernel_precision, interpret=interpret)
-  chunks = prepare_chunks(
-      q, k, v, g, beta, segment_ids, chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm, scale=scale,
-      solve=options.solve, precision=options.precision,
-  )
+  if impl == "tpu" and options.tpu_algebra == "pallas" and _tpu_algebra_tiles(chunk_size):
+    from maxtext.kernels.gated_delta_rule import tpu_intra_chunk  # noqa: PLC0415 - Pallas imports on demand
+
+    chunks = tpu_intra_chunk.prepare_chunks_tpu(
+        q, k, v, g, beta, segment_ids, chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm, scale=scale,
+        interpret=interpret)
+  else:
+    chunks = prepare_chunks(
+        q, k, v, g, beta, segment_ids, chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm, scale=scale,
+        solve=options.solve, precision=options.precision,
+    )
   cast = lambda x: x.astype(options.operand_dtype)
   chunks = chunks._replace(q=cast(chunks.q), k=cast(chunks.k), w=cast(chunks.w), u=cast(chunks.u),
                            intra=cast(chunks.intra))
   out, final_state = _inter_chunk_with_vjp(impl, interpret)(*chunks, state)
   return merge_chunks(out, length).astype(v.dtype), final_state
+
+
+@functools.cache
+def _tpu_algebra_tiles(chunk_size: int) -> bool:
+  """Whether the Pallas intra-chunk kernels take this chunk size; says once when the jnp algebra runs instead."""
+  from maxtext.kernels.gated_delta_rule import tpu_intra_chunk  # noqa: PLC0415 - Pallas imports on demand
+
+  if tpu_intra_chunk.supports(chunk_size, 0, 0):
+    return True
+  _logger.info("gated_delta_rule 'tpu': chunk_size=%d is not a power of two >= 8; the intra-chunk algebra runs as "
+               "jnp under XLA (the recurrence stays a Pallas kernel)", chunk_size)
+  return False
