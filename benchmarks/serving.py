@@ -3,7 +3,7 @@ against HF transformers' generate on the same GPU in the same run.
 
 Usage: python benchmarks/serving.py [--users 1,16,64] [--requests 128] [--rate 32] [--prefix-length 512]
            [--prefixes 4] [--suffix 32,256] [--new-tokens 32,256] [--chunk 64] [--scoring-requests 64]
-           [--no-peer] [--json out.json] [--quick]
+           [--no-peer] [--scan-layers] [--json out.json] [--quick]
 Model: the 2.5B bench config (benchmarks/bench_model.py), random weights, bf16, greedy.
 Workload (one seed, the same for every run and the peer): each request is one of `--prefixes` shared prefixes
 (a system prompt / few-shot block of --prefix-length tokens) + a random suffix (length uniform in --suffix),
@@ -187,7 +187,7 @@ def ours(args, requests: list[dict]) -> dict:
 
   values = dict(QUICK if args.quick else BENCH_MODEL)
   longest = max(len(r["prompt"]) + r["max_tokens"] for r in requests)
-  values.update(dtype="bfloat16", weight_dtype="bfloat16", scan_layers=False, max_target_length=longest + 1)
+  values.update(dtype="bfloat16", weight_dtype="bfloat16", scan_layers=args.scan_layers, max_target_length=longest + 1)
   engine = Engine(load_config(overrides=values), devices=jax.devices()[:1])
   return measure(args, requests, engine, AutoTokenizer.from_pretrained(ensure_qwen3_tokenizer()))
 
@@ -317,6 +317,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--cache-bytes", type=int, default=4 << 30)
   parser.add_argument("--scoring-requests", type=int, default=64)
   parser.add_argument("--no-peer", action="store_true")
+  parser.add_argument("--scan-layers", action="store_true",
+                      help="scanned layers: one compile of the layer body (minutes less per shape on a GPU)")
   parser.add_argument("--json", default=None)
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--peer-worker", action="store_true", help=argparse.SUPPRESS)
