@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from maxtext.kernels.gated_delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
+from maxtext import sharding
+from maxtext.kernels.gated_delta_rule import chunk_gated_delta_rule, context_parallel, recurrent_gated_delta_rule
 from maxtext.layers.decode_cache import DecodeContext, GdnCache, read_rows
 from maxtext.layers.linear import DEFAULT_INIT_STDDEV, Linear, partitioned
 from maxtext.layers.norms import GatedRMSNorm
@@ -18,6 +19,8 @@ def causal_depthwise_conv(x: jax.Array, kernel: jax.Array, segment_ids: jax.Arra
 
   With segment_ids [B, T], inputs from another segment (an earlier packed document) count as zeros too.
   """
+  if sharding.context_shards() > 1:  # the sequence is split over devices: each takes its halo from the previous
+    return context_parallel.causal_conv(causal_depthwise_conv, x, kernel, segment_ids)
   width = kernel.shape[0]
   padded = jnp.pad(x, ((0, 0), (width - 1, 0), (0, 0)))
   length = x.shape[1]

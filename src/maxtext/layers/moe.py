@@ -23,9 +23,8 @@ from maxtext.kernels.grouped_matmul import grouped_matmul
 from maxtext.layers.linear import DEFAULT_INIT_STDDEV, Linear, partitioned
 from maxtext.layers.specs import MoeSpec, Numerics
 
-# The mesh axes the flattened tokens [B * T] split over: `activation_batch`'s (RULES), then `activation_length`'s
-# (context parallelism splits each row), in the order flattening [B, T] lays them out.
-BATCH_MESH_AXES = ("data", "fsdp", "expert", "context")
+BATCH_MESH_AXES = ("data", "fsdp", "expert")  # the mesh axes `activation_batch` splits tokens over (RULES)
+LENGTH_MESH_AXIS = "context"  # the axis `activation_length` splits each row over (context parallelism)
 EXPERT_MESH_AXIS = "expert"
 
 
@@ -180,39 +179,50 @@ def dropless_expert_parallel(tokens, top_probs, top_experts, w: ExpertWeights, i
   return _combine(returned[dest, slot_in_dest][_inverse(order)], top_probs)
 
 
-def _token_mesh_axes(mesh, num_tokens: int, num_experts: int) -> tuple[tuple[str, ...], str | None]:
-  """(mesh axes splitting the tokens, the expert-parallel axis or None) for shard_map on `mesh`.
+def _token_mesh_axes(mesh, batch: int, length: int, num_experts: int
+                     ) -> tuple[tuple[str, ...], str | None, str | None]:
+  """(mesh axes splitting the rows, the axis splitting each row or None, the expert-parallel axis or None) for
+  shard_map on `mesh`, tokens [B, T].
 
-  Axes of size 1 are left out; the expert axis shards experts only when it divides both tokens and experts, and
+  Axes of size 1 are left out; the expert axis shards experts only when it divides both rows and experts, and
   is otherwise left replicated (each device then holds every expert: correct, not fast).
   """
   axes, product = [], 1
   for name in BATCH_MESH_AXES:
     size = mesh.shape.get(name, 1)
-    if size == 1 or num_tokens % (product * size):
+    if size == 1 or batch % (product * size):
       continue
     if name == EXPERT_MESH_AXIS and num_experts % size:
       continue
     axes.append(name)
     product *= size
-  return tuple(axes), (EXPERT_MESH_AXIS if EXPERT_MESH_AXIS in axes else None)
+  context = mesh.shape.get(LENGTH_MESH_AXIS, 1)
+  length_axis = LENGTH_MESH_AXIS if context > 1 and length % context == 0 else None
+  return tuple(axes), length_axis, (EXPERT_MESH_AXIS if EXPERT_MESH_AXIS in axes else None)
 
 
 def dropless(tokens, top_probs, top_experts, w: ExpertWeights, impl: str, megablox: bool) -> jax.Array:
-  """The sparse_matmul path; per device inside shard_map when a mesh is active (kernels cannot be partitioned)."""
+  """The sparse_matmul path on tokens [B, T, D] (top_probs, top_experts [B, T, k]) -> [B, T, D]; per device inside
+  shard_map when a mesh is active (kernels cannot be partitioned), each device taking its rows and, under context
+  parallelism, its part of each row."""
+  batch, length, embed = tokens.shape
+  flat = lambda x: x.reshape(-1, x.shape[-1])
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return dropless_local(tokens, top_probs, top_experts, w, impl, megablox)
-  token_axes, expert_axis = _token_mesh_axes(mesh, tokens.shape[0], w.gate.shape[0])
-  if not token_axes:
-    return dropless_local(tokens, top_probs, top_experts, w, impl, megablox)
+  token_axes, length_axis, expert_axis = (), None, None
+  if not mesh.empty:
+    token_axes, length_axis, expert_axis = _token_mesh_axes(mesh, batch, length, w.gate.shape[0])
+  if not token_axes and length_axis is None:
+    return dropless_local(flat(tokens), flat(top_probs), flat(top_experts), w, impl, megablox).reshape(tokens.shape)
 
   def per_device(tokens, top_probs, top_experts, w):
+    args = (flat(tokens), flat(top_probs), flat(top_experts), w, impl, megablox)
     if expert_axis is None:
-      return dropless_local(tokens, top_probs, top_experts, w, impl, megablox)
-    return dropless_expert_parallel(tokens, top_probs, top_experts, w, impl, megablox, expert_axis)
+      out = dropless_local(*args)
+    else:
+      out = dropless_expert_parallel(*args, expert_axis)
+    return out.reshape(*tokens.shape[:2], embed)
 
-  rows = P(token_axes)
+  rows = P(token_axes or None, length_axis)
   weights = jax.tree.map(lambda _: P(expert_axis), w)
   # check_vma off: Pallas interpret mode (CPU tests) gives its scratch values no varying mesh axes.
   return jax.shard_map(per_device, mesh=mesh, in_specs=(rows, rows, rows, weights), out_specs=rows,
@@ -288,7 +298,9 @@ class SparseMoe(nn.Module):
     probs, top_probs, top_experts = route(router_logits, spec.top_k, spec.norm_topk_prob)
     weights = RoutedExperts(spec.num_experts, spec.expert_dim, embed, numerics, name="experts")()
     if spec.sparse_matmul:
-      routed = dropless(tokens.astype(numerics.dtype), top_probs, top_experts, weights, spec.impl, spec.megablox)
+      per_row = lambda t: t.reshape(batch, length, -1)  # the rows split as x does (batch, and context)
+      routed = dropless(x.astype(numerics.dtype), per_row(top_probs), per_row(top_experts), weights, spec.impl,
+                        spec.megablox).reshape(tokens.shape)
     else:
       shape = (batch, length, spec.top_k)
       routed = token_dropping(x.astype(numerics.dtype), top_probs.reshape(shape), top_experts.reshape(shape),

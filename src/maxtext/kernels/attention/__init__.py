@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from maxtext import sharding
 from maxtext.kernels import dispatch
+from maxtext.kernels.attention import context_parallel
 from maxtext.kernels.attention.reference import dot_product_attention_reference
 
 _logger = logging.getLogger("maxtext.kernels")
@@ -42,6 +43,9 @@ def dot_product_attention(
     impl: str = "auto",
 ) -> jax.Array:
   """Causal GQA attention. q: [B, T, Hq, D]; k, v: [B, S, Hkv, D]; segment_ids: [B, T] or None -> [B, T, Hq, D]."""
+  if sharding.context_shards() > 1:  # the sequence is split over devices: queries stay, keys are gathered
+    return context_parallel.dot_product_attention(q, k, v, scale=scale, segment_ids=segment_ids, impl=impl,
+                                                  choose_impl=choose_impl)
   chosen = choose_impl(impl, q, k)
   if chosen == "reference":
     return dot_product_attention_reference(q, k, v, scale=scale, q_segment_ids=segment_ids)

@@ -15,10 +15,12 @@ def dot_product_attention_reference(
     q_segment_ids: jax.Array | None = None,
     kv_segment_ids: jax.Array | None = None,
     causal: bool = True,
+    q_offset: int | jax.Array | None = None,
 ) -> jax.Array:
   """q: [B, T, Hq, D]; k, v: [B, S, Hkv, D] with Hq a multiple of Hkv. Returns [B, T, Hq, D] in q's dtype.
 
-  Query i attends to key j when j <= i (causal; queries are the last T of the S keys) and, when segment ids are
+  Query i attends to key j when j <= i + q_offset (causal; by default the queries are the last T of the S keys,
+  q_offset = S - T; a context-parallel shard passes its own start, possibly traced) and, when segment ids are
   given, both lie in the same segment.
   """
   batch, q_len, num_heads, head_dim = q.shape
@@ -28,7 +30,7 @@ def dot_product_attention_reference(
   logits = jnp.einsum("btkgd,bskd->bkgts", q_grouped, k, preferred_element_type=jnp.float32) * scale
   mask = jnp.ones((q_len, kv_len), bool)
   if causal:
-    offset = kv_len - q_len
+    offset = kv_len - q_len if q_offset is None else q_offset
     mask = jnp.arange(q_len)[:, None] + offset >= jnp.arange(kv_len)[None, :]
   mask = mask[None, None, None]
   if q_segment_ids is not None:

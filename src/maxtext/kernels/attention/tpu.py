@@ -74,23 +74,39 @@ def splash_attention(
   reason = unsupported_reason(q, k)
   if reason is not None:
     raise ValueError(reason)
+  if segment_ids is not None and (segment_ids.shape != (batch, q_len) or q_len != kv_len):
+    raise ValueError(f"segment_ids must be [batch, length] = {(batch, q_len)} with as many keys as queries,"
+                     f" got {segment_ids.shape} for {kv_len} keys")
+  kernel = causal_kernel(num_heads, q_len, kv_len, q_len, blocks=blocks, interpret=interpret)
+  return run_kernel(kernel, q, k, v, scale=scale, q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
+
+
+def causal_kernel(num_heads: int, q_len: int, kv_len: int, q_block_len: int, *, blocks: SplashBlocks = SplashBlocks(),
+                  interpret: bool = False) -> splash.SplashAttentionKernel:
+  """Splash kernel for causal attention of q_len queries (the last of kv_len positions) over kv_len keys.
+
+  q_block_len: the queries each call gets (q_len, or a shard of it: the kernel's mask info then splits over
+  q_len // q_block_len shards, see `SplashAttentionKernel.manual_sharding_spec`).
+  """
+  causal = splash_mask.CausalMask((q_len, kv_len), offset=kv_len - q_len)
+  return splash.make_splash_mha(
+      splash_mask.MultiHeadMask([causal] * num_heads),
+      block_sizes=blocks.for_lengths(q_block_len, kv_len).splash_block_sizes(),
+      head_shards=1,
+      q_seq_shards=q_len // q_block_len,
+      interpret=interpret,
+  )
+
+
+def run_kernel(kernel, q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
+               q_segment_ids: jax.Array | None = None, kv_segment_ids: jax.Array | None = None) -> jax.Array:
+  """q: [B, T, Hq, D]; k, v: [B, S, Hkv, D]; segment ids [B, T] and [B, S] or None -> [B, T, Hq, D]."""
   # Splash does not scale the logits; scaling q in float32 first rounds once (exactly for power-of-two scales).
   q_bhtd = (q.astype(jnp.float32) * scale).astype(q.dtype).transpose(0, 2, 1, 3)
   k_bhsd, v_bhsd = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-  causal = splash_mask.CausalMask((q_len, kv_len), offset=kv_len - q_len)
-  kernel = splash.make_splash_mha(
-      splash_mask.MultiHeadMask([causal] * num_heads),
-      block_sizes=blocks.for_lengths(q_len, kv_len).splash_block_sizes(),
-      head_shards=1,
-      q_seq_shards=1,
-      interpret=interpret,
-  )
-  if segment_ids is None:
+  if q_segment_ids is None:
     out_bhtd = jax.vmap(kernel)(q_bhtd, k_bhsd, v_bhsd)
   else:
-    if segment_ids.shape != (batch, q_len) or q_len != kv_len:
-      raise ValueError(f"segment_ids must be [batch, length] = {(batch, q_len)} with as many keys as queries,"
-                       f" got {segment_ids.shape} for {kv_len} keys")
-    ids = segment_ids.astype(jnp.int32)
-    out_bhtd = jax.vmap(kernel)(q_bhtd, k_bhsd, v_bhsd, splash.SegmentIds(q=ids, kv=ids))
+    ids = splash.SegmentIds(q=q_segment_ids.astype(jnp.int32), kv=kv_segment_ids.astype(jnp.int32))
+    out_bhtd = jax.vmap(kernel)(q_bhtd, k_bhsd, v_bhsd, ids)
   return out_bhtd.transpose(0, 2, 1, 3).astype(q.dtype)
