@@ -165,6 +165,7 @@ class Config:
 
   # ---- Decode and serving (issue 7) ----
   max_prefill_predict_length: int
+  long_prefill_chunk_size: int
   prompt: str
   decode_max_new_tokens: int
   decode_sampling_strategy: DecodeSamplingStrategy
@@ -476,6 +477,8 @@ def _validate_inference(c: Config) -> None:
 
 def _validate_decode(c: Config) -> None:
   _require(c.max_prefill_predict_length > 0, "config key 'max_prefill_predict_length' must be > 0")
+  _require(c.long_prefill_chunk_size > 0, f"config key 'long_prefill_chunk_size' must be > 0, got"
+           f" {c.long_prefill_chunk_size}")
   # No rule against max_target_length: training runs leave the decode default alone, and the engine pads prompts to
   # at most max_target_length anyway (decode.py refuses a prompt that leaves no room).
   _require(c.decode_max_new_tokens >= -1, "config key 'decode_max_new_tokens' must be -1 (fill) or >= 0")

@@ -1,6 +1,7 @@
 """The inference engine: batched generation with streaming token events, and prompt scoring.
 
-A call pads its prompts (right) to a power-of-two batch and prompt bucket, prefills them in one pass, then runs
+A call pads its prompts (right) to a power-of-two batch and prompt bucket, prefills them in one pass (a prompt
+longer than long_prefill_chunk_size in chunks, each attending to the caches the earlier ones filled), then runs
 jitted fixed-shape steps (steps.py), each dispatched before the previous step's tokens are read back, so the device
 never waits for the host. With `mtp_speculative_decoding` and greedy requests, each step is a speculative round:
 the MTP head drafts `mtp_num_draft_tokens`, one forward pass verifies them, and the output is exactly greedy's.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -47,6 +49,11 @@ class TokenEvent:
 class PromptScores:
   token_logprobs: np.ndarray  # [T] float32; [0] is nan (nothing predicts the first token)
   top_logprobs: list[tuple[tuple[int, float], ...]]  # per position, `top_n` best alternatives ([0] empty)
+
+
+@functools.cache
+def _log_chunked_once(chunk: int) -> None:
+  _logger.info("prompts longer than %d tokens are prefilled in chunks of %d (long_prefill_chunk_size)", chunk, chunk)
 
 
 def _bucket(n: int, floor: int = 1) -> int:
@@ -115,9 +122,13 @@ class Engine:
       checked.append(prompt)
     return checked
 
-  def _padded(self, prompts: list[list[int]], floor: int) -> tuple[np.ndarray, np.ndarray]:
+  def _padded(self, prompts: list[list[int]], floor: int, chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded [batch bucket, length] tokens and the lengths; a prompt longer than `chunk` pads to whole
+    chunks (the chunked prefill's unit) rather than to a power of two."""
     batch = _bucket(len(prompts))
-    length = min(_bucket(max(map(len, prompts)), floor), self.max_context)
+    longest = max(map(len, prompts))
+    whole_chunks = chunk is not None and longest > chunk
+    length = min(-(-longest // chunk) * chunk if whole_chunks else _bucket(longest, floor), self.max_context)
     tokens = np.zeros((batch, length), np.int32)
     lengths = np.ones((batch,), np.int32)  # padding rows: one token
     for row, prompt in enumerate(prompts):
@@ -139,7 +150,8 @@ class Engine:
     num_top = MAX_LOGPROBS if any(p.logprobs for p in params) else 0
     greedy_only = all(p.greedy for p in params)
     steps = self._steps_for(num_top, self._num_draft if speculative else 0, greedy_only)
-    tokens, lengths = self._padded(prompts, max(_MIN_BUCKET, self.config.max_prefill_predict_length))
+    chunk = self.config.long_prefill_chunk_size
+    tokens, lengths = self._padded(prompts, max(_MIN_BUCKET, self.config.max_prefill_predict_length), chunk)
     sampling = BatchSampling.of(params, tokens.shape[0])
     remaining = [p.max_tokens for p in params]
     stops = [frozenset(p.stop_token_ids) for p in params]
@@ -147,7 +159,10 @@ class Engine:
     self.last_stats = stats
 
     with sharding.activate(self.mesh):
-      state, emitted = steps.prefill(self.params, jnp.asarray(tokens), jnp.asarray(lengths), sampling)
+      if tokens.shape[1] > chunk:
+        state, emitted = self._chunked_prefill(steps, tokens, lengths, sampling, chunk)
+      else:
+        state, emitted = steps.prefill(self.params, jnp.asarray(tokens), jnp.asarray(lengths), sampling)
     in_flight = collections.deque([emitted])  # dispatched calls whose tokens are not read back yet
     step = 1
     while True:
@@ -168,6 +183,22 @@ class Engine:
       if all(r <= 0 for r in remaining):
         return
       stats["steps"] += 1
+
+  def _chunked_prefill(self, steps: DecodeSteps, tokens: np.ndarray, lengths: np.ndarray, sampling: BatchSampling,
+                       chunk: int) -> tuple[Any, Emitted]:
+    """Prefill in chunks of `chunk` tokens, each attending to the caches the earlier ones filled: no buffer grows
+    with the prompt squared (a one-shot prefill's attention does, off the flash kernels). At most two compiled
+    chunk shapes: `chunk` and the tail up to max_target_length."""
+    _log_chunked_once(chunk)
+    batch, length = tokens.shape
+    following = np.concatenate([tokens[:, 1:], np.zeros((batch, 1), np.int32)], axis=1)
+    cache, last_hidden = steps.empty_cache(self.params, batch)
+    lengths = jnp.asarray(lengths)
+    for start in range(0, length, chunk):
+      piece = slice(start, min(start + chunk, length))
+      cache, last_hidden = steps.prefill_chunk(self.params, cache, last_hidden, jnp.asarray(tokens[:, piece]),
+                                               np.int32(start), lengths, jnp.asarray(following[:, piece]))
+    return steps.finish_prefill(self.params, cache, last_hidden, lengths, sampling)
 
   def _events(self, emitted: Emitted, params, remaining: list[int], stops, stats, speculative: bool):
     emitted = jax.device_get(emitted)  # every field's copy started at once: one wait, not five

@@ -73,6 +73,9 @@ class DecodeSteps:
     self.num_top = num_top  # top log-probs returned per token (static: 0 or sampling.MAX_LOGPROBS)
     self.num_draft = num_draft  # MTP drafts per round (0: plain decoding)
     self.prefill = jax.jit(self._prefill)
+    self.empty_cache = jax.jit(self._empty_cache, static_argnums=(1,))
+    self.prefill_chunk = jax.jit(self._prefill_chunk, donate_argnums=(1,))
+    self.finish_prefill = jax.jit(self._finish_prefill, donate_argnums=(1,))
     self.step = jax.jit(self._step, donate_argnums=(1,))
     self.speculate = jax.jit(self._speculate, donate_argnums=(1,))
     self.score = jax.jit(self._score, static_argnames=("top_n",))
@@ -128,10 +131,7 @@ class DecodeSteps:
     context = DecodeContext(jnp.zeros((batch,), jnp.int32), valid, capacity=self.capacity)
     hidden, cache = self._hidden(params, tokens, positions, None, context)
     last_hidden = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    logits = self._logits(params, last_hidden)
-    presence = jnp.zeros((batch, logits.shape[-1]), bool)
-    first = sample(logits, sampling, presence, jnp.zeros((), jnp.int32), greedy_only=self.greedy_only)
-    emitted = _emitted(logits[:, None], first[:, None], jnp.ones((batch,), jnp.int32), self.num_top)
+    presence, first, emitted = self._first_token(params, last_hidden, sampling)
     drafts, mtp_cache = jnp.zeros((batch, 0), jnp.int32), None
     if self.num_draft:
       # The MTP layer at position t reads token t + 1: the prompt shifted left, then the new token.
@@ -143,6 +143,64 @@ class DecodeSteps:
       drafts, mtp_cache = self._draft(params, mtp_last, mtp_cache, lengths, first_draft)
     state = LoopState({"decoder": cache, "mtp": mtp_cache}, lengths, first, _mark(presence, first[:, None],
                                                                                      emitted.count), drafts)
+    return state, emitted
+
+  def _first_token(self, params, last_hidden, sampling: BatchSampling):
+    """The hidden state after each prompt [B, E] -> (presence, the first new token [B], its Emitted)."""
+    batch = last_hidden.shape[0]
+    logits = self._logits(params, last_hidden)
+    presence = jnp.zeros((batch, logits.shape[-1]), bool)
+    first = sample(logits, sampling, presence, jnp.zeros((), jnp.int32), greedy_only=self.greedy_only)
+    emitted = _emitted(logits[:, None], first[:, None], jnp.ones((batch,), jnp.int32), self.num_top)
+    return presence, first, emitted
+
+  # ---- chunked prefill (long prompts): empty caches, then chunks that attend to them, then the first token ----
+  def _empty_cache(self, params, batch: int) -> tuple[Any, jax.Array]:
+    """Zero caches of `capacity` slots for `batch` rows (shapes traced from a one-token prefill) and a zero
+    last-hidden [B, E]."""
+    def prefill(params):
+      tokens = jnp.zeros((batch, 1), jnp.int32)
+      context = DecodeContext(jnp.zeros((batch,), jnp.int32), jnp.ones((batch, 1), bool), capacity=self.capacity)
+      hidden, cache = self._hidden(params, tokens, tokens, None, context)
+      mtp_cache = self._mtp(params, hidden, tokens, tokens, None, context)[1] if self.num_draft else None
+      return {"decoder": cache, "mtp": mtp_cache}, hidden[:, 0]
+
+    shapes = jax.eval_shape(prefill, params)
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+  def _prefill_chunk(self, params, cache, last_hidden, tokens, start, lengths, following):
+    """Prompt tokens start..start+T-1 of every row (tokens [B, T]; `following` [B, T] the token after each) into
+    the caches; last_hidden [B, E] becomes the hidden state of each row's last prompt token once this chunk holds
+    it. Rows shorter than `start` pass through (their inputs are padding)."""
+    batch, length = tokens.shape
+    positions = start + jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape)
+    cursor = jnp.full((batch,), start, jnp.int32)
+    hidden, decoder = self._hidden(params, tokens, positions, cache["decoder"],
+                                   DecodeContext(cursor, positions < lengths[:, None]))
+    index = lengths - 1 - start
+    here = (index >= 0) & (index < length)
+    mine = jnp.take_along_axis(hidden, jnp.clip(index, 0, length - 1)[:, None, None], axis=1)[:, 0]
+    last_hidden = jnp.where(here[:, None], mine, last_hidden)
+    mtp_cache = cache["mtp"]
+    if self.num_draft:
+      # The MTP layer at position t reads token t + 1; the last prompt position waits for the first new token.
+      context = DecodeContext(cursor, positions < (lengths - 1)[:, None])
+      mtp_cache = self._mtp(params, hidden, following, positions, mtp_cache, context)[1]
+    return {"decoder": decoder, "mtp": mtp_cache}, last_hidden
+
+  def _finish_prefill(self, params, cache, last_hidden, lengths, sampling: BatchSampling) -> tuple[LoopState, Emitted]:
+    """After the last chunk: sample the first token and (with MTP) feed it at the last prompt position and draft."""
+    presence, first, emitted = self._first_token(params, last_hidden, sampling)
+    drafts, mtp_cache = jnp.zeros((first.shape[0], 0), jnp.int32), cache["mtp"]
+    if self.num_draft:
+      positions = (lengths - 1)[:, None]
+      context = DecodeContext(lengths - 1, jnp.ones_like(positions, bool))
+      mtp_hidden, mtp_cache = self._mtp(params, last_hidden[:, None], first[:, None], positions, mtp_cache, context)
+      mtp_last = mtp_hidden[:, 0]
+      first_draft = jnp.argmax(self._logits(params, mtp_last), axis=-1).astype(jnp.int32)
+      drafts, mtp_cache = self._draft(params, mtp_last, mtp_cache, lengths, first_draft)
+    state = LoopState({"decoder": cache["decoder"], "mtp": mtp_cache}, lengths, first,
+                      _mark(presence, first[:, None], emitted.count), drafts)
     return state, emitted
 
   # ---- one token ----

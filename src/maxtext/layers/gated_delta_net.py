@@ -124,6 +124,11 @@ class GatedDeltaNet(nn.Module):
       g, beta = jnp.where(valid, g, 0.0), jnp.where(valid, beta, jnp.zeros_like(beta))
       if decode.is_prefill:
         out, state = chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=spec.chunk_size, impl=spec.impl)
+      elif length > spec.chunk_size and not decode.keep_all_states:
+        # A long continuation (a chunked prefill's later chunks): the chunked rule from the cached state; padding
+        # (beta = 0, no decay) leaves it as the last real token left it.
+        out, state = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=cache.state, chunk_size=spec.chunk_size,
+                                            impl=spec.impl)
       else:
         out, state = _recurrent(q, k, v, g, beta, cache.state, spec.impl, decode.keep_all_states)
       new_cache = GdnCache(conv_cache, state)
