@@ -13,9 +13,12 @@ rows of its key head and s the 1/sqrt(Dk) scale:
 (carried: the token belongs to the segment of the state entering the chunk; in_last: to the chunk's last segment;
 both 1 without segment ids. The initial state belongs to each row's first segment.)
 
-Forward (kernel bodies in gpu_kernels.py): `wy_kernel` (parallel over chunks: w, u and T, kept for the
-backward), `state_kernel` (one program per value block walks the chunks carrying its [Dk, BV] float32 state: h_n
-and v_new) and `output_kernel` (parallel: o). Backward: `local_dv_kernel` (parallel: (s Gamma * q k^T)^T do),
+Forward, by default (ChunkedLaunch.fused_forward; gpu_fused.py): `prep_kernel` (parallel over chunks: T, the
+output scores P = s Gamma * q k^T and, when a backward follows, w) and `walk_output_kernel` (one program per value
+block walks the chunks carrying its [Dk, BV] float32 state and writes o; with a backward also h_n and v_new).
+Without fusion (kernel bodies in gpu_kernels.py): `wy_kernel` (parallel: w, u and T), `state_kernel` (the walk: h_n
+and v_new) and `output_kernel` (parallel: o). Backward: `local_dv_kernel` (parallel: (s Gamma * q k^T)^T do; after
+the fused forward the reverse walk forms it from the saved P instead),
 `state_grad_kernel` (reverse walk: dv_new and dh_{n+1}, then dh0), `output_grad_kernel` (parallel: the gradients
 through o and the state update) and `wy_grad_kernel` (parallel: through the WY system). The per-value-head dq, dk
 are summed over each key head's group by XLA afterwards. (One kernel for both parallel gradient parts measured
@@ -68,8 +71,9 @@ class ChunkedLaunch:
   grad_block_k: int = 64  # key columns per program of the output-gradient kernel
   grad_block_v: int = 64  # value columns per inner step of the output-gradient kernel
   # gpu_fused.py's forward: T and P per chunk, then one walk that also writes o (no u, no output kernel, and no
-  # state history when no backward follows).
-  fused_forward: bool = False
+  # state history when no backward follows). Measured on an H200 (2026-12-01, docs/benchmarks.md): forward 0.22 /
+  # 0.85 / 3.40 ms against 0.28 / 1.07 / 4.36 at 1 x 4k / 16k / 64k, forward+backward 1-3% faster.
+  fused_forward: bool = True
   fused_walk_reads_w: bool = False  # the fused walk forms v_new = u - w h_n from a stored w (gpu_fused.py)
 
 
