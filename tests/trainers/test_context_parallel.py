@@ -141,3 +141,49 @@ def test_ops_with_context_parallelism_match_one_device():
     assert line, (case, out)
     assert line.group(1) == "True", line.group(0)
     assert float(line.group(2)) < RTOL and float(line.group(3)) < RTOL, line.group(0)
+
+
+# ------------------------------------------------------------------ bad input: one line each (in this session)
+
+
+def test_context_parallelism_must_divide_the_sequence_length():
+  import pytest
+
+  from maxtext.configs import ConfigError, load_config
+
+  with pytest.raises(ConfigError, match=r"context parallelism 6 \(ici_context_parallelism 3 x dcn_context_parallelism"
+                                        r" 2\) must divide 'max_target_length' \(16\)"):
+    load_config(overrides={"ici_context_parallelism": 3, "dcn_context_parallelism": 2, "max_target_length": 16})
+
+
+def test_ops_refuse_a_sequence_the_context_axis_does_not_split():
+  import jax
+  import jax.numpy as jnp
+  import pytest
+
+  from maxtext import sharding
+  from maxtext.kernels.attention import dot_product_attention
+  from maxtext.kernels.gated_delta_rule import chunk_gated_delta_rule
+
+  if jax.device_count() < 4:
+    pytest.skip("needs 4 host devices (conftest)")
+  mesh = sharding.make_mesh({"context": 4}, jax.devices()[:4])
+  x = jnp.ones((1, 6, 2, 8), jnp.float32)
+  gate = jnp.full((1, 6, 2), 0.5, jnp.float32)
+  culprit = "the sequence length 6 does not split over the 4 devices of the mesh's context axis"
+  with sharding.activate(mesh):
+    with pytest.raises(ValueError, match=f"context-parallel gated delta rule: {culprit}"):
+      chunk_gated_delta_rule(x, x, x, -gate, gate)
+    with pytest.raises(ValueError, match=f"context-parallel attention: {culprit}"):
+      dot_product_attention(x, x, x, scale=1.0)
+
+
+def test_decoding_refuses_context_parallelism():
+  import pytest
+
+  from maxtext.configs import ConfigError, load_config
+  from maxtext.inference.engine import Engine
+
+  config = load_config(overrides={"ici_context_parallelism": 2, "dcn_context_parallelism": 1})
+  with pytest.raises(ConfigError, match="context parallelism splits training sequences only"):
+    Engine(config)
