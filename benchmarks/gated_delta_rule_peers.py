@@ -43,6 +43,7 @@ def launches() -> dict:
   from maxtext.kernels.gated_delta_rule.gpu import ChunkedLaunch
   return {"api": None, "split": ChunkedLaunch(fused_forward=False), "fused": ChunkedLaunch(fused_forward=True),
           "fused_w": ChunkedLaunch(fused_forward=True, fused_walk_reads_w=True),
+          "bf16_inverse": ChunkedLaunch(inverse_precision="bf16"),
           "fused_bv64": ChunkedLaunch(fused_forward=True, block_v=64),
           "fused_w8": ChunkedLaunch(fused_forward=True, walk_warps=8)}
 

@@ -70,11 +70,12 @@ def test_fused_forward_packed_ragged_with_state():
   check((1, 100, 1, 2, 32, 32), 32, jnp.float32, "ieee", segment_ids=documents([30, 3, 47, 20]), launch=launch)
 
 
-def test_fused_forward_bf16_groups():
+@pytest.mark.parametrize("inverse", [None, "bf16"], ids=["tf32_inverse", "bf16_inverse"])
+def test_fused_forward_bf16_groups(inverse):
   """The fused path (its walk reading w) in the 16-bit default precision, B = 2, two value heads per key head,
-  Dk != Dv."""
+  Dk != Dv; the WY inverse's dots in the default precision or in bf16."""
   check((2, 70, 2, 4, 32, 16), 16, jnp.bfloat16, "bf16",
-        launch=ChunkedLaunch(fused_forward=True, fused_walk_reads_w=True))
+        launch=ChunkedLaunch(fused_forward=True, fused_walk_reads_w=True, inverse_precision=inverse))
 
 
 @pytest.mark.parametrize("reads_w", [False, True], ids=["kh", "w"])

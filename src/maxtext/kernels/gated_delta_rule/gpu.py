@@ -75,6 +75,9 @@ class ChunkedLaunch:
   # 0.85 / 3.40 ms against 0.28 / 1.07 / 4.36 at 1 x 4k / 16k / 64k, forward+backward 1-3% faster.
   fused_forward: bool = True
   fused_walk_reads_w: bool = False  # the fused walk forms v_new = u - w h_n from a stored w (gpu_fused.py)
+  # The dots of the WY inverse (gpu_precision.py's modes). None: 'ieee' in 'ieee' mode, else 'tf32'. 'bf16' is a
+  # speed experiment (the inverse's ten dependent products are most of the forward's parallel kernel).
+  inverse_precision: str | None = None
 
 
 def segment_masks(segment_ids: jax.Array, chunk: int) -> Segments:
@@ -112,7 +115,8 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
     if length % chunk:
       raise ValueError(f"gated delta rule GPU kernels: length {length} must be a multiple of the chunk {chunk}")
     mode, store, mm = matmul_mode((q, v), precision, interpret)
-    inv_mm = functools.partial(dot, precision="ieee" if mode == "ieee" else "tf32", interpret=interpret)
+    inverse = launch.inverse_precision or ("ieee" if mode == "ieee" else "tf32")
+    inv_mm = functools.partial(dot, precision=inverse, interpret=interpret)
     common = dict(chunk=chunk, groups=value_heads // key_heads, mm=mm)
     dims = (batch, length, value_heads, key_dim, value_dim, length // chunk)
     return dims, store, common, inv_mm, block_v, grad_block_v
