@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maxtext.inference.sampling import BatchSampling, SamplingParams, sample, token_logprobs
+from maxtext.inference.sampling import BatchSampling, SamplingParams, distribution, sample, token_logprobs
 
 LOGITS = np.log(np.array([0.05, 0.4, 0.1, 0.3, 0.15]))  # token 1 most likely, then 3, 4, 2, 0
 DRAWS = 4000
@@ -123,3 +123,20 @@ def test_seeds_below_2_to_32_keep_their_stream_and_wide_ones_differ():
 def test_top_k_beyond_the_vocabulary_keeps_everything():
   expected = _softmax(LOGITS)
   _assert_distribution(_draws(SamplingParams(temperature=1.0, top_k=10**12, seed=5)), expected)
+
+
+@pytest.mark.parametrize("params, expected", [
+    (SamplingParams(), np.eye(LOGITS.size)[1]),
+    (SamplingParams(temperature=0.7), _softmax(LOGITS / 0.7)),
+    (SamplingParams(temperature=1.0, top_k=2), np.array([0, 0.4, 0, 0.3, 0]) / 0.7),
+    (SamplingParams(temperature=1.0, top_p=0.75), np.array([0, 0.4, 0, 0.3, 0.15]) / 0.85),
+    (SamplingParams(temperature=1.0, min_p=0.3), np.array([0, 0.4, 0, 0.3, 0.15]) / 0.85),
+])
+def test_distribution_is_what_the_sampler_draws_from(params, expected):
+  # Speculative sampling accepts and corrects against these probabilities (in vocabulary order).
+  logits = jnp.asarray(LOGITS[None], jnp.float32)
+  sampling = BatchSampling.of([params], 1)
+  np.testing.assert_allclose(np.asarray(distribution(logits, sampling))[0], expected, rtol=1e-6, atol=1e-7)
+  if not (params.top_k or params.top_p < 1 or params.min_p):  # the sort-free form for unfiltered rows
+    np.testing.assert_allclose(np.asarray(distribution(logits, sampling, filtered=False))[0], expected,
+                               rtol=1e-6, atol=1e-7)

@@ -3,8 +3,9 @@
 A call pads its prompts (right) to a power-of-two batch and prompt bucket, prefills them in one pass (a prompt
 longer than long_prefill_chunk_size in chunks, each attending to the caches the earlier ones filled), then runs
 jitted fixed-shape steps (steps.py), each dispatched before the previous step's tokens are read back, so the device
-never waits for the host. With `mtp_speculative_decoding` and greedy requests, each step is a speculative round:
-the MTP head drafts `mtp_num_draft_tokens`, one forward pass verifies them, and the output is exactly greedy's.
+never waits for the host. With `mtp_speculative_decoding`, each step is a speculative round: the MTP head drafts
+`mtp_num_draft_tokens`, one forward pass verifies them; greedy requests get exactly greedy's output, sampled ones
+tokens distributed exactly as plain sampling's (speculative sampling, speculative.py).
 """
 
 from __future__ import annotations
@@ -103,10 +104,11 @@ class Engine:
       raise ValueError("params do not match the model's parameter tree (check scan_layers and the model keys)")
     return jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x, dtype), s), params, shardings)
 
-  def _steps_for(self, num_top: int, num_draft: int, greedy_only: bool = False) -> DecodeSteps:
-    key = (num_top, num_draft, greedy_only)
+  def _steps_for(self, num_top: int, num_draft: int, greedy_only: bool = False, filtered: bool = True) -> DecodeSteps:
+    key = (num_top, num_draft, greedy_only, filtered)
     if key not in self._steps:
-      self._steps[key] = DecodeSteps(self.model, self.max_context + self._num_draft, num_top, num_draft, greedy_only)
+      self._steps[key] = DecodeSteps(self.model, self.max_context + self._num_draft, num_top, num_draft, greedy_only,
+                                     filtered)
     return self._steps[key]
 
   def _check_prompts(self, prompts: Sequence[Sequence[int]], extra: Sequence[int]) -> list[list[int]]:
@@ -147,12 +149,15 @@ class Engine:
     prompts = self._check_prompts(prompts, [p.max_tokens for p in params])
     if not prompts or all(p.max_tokens == 0 for p in params):
       return
-    speculative = self._num_draft > 0 and all(p.greedy and p.presence_penalty == 0 for p in params)
+    # A presence penalty changes p with every accepted token inside a round: those batches decode plainly.
+    speculative = self._num_draft > 0 and all(p.presence_penalty == 0 for p in params)
     if self._num_draft and not speculative:
-      _logger.info("speculative decoding needs greedy requests without presence penalty: decoding plainly")
+      _logger.info("speculative decoding needs requests without presence penalty: decoding plainly")
     num_top = MAX_LOGPROBS if any(p.logprobs for p in params) else 0
     greedy_only = all(p.greedy for p in params)
-    steps = self._steps_for(num_top, self._num_draft if speculative else 0, greedy_only)
+    # Sampled speculation computes p and q over the whole vocabulary; without top-k / top-p / min-p, no sort.
+    filtered = not speculative or any(p.top_k or p.top_p < 1 or p.min_p > 0 for p in params if not p.greedy)
+    steps = self._steps_for(num_top, self._num_draft if speculative else 0, greedy_only, filtered)
     chunk = self.config.long_prefill_chunk_size
     tokens, lengths = self._padded(prompts, max(_MIN_BUCKET, self.config.max_prefill_predict_length), chunk)
     sampling = BatchSampling.of(params, tokens.shape[0])
@@ -174,8 +179,10 @@ class Engine:
       # that cannot be needed (a stop token can still end a row early: those outputs are dropped).
       while len(in_flight) <= _LOOKAHEAD and max(remaining) - len(in_flight) > 0:
         with sharding.activate(self.mesh):
-          if speculative:
+          if speculative and greedy_only:
             state, following = steps.speculate(self.params, state)
+          elif speculative:
+            state, following = steps.speculate_sampled(self.params, state, sampling, np.int32(step))
           else:
             state, following = steps.step(self.params, state, sampling, np.int32(step))
         in_flight.append(following)

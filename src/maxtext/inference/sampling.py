@@ -100,7 +100,9 @@ def sample(logits: jax.Array, sampling: BatchSampling, presence: jax.Array, step
   return jnp.where(sampling.temperature == 0, greedy, _draw(logits, sampling, step))
 
 
-def _draw(logits: jax.Array, sampling: BatchSampling, step: jax.Array) -> jax.Array:
+def _sorted_kept(logits: jax.Array, sampling: BatchSampling) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(temperature-scaled logits sorted descending [B, V], their token ids [B, V], the kept mask [B, V]): top-k,
+  then top-p on the renormalised top-k mass, then min-p; the most likely token always survives."""
   vocab = logits.shape[-1]
   scaled = logits / jnp.maximum(sampling.temperature, 1e-6)[:, None]
   sorted_logits, order = jax.lax.top_k(scaled, vocab)  # descending
@@ -109,14 +111,37 @@ def _draw(logits: jax.Array, sampling: BatchSampling, step: jax.Array) -> jax.Ar
   keep = rank < top_k
   probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
   mass_before = jnp.cumsum(probs, axis=-1) - probs
-  keep &= mass_before < sampling.top_p[:, None]
+  # top_p 1 is off: the cumulative sum can round to 1 before the tail, which must not drop the tail's tokens.
+  keep &= (mass_before < sampling.top_p[:, None]) | (sampling.top_p[:, None] >= 1.0)
   keep &= probs >= sampling.min_p[:, None] * probs[:, :1]
   keep = keep.at[:, 0].set(True)  # the most likely token always survives
+  return sorted_logits, order, keep
+
+
+def _draw(logits: jax.Array, sampling: BatchSampling, step: jax.Array) -> jax.Array:
+  vocab = logits.shape[-1]
+  sorted_logits, order, keep = _sorted_kept(logits, sampling)
   steps = jnp.broadcast_to(jnp.asarray(step), sampling.keys.shape)  # one step for all rows, or one per row
   keys = jax.vmap(jax.random.fold_in)(sampling.keys, steps)
   noise = jax.vmap(lambda key: jax.random.gumbel(key, (vocab,)))(keys)
   choice = jnp.argmax(jnp.where(keep, sorted_logits + noise, -jnp.inf), axis=-1)
   return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def distribution(logits: jax.Array, sampling: BatchSampling, *, filtered: bool = True) -> jax.Array:
+  """The distribution `sample` draws from without a presence penalty, in vocabulary order: logits [B, V] float32
+  -> probabilities [B, V] float32 (softmax of the scaled logits over the kept tokens; one-hot at the argmax for a
+  greedy row). filtered=False (static: no row uses top-k, top-p or min-p) leaves out the full-vocabulary sort.
+  Speculative sampling (speculative.py) accepts and resamples against these."""
+  greedy = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+  if filtered:
+    sorted_logits, order, keep = _sorted_kept(logits, sampling)
+    sorted_probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
+    rows = jnp.arange(logits.shape[0])[:, None]
+    probs = jnp.zeros_like(sorted_probs).at[rows, order].set(sorted_probs)  # back to vocabulary order
+  else:
+    probs = jax.nn.softmax(logits / jnp.maximum(sampling.temperature, 1e-6)[:, None], axis=-1)
+  return jnp.where((sampling.temperature == 0)[:, None], greedy, probs)
 
 
 def token_logprobs(logits: jax.Array, tokens: jax.Array, top_n: int) -> tuple[jax.Array, jax.Array, jax.Array]:

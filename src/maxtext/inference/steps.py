@@ -1,4 +1,5 @@
-"""The jitted, fixed-shape device functions of decoding: prefill, one generate step, one speculative round.
+"""The jitted, fixed-shape device functions of decoding: prefill, one generate step, one speculative round (greedy,
+or sampled: speculative.py).
 
 Each carries a `LoopState` (caches, per-row cursor and last token, presence mask, MTP drafts) that is donated, so
 caches update in place. Row b holds `cursor[b]` tokens in its caches; `last[b]` (the newest token, not yet fed)
@@ -13,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from maxtext.inference import speculative
 from maxtext.inference.sampling import BatchSampling, sample, token_logprobs
 from maxtext.layers.decode_cache import DecodeContext, GdnCache, KVCache, select_token
 from maxtext.models.qwen3_next import Qwen3NextForCausalLM
@@ -26,6 +28,7 @@ class LoopState:
   last: jax.Array  # [B] int32
   presence: jax.Array  # [B, V] bool: generated so far (presence penalty)
   drafts: jax.Array  # [B, k] int32 MTP drafts of the tokens after `last` ([B, 0] without speculation)
+  draft_probs: jax.Array  # [B, k, V] float32: the distribution q each draft was drawn from ([B, k, 0] unless sampled)
 
 
 @jax.tree_util.register_dataclass
@@ -66,9 +69,11 @@ class DecodeSteps:
   """Builds the jitted functions for one model; shapes (batch, prompt bucket) are compiled once each."""
 
   def __init__(self, model: Qwen3NextForCausalLM, capacity: int, num_top: int, num_draft: int,
-               greedy_only: bool = False):
+               greedy_only: bool = False, filtered: bool = True):
     self.model = model
-    self.greedy_only = greedy_only  # every request greedy: the sampler is argmax alone (no sort compiled)
+    # Every request greedy: the sampler is argmax alone (no sort compiled); with drafts, greedy speculation.
+    self.greedy_only = greedy_only
+    self.filtered = filtered  # a sampled row uses top-k / top-p / min-p (sampled speculation sorts the vocabulary)
     self.capacity = capacity  # cache slots per row
     self.num_top = num_top  # top log-probs returned per token (static: 0 or sampling.MAX_LOGPROBS)
     self.num_draft = num_draft  # MTP drafts per round (0: plain decoding)
@@ -78,6 +83,7 @@ class DecodeSteps:
     self.finish_prefill = jax.jit(self._finish_prefill, donate_argnums=(1,))
     self.step = jax.jit(self._step, donate_argnums=(1,))
     self.speculate = jax.jit(self._speculate, donate_argnums=(1,))
+    self.speculate_sampled = jax.jit(self._speculate_sampled, donate_argnums=(1,))
     self.score = jax.jit(self._score, static_argnames=("top_n",))
 
   def _advance(self, cursor: jax.Array, count: jax.Array | int) -> jax.Array:
@@ -97,19 +103,40 @@ class DecodeSteps:
         {"params": params}, hidden, next_tokens, positions, cache, decode, method="mtp_hidden"
     )
 
-  def _draft(self, params, mtp_hidden, mtp_cache, cursor, first_draft):
-    """From the first draft (predicted at position cursor - 1 from MTP hidden [B, E]), chain the MTP layer on its
-    own hidden state for the others -> (drafts [B, k], MTP cache)."""
-    drafts = [first_draft]
-    for _ in range(self.num_draft - 1):
-      positions = (cursor + len(drafts) - 1)[:, None]
-      context = DecodeContext(positions[:, 0], jnp.ones_like(positions, bool))
-      mtp_hidden, mtp_cache = self._mtp(
-          params, mtp_hidden[:, None], drafts[-1][:, None], positions, mtp_cache, context
-      )
-      mtp_hidden = mtp_hidden[:, 0]
-      drafts.append(jnp.argmax(self._logits(params, mtp_hidden), axis=-1).astype(jnp.int32))
-    return jnp.stack(drafts, axis=1), mtp_cache
+  def _draft(self, params, mtp_hidden, mtp_cache, cursor, choose):
+    """From MTP hidden [B, E] at position cursor - 1 (its logits predict the token after the one at cursor), draft
+    k tokens, chaining the MTP layer on its own hidden state -> (drafts [B, k], their q [B, k, V or 0], MTP cache).
+    choose(logits [B, V], index) -> (draft [B], q [B, V or 0])."""
+    drafts, probs = [], []
+    for index in range(self.num_draft):
+      if index:
+        positions = (cursor + index - 1)[:, None]
+        context = DecodeContext(positions[:, 0], jnp.ones_like(positions, bool))
+        mtp_hidden, mtp_cache = self._mtp(
+            params, mtp_hidden[:, None], drafts[-1][:, None], positions, mtp_cache, context
+        )
+        mtp_hidden = mtp_hidden[:, 0]
+      draft, q = choose(self._logits(params, mtp_hidden), index)
+      drafts.append(draft)
+      probs.append(q)
+    return jnp.stack(drafts, axis=1), jnp.stack(probs, axis=1), mtp_cache
+
+  @staticmethod
+  def _argmax_draft(logits, index):
+    del index
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits[:, :0]
+
+  def _sampled_draft(self, sampling: BatchSampling, keys: jax.Array):
+    return lambda logits, index: speculative.draw_draft(logits, sampling, keys, index, self.filtered)
+
+  def _first_drafts(self, params, mtp_last, mtp_cache, lengths, sampling: BatchSampling):
+    """Drafts after a prefill, from the MTP hidden at each row's last prompt position [B, E] -> (drafts [B, k],
+    q [B, k, V or 0], MTP cache). Greedy batches take the argmax; sampled ones draw from q with step 0's round
+    keys (the first token's own draw is fold_in(key, 0) untagged)."""
+    if self.greedy_only:
+      return self._draft(params, mtp_last, mtp_cache, lengths, self._argmax_draft)
+    keys = speculative.round_keys(sampling, jnp.zeros((), jnp.int32))
+    return self._draft(params, mtp_last, mtp_cache, lengths, self._sampled_draft(sampling, keys))
 
   # ---- scoring ----
   def _score(self, params, tokens: jax.Array, top_n: int):
@@ -132,17 +159,17 @@ class DecodeSteps:
     hidden, cache = self._hidden(params, tokens, positions, None, context)
     last_hidden = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
     presence, first, emitted = self._first_token(params, last_hidden, sampling)
-    drafts, mtp_cache = jnp.zeros((batch, 0), jnp.int32), None
+    drafts, draft_probs, mtp_cache = jnp.zeros((batch, 0), jnp.int32), jnp.zeros((batch, 0, 0)), None
     if self.num_draft:
       # The MTP layer at position t reads token t + 1: the prompt shifted left, then the new token.
       shifted = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
       next_tokens = jnp.where(positions == (lengths - 1)[:, None], first[:, None], shifted)
       mtp_hidden, mtp_cache = self._mtp(params, hidden, next_tokens, positions, None, context)
       mtp_last = jnp.take_along_axis(mtp_hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
-      first_draft = jnp.argmax(self._logits(params, mtp_last), axis=-1).astype(jnp.int32)
-      drafts, mtp_cache = self._draft(params, mtp_last, mtp_cache, lengths, first_draft)
+      drafts, draft_probs, mtp_cache = self._first_drafts(params, mtp_last, mtp_cache, lengths, sampling)
     state = LoopState({"decoder": cache, "mtp": mtp_cache}, lengths, first, _mark(presence, first[:, None],
-                                                                                     emitted.count), drafts)
+                                                                                     emitted.count), drafts,
+                      draft_probs)
     return state, emitted
 
   def _first_token(self, params, last_hidden, sampling: BatchSampling):
@@ -191,16 +218,16 @@ class DecodeSteps:
   def _finish_prefill(self, params, cache, last_hidden, lengths, sampling: BatchSampling) -> tuple[LoopState, Emitted]:
     """After the last chunk: sample the first token and (with MTP) feed it at the last prompt position and draft."""
     presence, first, emitted = self._first_token(params, last_hidden, sampling)
-    drafts, mtp_cache = jnp.zeros((first.shape[0], 0), jnp.int32), cache["mtp"]
+    batch = first.shape[0]
+    drafts, draft_probs, mtp_cache = jnp.zeros((batch, 0), jnp.int32), jnp.zeros((batch, 0, 0)), cache["mtp"]
     if self.num_draft:
       positions = (lengths - 1)[:, None]
       context = DecodeContext(lengths - 1, jnp.ones_like(positions, bool))
       mtp_hidden, mtp_cache = self._mtp(params, last_hidden[:, None], first[:, None], positions, mtp_cache, context)
       mtp_last = mtp_hidden[:, 0]
-      first_draft = jnp.argmax(self._logits(params, mtp_last), axis=-1).astype(jnp.int32)
-      drafts, mtp_cache = self._draft(params, mtp_last, mtp_cache, lengths, first_draft)
+      drafts, draft_probs, mtp_cache = self._first_drafts(params, mtp_last, mtp_cache, lengths, sampling)
     state = LoopState({"decoder": cache["decoder"], "mtp": mtp_cache}, lengths, first,
-                      _mark(presence, first[:, None], emitted.count), drafts)
+                      _mark(presence, first[:, None], emitted.count), drafts, draft_probs)
     return state, emitted
 
   # ---- one token ----
@@ -214,31 +241,54 @@ class DecodeSteps:
     count = jnp.ones_like(cursor)
     emitted = _emitted(logits[:, None], token[:, None], count, self.num_top)
     new_state = LoopState({"decoder": cache, "mtp": state.cache["mtp"]}, self._advance(cursor, 1), token,
-                          _mark(state.presence, token[:, None], count), state.drafts)
+                          _mark(state.presence, token[:, None], count), state.drafts, state.draft_probs)
     return new_state, emitted
 
-  # ---- one speculative round (greedy) ----
-  def _speculate(self, params, state: LoopState) -> tuple[LoopState, Emitted]:
-    """Verify the k drafts in one forward pass of k + 1 tokens; keep the longest agreeing prefix plus the model's
-    own next token (1..k+1 tokens per row, exactly what greedy decoding would emit); draft again with MTP."""
+  # ---- one speculative round ----
+  def _verify(self, params, state: LoopState):
+    """One forward pass over [last, drafts] (k + 1 tokens per row) -> (hidden [B, k + 1, E], logits [B, k + 1, V],
+    the decoder cache after each of those tokens, their positions [B, k + 1])."""
     k, cursor = self.num_draft, state.cursor
     tokens = jnp.concatenate([state.last[:, None], state.drafts], axis=1)  # [B, k + 1]
     positions = cursor[:, None] + jnp.arange(k + 1, dtype=jnp.int32)
     context = DecodeContext(cursor, jnp.ones(tokens.shape, bool), keep_all_states=True)
     hidden, cache = self._hidden(params, tokens, positions, state.cache["decoder"], context)
-    logits = self._logits(params, hidden)  # [B, k + 1, V]
+    return hidden, self._logits(params, hidden), cache, positions
+
+  def _next_round(self, params, state: LoopState, hidden, cache, positions, tokens, accepted, choose) -> LoopState:
+    """Keep each row's caches after its last accepted draft, feed the MTP layer the emitted tokens (tokens [B, k + 1],
+    the first accepted + 1 valid; the MTP layer at position t reads token t + 1) and draft again."""
+    cursor = state.cursor
+    cache = _keep_token(cache, accepted, self.model.spec.scan_layers)
+    mtp_context = DecodeContext(cursor, jnp.arange(self.num_draft + 1)[None, :] <= accepted[:, None])
+    mtp_hidden, mtp_cache = self._mtp(params, hidden, tokens, positions, state.cache["mtp"], mtp_context)
+    mtp_last = jnp.take_along_axis(mtp_hidden, accepted[:, None, None], axis=1)[:, 0]
+    new_cursor = self._advance(cursor, accepted + 1)
+    drafts, draft_probs, mtp_cache = self._draft(params, mtp_last, mtp_cache, new_cursor, choose)
+    last = jnp.take_along_axis(tokens, accepted[:, None], axis=1)[:, 0]
+    return LoopState({"decoder": cache, "mtp": mtp_cache}, new_cursor, last, state.presence, drafts, draft_probs)
+
+  def _speculate(self, params, state: LoopState) -> tuple[LoopState, Emitted]:
+    """Greedy: verify the k drafts in one forward pass of k + 1 tokens; keep the longest agreeing prefix plus the
+    model's own next token (1..k+1 tokens per row, exactly what greedy decoding would emit); draft again with MTP."""
+    k = self.num_draft
+    hidden, logits, cache, positions = self._verify(params, state)
     targets = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # targets[:, j]: the token after tokens[:, j]
     agree = jnp.cumprod((state.drafts == targets[:, :k]).astype(jnp.int32), axis=1)
     accepted = jnp.sum(agree, axis=1)  # [B] drafts accepted
-    cache = _keep_token(cache, accepted, self.model.spec.scan_layers)
     emitted = _emitted(logits, targets, accepted + 1, self.num_top)
+    return self._next_round(params, state, hidden, cache, positions, targets, accepted, self._argmax_draft), emitted
 
-    mtp_context = DecodeContext(cursor, jnp.arange(k + 1)[None, :] <= accepted[:, None])
-    mtp_hidden, mtp_cache = self._mtp(params, hidden, targets, positions, state.cache["mtp"], mtp_context)
-    mtp_last = jnp.take_along_axis(mtp_hidden, accepted[:, None, None], axis=1)[:, 0]
-    first_draft = jnp.argmax(self._logits(params, mtp_last), axis=-1).astype(jnp.int32)
-    new_cursor = self._advance(cursor, accepted + 1)
-    drafts, mtp_cache = self._draft(params, mtp_last, mtp_cache, new_cursor, first_draft)
-    last = jnp.take_along_axis(targets, accepted[:, None], axis=1)[:, 0]
-    new_state = LoopState({"decoder": cache, "mtp": mtp_cache}, new_cursor, last, state.presence, drafts)
-    return new_state, emitted
+  def _speculate_sampled(self, params, state: LoopState, sampling: BatchSampling,
+                         step: jax.Array) -> tuple[LoopState, Emitted]:
+    """Sampled (speculative.py): accept each draft with probability min(1, p / q), draw the token after the
+    accepted ones from norm(max(p - q, 0)) (from p after all k), so the tokens are distributed as plain sampling's;
+    draft again from q. step: the round's index (its rng stream). Log-probs are the model's own at temperature 1 of
+    the emitted tokens, as plain decoding reports."""
+    hidden, logits, cache, positions = self._verify(params, state)
+    keys = speculative.round_keys(sampling, step)
+    p = speculative.target_distributions(logits, sampling, self.filtered)
+    accepted, tokens = speculative.accept_and_correct(state.drafts, state.draft_probs, p, keys)
+    emitted = _emitted(logits, tokens, accepted + 1, self.num_top)
+    choose = self._sampled_draft(sampling, keys)
+    return self._next_round(params, state, hidden, cache, positions, tokens, accepted, choose), emitted
