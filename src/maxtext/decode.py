@@ -20,7 +20,7 @@ from maxtext.configs import Config, ConfigError, load_config
 from maxtext.inference.engine import Engine
 from maxtext.inference.sampling import SamplingParams
 from maxtext.inference.tokenizer import encode_for, load_tokenizer, stop_token_ids
-from maxtext.utils import cli
+from maxtext.utils import cli, distributed
 
 
 def sampling_params(config: Config, prompt_length: int, tokenizer, seed: int) -> SamplingParams:
@@ -49,6 +49,7 @@ def sampling_params(config: Config, prompt_length: int, tokenizer, seed: int) ->
 
 def main(argv: Sequence[str]) -> int:
   config = load_config(argv)
+  distributed.initialize(config)  # several processes: join them before any device is used
   tokenizer = load_tokenizer(config)
   prompt_ids = encode_for(config, tokenizer, config.prompt)
   if not prompt_ids:

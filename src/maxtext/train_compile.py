@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 
 from maxtext.configs import Config, ConfigError, load_config
-from maxtext.utils import cli
+from maxtext.utils import cli, distributed
 from maxtext.utils.topology import GIB, Topology, TopologyError, device_mesh, mesh_shape, parse_topology, topology_devices
 
 _logger = logging.getLogger("maxtext.train_compile")
@@ -149,6 +149,7 @@ def main(argv: Sequence[str]) -> int:
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   # No TPU is opened, so several compiles (or tests) may load libtpu at once; its lockfile would refuse that.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  distributed.initialize(config)  # launched as several processes (each compiles the same step): join them
   report, compiled = compile_train_step(config)
   for line in report.lines():
     print(line, flush=True)

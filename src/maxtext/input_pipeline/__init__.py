@@ -6,6 +6,6 @@ Every pipeline yields this host's rows of the global batch as numpy arrays keyed
 
 from __future__ import annotations
 
-from maxtext.input_pipeline.iterators import BatchIterator, make_train_iterator
+from maxtext.input_pipeline.iterators import BatchIterator, DataShare, ShardMismatchError, make_train_iterator
 
-__all__ = ["BatchIterator", "make_train_iterator"]
+__all__ = ["BatchIterator", "DataShare", "ShardMismatchError", "make_train_iterator"]

@@ -1,4 +1,4 @@
-"""The grain pipeline over local files: read -> shard by host -> shuffle (reshuffled every epoch) -> tokenise ->
+"""The grain pipeline over local files: read -> take one data shard -> shuffle (reshuffled every epoch) -> tokenise ->
 pack into rows of max_target_length -> batch. Its iterator state (a few integers) is checkpointed with the model."""
 
 from __future__ import annotations
@@ -48,11 +48,12 @@ def build_dataset(
     files: Sequence[str],
     file_type: str,
     tokenizer,
-    host_batch_size: int,
-    process_index: int = 0,
-    process_count: int = 1,
+    rows: int,
+    shard: int = 0,
+    num_shards: int = 1,
 ) -> grain.IterDataset:
-  """Batches of this host's rows: dicts of [host_batch_size, max_target_length] numpy arrays."""
+  """Batches of data shard `shard` of `num_shards` (records shard, shard + num_shards, ...): dicts of
+  [rows, max_target_length] numpy arrays."""
   columns = [c.strip() for c in config.train_data_columns.split(",") if c.strip()]
   if config.use_sft:
     encode = SftEncoder(tokenizer, columns[0], config.sft_train_on_completion_only, config.vocab_size)
@@ -61,7 +62,7 @@ def build_dataset(
   length = config.max_target_length
 
   records = grain.MapDataset.source(open_source(files, file_type, columns))
-  records = records[process_index::process_count]
+  records = records[shard::num_shards]
   if config.enable_data_shuffling:
     records = records.shuffle(seed=config.data_shuffle_seed)
   examples = records.repeat().map(lambda record: to_example(*encode(record)))
@@ -69,21 +70,21 @@ def build_dataset(
 
   lengths = {key: length for key in _FEATURES}
   if not config.packing:
-    rows = examples.map(lambda example: _pad_row(example, length))
+    packed = examples.map(lambda example: _pad_row(example, length))
   elif config.use_sft:
     # Conversations are never split across rows (a reply without its prompt teaches nothing); longer ones are cut.
-    rows = FirstFitPackIterDataset(
+    packed = FirstFitPackIterDataset(
         examples.map(lambda example: _truncate(example, length)),
         length_struct=lengths,
-        num_packing_bins=host_batch_size,
+        num_packing_bins=rows,
         seed=config.data_shuffle_seed,
         shuffle_bins=config.enable_data_shuffling,
     ).map(_from_packed)
   else:
     # Pretraining text is concatenated and cut at row boundaries: no padding; a cut document continues as a new
     # segment in the next row.
-    rows = ConcatThenSplitIterDataset(examples, length_struct=lengths).map(_from_packed)
-  return rows.batch(host_batch_size, drop_remainder=True)
+    packed = ConcatThenSplitIterDataset(examples, length_struct=lengths).map(_from_packed)
+  return packed.batch(rows, drop_remainder=True)
 
 
 class GrainIterator:

@@ -22,11 +22,13 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from maxtext.checkpoint_conversion import fingerprint, model_record, orbax_io
 from maxtext.checkpoint_conversion.param_reader import one_line
 from maxtext.checkpoint_conversion.safetensors_io import CheckpointFormatError
 from maxtext.configs import Config
+from maxtext.input_pipeline.iterators import ShardedIterator, ShardMismatchError
 
 _logger = logging.getLogger("maxtext.trainers")
 STATE_ITEM = "items"
@@ -55,26 +57,55 @@ class _SmallItemHandler(ocp.CheckpointHandler):
     pass
 
 
+def _read_json(file: epath.Path) -> Any:
+  try:
+    return json.loads(file.read_text())
+  except (UnicodeDecodeError, json.JSONDecodeError):
+    raise CheckpointDamagedError(f"'{file}' is damaged (not JSON)") from None
+
+
 class DataIteratorHandler(_SmallItemHandler):
-  """Stores each host's iterator state (`get_state()`, JSON) in its own file: hosts read different data."""
+  """Stores each process's iterator state (`get_state()`, JSON) in its own file. A sharded training iterator
+  (input_pipeline.ShardedIterator) resumes from the union of every file's shard positions, so the process count
+  may change between save and restore; other iterators read their own process's file."""
 
   @staticmethod
-  def _file(directory: epath.Path) -> epath.Path:
-    return epath.Path(directory) / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+  def _file(directory: epath.Path, index: int, count: int) -> epath.Path:
+    return epath.Path(directory) / f"process_{index}-of-{count}.json"
 
   def save(self, directory: epath.Path, args: "DataIteratorSave") -> None:
-    self._file(directory).write_text(json.dumps(args.iterator.get_state()))
+    self._file(directory, jax.process_index(), jax.process_count()).write_text(json.dumps(args.iterator.get_state()))
 
   def restore(self, directory: epath.Path, args: "DataIteratorRestore") -> Any:
-    file = self._file(directory)
+    if isinstance(args.iterator, ShardedIterator):
+      state = self._shard_positions(epath.Path(directory))
+      try:
+        args.iterator.set_state(state)
+      except ShardMismatchError as e:
+        raise CheckpointFormatError(f"cannot resume the data of '{epath.Path(directory).parent}': {e}") from None
+      return args.iterator
+    file = self._file(directory, jax.process_index(), jax.process_count())
     if not file.exists():
       raise CheckpointFormatError(f"'{file}' is missing: the checkpoint was written by a different number of hosts")
-    try:
-      state = json.loads(file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError):
-      raise CheckpointDamagedError(f"'{file}' is damaged (not JSON)") from None
-    args.iterator.set_state(state)
+    args.iterator.set_state(_read_json(file))
     return args.iterator
+
+  def _shard_positions(self, directory: epath.Path) -> dict[str, Any]:
+    """{'data_shards': n, 'shards': {k: position}} merged from every process's file."""
+    merged: dict[str, Any] = {"data_shards": None, "shards": {}}
+    files = sorted(directory.glob("process_*-of-*.json"))
+    if not files:
+      raise CheckpointDamagedError(f"'{directory}' holds no data iterator state")
+    for file in files:
+      state = _read_json(file)
+      if "shards" not in state:  # written before data shards: process i of n read shard i of n
+        index, count = (int(x) for x in file.stem[len("process_"):].split("-of-"))
+        state = {"data_shards": count, "shards": {str(index): state}}
+      if merged["data_shards"] not in (None, state["data_shards"]):
+        raise CheckpointDamagedError(f"'{directory}' mixes iterator states of different data shards")
+      merged["data_shards"] = state["data_shards"]
+      merged["shards"].update(state["shards"])
+    return merged
 
 
 @ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
@@ -235,7 +266,10 @@ class TrainCheckpointer:
         return self.restore(step, abstract_state, iterator), step
       except CheckpointDamagedError as e:
         aside = f"{self._step_dir(step)}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
-        os.rename(self._step_dir(step), aside)
+        if jax.process_index() == 0:  # every process found the damage; one moves the step
+          os.rename(self._step_dir(step), aside)
+        if jax.process_count() > 1:
+          multihost_utils.sync_global_devices(f"maxtext: step {step} moved aside")
         self._manager.reload()
         _logger.warning("checkpoint step %d is damaged (%s); moved it to '%s' and trying the step before", step, e,
                         aside)

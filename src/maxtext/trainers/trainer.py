@@ -12,7 +12,7 @@ import jax
 
 from maxtext.configs import Config, ConfigError
 from maxtext.input_pipeline import make_train_iterator
-from maxtext.trainers import flops
+from maxtext.trainers import flops, host_data
 from maxtext.trainers import mesh as train_mesh
 from maxtext.trainers.checkpointing import TrainCheckpointer
 from maxtext.trainers.metrics import MetricsWriter, step_metrics
@@ -53,11 +53,12 @@ def train(
   """Train to `config.steps` on `devices` (default: all); returns the metrics of each step run here. `stop_after`
   ends the loop after that step without the final save, as a killed run would (for tests)."""
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax narrates every save at INFO
-  train_mesh.maybe_initialize_distributed()
   run_dir = output_directory(config)
   mesh = train_mesh.make_training_mesh(config, devices)
   training = build_training(config, mesh)
-  iterator = make_train_iterator(config, training.global_batch_size)
+  # Each process reads only the rows its devices hold (host_data.py); on one process, the whole batch.
+  share = host_data.process_share(mesh, training.global_batch_size, config.max_target_length, config.data_shards)
+  iterator = make_train_iterator(config, training.global_batch_size, share)
   checkpointer = TrainCheckpointer(os.path.join(run_dir, "checkpoints"), config) if config.enable_checkpointing else None
   writer = MetricsWriter(os.path.join(run_dir, "tensorboard") if config.enable_tensorboard else "", config.log_period)
   num_devices = mesh.devices.size
@@ -79,7 +80,7 @@ def train(
     tokens_per_batch = training.global_batch_size * config.max_target_length
     for step in range(start + 1, config.steps + 1):
       began = time.perf_counter()
-      batch = train_mesh.host_batch_to_global(next(iterator), mesh)
+      batch = host_data.to_global(next(iterator), mesh, share)
       state, raw = training.train_step(state, batch)
       raw = jax.device_get(raw)  # waits for the step: the time below is the step's, data loading included
       metrics = step_metrics(raw, time.perf_counter() - began, tokens_per_batch, flops_per_token, num_devices, peak)

@@ -11,12 +11,12 @@ import glob
 import os
 
 
-def _has_tpu_devices() -> bool:
+def has_tpu_devices() -> bool:
   return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
 def default_platforms() -> None:
   """JAX_PLATFORMS=cpu when the user set none and the machine has neither a TPU nor an NVIDIA GPU."""
-  if os.environ.get("JAX_PLATFORMS") or _has_tpu_devices() or glob.glob("/dev/nvidia[0-9]*"):
+  if os.environ.get("JAX_PLATFORMS") or has_tpu_devices() or glob.glob("/dev/nvidia[0-9]*"):
     return
   os.environ["JAX_PLATFORMS"] = "cpu"

@@ -12,13 +12,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from maxtext.configs import load_config
-from maxtext.utils import cli
+from maxtext.utils import cli, distributed
 
 
 def main(argv: Sequence[str]) -> int:
   from maxtext.trainers.trainer import train  # noqa: PLC0415 - after cli.run has set up platforms and logging
 
-  history = train(load_config(argv))
+  config = load_config(argv)
+  distributed.initialize(config)  # several processes: join them before any device is used
+  history = train(config)
   return 0 if all(m["loss"] == m["loss"] for m in history) else 1  # NaN loss fails the run
 
 

@@ -12,13 +12,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from maxtext.configs import load_config
-from maxtext.utils import cli
+from maxtext.utils import cli, distributed
 
 
 def main(argv: Sequence[str]) -> int:
   from maxtext.trainers.post_train.rl.loop import rl_train  # noqa: PLC0415 - after cli.run set up platforms
 
-  history = rl_train(load_config(argv))
+  config = load_config(argv)
+  distributed.initialize(config)  # several processes: join them before any device is used
+  history = rl_train(config)
   finite = all(m.get("policy_loss", 0.0) == m.get("policy_loss", 0.0) for m in history)
   return 0 if finite else 1  # a NaN loss fails the run
 
