@@ -1,6 +1,7 @@
 """Tiny random HF Qwen3-Next checkpoints: the independent reference of the tests, and a checkpoint to try the tools on.
 
   python3 -m tests.assets.tiny_hf_checkpoint --output-dir DIR [--config grouped_values] [--vocab-size 151936]
+      [--yarn FACTOR:ORIGINAL_MAX_POSITION_EMBEDDINGS]
 
 The vocabulary defaults to Qwen's (151936) so that real prompts tokenise into valid ids.
 """
@@ -59,8 +60,16 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--config", default="grouped_values", choices=sorted(HF_TINY_CONFIGS))
   parser.add_argument("--vocab-size", type=int, default=151936)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--yarn", default=None, help="FACTOR:ORIGINAL: rope_type yarn with this factor and"
+                      " original_max_position_embeddings (max_position_embeddings = their product)")
   args = parser.parse_args(argv)
-  save_tiny_hf(args.config, args.output_dir, args.seed, vocab_size=args.vocab_size)
+  overrides = {"vocab_size": args.vocab_size}
+  if args.yarn:
+    factor, original = args.yarn.split(":")
+    rope = {**HF_TINY_CONFIGS[args.config]["rope_parameters"], "rope_type": "yarn", "factor": float(factor),
+            "original_max_position_embeddings": int(original)}
+    overrides.update(rope_parameters=rope, max_position_embeddings=int(float(factor) * int(original)))
+  save_tiny_hf(args.config, args.output_dir, args.seed, **overrides)
   print(f"wrote a random tiny Qwen3-Next ({args.config}, vocab {args.vocab_size}) to {args.output_dir}")
   return 0
 

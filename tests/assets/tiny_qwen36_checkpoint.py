@@ -1,6 +1,7 @@
 """Tiny random HF Qwen3.5 / Qwen3.6 MoE checkpoints (`Qwen3_5MoeForConditionalGeneration`, hub layout).
 
   python3 -m tests.assets.tiny_qwen36_checkpoint --output-dir DIR [--config irregular] [--fused-experts]
+      [--yarn FACTOR:ORIGINAL_MAX_POSITION_EMBEDDINGS]
 
 `save_pretrained` writes experts one tensor per expert; `fuse_experts` rewrites a folder with the fused 3-D form
 (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I]) that the hub's Qwen3.6 repos use.
@@ -137,8 +138,16 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--fused-experts", action="store_true", help="store experts fused, as the hub's repos do")
   parser.add_argument("--with-mtp", action="store_true", help="add random mtp.* tensors (mtp_num_hidden_layers=1)")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--yarn", default=None, help="FACTOR:ORIGINAL: rope_type yarn with this factor and"
+                      " original_max_position_embeddings (max_position_embeddings = their product)")
   args = parser.parse_args(argv)
-  save_tiny_qwen36(args.config, args.output_dir, args.seed, vocab_size=args.vocab_size)
+  overrides = {"vocab_size": args.vocab_size}
+  if args.yarn:
+    factor, original = args.yarn.split(":")
+    rope = {**QWEN36_TINY_CONFIGS[args.config]["rope_parameters"], "rope_type": "yarn", "factor": float(factor),
+            "original_max_position_embeddings": int(original)}
+    overrides.update(rope_parameters=rope, max_position_embeddings=int(float(factor) * int(original)))
+  save_tiny_qwen36(args.config, args.output_dir, args.seed, **overrides)
   if args.fused_experts or args.with_mtp:
     tensors = read_tensors(args.output_dir)
     if args.with_mtp:
