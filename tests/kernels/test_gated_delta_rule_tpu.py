@@ -104,18 +104,50 @@ def test_forward_inside_shard_map():
 NO_LIBTPU = "libtpu is not installed (pip install 'jax[tpu]==<jax version>'): no deviceless TPU compile"
 
 
+# A deviceless compile needs no chip, so several processes may load libtpu at once (libtpu's lockfile is for chips).
+DEVICELESS_ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "TPU_WORKER_HOSTNAMES": "localhost",
+                  "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason=NO_LIBTPU)
 def test_compiles_for_tpu_topology_without_a_tpu():
   """Production shapes compile through Mosaic for v5p:2x2x1 inside jit(shard_map); prints the memory analysis.
 
   The third line compiles the public dispatcher's forward+backward on mesh-sharded model-layout inputs: its own
-  shard_map must carry the Mosaic kernels (XLA cannot partition them)."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "TPU_WORKER_HOSTNAMES": "localhost"}
+  shard_map must carry the Mosaic kernels (XLA cannot partition them), all four of them, with no XLA dot on
+  [.., C, C] tiles and no triangular solve left (the chunk algebra is in the kernels)."""
   command = [sys.executable, "-m", "maxtext.kernels.gated_delta_rule.tpu_aot_check", "--topology", "v5p:2x2x1"]
-  result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+  result = subprocess.run(command, env=DEVICELESS_ENV, capture_output=True, text=True, timeout=300)
   print(result.stdout)
   assert result.returncode == 0, result.stdout + result.stderr[-4000:]
   for kernel in ("forward", "backward"):
     assert f"{kernel}: compiled tpu_custom_call=True" in result.stdout, result.stdout
   dispatched = [line for line in result.stdout.splitlines() if line.startswith("dispatched fwd+bwd")]
   assert dispatched and "tpu_custom_call=True" in dispatched[0], result.stdout
+  kernels = "gdr_inter_chunk_bwd,gdr_inter_chunk_fwd,gdr_intra_chunk_bwd,gdr_intra_chunk_fwd"
+  assert f"pallas_kernels={kernels} chunk_algebra_xla_ops=0" in dispatched[0], dispatched[0]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason=NO_LIBTPU)
+def test_gdn_layer_chunk_algebra_is_pallas_only_on_tpu():
+  """The GDN layer's forward+backward compiled for v5p:2x2x1 (benchmarks/gated_delta_rule_tpu_cost.py, production
+  chunk and head sizes, fewer heads and tokens for CI time): with impl 'tpu' it calls the four Pallas kernels and
+  no XLA instruction of the chunk algebra is left; with 'tpu_jnp_algebra' (the earlier form) the same detector
+  finds them. Fewer bytes accessed after than before, by XLA's cost analysis (the op's row and the layer's)."""
+  command = [sys.executable, os.path.join(ROOT, "benchmarks", "gated_delta_rule_tpu_cost.py"),
+             "--shape", "2,512,4,8,128,128", "--embed", "256"]
+  result = subprocess.run(command, env=DEVICELESS_ENV, capture_output=True, text=True, timeout=300)
+  print(result.stdout)
+  assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+  rows = {}
+  for line in result.stdout.splitlines():
+    cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+    if len(cells) == 8:
+      rows[cells[0], cells[1]] = cells
+  all_kernels = {"gdr_intra_chunk_fwd", "gdr_intra_chunk_bwd", "gdr_inter_chunk_fwd", "gdr_inter_chunk_bwd"}
+  for what in ("op", "GDN layer"):
+    after, before = rows[what, "tpu"], rows[what, "tpu_jnp_algebra"]
+    assert set(after[2].split()) == all_kernels and after[3] == "0", after
+    assert "gdr_intra_chunk_fwd" not in before[2] and int(before[3]) > 0, before
+    assert float(after[5].split()[0]) < float(before[5].split()[0]), (after, before)  # bytes accessed

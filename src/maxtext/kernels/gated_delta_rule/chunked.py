@@ -4,7 +4,8 @@ dispatch.py chooses the implementation and maps this over the mesh; benchmarks c
 vary `ChunkOptions`. On GPU the whole op is gpu.py's Pallas-Triton kernels (three forward, four backward). On TPU
 it is Pallas Mosaic kernels end to end: the intra-chunk algebra (tpu_intra_chunk.py) and the inter-chunk
 recurrence (tpu.py), each with a kernel backward. impl='xla' runs chunking.py's algebra (jnp, differentiated by
-JAX) around inter_chunk.py's jnp recurrence with its hand-written backward.
+JAX) around inter_chunk.py's jnp recurrence with its hand-written backward; 'tpu_jnp_algebra' the same algebra
+around tpu.py's recurrence (the earlier TPU form, kept for comparisons).
 """
 
 from __future__ import annotations
@@ -28,27 +29,20 @@ _logger = logging.getLogger("maxtext.kernels")
 class ChunkOptions:
   """solve, precision: prepare_chunks' triangular solve and matmul precision, and operand_dtype: the dtype of the
   recurrence kernels' operands (impl 'xla' and 'tpu'); kernel_precision: the GPU kernels' dot precision
-  (gpu_precision.py's modes; None: 'bf16' for 16-bit inputs, 'ieee' for float32); tpu_algebra: impl 'tpu''s
-  intra-chunk algebra, 'pallas' (tpu_intra_chunk.py) or 'jnp' (chunking.py under XLA, the earlier form, kept
-  for the before/after comparison in tpu_aot_check.py).
+  (gpu_precision.py's modes; None: 'bf16' for 16-bit inputs, 'ieee' for float32).
   """
 
   solve: str = "solve_triangular"
   precision: Any = jax.lax.Precision.HIGHEST
   operand_dtype: Any = jnp.float32
   kernel_precision: str | None = None
-  tpu_algebra: str = "pallas"
-
-  def __post_init__(self):
-    if self.tpu_algebra not in ("pallas", "jnp"):
-      raise ValueError(f"ChunkOptions.tpu_algebra '{self.tpu_algebra}': choose 'pallas' or 'jnp'")
 
 
 def _recurrence_kernels(impl: str, interpret: bool) -> tuple[Callable, Callable]:
   """(forward, backward) of the inter-chunk recurrence for an impl, with inter_chunk.py's contract."""
   if impl == "xla":
     return inter_chunk.inter_chunk_forward, inter_chunk.inter_chunk_backward
-  if impl == "tpu":
+  if impl in ("tpu", "tpu_jnp_algebra"):
     from maxtext.kernels.gated_delta_rule import tpu  # noqa: PLC0415 - Pallas imports on demand
 
     return (functools.partial(tpu.inter_chunk_forward_tpu, interpret=interpret),
@@ -94,7 +88,8 @@ def _inter_chunk_with_vjp(impl: str, interpret: bool) -> Callable:
 def run_chunked(q, k, v, g, beta, initial_state, *, segment_ids, chunk_size: int, use_qk_l2norm: bool,
                 scale: float | None, impl: str, interpret: bool,
                 options: ChunkOptions = ChunkOptions()) -> tuple[jax.Array, jax.Array]:
-  """One shard, impl 'gpu', 'tpu' or 'xla'; layouts in reference.py. Returns (o in v's dtype, final state f32)."""
+  """One shard, impl 'gpu', 'tpu', 'tpu_jnp_algebra' or 'xla'; layouts in reference.py. Returns (o in v's dtype,
+  final state f32)."""
   batch, length = q.shape[:2]
   state = _initial_state(initial_state, batch, v.shape[2], k.shape[-1], v.shape[-1])
   if impl == "gpu":
@@ -103,7 +98,7 @@ def run_chunked(q, k, v, g, beta, initial_state, *, segment_ids, chunk_size: int
     return gpu.chunk_gated_delta_rule_gpu(
         q, k, v, g, beta, state, segment_ids=segment_ids, chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm,
         scale=scale, precision=options.kernel_precision, interpret=interpret)
-  if impl == "tpu" and options.tpu_algebra == "pallas" and _tpu_algebra_tiles(chunk_size):
+  if impl == "tpu" and _tpu_algebra_tiles(chunk_size):
     from maxtext.kernels.gated_delta_rule import tpu_intra_chunk  # noqa: PLC0415 - Pallas imports on demand
 
     chunks = tpu_intra_chunk.prepare_chunks_tpu(

@@ -4,7 +4,8 @@ Each implementation registers with the backends on which impl='auto' may take it
 the call's sizes; 'auto' takes the first entry, in registry order, that accepts both, and logs the choice once.
 A name chosen explicitly runs as asked (its kernel rejects sizes it cannot take, naming them).
   chunked (training, prefill): 'gpu' (Pallas-Triton, powers-of-two sizes), 'tpu' (Pallas Mosaic), 'xla' (jnp with
-  the hand-written recurrence backward), 'reference' (jnp, autodiff; the CPU path)
+  the hand-written recurrence backward), 'reference' (jnp, autodiff; the CPU path); 'tpu_jnp_algebra' (the jnp
+  chunk algebra around the Pallas TPU recurrence: the earlier TPU form, never chosen by 'auto', for comparisons)
   recurrent (decode, forward only): 'gpu', 'tpu' (recurrent_kernels.py), 'reference'
 """
 
@@ -55,6 +56,7 @@ CHUNKED = (
     Implementation("gpu", ("gpu",), _gpu_tileable),
     Implementation("tpu", ("tpu",)),
     Implementation("xla", ("gpu", "tpu")),
+    Implementation("tpu_jnp_algebra", ()),
     Implementation("reference", _ANY_BACKEND),
 )
 RECURRENT = (

@@ -12,6 +12,7 @@ Inside a sharded jit these calls must sit in `jax.shard_map` (tpu_aot_check.py s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
@@ -123,6 +124,18 @@ def _compiler_params() -> pltpu.CompilerParams:
   return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
 
 
+def _cost(args: tuple[jax.Array, ...], out_shape: list[jax.ShapeDtypeStruct], matmuls: int, squares: int
+          ) -> pl.CostEstimate:
+  """What XLA's cost analysis should count for a call (it cannot see inside): per (batch, head, chunk) step,
+  `matmuls` [C, Dk] x [Dk, Dv]-sized products and `squares` [C, C] x [C, Dv] ones; every operand read once."""
+  b, h, n, c, dk = args[0].shape
+  dv = args[-1].shape[-1]  # the [B, H, Dk, Dv] state (forward) or its cotangent (backward)
+  flops = b * h * n * (2 * c * dk * dv * matmuls + 2 * c * c * dv * squares)
+  bytes_accessed = sum(x.size * x.dtype.itemsize for x in args)
+  bytes_accessed += sum(math.prod(s.shape) * s.dtype.itemsize for s in out_shape)
+  return pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=bytes_accessed)
+
+
 def _call(
     kernel: Callable[..., None],
     grid: tuple[int, int, int],
@@ -132,6 +145,7 @@ def _call(
     state_shape: tuple[int, int],
     interpret: bool,
     name: str,
+    cost_estimate: pl.CostEstimate | None = None,
 ) -> Callable[..., tuple[jax.Array, ...]]:
   return pl.pallas_call(
       kernel,
@@ -143,6 +157,7 @@ def _call(
       compiler_params=_compiler_params(),
       interpret=interpret,
       name=name,
+      cost_estimate=cost_estimate,
   )
 
 
@@ -175,9 +190,11 @@ def inter_chunk_forward_tpu(
   in_specs = [key, key, key, value, _chunk_spec(c, c, n, False), _chunk_spec(1, 1, n, False), _head_spec(dk, dv)]
   out_specs = [value, _head_spec(dk, dv), _chunk_spec(dk, dv, n, False), value]
   shapes = [(b, h, n, c, dv), (b, h, dk, dv), (b, h, n, dk, dv), (b, h, n, c, dv)]
-  call = _call(_forward_kernel, (b, h, n), in_specs, out_specs, [_f32_like(q, s) for s in shapes], (dk, dv),
-               interpret, "gdr_inter_chunk_fwd")
-  return ForwardResult(*call(q, k, w, u, intra, decay.reshape(b, h, n, 1, 1), h0))
+  args = (q, k, w, u, intra, decay.reshape(b, h, n, 1, 1), h0)
+  out_shape = [_f32_like(q, s) for s in shapes]
+  call = _call(_forward_kernel, (b, h, n), in_specs, out_specs, out_shape, (dk, dv), interpret,
+               "gdr_inter_chunk_fwd", _cost(args, out_shape, matmuls=3, squares=1))
+  return ForwardResult(*call(*args))
 
 
 def inter_chunk_backward_tpu(
@@ -193,7 +210,9 @@ def inter_chunk_backward_tpu(
   in_specs = [key, key, key, square, scalar, _chunk_spec(dk, dv, n, True), value, value, _head_spec(dk, dv)]
   out_specs = [key, key, key, value, square, scalar, _head_spec(dk, dv)]
   shapes = [(b, h, n, c, dk)] * 3 + [(b, h, n, c, dv), (b, h, n, c, c), (b, h, n, 1, 1), (b, h, dk, dv)]
-  call = _call(_backward_kernel, (b, h, n), in_specs, out_specs, [_f32_like(q, s) for s in shapes], (dk, dv),
-               interpret, "gdr_inter_chunk_bwd")
-  *grads, ddecay, dh0 = call(q, k, w, intra, decay.reshape(b, h, n, 1, 1), states, v_new, d_out, d_final_state)
+  args = (q, k, w, intra, decay.reshape(b, h, n, 1, 1), states, v_new, d_out, d_final_state)
+  out_shape = [_f32_like(q, s) for s in shapes]
+  call = _call(_backward_kernel, (b, h, n), in_specs, out_specs, out_shape, (dk, dv), interpret,
+               "gdr_inter_chunk_bwd", _cost(args, out_shape, matmuls=6, squares=2))
+  *grads, ddecay, dh0 = call(*args)
   return BackwardResult(*grads, ddecay.reshape(b, h, n), dh0)

@@ -1,8 +1,11 @@
-"""Compile the inter-chunk TPU kernels for a TPU topology without a TPU (ahead of time, with libtpu).
+"""Compile the gated delta rule's TPU kernels for a TPU topology without a TPU (ahead of time, with libtpu).
 
-Lowers and compiles forward and backward at production shapes inside jax.jit(jax.shard_map(...)) over a
-(batch, heads) mesh and prints, per kernel, whether the compiled HLO holds the Mosaic custom call and the
-memory analysis. Needs libtpu and must run in a fresh process with
+Lowers and compiles the inter-chunk kernels forward and backward at production shapes inside
+jax.jit(jax.shard_map(...)) over a (batch, heads) mesh, and the public op's forward+backward through the
+dispatcher (impl 'tpu': the chunk algebra and the recurrence as Pallas kernels), and prints per compile whether
+the HLO holds the Mosaic custom calls and the memory analysis; for the op also which Pallas kernels it calls and
+how many XLA instructions of the chunk algebra are left (`chunk_algebra_ops`). benchmarks/gated_delta_rule_tpu_cost.py
+compares the op and the GDN layer before/after with XLA's cost analysis. Needs libtpu and a fresh process:
   JAX_PLATFORMS=cpu TPU_WORKER_HOSTNAMES=localhost python -m maxtext.kernels.gated_delta_rule.tpu_aot_check
 (tests/kernels/test_gated_delta_rule_tpu.py does so in a subprocess).
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +27,7 @@ from maxtext.kernels.gated_delta_rule import chunk_gated_delta_rule
 from maxtext.kernels.gated_delta_rule.tpu import inter_chunk_backward_tpu, inter_chunk_forward_tpu
 
 MOSAIC_CALL = "tpu_custom_call"
+_SHAPE = re.compile(r"\b[a-z]+\d*\[([\d,]*)\]")
 
 
 def topology_devices(topology: str) -> np.ndarray:
@@ -40,17 +45,31 @@ def tpu_mesh(topology: str, batch_shards: int) -> Mesh:
   return Mesh(topology_devices(topology).reshape(batch_shards, -1), ("batch", "heads"))
 
 
-def dispatched_train_report(topology: str, batch_shards: int, shape: tuple[int, ...], dtype) -> str:
-  """Compile value_and_grad of the public `chunk_gated_delta_rule(impl='tpu')` on model-layout inputs.
+def model_mesh(topology: str, batch_shards: int) -> Mesh:
+  """Our mesh axes over the topology: batch over fsdp, the rest (heads) over tensor."""
+  devices = topology_devices(topology)
+  return sharding.make_mesh({"data": 1, "fsdp": batch_shards, "tensor": -1, "expert": 1}, devices=list(devices.flat))
+
+
+def dispatched_train_report(topology: str, batch_shards: int, shape: tuple[int, ...], dtype, chunk_size: int) -> str:
+  """Report line of `compile_dispatched_op(..., impl='tpu')`, with its Pallas kernels and chunk-algebra XLA ops."""
+  compiled = compile_dispatched_op(topology, batch_shards, shape, dtype, "tpu", chunk_size)
+  mesh_shape = dict(model_mesh(topology, batch_shards).shape)
+  text = compiled.as_text()
+  return (_report_line(f"dispatched fwd+bwd (model layout, mesh {mesh_shape})", compiled)
+          + f" pallas_kernels={','.join(pallas_kernels(text))} chunk_algebra_xla_ops="
+          + str(len(chunk_algebra_ops(text, chunk_size))))
+
+
+def compile_dispatched_op(topology: str, batch_shards: int, shape: tuple[int, ...], dtype, impl: str,
+                          chunk_size: int = 64):
+  """Compile value_and_grad of the public `chunk_gated_delta_rule(impl=impl)` on model-layout inputs.
 
   The inputs carry NamedShardings of our mesh axes (batch over fsdp, heads over tensor) and the logical rules are
   active, so this checks the dispatcher's own shard_map wrapping, not one written here.
   """
   b, t, hk, hv, dk, dv = shape
-  devices = topology_devices(topology)
-  mesh = sharding.make_mesh(
-      {"data": 1, "fsdp": batch_shards, "tensor": -1, "expert": 1}, devices=list(devices.flat)
-  )
+  mesh = model_mesh(topology, batch_shards)
   f32 = jnp.float32
   spec = lambda *axes: NamedSharding(mesh, P(*axes))
   batch_heads = lambda shape_, dt: jax.ShapeDtypeStruct(
@@ -62,13 +81,43 @@ def dispatched_train_report(topology: str, batch_shards: int, shape: tuple[int, 
   segments = jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=spec("fsdp", None))
 
   def loss(q, k, v, g, beta, state, segments):
-    out, final = chunk_gated_delta_rule(q, k, v, g, beta, state, segment_ids=segments, impl="tpu")
+    out, final = chunk_gated_delta_rule(q, k, v, g, beta, state, segment_ids=segments, chunk_size=chunk_size,
+                                        impl=impl)
     return jnp.sum(out.astype(f32) ** 2) + jnp.sum(final**2)
 
   with sharding.activate(mesh):
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5)))
-    return compile_report("dispatched fwd+bwd (model layout, mesh " + str(dict(mesh.shape)) + ")", step,
-                          (q, q, v, g, beta, state, segments))
+    return step.lower(q, q, v, g, beta, state, segments).compile()
+
+
+def chunk_algebra_ops(hlo_text: str, chunk: int) -> list[str]:
+  """XLA instructions of the chunk algebra in compiled HLO text: every triangular-solve, and every dot or
+  convolution with an operand or result holding two dims of the chunk size ([.., C, C] tiles: k k^T, q k^T, the
+  inverse and its products). Pallas kernels are custom calls, so they never match."""
+  found = []
+  for line in hlo_text.splitlines():
+    if "triangular-solve(" in line:
+      found.append(line.strip())
+    elif " dot(" in line or " convolution(" in line:
+      dims = ([int(d) for d in m.group(1).split(",") if d] for m in _SHAPE.finditer(line))
+      if any(sum(d == chunk for d in shape) >= 2 for shape in dims):
+        found.append(line.strip())
+  return found
+
+
+def pallas_kernels(hlo_text: str) -> list[str]:
+  """Names of the Mosaic kernels a compiled program calls, sorted, unique."""
+  pattern = re.compile(r"^\s*%?([\w\-]+?)(?:\.\d+)? = .*custom_call_target=\"" + MOSAIC_CALL + '"')
+  return sorted({m.group(1) for m in map(pattern.match, hlo_text.splitlines()) if m})
+
+
+def _report_line(name: str, compiled) -> str:
+  mem = compiled.memory_analysis()
+  has_mosaic = MOSAIC_CALL in compiled.as_text()
+  return (
+      f"{name}: compiled {MOSAIC_CALL}={has_mosaic} temp_bytes={mem.temp_size_in_bytes} "
+      f"argument_bytes={mem.argument_size_in_bytes} output_bytes={mem.output_size_in_bytes}"
+  )
 
 
 def _abstract(mesh: Mesh, shape: tuple[int, ...], dtype) -> jax.ShapeDtypeStruct:
@@ -85,13 +134,7 @@ def _sharded(fn, mesh: Mesh, num_args: int):
 
 def compile_report(name: str, fn, args) -> str:
   """Lower and compile `fn` on abstract `args`; a one-line report with the Mosaic check and memory numbers."""
-  compiled = fn.lower(*args).compile()
-  mem = compiled.memory_analysis()
-  has_mosaic = MOSAIC_CALL in compiled.as_text()
-  return (
-      f"{name}: compiled {MOSAIC_CALL}={has_mosaic} temp_bytes={mem.temp_size_in_bytes} "
-      f"argument_bytes={mem.argument_size_in_bytes} output_bytes={mem.output_size_in_bytes}"
-  )
+  return _report_line(name, fn.lower(*args).compile())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -114,8 +157,7 @@ def main(argv: list[str] | None = None) -> None:
   states, v_new = a((b, h, n, dk, dv), f32), a((b, h, n, c, dv), f32)
   backward = _sharded(lambda *x: tuple(inter_chunk_backward_tpu(*x)), mesh, 9)
   print(compile_report("backward", backward, (key, key, key, square, decay, states, v_new, value, state)))
-  print(dispatched_train_report(args.topology, args.batch_shards, (b, n * c, h // 2, h, dk, dv), io))
-
+  print(dispatched_train_report(args.topology, args.batch_shards, (b, n * c, h // 2, h, dk, dv), io, c))
 
 if __name__ == "__main__":
   main()

@@ -291,14 +291,15 @@ def _chunk_spec(groups: int, rows: int, cols: int) -> pl.BlockSpec:
 
 def _cost(static: _Static, batch: int, key_heads: int, num_chunks: int, key_dim: int, value_dim: int,
           backward: bool, bytes_accessed: int) -> pl.CostEstimate:
-  """Matmul flops and exps of the kernel (XLA cannot see inside a custom call)."""
+  """Matmul flops and exps of a call, for XLA's cost analysis (it cannot see inside a custom call)."""
   c, steps = static.chunk, batch * key_heads * num_chunks
-  inverse = 4 * c**3 * c.bit_length()  # two [C, C] products per doubling round
-  per_head = inverse + 2 * c * c * (key_dim + value_dim)
-  shared = 4 * c * c * key_dim
-  if backward:  # recomputed inverse, four [C, C] x [C, D] and two [C, C] x [C, C] products per value head
-    per_head += 2 * c * c * (3 * key_dim + 3 * value_dim) + 4 * c**3
+  inverse = 4 * c**3 * (c.bit_length() - 1)  # two [C, C] products per doubling round
+  shared = 4 * c * c * key_dim  # k k^T, q k^T
+  if backward:  # the inverse again, T^T du, T^T dw, dT, dA; and four [C, C] x [C, Dk] products for dq, dk
+    per_head = inverse + 4 * c * c * (key_dim + value_dim) + 4 * c**3
     shared += 8 * c * c * key_dim
+  else:  # the inverse, u and w
+    per_head = inverse + 2 * c * c * (key_dim + value_dim)
   flops = steps * (shared + static.groups * per_head)
   return pl.CostEstimate(flops=flops, transcendentals=steps * static.groups * (c * c + 3 * c),
                          bytes_accessed=bytes_accessed)
