@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import logging
 import weakref
 from collections.abc import Sequence
 
@@ -55,6 +56,7 @@ def _slot_steps(engine: Engine, chunk: int) -> SlotSteps:
 
 
 _LOOKAHEAD = 2  # calls dispatched ahead of the one being read back (the device never waits for the host)
+_logger = logging.getLogger("maxtext.inference")
 
 
 class Scheduler:
@@ -62,6 +64,10 @@ class Scheduler:
 
   def __init__(self, engine: Engine, rows: int = 8, chunk: int = 64, prefix_cache_bytes: int = 0):
     self.engine, self.rows, self.chunk = engine, rows, chunk
+    if engine.config.mtp_speculative_decoding:
+      # Said, not silent: speculation lives in Engine.generate's steps; slots advance a token per call.
+      _logger.info("mtp_speculative_decoding: continuous batching decodes without speculation"
+                   " (server_continuous_batching=false speculates)")
     self.steps = _slot_steps(engine, chunk)
     with sharding.activate(engine.mesh):
       self.state = self.steps.empty(engine.params, rows)

@@ -60,7 +60,7 @@ def collect(config: Config, roller: Roller, iterator: PromptIterator, seed: int)
       "reward_mean": float(first.rewards.mean()), "reward_std": float(first.rewards.std()),
       "signal_fraction": float(signal.mean()), "response_length": float(np.mean(lengths)),
   }
-  generated, seconds = sum(lengths), first.seconds
+  generated, seconds, drafted, accepted = sum(lengths), first.seconds, first.drafted, first.accepted
   if not config.rl_dynamic_sampling:
     kept = first
   else:
@@ -70,12 +70,15 @@ def collect(config: Config, roller: Roller, iterator: PromptIterator, seed: int)
         break
       more = roller.sample(iterator.take(config.rollout_batch_size), config.num_generations, seed + 7919 * (extra + 1))
       generated, seconds = generated + sum(len(r) for r in more.responses), seconds + more.seconds
+      drafted, accepted = drafted + more.drafted, accepted + more.accepted
       more_signal = more.groups_with_signal()
       parts.append(more.select_groups(more_signal))
       count += int(more_signal.sum())
     kept = Rollout.concatenate(parts)
     kept = kept.select_groups(np.arange(kept.num_responses // config.num_generations) < config.rollout_batch_size)
   stats.update(rollout_tokens=generated, rollout_s=seconds, rollout_tokens_per_s=generated / max(seconds, 1e-9))
+  if drafted:  # mtp_speculative_decoding: the fraction of MTP drafts the policy accepted
+    stats["draft_acceptance"] = accepted / drafted
   return kept, stats
 
 

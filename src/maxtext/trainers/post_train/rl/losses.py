@@ -35,12 +35,15 @@ def group_advantages(rewards: np.ndarray, group_size: int, normalize_std: bool, 
 
 
 def token_logprobs(logits: jax.Array, targets: jax.Array, temperature: float = 1.0) -> jax.Array:
-  """log softmax(logits / temperature)[target]: logits [B, T, V] any dtype -> [B, T] float32."""
+  """log softmax(logits / temperature)[target]: logits [B, T, V] any dtype -> [B, T] float32.
+
+  The formulation of the engine's log-probs (sampling.token_logprobs: (x - max) - log sum exp(x - max)), so equal
+  logits give bitwise-equal log-probs on both sides. x[t] - logsumexp(x) rounds differently (the sum max + log S
+  rounds first): that alone made a float32 train/rollout mismatch of ~1e-7 mean, 5e-7 max."""
   logits = logits.astype(jnp.float32)
   if temperature != 1.0:
     logits = logits / temperature
-  log_normaliser = jax.nn.logsumexp(logits, axis=-1)
-  return jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - log_normaliser
+  return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
 
 
 def kl_estimate(logp: jax.Array, ref_logp: jax.Array, kl_type: str) -> jax.Array:

@@ -22,7 +22,8 @@ def format_rl_line(step: int, total: int, m: dict[str, float]) -> str:
     parts.append(f"mismatch {m['mismatch_mean']:.2e}/{m['mismatch_max']:.2e} k3 {m['mismatch_k3']:.2e}")
   else:
     parts.append("no group with signal: update skipped")
-  parts += [f"rollout {m['rollout_tokens_per_s']:,.0f} tok/s"]
+  accepted = f" (mtp drafts accepted {m['draft_acceptance']:.2f})" if "draft_acceptance" in m else ""
+  parts += [f"rollout {m['rollout_tokens_per_s']:,.0f} tok/s{accepted}"]
   if "train_tokens_per_s" in m:
     parts.append(f"train {m['train_tokens_per_s']:,.0f} tok/s")
   parts.append(f"{m['step_time_s']:.2f}s (rollout {m['rollout_s']:.2f}, train {m.get('train_s', 0.0):.2f})")

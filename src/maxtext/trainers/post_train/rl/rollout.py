@@ -27,6 +27,8 @@ class Rollout:
   rollout_logprobs: list[list[float]]  # the engine's log-prob of each sampled token (temperature 1)
   rewards: np.ndarray  # [N]
   seconds: float  # generation time
+  drafted: int = 0  # MTP drafts proposed while generating (mtp_speculative_decoding), and how many were accepted
+  accepted: int = 0
 
   @property
   def num_responses(self) -> int:
@@ -44,14 +46,14 @@ class Rollout:
     rows = np.repeat(np.asarray(keep, bool), self.group_size)
     pick = lambda items: [item for item, kept in zip(items, rows) if kept]
     return Rollout(self.group_size, pick(self.prompts), pick(self.responses), pick(self.rollout_logprobs),
-                   self.rewards[rows], self.seconds)
+                   self.rewards[rows], self.seconds, self.drafted, self.accepted)
 
   @staticmethod
   def concatenate(parts: list["Rollout"]) -> "Rollout":
     first = parts[0]
     return Rollout(first.group_size, sum((p.prompts for p in parts), []), sum((p.responses for p in parts), []),
                    sum((p.rollout_logprobs for p in parts), []), np.concatenate([p.rewards for p in parts]),
-                   sum(p.seconds for p in parts))
+                   sum(p.seconds for p in parts), sum(p.drafted for p in parts), sum(p.accepted for p in parts))
 
 
 def use_live_params(engine: Engine, params: Any) -> None:
@@ -87,4 +89,6 @@ class Roller:
     texts = [self._tokenizer.decode(r, skip_special_tokens=True) for r in responses]
     labels = [p.label for p in prompts for _ in range(group_size)]
     rewards = np.asarray(score(self._reward_fn, texts, labels), np.float32)
-    return Rollout(group_size, prompt_tokens, responses, logprobs, rewards, seconds)
+    stats = self._engine.last_stats
+    return Rollout(group_size, prompt_tokens, responses, logprobs, rewards, seconds, stats.get("drafted", 0),
+                   stats.get("accepted", 0))
