@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -134,6 +135,21 @@ class Decoder(nn.Module):
     return x, stats, None if decode is None else tuple(new_caches)
 
 
+def _in_compute_precision(method):
+  """Trace `method` with float32 matmuls when the compute dtype is float32. JAX's default precision rounds float32
+  dot operands to TF32 on recent NVIDIA GPUs and to bfloat16 on TPUs (on a CPU it is already float32), so a
+  float32 config would not compute in float32 there, and two float32 paths (RL rollout and trainer) would differ
+  by far more than rounding. 16-bit compute keeps the backend's default."""
+
+  @functools.wraps(method)
+  def traced(self, *args, **kwargs):
+    float32 = jnp.dtype(self.spec.numerics.dtype) == jnp.float32
+    with jax.default_matmul_precision("highest") if float32 else contextlib.nullcontext():
+      return method(self, *args, **kwargs)
+
+  return traced
+
+
 class Qwen3NextForCausalLM(nn.Module):
   spec: ModelSpec
 
@@ -160,6 +176,7 @@ class Qwen3NextForCausalLM(nn.Module):
       return self.token_embedder.attend(hidden)
     return self.lm_head(hidden)
 
+  @_in_compute_precision
   def __call__(
       self,
       tokens: jax.Array,
@@ -194,6 +211,7 @@ class Qwen3NextForCausalLM(nn.Module):
 
   # ---- decoding (maxtext.inference drives these through `apply(..., method=...)`) ----
 
+  @_in_compute_precision
   def decode_hidden(
       self, tokens: jax.Array, positions: jax.Array, cache, decode: DecodeContext
   ) -> tuple[jax.Array, object]:
@@ -207,10 +225,12 @@ class Qwen3NextForCausalLM(nn.Module):
     x, _, new_cache = self.decoder(x, cos, sin, None, cache, decode)
     return self.norm(x), new_cache
 
+  @_in_compute_precision
   def logits_of(self, hidden: jax.Array) -> jax.Array:
     """Final hidden states [..., E] -> logits [..., V]."""
     return self._head(hidden)
 
+  @_in_compute_precision
   def mtp_hidden(
       self, hidden: jax.Array, next_tokens: jax.Array, positions: jax.Array, cache, decode: DecodeContext
   ) -> tuple[jax.Array, object]:
