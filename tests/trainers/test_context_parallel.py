@@ -99,7 +99,8 @@ def run_cases() -> None:
     _, training = _training(context)
     losses, grads = _run(training, params, batch)
     loss_err = float(np.max(np.abs(np.array(losses) - expected) / np.abs(expected)))
-    flat, flat_expected = np.concatenate([g.ravel() for g in grads]), np.concatenate([g.ravel() for g in expected_grads])
+    flat = np.concatenate([g.ravel() for g in grads])
+    flat_expected = np.concatenate([g.ravel() for g in expected_grads])
     grad_err = float(np.linalg.norm(flat - flat_expected) / np.linalg.norm(flat_expected))
     leaf_err = max(float(np.linalg.norm(a - b) / np.linalg.norm(b)) for a, b in zip(grads, expected_grads))
     print(f"context {context}: losses {[round(x, 6) for x in losses]} loss_rel_err {loss_err:.1e}"

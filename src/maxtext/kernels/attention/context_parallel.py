@@ -61,7 +61,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: fl
     from maxtext.kernels.attention import tpu  # noqa: PLC0415 - Pallas TPU imports on demand
 
     interpret = dispatch.backend() == "cpu"  # tests: the Pallas interpreter
-    kernel = tpu.causal_kernel(num_heads // head_shards, length, length, length // shards, interpret=interpret)
+    kernel = tpu.causal_kernel(num_heads // head_shards, length, length, length // shards, interpret=interpret,
+                               blocks=long_sequence_blocks(length))
     kernel_spec = kernel.manual_sharding_spec(jax.sharding.NamedSharding(mesh, P(None, sharding.CONTEXT_AXIS)))
 
     def body(q, k, v, ids, kernel):
@@ -82,6 +83,18 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: fl
   mapped = jax.shard_map(reference_body, mesh=mesh, in_specs=(per_token, per_token, per_token, rows),
                          out_specs=per_token, check_vma=False)
   return mapped(q, k, v, ids)
+
+
+def long_sequence_blocks(length: int):
+  """Splash tiles for a whole-sequence kernel: 512 up to 128K tokens, then growing to keep the block grid at most
+  256 x 256 (up to 2048: 512 x 512 blocks at 1M tokens). Building a kernel walks its block grid in numpy (~1 ms a
+  block on a CPU for the forward, dQ and dKV mask infos): 512-tiles at 1M tokens would take over an hour."""
+  from maxtext.kernels.attention import tpu  # noqa: PLC0415 - Pallas TPU imports on demand
+
+  tile = 512
+  while tile < 2048 and length // tile > 256:
+    tile *= 2
+  return tpu.SplashBlocks(block_q=tile, block_kv=tile)
 
 
 def _gather(k, v, ids):

@@ -30,9 +30,11 @@ class SplashBlocks:
 
   def splash_block_sizes(self) -> splash.BlockSizes:
     bq, bkv = self.block_q, self.block_kv
+    # Scores are formed [bq, compute] at a time: at most 512 keys, so tiles past 512 (long sequences) add no VMEM.
+    compute = _largest_divisor_tile(bkv, 512)
     return splash.BlockSizes(
-        block_q=bq, block_kv=bkv, block_kv_compute=bkv,
-        block_q_dkv=bq, block_kv_dkv=bkv, block_kv_dkv_compute=bkv,
+        block_q=bq, block_kv=bkv, block_kv_compute=compute,
+        block_q_dkv=bq, block_kv_dkv=bkv, block_kv_dkv_compute=compute,
         use_fused_bwd_kernel=True,
     )
 
@@ -81,6 +83,41 @@ def splash_attention(
   return run_kernel(kernel, q, k, v, scale=scale, q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
 
 
+class _ConstantBlock:
+  """A mask block with one value throughout: answers splash's any() / all() without forming the block."""
+
+  def __init__(self, value: bool):
+    self.value = value
+
+  def any(self) -> bool:
+    return self.value
+
+  def all(self) -> bool:
+    return self.value
+
+
+class _CausalMask(splash_mask.CausalMask):
+  """splash's CausalMask, with blocks wholly below or above the diagonal answered without forming them.
+
+  Building a kernel walks the mask block by block in numpy (forward, dQ and dKV mask infos) and asks each block
+  any() and all(), forming only the partial ones for the kernel: forming every block is T^2 element operations,
+  over an hour at 1M tokens. Here only the diagonal blocks are formed; the mask info is the same
+  (tests/kernels/test_attention_context_parallel.py compares it with the stock CausalMask's).
+  """
+
+  def __getitem__(self, idx):
+    if len(idx) == 2 and all(isinstance(x, slice) and x.start is not None and x.stop is not None
+                             and x.step in (None, 1) for x in idx):
+      q_slice, kv_slice = idx
+      if kv_slice.stop - 1 <= q_slice.start + self.offset:  # every key at or before every query
+        return _ConstantBlock(True)
+      if kv_slice.start > q_slice.stop - 1 + self.offset:  # every key after every query
+        return _ConstantBlock(False)
+    return super().__getitem__(idx)
+
+  __hash__ = splash_mask.CausalMask.__hash__
+
+
 def causal_kernel(num_heads: int, q_len: int, kv_len: int, q_block_len: int, *, blocks: SplashBlocks = SplashBlocks(),
                   interpret: bool = False) -> splash.SplashAttentionKernel:
   """Splash kernel for causal attention of q_len queries (the last of kv_len positions) over kv_len keys.
@@ -88,7 +125,7 @@ def causal_kernel(num_heads: int, q_len: int, kv_len: int, q_block_len: int, *, 
   q_block_len: the queries each call gets (q_len, or a shard of it: the kernel's mask info then splits over
   q_len // q_block_len shards, see `SplashAttentionKernel.manual_sharding_spec`).
   """
-  causal = splash_mask.CausalMask((q_len, kv_len), offset=kv_len - q_len)
+  causal = _CausalMask((q_len, kv_len), offset=kv_len - q_len)
   return splash.make_splash_mha(
       splash_mask.MultiHeadMask([causal] * num_heads),
       block_sizes=blocks.for_lengths(q_block_len, kv_len).splash_block_sizes(),
