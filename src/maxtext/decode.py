@@ -59,14 +59,18 @@ def main(argv: Sequence[str]) -> int:
         f"the prompt has {len(prompt_ids)} tokens, which leaves no room below max_target_length"
         f" ({config.max_target_length})"
     )
-  batch = max(1, int(config.per_device_batch_size * jax.device_count()))
+  # The engine feeds one process's devices: launched as several processes (a TPU slice of several hosts), each
+  # decodes on its own devices (the model must fit one host) and process 0 prints.
+  devices = jax.local_devices()
+  say = print if jax.process_index() == 0 else (lambda *args, **kwargs: None)
+  batch = max(1, int(config.per_device_batch_size * len(devices)))
   start = time.perf_counter()
-  engine = Engine(config)
-  print(f"model {config.model_name} ready in {time.perf_counter() - start:.1f}s; prompt {len(prompt_ids)} tokens,"
-        f" batch {batch}", file=sys.stderr)
+  engine = Engine(config, devices=devices)
+  say(f"model {config.model_name} ready in {time.perf_counter() - start:.1f}s; prompt {len(prompt_ids)} tokens,"
+      f" batch {batch}", file=sys.stderr)
   requests = [sampling_params(config, len(prompt_ids), tokenizer, config.decode_sampling_seed + i) for i in range(batch)]
   generated: list[list[int]] = [[] for _ in range(batch)]
-  print(f"Input `{config.prompt}` -> `", end="", flush=True)
+  say(f"Input `{config.prompt}` -> `", end="", flush=True)
   start = time.perf_counter()
   first_token_s = None
   printed = ""
@@ -76,15 +80,15 @@ def main(argv: Sequence[str]) -> int:
     if event.request == 0:
       # Decode the whole continuation each time: a character may span several tokens.
       text = tokenizer.decode(generated[0], skip_special_tokens=True)
-      print(text[len(printed):], end="", flush=True)
+      say(text[len(printed):], end="", flush=True)
       printed = text
   elapsed = time.perf_counter() - start
-  print("`")
+  say("`")
   for row in range(1, batch):
-    print(f"[{row}] `{tokenizer.decode(generated[row], skip_special_tokens=True)}`")
+    say(f"[{row}] `{tokenizer.decode(generated[row], skip_special_tokens=True)}`")
   total = sum(map(len, generated))
-  print(f"{total} tokens in {elapsed:.2f}s (first token after {first_token_s or 0:.2f}s, including compilation)",
-        file=sys.stderr)
+  say(f"{total} tokens in {elapsed:.2f}s (first token after {first_token_s or 0:.2f}s, including compilation)",
+      file=sys.stderr)
   return 0
 
 

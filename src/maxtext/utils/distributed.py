@@ -49,7 +49,7 @@ def _cluster_launcher() -> str:
 def check_processes_fit_mesh(config: Config, num_processes: int) -> None:
   """One line when the dcn_* parallelism cannot span `num_processes` hosts (GPU and CPU clusters: one process per
   host is one DCN granule; TPU slices count slices instead, checked when the mesh is built)."""
-  sizes = {name: getattr(config, name) for name in _DCN_KEYS if hasattr(config, name)}
+  sizes = {name: getattr(config, name) for name in _DCN_KEYS}
   fixed = math.prod(v for v in sizes.values() if v != -1)
   given = ", ".join(f"{name}={value}" for name, value in sizes.items() if value != 1) or "every dcn_*_parallelism is 1"
   if -1 in sizes.values():

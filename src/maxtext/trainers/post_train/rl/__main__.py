@@ -11,15 +11,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from maxtext.configs import load_config
+from maxtext.configs import ConfigError, load_config
 from maxtext.utils import cli, distributed
 
 
 def main(argv: Sequence[str]) -> int:
-  from maxtext.trainers.post_train.rl.loop import rl_train  # noqa: PLC0415 - after cli.run set up platforms
+  import jax  # noqa: PLC0415 - after cli.run set up platforms
+
+  from maxtext.trainers.post_train.rl.loop import rl_train  # noqa: PLC0415
 
   config = load_config(argv)
   distributed.initialize(config)  # several processes: join them before any device is used
+  if jax.process_count() > 1:
+    raise ConfigError("RL runs as one process for now: its rollouts go through the engine, which feeds one"
+                      f" process's devices ({jax.process_count()} processes were launched); run it on one host")
   history = rl_train(config)
   finite = all(m.get("policy_loss", 0.0) == m.get("policy_loss", 0.0) for m in history)
   return 0 if finite else 1  # a NaN loss fails the run
