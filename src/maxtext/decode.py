@@ -49,7 +49,7 @@ def sampling_params(config: Config, prompt_length: int, tokenizer, seed: int) ->
 
 def main(argv: Sequence[str]) -> int:
   config = load_config(argv)
-  distributed.initialize(config)  # several processes: join them before any device is used
+  distributed.initialize(config, mesh_spans_processes=False)  # several processes: each decodes on its own devices
   tokenizer = load_tokenizer(config)
   prompt_ids = encode_for(config, tokenizer, config.prompt)
   if not prompt_ids:

@@ -149,7 +149,8 @@ def main(argv: Sequence[str]) -> int:
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   # No TPU is opened, so several compiles (or tests) may load libtpu at once; its lockfile would refuse that.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  distributed.initialize(config)  # launched as several processes (each compiles the same step): join them
+  # launched as several processes (each compiles the same step): join them; the mesh is compile_topology's
+  distributed.initialize(config, mesh_spans_processes=False)
   report, compiled = compile_train_step(config)
   for line in report.lines():
     print(line, flush=True)

@@ -62,9 +62,11 @@ def check_processes_fit_mesh(config: Config, num_processes: int) -> None:
                       f" or -1), or launch {fixed} process(es)")
 
 
-def initialize(config: Config) -> None:
+def initialize(config: Config, mesh_spans_processes: bool = True) -> None:
   """Start jax.distributed when this process is one of several (see the module docstring); only process 0 then
-  logs at INFO (the others keep warnings and errors). Call before anything touches a jax device."""
+  logs at INFO (the others keep warnings and errors). Call before anything touches a jax device.
+  `mesh_spans_processes`: the command's mesh covers every process (training), so the process count is checked
+  against the dcn_* keys; decode (one engine per process) and train_compile (a described topology) pass False."""
   import jax  # noqa: PLC0415 - after cli.run chose the platforms
 
   if config.skip_jax_distributed_system or jax.distributed.is_initialized():
@@ -79,7 +81,7 @@ def initialize(config: Config) -> None:
                         f" JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); missing: {', '.join(missing)}")
     if not 0 <= pid < count:
       raise ConfigError(f"config key 'process_id' ({pid}) must be in 0..{count - 1} for num_processes={count}")
-    if not platforms.has_tpu_devices():  # TPU hosts: dcn_* counts slices, checked with the mesh
+    if mesh_spans_processes and not platforms.has_tpu_devices():  # TPU: dcn_* counts slices, checked with the mesh
       check_processes_fit_mesh(config, count)
     if jax.config.jax_cpu_collectives_implementation is None:  # CPU processes all-reduce through gloo
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -89,7 +91,7 @@ def initialize(config: Config) -> None:
                                cluster_detection_method="deactivate")
   elif launcher := _cluster_launcher():
     jax.distributed.initialize(initialization_timeout=timeout)
-    if launcher != "tpu":
+    if mesh_spans_processes and launcher != "tpu":
       check_processes_fit_mesh(config, jax.process_count())
   else:
     return
