@@ -111,6 +111,9 @@ def test_two_processes_train_like_one_process(runs):
   # the same program on the same devices: the float32 losses agree to the bit (seen), not only closely
   assert two[0]["losses"] == one["losses"]
   assert two[0]["losses"] == two[1]["losses"]  # both processes see the same global loss
+  output = runs[0]
+  logs = [(output / f"two-{i}.log").read_text() for i in range(2)]
+  assert logs[0].count("step [") == 3 and "step [" not in logs[1]  # only process 0 prints the metrics
 
 
 def test_each_process_reads_its_own_records_and_together_the_whole_batch(runs):
@@ -163,3 +166,23 @@ def test_a_process_layout_that_does_not_fit_is_one_line_before_connecting(overri
   with pytest.raises(ConfigError) as error:
     distributed.initialize(config)  # a coordinator at port 1 would never answer: the check comes first
   assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_data_position_saved_before_data_shards_resumes(tmp_path):
+  """Checkpoints written before data shards hold one bare grain state per process (process i read shard i)."""
+  from etils import epath
+
+  from maxtext.configs import load_config
+  from maxtext.input_pipeline import make_train_iterator
+  from maxtext.trainers.checkpointing import DataIteratorHandler, DataIteratorRestore
+
+  config = load_config(overrides={"dataset_type": "grain", "grain_train_files": os.path.join(DATA_DIR, "corpus.jsonl"),
+                                  "tokenizer_path": TINY_TOKENIZER_DIR, "max_target_length": 32})
+  iterator = make_train_iterator(config, 2)
+  for _ in range(3):
+    next(iterator)
+  (bare,) = iterator.get_state()["shards"].values()
+  (tmp_path / "process_0-of-1.json").write_text(json.dumps(bare))
+  expected = next(iterator)
+  resumed = DataIteratorHandler().restore(epath.Path(tmp_path), DataIteratorRestore(make_train_iterator(config, 2)))
+  np.testing.assert_array_equal(next(resumed)["inputs"], expected["inputs"])
