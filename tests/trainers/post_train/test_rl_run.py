@@ -72,13 +72,14 @@ def test_tiny_model_learns_the_copy_task_through_the_cli(task, cache_dir, tmp_pa
 def _assert_float32_consistent(stdout: str) -> None:
   """Float32 everywhere: on every step the first update's ratio is exactly 1, and the engine's log-probs (prefill +
   recurrent decode steps, KV cache) equal the trainer's (chunked forward over packed rows) to float32 rounding: the
-  two compute the same logits through differently shaped and ordered sums (docs/rl.md). Seen over 60 GRPO steps:
-  mean <= 1.4e-7, max <= 1.7e-6 (a few units in the last place of the logits), k3 <= 3.5e-14; bf16 is ~1e-2."""
+  two compute the same logits through differently shaped and ordered sums (docs/rl.md). A token's difference is a
+  few units in the last place of its logits, which grow as the policy sharpens. Seen over 60 steps: mean <= 1.4e-7,
+  max 1.7e-6 (GRPO) and 5.1e-6 (GSPO), k3 <= 3.5e-14; bf16 is ~1e-2."""
   lines = [line for line in stdout.splitlines() if line.startswith("rl step")]
   assert lines and all(" r-1 0.0e+00 " in line for line in lines), lines[:1]
   mismatch = [tuple(map(float, re.search(r"mismatch (\S+)/(\S+) k3 (\S+)", line).groups())) for line in lines]
-  assert max(m[0] for m in mismatch) < 3e-7 and max(m[1] for m in mismatch) < 4e-6, mismatch
-  assert max(abs(m[2]) for m in mismatch) < 2e-13, mismatch
+  assert max(m[0] for m in mismatch) < 3e-7 and max(m[1] for m in mismatch) < 1e-5, mismatch
+  assert max(abs(m[2]) for m in mismatch) < 1e-12, mismatch
 
 
 def test_speculative_sampled_rollouts_through_the_cli(task, cache_dir, tmp_path):
