@@ -186,3 +186,21 @@ def test_a_data_position_saved_before_data_shards_resumes(tmp_path):
   expected = next(iterator)
   resumed = DataIteratorHandler().restore(epath.Path(tmp_path), DataIteratorRestore(make_train_iterator(config, 2)))
   np.testing.assert_array_equal(next(resumed)["inputs"], expected["inputs"])
+
+
+def test_rl_launched_as_two_processes_stops_in_one_line():
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  address = f"coordinator_address=localhost:{_free_port()}"
+  procs = [subprocess.Popen([sys.executable, "-m", "maxtext.trainers.post_train.rl", "src/maxtext/configs/base.yml",
+                             "dcn_data_parallelism=2", address, "num_processes=2", f"process_id={i}",
+                             "jax_distributed_initialization_timeout=60"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True) for i in range(2)]
+  try:
+    errors = [p.communicate(timeout=DEADLINE_S)[1].strip().splitlines()[-1] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+  assert [p.returncode for p in procs] == [2, 2]
+  assert all(e.startswith("error: RL runs as one process for now") and "2 processes were launched" in e for e in errors)
