@@ -48,8 +48,8 @@ def test_tiny_train_step_compiles_for_v5p_with_the_pallas_kernels(tmp_path):
         (("compile_topology=v5p-63",), "error: config key 'compile_topology': TPU topology 'v5p-63' is not a slice"),
         ((), "error: config key 'compile_topology' is empty"),
         (("compile_topology=v5p-8", "ici_fsdp_parallelism=8"),
-         "error: ici_data_parallelism=1, ici_fsdp_parallelism=8, ici_tensor_parallelism=1, ici_expert_parallelism=1"
-         " multiply to 8, but there are 4 devices per slice"),
+         "error: ici_data_parallelism=1, ici_fsdp_parallelism=8, ici_context_parallelism=1, ici_tensor_parallelism=1,"
+         " ici_expert_parallelism=1 multiply to 8, but there are 4 devices per slice"),
     ],
     ids=["unknown-topology", "no-topology", "mesh-does-not-fit"],
 )
