@@ -30,7 +30,7 @@ class SplashBlocks:
 
   def splash_block_sizes(self) -> splash.BlockSizes:
     bq, bkv = self.block_q, self.block_kv
-    # Scores are formed [bq, compute] at a time: at most 512 keys, so tiles past 512 (long sequences) add no VMEM.
+    # Scores are formed [bq, compute] at a time, at most 512 keys wide, whatever the key tile (long sequences).
     compute = _largest_divisor_tile(bkv, 512)
     return splash.BlockSizes(
         block_q=bq, block_kv=bkv, block_kv_compute=compute,
