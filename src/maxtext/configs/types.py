@@ -25,15 +25,12 @@ RlAlgorithm = Literal["grpo", "gspo"]
 KlType = Literal["k1", "k3"]
 RlLossAggregation = Literal["token_mean", "sequence_mean"]
 RopeType = Literal["default", "yarn"]
-RopeType = Literal["default", "yarn"]
 
 # The architecture keys: what a checkpoint fixes and stores beside its parameters (models/*.yml set these).
 MODEL_KEYS = (
     "model_family", "decoder_layer_types",
     "vocab_size", "base_emb_dim", "base_num_decoder_layers", "base_num_query_heads", "base_num_kv_heads",
     "head_dim", "normalization_layer_epsilon", "rope_max_timescale", "partial_rotary_factor",
-    "rope_type", "rope_factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "rope_attention_factor",
-    "mscale", "mscale_all_dim", "rope_truncate",
     "rope_type", "rope_factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "rope_attention_factor",
     "mscale", "mscale_all_dim", "rope_truncate",
     "full_attention_interval", "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
@@ -291,7 +288,6 @@ def _validate(c: Config) -> None:
       " integer (the rotary dimension)",
   )
   _validate_rope(c)
-  _validate_rope(c)
   _require(
       c.base_num_query_heads % c.base_num_kv_heads == 0,
       f"config key 'base_num_query_heads' ({c.base_num_query_heads}) must be a multiple of 'base_num_kv_heads'"
@@ -378,27 +374,6 @@ def _validate_layer_types(c: Config) -> None:
       f"config key 'decoder_layer_types' lists {len(types)} layers but 'base_num_decoder_layers' is"
       f" {c.base_num_decoder_layers}",
   )
-
-
-# YaRN's keys; 0 means unset (the two required ones) or "derive as HF does" (the attention factor and mscales).
-_YARN_REQUIRED = ("rope_factor", "original_max_position_embeddings")
-_YARN_OPTIONAL_ZERO = ("rope_attention_factor", "mscale", "mscale_all_dim")
-
-
-def _validate_rope(c: Config) -> None:
-  if c.rope_type == "default":
-    for name in _YARN_REQUIRED + _YARN_OPTIONAL_ZERO:
-      _require(getattr(c, name) == 0, f"config key '{name}' ({getattr(c, name)}) is a YaRN key but rope_type is"
-               " 'default': set rope_type=yarn or leave it at 0")
-    return
-  for name in _YARN_REQUIRED:
-    _require(getattr(c, name) > 0, f"rope_type=yarn needs config key '{name}' (> 0, as in the HF config's"
-             f" rope_parameters), got {getattr(c, name)}")
-  for name in ("beta_fast", "beta_slow"):
-    _require(getattr(c, name) > 0, f"config key '{name}' must be > 0, got {getattr(c, name)}")
-  for name in _YARN_OPTIONAL_ZERO:
-    _require(getattr(c, name) >= 0, f"config key '{name}' must be >= 0 (0: derived as HF does), got"
-             f" {getattr(c, name)}")
 
 
 # YaRN's keys; 0 means unset (the two required ones) or "derive as HF does" (the attention factor and mscales).

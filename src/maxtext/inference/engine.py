@@ -72,10 +72,10 @@ class Engine:
     self.max_context = config.max_target_length
     self.spec = ModelSpec.from_config(config)
     self.model = Qwen3NextForCausalLM(self.spec)
-    self.mesh = sharding.make_mesh(sharding.config_parallelism(config), devices)
     if config.ici_context_parallelism * config.dcn_context_parallelism != 1:  # decode steps are a token a row
       raise ConfigError("context parallelism splits training sequences only: set ici_context_parallelism=1 and"
                         " dcn_context_parallelism=1 to decode or serve")
+    self.mesh = sharding.make_mesh(sharding.config_parallelism(config), devices)
     self.params = self._place(params)
     self._num_draft = config.mtp_num_draft_tokens if config.mtp_speculative_decoding else 0
     self._steps: dict[tuple[int, int, bool], DecodeSteps] = {}
