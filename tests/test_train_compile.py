@@ -57,3 +57,12 @@ def test_bad_topology_or_mesh_is_one_line(overrides, message):
   result = train_compile(*overrides, timeout=120)
   assert result.returncode == 2, result.stdout + result.stderr[-2000:]
   assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr[-2000:]
+
+
+def test_a_step_xla_refuses_for_memory_is_one_does_not_fit_line():
+  # 2048 x 8192 tokens a chip: XLA:TPU refuses the temporaries (over a terabyte) instead of reporting them.
+  result = train_compile("compile_topology=v5p-8", "per_device_batch_size=2048", "max_target_length=8192")
+  assert result.returncode == 3, result.stdout[-2000:] + result.stderr[-2000:]
+  last = result.stdout.strip().splitlines()[-1]
+  assert last.startswith("topology v5p-8, mesh {") and "DOES NOT FIT (XLA refused to compile: RESOURCE_EXHAUSTED" in last
+  assert "Traceback" not in result.stderr, result.stderr[-2000:]
