@@ -33,7 +33,7 @@ def rl_config(args, **overrides):
 
   model = {"model_name": "qwen3-next-tiny"} if args.tiny else {**BENCH_MODEL, "mtp_num_layers": 1}
   return load_config(overrides={
-      **model, "dtype": "bfloat16", "weight_dtype": args.weight_dtype, "scan_layers": False,
+      **model, "dtype": "bfloat16", "weight_dtype": args.weight_dtype, "scan_layers": args.scan_layers,
       "remat_policy": args.remat_policy, "max_target_length": args.prompt_length + args.response_length + 1,
       "max_prefill_predict_length": args.prompt_length, "per_device_batch_size": args.rows,
       "num_generations": args.generations, "rollout_batch_size": args.prompts,
@@ -172,6 +172,8 @@ def main() -> int:
   parser.add_argument("--remat-policy", default="full")
   parser.add_argument("--json", help="also write the numbers to this file (after each phase)")
   parser.add_argument("--tiny", action="store_true", help="the tiny model at toy lengths (CPU check)")
+  parser.add_argument("--scan-layers", action="store_true",
+                      help="scanned layers: one compile of the layer body (the unscanned bench model compiles for minutes a shape on a GPU)")
   args = parser.parse_args()
   if args.tiny:
     args.prompts, args.generations, args.prompt_length, args.response_length, args.rows = 2, 2, 8, 8, 1
