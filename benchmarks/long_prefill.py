@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(os.path.dirname(_HERE), "src"), _HERE]
 
 from bench_model import BENCH_MODEL, hf_bench_config  # noqa: E402
+from timing import run_worker  # noqa: E402
 
 QUICK = dict(model_name="qwen3-next-tiny", vocab_size=2048, mtp_num_layers=0)
 PARTS = ("hf", "engine", "server")
@@ -202,24 +202,6 @@ def hf_main(args, result: Partial) -> None:
 # ------------------------------------------------------------------------------------------------------- main
 
 
-def run_worker(name: str, argv: list[str], scratch: str) -> dict:
-  output = os.path.join(scratch, f"long_prefill_{name}.json")
-  start = time.perf_counter()
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, f"--worker={name}", f"--json={output}"],
-                        check=False, capture_output=True, text=True)
-  print(f"--- {name}: exit {proc.returncode} in {time.perf_counter() - start:.0f}s", flush=True)
-  result = {}
-  if os.path.exists(output):
-    with open(output, encoding="utf-8") as f:
-      result = json.load(f)
-  if proc.returncode:
-    tail = proc.stderr.strip().splitlines()[-15:]
-    print("\n".join(tail), flush=True)
-    result["error"] = tail[-1] if tail else f"exit {proc.returncode}"
-  print(json.dumps(result), flush=True)
-  return result
-
-
 def _seconds(value) -> str:
   if isinstance(value, str):
     return value
@@ -276,7 +258,7 @@ def main(argv: list[str]) -> int:
       forwarded.append(arg)
     skip = arg in ("--json", "--parts")
   scratch = os.environ.get("OUT") or tempfile.mkdtemp()
-  results = {part: run_worker(part, forwarded, scratch) for part in PARTS if part in args.parts}
+  results = {part: run_worker(__file__, part, forwarded, scratch) for part in PARTS if part in args.parts}
   if args.json:
     with open(args.json, "w", encoding="utf-8") as f:
       json.dump(results, f, indent=1)

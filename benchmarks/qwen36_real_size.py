@@ -27,13 +27,14 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(os.path.dirname(_HERE), "src"), _HERE]
+
+from timing import run_worker  # noqa: E402
 
 REAL = {"model_name": "qwen3.6-35b-a3b"}
 # --quick: the same family and layer pattern at toy sizes.
@@ -280,24 +281,6 @@ WORKERS = {"hf_decode": hf_decode, "ours_decode": ours_decode, "hf_train": hf_tr
 # ------------------------------------------------------------------------------------------------------- driver
 
 
-def run_worker(name: str, argv: list[str], scratch: str) -> dict:
-  output = os.path.join(scratch, f"qwen36_{name}.json")
-  start = time.perf_counter()
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, f"--worker={name}", f"--json={output}"],
-                        check=False, capture_output=True, text=True)
-  print(f"--- {name}: exit {proc.returncode} in {time.perf_counter() - start:.0f}s", flush=True)
-  result = {}
-  if os.path.exists(output):
-    with open(output, encoding="utf-8") as f:
-      result = json.load(f)
-  if proc.returncode:
-    tail = proc.stderr.strip().splitlines()[-15:]
-    print("\n".join(tail), flush=True)
-    result["error"] = tail[-1] if tail else f"exit {proc.returncode}"
-  print(json.dumps(result), flush=True)
-  return result
-
-
 def _cell(value, fmt="{:.1f}") -> str:
   return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt.format(value)
 
@@ -380,7 +363,7 @@ def main() -> int:
   scratch = os.environ.get("OUT") or tempfile.mkdtemp(prefix="qwen36_bench_")
   for part in args.parts:
     for side in (["hf"] if args.peer else []) + ["ours"]:
-      results[f"{side}_{part}"] = run_worker(f"{side}_{part}", passthrough, scratch)
+      results[f"{side}_{part}"] = run_worker(__file__, f"{side}_{part}", passthrough, scratch)
   text = table(results, args)
   print(text)
   out = args.json or (os.path.join(os.environ["OUT"], "qwen36_real_size.json") if os.environ.get("OUT") else None)
