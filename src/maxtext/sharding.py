@@ -137,6 +137,14 @@ def kernel_partition(logical_axes: Sequence[str], sizes: Sequence[int]):
   return mesh, jax.sharding.PartitionSpec(*spec)
 
 
+def axes_size(mesh, axes: str | Sequence[str] | None) -> int:
+  """Devices a PartitionSpec entry (None, one mesh axis or several) splits a dimension over."""
+  if axes is None:
+    return 1
+  axes = (axes,) if isinstance(axes, str) else axes
+  return math.prod(mesh.shape[a] for a in axes)
+
+
 def context_shards() -> int:
   """How many devices the active mesh splits each sequence over (its `context` axis); 1 without a mesh, or inside
   a shard_map that already mapped that axis (the per-device code then sees its own shard as a whole sequence)."""

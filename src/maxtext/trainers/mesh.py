@@ -54,9 +54,7 @@ def make_training_mesh(config: Config, devices=None) -> Mesh:
 
 def data_parallel_size(mesh) -> int:
   """Devices the batch dimension is split over (the mesh axes the `activation_batch` rule names)."""
-  axes = dict(sharding.RULES)["activation_batch"]
-  axes = (axes,) if isinstance(axes, str) else axes
-  return math.prod(mesh.shape[a] for a in axes)
+  return sharding.axes_size(mesh, dict(sharding.RULES)["activation_batch"])
 
 
 def global_batch_size(config: Config, mesh) -> int:

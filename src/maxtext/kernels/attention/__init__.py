@@ -107,7 +107,7 @@ def _per_shard(kernel: Callable, q, k, v, segment_ids) -> jax.Array:
   if mesh is None:
     return kernel(q, k, v, segment_ids)
   batch_axes, head_axes = q_spec[0], q_spec[2]
-  head_shards = _axes_size(mesh, head_axes)
+  head_shards = sharding.axes_size(mesh, head_axes)
   if k.shape[2] % head_shards:
     groups = q.shape[2] // k.shape[2]
     k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
@@ -121,16 +121,6 @@ def _per_shard(kernel: Callable, q, k, v, segment_ids) -> jax.Array:
   # check_vma off: the Pallas interpreter's scratch buffers carry no varying axes (as in the GDN dispatch).
   mapped = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=per_token, check_vma=False)
   return mapped(*args)
-
-
-def _axes_size(mesh, axes) -> int:
-  if axes is None:
-    return 1
-  axes = (axes,) if isinstance(axes, str) else axes
-  size = 1
-  for axis in axes:
-    size *= mesh.shape[axis]
-  return size
 
 
 __all__ = ["IMPLS", "choose_impl", "dot_product_attention", "dot_product_attention_reference"]

@@ -43,7 +43,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: fl
                      " ici_context_parallelism x dcn_context_parallelism)")
   batch_axes, head_axes = spec[0], spec[2]
   shards = mesh.shape[sharding.CONTEXT_AXIS]
-  head_shards = _axes_size(mesh, head_axes)
+  head_shards = sharding.axes_size(mesh, head_axes)
   if k.shape[2] % head_shards:  # every shard keeps whole GQA groups: one key head per query head
     k, v = (jnp.repeat(x, num_heads // k.shape[2], axis=2) for x in (k, v))
   local_q = jax.ShapeDtypeStruct((batch, length // shards, num_heads // head_shards, head_dim), q.dtype)
@@ -105,12 +105,3 @@ def _gather(k, v, ids):
 def _note_reference(impl: str) -> None:
   _logger.info("attention=%s under context parallelism: using the reference on this backend", impl)
 
-
-def _axes_size(mesh, axes) -> int:
-  if axes is None:
-    return 1
-  axes = (axes,) if isinstance(axes, str) else axes
-  size = 1
-  for axis in axes:
-    size *= mesh.shape[axis]
-  return size
