@@ -12,10 +12,9 @@ gpu_kernels.py.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from maxtext.kernels.gated_delta_rule.gpu_kernels import _f32, _gates, _iotas, _split_refs, _unit_lower_inverse
+from maxtext.kernels.gated_delta_rule.gpu_kernels import _f32, _gates, _split_refs, chunk_inverse
 
 
 def prep_kernel(*refs, chunk: int, groups: int, scale: float, segmented: bool, with_w: bool, mm, inv_mm):
@@ -24,12 +23,8 @@ def prep_kernel(*refs, chunk: int, groups: int, scale: float, segmented: bool, w
   t_ref, p_ref = outs[:2]
   n, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   tokens = pl.ds(n * chunk, chunk)
-  rows, cols = _iotas(chunk)
-  k = _f32(k_ref[b, tokens, h // groups, :])
-  beta = beta_ref[b, h, tokens]
-  gates = _gates(gc_ref, seg_refs, b, h, tokens, chunk)
-  a = jnp.where(rows > cols, beta[:, None] * mm(k, k, trans_b=True) * gates.gamma, 0.0)
-  t = _unit_lower_inverse(a, rows, cols, inv_mm)
+  k, beta, gates, t = chunk_inverse(k_ref, gc_ref, beta_ref, seg_refs, chunk=chunk, groups=groups, mm=mm,
+                                    inv_mm=inv_mm)
   t_ref[b, h, n] = t.astype(t_ref.dtype)
   p_ref[b, h, n] = (mm(q_ref[b, tokens, h // groups, :], k, trans_b=True) * (scale * gates.gamma)).astype(p_ref.dtype)
   if with_w:

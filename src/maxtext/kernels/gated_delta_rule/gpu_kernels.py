@@ -96,9 +96,8 @@ def _f32(x: jax.Array) -> jax.Array:
 # ------------------------------------------------------------------------------------------------ forward
 
 
-def wy_kernel(*refs, chunk: int, groups: int, segmented: bool, mm, inv_mm):
-  """One (chunk, value head, row): w = T (beta fs k), u = T (beta v) and T itself."""
-  (k_ref, v_ref, gc_ref, beta_ref), seg_refs, (w_ref, u_ref, t_ref) = _split_refs(refs, 4, segmented)
+def chunk_inverse(k_ref, gc_ref, beta_ref, seg_refs, *, chunk: int, groups: int, mm, inv_mm):
+  """This program's (chunk n, value head h, row b): its keys (f32), beta, gates and WY inverse T [C, C]."""
   n, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   tokens = pl.ds(n * chunk, chunk)
   rows, cols = _iotas(chunk)
@@ -106,7 +105,16 @@ def wy_kernel(*refs, chunk: int, groups: int, segmented: bool, mm, inv_mm):
   beta = beta_ref[b, h, tokens]
   gates = _gates(gc_ref, seg_refs, b, h, tokens, chunk)
   a = jnp.where(rows > cols, beta[:, None] * mm(k, k, trans_b=True) * gates.gamma, 0.0)
-  t = _unit_lower_inverse(a, rows, cols, inv_mm)
+  return k, beta, gates, _unit_lower_inverse(a, rows, cols, inv_mm)
+
+
+def wy_kernel(*refs, chunk: int, groups: int, segmented: bool, mm, inv_mm):
+  """One (chunk, value head, row): w = T (beta fs k), u = T (beta v) and T itself."""
+  (k_ref, v_ref, gc_ref, beta_ref), seg_refs, (w_ref, u_ref, t_ref) = _split_refs(refs, 4, segmented)
+  n, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  tokens = pl.ds(n * chunk, chunk)
+  k, beta, gates, t = chunk_inverse(k_ref, gc_ref, beta_ref, seg_refs, chunk=chunk, groups=groups, mm=mm,
+                                    inv_mm=inv_mm)
   w_ref[b, tokens, h, :] = mm(t, (beta * gates.from_start)[:, None] * k).astype(w_ref.dtype)
   u_ref[b, tokens, h, :] = mm(t, beta[:, None] * _f32(v_ref[b, tokens, h, :])).astype(u_ref.dtype)
   t_ref[b, h, n] = t.astype(t_ref.dtype)
