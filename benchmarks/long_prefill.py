@@ -33,7 +33,7 @@ import time
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(os.path.dirname(_HERE), "src"), _HERE]
 
-from bench_model import BENCH_MODEL, hf_bench_config  # noqa: E402
+from bench_model import BENCH_MODEL, hf_bench_config, prefer_fast_gpu_compiles  # noqa: E402
 from timing import run_worker  # noqa: E402
 
 QUICK = dict(model_name="qwen3-next-tiny", vocab_size=2048, mtp_num_layers=0)
@@ -248,6 +248,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
   args = parse(argv)
+  prefer_fast_gpu_compiles()  # the workers inherit it
   if args.worker:
     result = Partial(args.json)
     {"engine": engine_main, "server": server_main, "hf": hf_main}[args.worker](args, result)

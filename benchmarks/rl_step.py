@@ -25,7 +25,7 @@ import json
 import sys
 import time
 
-from bench_model import BENCH_MODEL
+from bench_model import BENCH_MODEL, prefer_fast_gpu_compiles
 
 
 def rl_config(args, **overrides):
@@ -175,6 +175,7 @@ def main() -> int:
   parser.add_argument("--scan-layers", action="store_true",
                       help="scanned layers: one compile of the layer body (the unscanned bench model compiles for minutes a shape on a GPU)")
   args = parser.parse_args()
+  args.xla_flags = prefer_fast_gpu_compiles()
   if args.tiny:
     args.prompts, args.generations, args.prompt_length, args.response_length, args.rows = 2, 2, 8, 8, 1
     args.check_tokens = 8
