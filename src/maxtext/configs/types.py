@@ -216,6 +216,7 @@ class Config:
   rl_loss_aggregation: RlLossAggregation
   rl_advantage_std_normalization: bool
   importance_sampling_cap: float
+  rl_replay_logprobs: bool
   rl_dynamic_sampling: bool
   rl_dynamic_sampling_max_rounds: int
   rl_eval_period: int

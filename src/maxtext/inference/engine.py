@@ -80,6 +80,10 @@ class Engine:
     self._num_draft = config.mtp_num_draft_tokens if config.mtp_speculative_decoding else 0
     self._steps: dict[tuple[int, int, bool], DecodeSteps] = {}
     self.last_stats: dict[str, float] = {}  # of the latest generate(): steps, tokens, accepted drafts
+    # Of the latest generate(), for replay(): the (rows, prompt length) its prompts were padded to, and when it
+    # speculated, per request the tokens each call emitted (prefill first); None when it decoded a token a call.
+    self.last_shape: tuple[int, int] = (0, 0)
+    self.last_rounds: list[list[int]] | None = None
 
   # ---- parameters ----
   def _place(self, params: Any) -> Any:
@@ -165,12 +169,11 @@ class Engine:
     stops = [frozenset(p.stop_token_ids) for p in params]
     stats = {"steps": 0, "tokens": 0, "drafted": 0, "accepted": 0}
     self.last_stats = stats
+    self.last_shape = tokens.shape
+    rounds = [[] for _ in prompts]
+    self.last_rounds = rounds if speculative else None
 
-    with sharding.activate(self.mesh):
-      if tokens.shape[1] > chunk:
-        state, emitted = self._chunked_prefill(steps, tokens, lengths, sampling, chunk)
-      else:
-        state, emitted = steps.prefill(self.params, jnp.asarray(tokens), jnp.asarray(lengths), sampling)
+    state, emitted = self._prefill(steps, self.params, tokens, lengths, sampling, chunk)
     in_flight = collections.deque([emitted])  # dispatched calls whose tokens are not read back yet
     step = 1
     while True:
@@ -189,28 +192,38 @@ class Engine:
         step += 1
       if not in_flight:
         return
-      yield from self._events(in_flight.popleft(), params, remaining, stops, stats, speculative)
+      yield from self._events(in_flight.popleft(), params, remaining, stops, stats, speculative, rounds)
       if all(r <= 0 for r in remaining):
         return
       stats["steps"] += 1
 
+  def _prefill(self, steps: DecodeSteps, params: Any, tokens: np.ndarray, lengths: np.ndarray,
+               sampling: BatchSampling, chunk: int, forced: jax.Array | None = None) -> tuple[Any, Emitted]:
+    """The prompts into the caches and the first new token (sampled, or `forced` [B]), in one pass or in chunks."""
+    with sharding.activate(self.mesh):
+      if tokens.shape[1] > chunk:
+        return self._chunked_prefill(steps, tokens, lengths, sampling, chunk, params=params, forced=forced)
+      return steps.prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), sampling, forced)
+
   def _chunked_prefill(self, steps: DecodeSteps, tokens: np.ndarray, lengths: np.ndarray, sampling: BatchSampling,
-                       chunk: int) -> tuple[Any, Emitted]:
+                       chunk: int, *, params: Any = None, forced: jax.Array | None = None) -> tuple[Any, Emitted]:
     """Prefill in chunks of `chunk` tokens, each attending to the caches the earlier ones filled: no buffer grows
     with the prompt squared (a one-shot prefill's attention does, off the flash kernels). At most two compiled
     chunk shapes: `chunk` and the tail up to max_target_length."""
     _log_chunked_once(chunk)
+    params = self.params if params is None else params
     batch, length = tokens.shape
     following = np.concatenate([tokens[:, 1:], np.zeros((batch, 1), np.int32)], axis=1)
-    cache, last_hidden = steps.empty_cache(self.params, batch)
+    cache, last_hidden = steps.empty_cache(params, batch)
     lengths = jnp.asarray(lengths)
     for start in range(0, length, chunk):
       piece = slice(start, min(start + chunk, length))
-      cache, last_hidden = steps.prefill_chunk(self.params, cache, last_hidden, jnp.asarray(tokens[:, piece]),
+      cache, last_hidden = steps.prefill_chunk(params, cache, last_hidden, jnp.asarray(tokens[:, piece]),
                                                np.int32(start), lengths, jnp.asarray(following[:, piece]))
-    return steps.finish_prefill(self.params, cache, last_hidden, lengths, sampling)
+    return steps.finish_prefill(params, cache, last_hidden, lengths, sampling, forced)
 
-  def _events(self, emitted: Emitted, params, remaining: list[int], stops, stats, speculative: bool):
+  def _events(self, emitted: Emitted, params, remaining: list[int], stops, stats, speculative: bool,
+              rounds: list[list[int]]):
     emitted = jax.device_get(emitted)  # every field's copy started at once: one wait, not five
     tokens, counts, logprobs = emitted.tokens, emitted.count, emitted.logprobs
     top_values, top_ids = emitted.top_logprobs, emitted.top_ids
@@ -220,18 +233,75 @@ class Engine:
       if speculative and stats["steps"] > 0:
         stats["drafted"] += self._num_draft
         stats["accepted"] += int(counts[row]) - 1
+      rounds[row].append(0)
       for j in range(int(counts[row])):
         token = int(tokens[row, j])
         remaining[row] -= 1
         stats["tokens"] += 1
+        rounds[row][-1] += 1
         reason = "stop" if token in stops[row] else ("length" if remaining[row] == 0 else None)
-        top = tuple(
-            (int(i), float(v)) for i, v in zip(top_ids[row, j, : request.logprobs], top_values[row, j, : request.logprobs])
-        )
+        best = slice(0, request.logprobs)
+        top = tuple((int(i), float(v)) for i, v in zip(top_ids[row, j, best], top_values[row, j, best]))
         yield TokenEvent(row, token, float(logprobs[row, j]), top, reason)
         if reason is not None:
           remaining[row] = 0
           break
+
+  # ---- teacher forcing ----
+  def replay(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *,
+             shape: tuple[int, int] | None = None, rounds: Sequence[Sequence[int]] | None = None,
+             params: Any = None) -> list[np.ndarray]:
+    """The log-probs generate() reports for `responses` after `prompts` (temperature 1, [len(response)] float32
+    each), recomputed by its own prefill and decode steps on the given tokens instead of sampled ones: the same
+    arithmetic at the same shapes, so float32 equal bit for bit to generate()'s under the same parameters.
+
+    shape: the (rows, prompt length) generate() padded its call to (`last_shape`; a row's results do not depend
+    on its batch mates, so any subset of that call replays at its shape); default: what these prompts pad to.
+    rounds: per response, the tokens each call emitted (`last_rounds`) when generate() speculated; None: one
+    token a call. params: a parameter tree in the engine's layout (default: the engine's own)."""
+    if len(prompts) != len(responses):
+      raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    for index, response in enumerate(responses):
+      if not response:
+        raise ValueError(f"response {index} is empty: nothing to replay")
+      if rounds is not None and (sum(rounds[index]) < len(response) or rounds[index][:1] != [1]):
+        raise ValueError(f"rounds of response {index} ({list(rounds[index])}) do not cover its {len(response)}"
+                         " tokens after a one-token prefill")
+    prompts = self._check_prompts(prompts, [len(r) for r in responses])
+    params = self.params if params is None else params
+    chunk = self.config.long_prefill_chunk_size
+    tokens, lengths = self._padded(prompts, max(_MIN_BUCKET, self.config.max_prefill_predict_length), chunk)
+    if shape is not None:
+      if shape[0] < tokens.shape[0] or shape[1] < tokens.shape[1]:
+        raise ValueError(f"replay shape {tuple(shape)} is smaller than these prompts need {tokens.shape}")
+      tokens = np.pad(tokens, ((0, shape[0] - tokens.shape[0]), (0, shape[1] - tokens.shape[1])))
+      lengths = np.pad(lengths, (0, shape[0] - lengths.shape[0]), constant_values=1)
+    batch, longest = tokens.shape[0], max(map(len, responses))
+    forced = np.zeros((batch, longest + self._num_draft), np.int32)  # each row's response, then its last token
+    for row, response in enumerate(responses):
+      forced[row, : len(response)] = response
+      forced[row, len(response) :] = response[-1]
+    speculative = rounds is not None and self._num_draft > 0
+    steps = self._steps_for(0, self._num_draft if speculative else 0)
+    sampling = BatchSampling.of([SamplingParams(temperature=1.0)] * len(prompts), batch)
+    state, emitted = self._prefill(steps, params, tokens, lengths, sampling, chunk, jnp.asarray(forced[:, 0]))
+    calls = [(emitted, np.ones((batch,), np.int32))]
+    done = np.ones((batch,), np.int32)  # tokens of each row emitted so far
+    with sharding.activate(self.mesh):
+      for call in range(1, max(map(len, rounds)) if speculative else longest):
+        if speculative:
+          counts = np.array([r[call] if call < len(r) else 1 for r in rounds] + [1] * (batch - len(rounds)), np.int32)
+          window = jnp.asarray(np.stack([forced[row, d : d + self._num_draft + 1] for row, d in enumerate(done)]))
+          state, emitted = steps.speculate_sampled(params, state, sampling, np.int32(call),
+                                                   (window, jnp.asarray(counts)))
+        else:
+          counts = np.ones((batch,), np.int32)
+          state, emitted = steps.step(params, state, sampling, np.int32(call), jnp.asarray(forced[:, call]))
+        calls.append((emitted, counts))
+        done = np.minimum(done + counts, forced.shape[1] - self._num_draft - 1)
+    logprobs = jax.device_get([e.logprobs for e, _ in calls])  # [B, tokens a call] each
+    rows = lambda row: np.concatenate([lp[row, : counts[row]] for lp, (_, counts) in zip(logprobs, calls)])
+    return [rows(row)[: len(response)].astype(np.float32) for row, response in enumerate(responses)]
 
   # ---- scoring ----
   def score(self, prompts: Sequence[Sequence[int]], top_n: int = 0,

@@ -150,15 +150,17 @@ class DecodeSteps:
     return shift(chosen), shift(top_values), shift(top_ids)
 
   # ---- prefill ----
-  def _prefill(self, params, tokens, lengths, sampling: BatchSampling) -> tuple[LoopState, Emitted]:
-    """tokens [B, P] right-padded, lengths [B] >= 1 -> the state after the prompts and the first new token."""
+  def _prefill(self, params, tokens, lengths, sampling: BatchSampling,
+               forced: jax.Array | None = None) -> tuple[LoopState, Emitted]:
+    """tokens [B, P] right-padded, lengths [B] >= 1 -> the state after the prompts and the first new token.
+    forced [B]: take these as the first tokens instead of sampling (teacher forcing: Engine.replay)."""
     batch, length = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape)
     valid = positions < lengths[:, None]
     context = DecodeContext(jnp.zeros((batch,), jnp.int32), valid, capacity=self.capacity)
     hidden, cache = self._hidden(params, tokens, positions, None, context)
     last_hidden = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    presence, first, emitted = self._first_token(params, last_hidden, sampling)
+    presence, first, emitted = self._first_token(params, last_hidden, sampling, forced)
     drafts, draft_probs, mtp_cache = jnp.zeros((batch, 0), jnp.int32), jnp.zeros((batch, 0, 0)), None
     if self.num_draft:
       # The MTP layer at position t reads token t + 1: the prompt shifted left, then the new token.
@@ -172,12 +174,14 @@ class DecodeSteps:
                       draft_probs)
     return state, emitted
 
-  def _first_token(self, params, last_hidden, sampling: BatchSampling):
-    """The hidden state after each prompt [B, E] -> (presence, the first new token [B], its Emitted)."""
+  def _first_token(self, params, last_hidden, sampling: BatchSampling, forced: jax.Array | None = None):
+    """The hidden state after each prompt [B, E] -> (presence, the first new token [B] (sampled, or `forced`),
+    its Emitted)."""
     batch = last_hidden.shape[0]
     logits = self._logits(params, last_hidden)
     presence = jnp.zeros((batch, logits.shape[-1]), bool)
-    first = sample(logits, sampling, presence, jnp.zeros((), jnp.int32), greedy_only=self.greedy_only)
+    first = forced if forced is not None else sample(logits, sampling, presence, jnp.zeros((), jnp.int32),
+                                                     greedy_only=self.greedy_only)
     emitted = _emitted(logits[:, None], first[:, None], jnp.ones((batch,), jnp.int32), self.num_top)
     return presence, first, emitted
 
@@ -215,9 +219,11 @@ class DecodeSteps:
       mtp_cache = self._mtp(params, hidden, following, positions, mtp_cache, context)[1]
     return {"decoder": decoder, "mtp": mtp_cache}, last_hidden
 
-  def _finish_prefill(self, params, cache, last_hidden, lengths, sampling: BatchSampling) -> tuple[LoopState, Emitted]:
-    """After the last chunk: sample the first token and (with MTP) feed it at the last prompt position and draft."""
-    presence, first, emitted = self._first_token(params, last_hidden, sampling)
+  def _finish_prefill(self, params, cache, last_hidden, lengths, sampling: BatchSampling,
+                      forced: jax.Array | None = None) -> tuple[LoopState, Emitted]:
+    """After the last chunk: sample the first token (or take `forced`) and (with MTP) feed it at the last prompt
+    position and draft."""
+    presence, first, emitted = self._first_token(params, last_hidden, sampling, forced)
     batch = first.shape[0]
     drafts, draft_probs, mtp_cache = jnp.zeros((batch, 0), jnp.int32), jnp.zeros((batch, 0, 0)), cache["mtp"]
     if self.num_draft:
@@ -231,13 +237,16 @@ class DecodeSteps:
     return state, emitted
 
   # ---- one token ----
-  def _step(self, params, state: LoopState, sampling: BatchSampling, step: jax.Array) -> tuple[LoopState, Emitted]:
-    """Feed `last` at `cursor`, sample the next token. step: index of the token being drawn (its rng stream)."""
+  def _step(self, params, state: LoopState, sampling: BatchSampling, step: jax.Array,
+            forced: jax.Array | None = None) -> tuple[LoopState, Emitted]:
+    """Feed `last` at `cursor`, sample the next token (or take `forced` [B]). step: index of the token being drawn
+    (its rng stream)."""
     cursor = state.cursor
     context = DecodeContext(cursor, jnp.ones((cursor.shape[0], 1), bool))
     hidden, cache = self._hidden(params, state.last[:, None], cursor[:, None], state.cache["decoder"], context)
     logits = self._logits(params, hidden[:, 0])
-    token = sample(logits, sampling, state.presence, step, greedy_only=self.greedy_only)
+    token = forced if forced is not None else sample(logits, sampling, state.presence, step,
+                                                     greedy_only=self.greedy_only)
     count = jnp.ones_like(cursor)
     emitted = _emitted(logits[:, None], token[:, None], count, self.num_top)
     new_state = LoopState({"decoder": cache, "mtp": state.cache["mtp"]}, self._advance(cursor, 1), token,
@@ -279,16 +288,24 @@ class DecodeSteps:
     emitted = _emitted(logits, targets, accepted + 1, self.num_top)
     return self._next_round(params, state, hidden, cache, positions, targets, accepted, self._argmax_draft), emitted
 
-  def _speculate_sampled(self, params, state: LoopState, sampling: BatchSampling,
-                         step: jax.Array) -> tuple[LoopState, Emitted]:
+  def _speculate_sampled(self, params, state: LoopState, sampling: BatchSampling, step: jax.Array,
+                         forced: tuple[jax.Array, jax.Array] | None = None) -> tuple[LoopState, Emitted]:
     """Sampled (speculative.py): accept each draft with probability min(1, p / q), draw the token after the
     accepted ones from norm(max(p - q, 0)) (from p after all k), so the tokens are distributed as plain sampling's;
     draft again from q. step: the round's index (its rng stream). Log-probs are the model's own at temperature 1 of
-    the emitted tokens, as plain decoding reports."""
+    the emitted tokens, as plain decoding reports.
+
+    forced (tokens [B, k + 1], counts [B]): teacher forcing (Engine.replay): the round emits each row's first
+    counts[b] tokens; its verification reads them as the drafts (a token after the emitted ones is never read)."""
+    if forced is not None:
+      state = dataclasses.replace(state, drafts=forced[0][:, : self.num_draft])
     hidden, logits, cache, positions = self._verify(params, state)
     keys = speculative.round_keys(sampling, step)
-    p = speculative.target_distributions(logits, sampling, self.filtered)
-    accepted, tokens = speculative.accept_and_correct(state.drafts, state.draft_probs, p, keys)
+    if forced is None:
+      p = speculative.target_distributions(logits, sampling, self.filtered)
+      accepted, tokens = speculative.accept_and_correct(state.drafts, state.draft_probs, p, keys)
+    else:
+      tokens, accepted = forced[0], forced[1] - 1
     emitted = _emitted(logits, tokens, accepted + 1, self.num_top)
     choose = self._sampled_draft(sampling, keys)
     return self._next_round(params, state, hidden, cache, positions, tokens, accepted, choose), emitted

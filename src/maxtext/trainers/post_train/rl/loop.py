@@ -136,7 +136,7 @@ def rl_train(config: Config, *, devices: Sequence[jax.Device] | None = None,
       use_live_params(engine, state["params"])
       rollout, metrics = collect(config, roller, iterator, config.decode_sampling_seed * 100_003 + step)
       if rollout.num_responses:
-        state, train_metrics = train_on_rollout(config, training, rl_step, state, rollout, ref_params)
+        state, train_metrics = train_on_rollout(config, training, rl_step, state, rollout, ref_params, engine)
         metrics.update(train_metrics)
       metrics["step"] = step
       if eval_prompts and (step == config.steps or (config.rl_eval_period and step % config.rl_eval_period == 0)):

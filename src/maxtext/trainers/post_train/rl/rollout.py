@@ -29,6 +29,10 @@ class Rollout:
   seconds: float  # generation time
   drafted: int = 0  # MTP drafts proposed while generating (mtp_speculative_decoding), and how many were accepted
   accepted: int = 0
+  # Per response, what Engine.replay needs to recompute its log-probs as the engine did: the (rows, prompt length)
+  # its generate call was padded to, and the tokens each decoding call emitted (None: one a call).
+  shapes: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+  rounds: list[list[int] | None] = dataclasses.field(default_factory=list)
 
   @property
   def num_responses(self) -> int:
@@ -46,14 +50,16 @@ class Rollout:
     rows = np.repeat(np.asarray(keep, bool), self.group_size)
     pick = lambda items: [item for item, kept in zip(items, rows) if kept]
     return Rollout(self.group_size, pick(self.prompts), pick(self.responses), pick(self.rollout_logprobs),
-                   self.rewards[rows], self.seconds, self.drafted, self.accepted)
+                   self.rewards[rows], self.seconds, self.drafted, self.accepted, pick(self.shapes),
+                   pick(self.rounds))
 
   @staticmethod
   def concatenate(parts: list["Rollout"]) -> "Rollout":
     first = parts[0]
-    return Rollout(first.group_size, sum((p.prompts for p in parts), []), sum((p.responses for p in parts), []),
-                   sum((p.rollout_logprobs for p in parts), []), np.concatenate([p.rewards for p in parts]),
-                   sum(p.seconds for p in parts), sum(p.drafted for p in parts), sum(p.accepted for p in parts))
+    joined = lambda name: sum((getattr(p, name) for p in parts), [])
+    return Rollout(first.group_size, joined("prompts"), joined("responses"), joined("rollout_logprobs"),
+                   np.concatenate([p.rewards for p in parts]), sum(p.seconds for p in parts),
+                   sum(p.drafted for p in parts), sum(p.accepted for p in parts), joined("shapes"), joined("rounds"))
 
 
 def use_live_params(engine: Engine, params: Any) -> None:
@@ -89,6 +95,7 @@ class Roller:
     texts = [self._tokenizer.decode(r, skip_special_tokens=True) for r in responses]
     labels = [p.label for p in prompts for _ in range(group_size)]
     rewards = np.asarray(score(self._reward_fn, texts, labels), np.float32)
-    stats = self._engine.last_stats
+    engine = self._engine
+    stats, rounds = engine.last_stats, engine.last_rounds or [None] * len(responses)
     return Rollout(group_size, prompt_tokens, responses, logprobs, rewards, seconds, stats.get("drafted", 0),
-                   stats.get("accepted", 0))
+                   stats.get("accepted", 0), [engine.last_shape] * len(responses), list(rounds))

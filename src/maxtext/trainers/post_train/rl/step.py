@@ -22,6 +22,7 @@ from maxtext.trainers.optimizer import learning_rate_schedule
 from maxtext.trainers.post_train.rl.losses import (
     PolicyLossOptions, importance_weights, mismatch_sums, policy_loss, token_logprobs,
 )
+from maxtext.trainers.post_train.rl.replay import gap_sums, straight_through
 from maxtext.trainers.train_step import Training
 
 
@@ -89,12 +90,22 @@ def build_rl_step(config: Config, training: Training) -> RLStep:
     output = forward(params, batch, with_mtp)
     logp = token_logprobs(output.logits, batch["targets"], temperature)
     sums = {}
+    replayed = batch.get("replay_logp")  # rl_replay_logprobs: the engine's temperature-1 log-probs, these params
+    if replayed is not None:
+      packed = logp if temperature == 1.0 else token_logprobs(output.logits, batch["targets"])
+      sums.update(gap_sums(jax.lax.stop_gradient(packed), replayed, batch["loss_mask"]))
+      if temperature == 1.0:  # the engine reports untempered log-probs only: tempered ones stay the forward's
+        logp = straight_through(replayed, logp)
     if on_policy:
       # The step's first update: pi_old is this very forward (the same parameters), so its detached log-probs
       # are the old ones and the ratio is exactly 1. The engine's log-probs are compared with them here too.
       old_logp = jax.lax.stop_gradient(logp)
-      plain = old_logp if temperature == 1.0 else jax.lax.stop_gradient(token_logprobs(output.logits,
-                                                                                        batch["targets"]))
+      if replayed is not None:
+        plain = replayed
+      elif temperature == 1.0:
+        plain = old_logp
+      else:
+        plain = jax.lax.stop_gradient(token_logprobs(output.logits, batch["targets"]))
       is_weights = importance_weights(plain, batch["rollout_logp"], batch["loss_mask"], batch["seq_ids"],
                                       config.importance_sampling_cap, config.rl_algorithm)
       sums.update({f"mismatch_{k}": v for k, v in mismatch_sums(plain, batch["rollout_logp"],

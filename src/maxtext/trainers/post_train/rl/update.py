@@ -4,6 +4,9 @@ of packed rows add their gradients).
 The first optimizer step is on-policy: its forward pass is pi_old itself. Later steps of the same rollout need
 pi_old's log-probs from before any update, so those are taken first with a forward-only pass (as are the reference
 policy's when kl_coef > 0). The train/rollout mismatch is measured on every response token either way.
+
+With rl_replay_logprobs the temperature-1 log-probs come from the engine's replay of the responses (replay.py):
+pi_old's and the reference's once, the current policy's again before each later optimizer step.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from maxtext.configs import Config
+from maxtext.inference.engine import Engine
 from maxtext.trainers.post_train.rl.packing import pack
+from maxtext.trainers.post_train.rl.replay import replay_logprobs
 from maxtext.trainers.post_train.rl.rollout import Rollout
 from maxtext.trainers.post_train.rl.step import RLStep, on_mesh
 from maxtext.trainers.train_step import Training
 
-_MISMATCH = ("mismatch_abs_sum", "mismatch_abs_max", "mismatch_k3_sum")
+_MISMATCH = ("mismatch_abs_sum", "mismatch_abs_max", "mismatch_k3_sum", "replay_gap_abs_sum", "replay_gap_abs_max")
 
 
 def _chunks(rollout: Rollout, config: Config) -> list[np.ndarray]:
@@ -39,44 +44,75 @@ def _merge(into: dict, sums: dict, scale: float) -> None:
       into[key] = into.get(key, 0.0) + value * scale
 
 
+def _pack(config: Config, training: Training, rollout: Rollout, chunk: np.ndarray, advantages: np.ndarray,
+          per_token: dict[str, dict[int, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+  return pack([rollout.prompts[i] for i in chunk], [rollout.responses[i] for i in chunk],
+              [rollout.rollout_logprobs[i] for i in chunk], advantages[chunk], training.global_batch_size,
+              config.max_target_length, {name: [values[i] for i in chunk] for name, values in per_token.items()})
+
+
 def prepare(config: Config, training: Training, rl_step: RLStep, params: Any, rollout: Rollout,
-            ref_params: Any = None) -> tuple[list[tuple[list[dict], dict]], dict, int]:
-  """(per optimizer step: device micro-batches and totals; mismatch sums of the off-policy steps; tokens trained).
-  Every log-prob taken here comes from `params` before any update."""
+            ref_params: Any = None, engine: Engine | None = None
+            ) -> tuple[list[tuple[np.ndarray, list[dict], dict]], dict, int]:
+  """(per optimizer step: its response indices, device micro-batches and totals; mismatch sums of the off-policy
+  steps; tokens trained). Every log-prob taken here comes from `params` before any update; with
+  rl_replay_logprobs the engine replays them (the first step's `replay_logp`, pi_old's and the reference's)."""
   advantages = rollout.advantages(config.rl_advantage_std_normalization)
+  everything = range(rollout.num_responses)
+  untempered = config.rl_temperature == 1.0
+  per_token = {}
+  if config.rl_replay_logprobs:
+    per_token["replay_logp"] = replay_logprobs(engine, rollout, everything, params)
+    if ref_params is not None and untempered:
+      per_token["ref_logp"] = replay_logprobs(engine, rollout, everything, ref_params)
   steps, mismatch, trained = [], {}, 0
   for index, chunk in enumerate(_chunks(rollout, config)):
-    host_batches = pack([rollout.prompts[i] for i in chunk], [rollout.responses[i] for i in chunk],
-                        [rollout.rollout_logprobs[i] for i in chunk], advantages[chunk],
-                        training.global_batch_size, config.max_target_length)
     micro = []
-    for host in host_batches:
+    for host in _pack(config, training, rollout, chunk, advantages, per_token):
       trained += int(np.sum(host["segment_ids"] > 0))
       batch = on_mesh(host, training.mesh)
       if index > 0:
-        old_logp, plain_logp = rl_step.logprobs(params, batch)
+        if "replay_logp" in batch:  # pi_old's temperature-1 log-probs as the engine computes them
+          plain_logp = batch.pop("replay_logp")  # the step's own are replayed before it runs (train_on_rollout)
+          old_logp = plain_logp if untempered else rl_step.logprobs(params, batch)[0]
+        else:
+          old_logp, plain_logp = rl_step.logprobs(params, batch)
         batch["old_logp"] = old_logp
         # Both at temperature 1: the engine reports the untempered model's log-probs.
         batch["is_weights"] = rl_step.weights(plain_logp, batch["rollout_logp"], batch["loss_mask"], batch["seq_ids"])
         sums = rl_step.mismatch(plain_logp, batch["rollout_logp"], batch["loss_mask"])
         _merge(mismatch, {f"mismatch_{k}": v for k, v in sums.items()}, 1.0)
-      if ref_params is not None:
+      if ref_params is not None and "ref_logp" not in batch:
         batch["ref_logp"] = rl_step.logprobs(ref_params, batch)[0]
       micro.append(batch)
     totals = {"num_tokens": np.float32(sum(len(rollout.responses[i]) for i in chunk)),
               "num_sequences": np.float32(len(chunk)), "num_micro_batches": np.float32(len(micro))}
-    steps.append((micro, totals))
+    steps.append((chunk, micro, totals))
   return steps, mismatch, trained
 
 
+def _replay_current(config: Config, training: Training, engine: Engine, params: Any, rollout: Rollout,
+                    chunk: np.ndarray, micro: list[dict]) -> None:
+  """A later optimizer step's `replay_logp`: the engine's log-probs of its responses under the current params."""
+  replayed = {"replay_logp": replay_logprobs(engine, rollout, chunk, params)}
+  advantages = np.zeros((rollout.num_responses,), np.float32)  # the layout is all that is taken from this packing
+  for batch, host in zip(micro, _pack(config, training, rollout, chunk, advantages, replayed)):
+    batch["replay_logp"] = on_mesh({"replay_logp": host["replay_logp"]}, training.mesh)["replay_logp"]
+
+
 def train_on_rollout(config: Config, training: Training, rl_step: RLStep, state: Any, rollout: Rollout,
-                     ref_params: Any = None) -> tuple[Any, dict[str, float]]:
-  """Optimizer steps on `rollout` -> (new state, metrics: means over the steps, maxima, mismatch over all tokens)."""
+                     ref_params: Any = None, engine: Engine | None = None) -> tuple[Any, dict[str, float]]:
+  """Optimizer steps on `rollout` -> (new state, metrics: means over the steps, maxima, mismatch over all tokens).
+  engine: the rollout's engine, which replays log-probs when rl_replay_logprobs is set."""
+  if config.rl_replay_logprobs and engine is None:
+    raise ValueError("rl_replay_logprobs: train_on_rollout needs the engine that generated the rollout")
   began = time.perf_counter()
-  steps, mismatch, trained = prepare(config, training, rl_step, state["params"], rollout, ref_params)
+  steps, mismatch, trained = prepare(config, training, rl_step, state["params"], rollout, ref_params, engine)
   sums: dict[str, Any] = {}
-  for index, (micro, totals) in enumerate(steps):
+  for index, (chunk, micro, totals) in enumerate(steps):
     grads_fn = rl_step.grads_on_policy if index == 0 else rl_step.grads_off_policy
+    if index > 0 and config.rl_replay_logprobs:
+      _replay_current(config, training, engine, state["params"], rollout, chunk, micro)
     gradient = None
     for batch in micro:
       grads, step_sums = grads_fn(state["params"], batch, totals)
@@ -104,4 +140,7 @@ def train_on_rollout(config: Config, training: Training, rl_step: RLStep, state:
       mismatch_k3=float(mismatch["mismatch_k3_sum"]) / tokens, train_s=seconds, train_tokens=trained,
       train_tokens_per_s=trained / seconds, optimizer_steps=len(steps),
   )
+  if "replay_gap_abs_sum" in mismatch:  # every response is in one optimizer step: a mean over all tokens
+    metrics.update(replay_gap_mean=float(mismatch["replay_gap_abs_sum"]) / tokens,
+                   replay_gap_max=float(mismatch["replay_gap_abs_max"]))
   return state, metrics
