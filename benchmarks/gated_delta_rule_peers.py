@@ -45,7 +45,12 @@ def launches() -> dict:
           "fused_w": ChunkedLaunch(fused_forward=True, fused_walk_reads_w=True),
           "bf16_inverse": ChunkedLaunch(inverse_precision="bf16"),
           "fused_bv64": ChunkedLaunch(fused_forward=True, block_v=64),
-          "fused_w8": ChunkedLaunch(fused_forward=True, walk_warps=8)}
+          "fused_w8": ChunkedLaunch(fused_forward=True, walk_warps=8),
+          # gpu_inverse.py: T and P by 16- or 32-wide blocks instead of the [C, C] doubling; 'ieee' runs its small
+          # products on the CUDA cores in float32; 2 warps suit the 16 x 16 tiles better perhaps
+          "blocked16": ChunkedLaunch(inverse_block=16), "blocked32": ChunkedLaunch(inverse_block=32),
+          "blocked16_ieee": ChunkedLaunch(inverse_block=16, inverse_precision="ieee"),
+          "blocked16_w2": ChunkedLaunch(inverse_block=16, parallel_warps=2)}
 
 
 def describe(launch) -> str:

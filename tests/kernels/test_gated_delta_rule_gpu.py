@@ -23,7 +23,8 @@ from tests.kernels.test_gated_delta_rule import random_inputs, relative_error, v
 
 TOLERANCE = {"ieee": 1e-5, "tf32": 2e-3, "bf16": 1e-2}
 SMALL_TILES = ChunkedLaunch(block_v=16, grad_block_k=16, grad_block_v=16)  # several key and value blocks
-FUSED = dict(split=dict(fused_forward=False), fused=dict(fused_forward=True))  # gpu_fused.py's forward or not
+FUSED = dict(split=dict(fused_forward=False), fused=dict(fused_forward=True),  # gpu_fused.py's forward or not
+             blocked16=dict(fused_forward=True, inverse_block=16))  # and its WY inverse by blocks (gpu_inverse.py)
 
 
 def documents(lengths, batch=1):

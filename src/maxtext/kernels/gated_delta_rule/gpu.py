@@ -78,6 +78,9 @@ class ChunkedLaunch:
   # The dots of the WY inverse (gpu_precision.py's modes). None: 'ieee' in 'ieee' mode, else 'tf32'. 'bf16' is a
   # speed experiment (the inverse's ten dependent products are most of the forward's parallel kernel).
   inverse_precision: str | None = None
+  # gpu_inverse.py: None inverts the whole [C, C] tile by doubling (ten dependent C^3 products for C = 64); 16 or 32
+  # builds A, P and T by [b, b] blocks (diagonal blocks by doubling, the rest by block forward substitution).
+  inverse_block: int | None = None
 
 
 def segment_masks(segment_ids: jax.Array, chunk: int) -> Segments:
@@ -116,10 +119,13 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
       raise ValueError(f"gated delta rule GPU kernels: length {length} must be a multiple of the chunk {chunk}")
     mode, store, mm = matmul_mode((q, v), precision, interpret)
     inverse = launch.inverse_precision or ("ieee" if mode == "ieee" else "tf32")
-    inv_mm = functools.partial(dot, precision=inverse, interpret=interpret)
+    block = None if launch.inverse_block is None else min(launch.inverse_block, chunk)
+    if block is not None:
+      check_dims(inverse_block=block)
+    inv = dict(inv_mm=functools.partial(dot, precision=inverse, interpret=interpret), inverse_block=block)
     common = dict(chunk=chunk, groups=value_heads // key_heads, mm=mm)
     dims = (batch, length, value_heads, key_dim, value_dim, length // chunk)
-    return dims, store, common, inv_mm, block_v, grad_block_v
+    return dims, store, common, inv, block_v, grad_block_v
 
   def walk_stages(store) -> int:
     if launch.walk_stages is not None:
@@ -133,7 +139,7 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
     )(*args, *(segments or ()))
 
   def forward(q, k, v, gc, beta, h0, segments, save: bool = True):
-    (batch, length, heads, key_dim, value_dim, num_chunks), store, common, inv_mm, block_v, _ = setup(q, v)
+    (batch, length, heads, key_dim, value_dim, num_chunks), store, common, inv, block_v, _ = setup(q, v)
     struct = lambda *shape, dtype=store: jax.ShapeDtypeStruct(shape, dtype)
     parallel = (num_chunks, heads, batch)
     parallel_params = TritonParams(num_warps=launch.parallel_warps, num_stages=1)
@@ -143,7 +149,7 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
       with_w = save or launch.fused_walk_reads_w
       t, p, *w = call(gpu_fused.prep_kernel, "gdr_prep_fwd", parallel,
                       (chunk_matrix, chunk_matrix, *[struct(batch, length, heads, key_dim)] * with_w),
-                      parallel_params, (q, k, gc, beta), segments, scale=scale, with_w=with_w, inv_mm=inv_mm,
+                      parallel_params, (q, k, gc, beta), segments, scale=scale, with_w=with_w, **inv,
                       **common)
       walk_w = w[:1] if launch.fused_walk_reads_w else []
       saved = (struct(batch, heads, num_chunks, key_dim, value_dim), struct(batch, length, heads, value_dim))
@@ -157,7 +163,7 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
     w, u, t = call(wy_kernel, "gdr_wy_fwd", parallel,
                    (struct(batch, length, heads, key_dim), struct(batch, length, heads, value_dim),
                     struct(batch, heads, num_chunks, chunk, chunk)),
-                   parallel_params, (k, v, gc, beta), segments, inv_mm=inv_mm, **common)
+                   parallel_params, (k, v, gc, beta), segments, **inv, **common)
     final, states, v_new = call(
         state_kernel, "gdr_state_fwd", (value_dim // block_v, heads, batch),
         (struct(batch, heads, key_dim, value_dim, dtype=jnp.float32),

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from maxtext.kernels.gated_delta_rule.gpu_inverse import blocked_chunk, iotas, unit_lower_inverse
+
 
 class Segments(NamedTuple):
   """Per-token segment masks [B, T]: the id (int32), carried and in_last (float32, see the module docstring)."""
@@ -33,10 +35,6 @@ class _Gates(NamedTuple):
   is_last: jax.Array  # [C] bool, the chunk's last row
 
 
-def _iotas(size: int):
-  return (jax.lax.broadcasted_iota(jnp.int32, (size, size), 0), jax.lax.broadcasted_iota(jnp.int32, (size, size), 1))
-
-
 def _gates(gc_ref, seg_refs, b, h, tokens, chunk: int, pairs: bool = True) -> _Gates:
   """The decays of one (row, value head, chunk) from its cumulative log decays and segment masks.
 
@@ -47,7 +45,7 @@ def _gates(gc_ref, seg_refs, b, h, tokens, chunk: int, pairs: bool = True) -> _G
   gc_last = jnp.sum(jnp.where(is_last, gc, 0.0))
   gamma = None
   if pairs:
-    rows, cols = _iotas(chunk)
+    rows, cols = iotas(chunk)
     mask = rows >= cols
     if seg_refs is not None:
       seg = seg_refs.ids[b, tokens]
@@ -60,25 +58,6 @@ def _gates(gc_ref, seg_refs, b, h, tokens, chunk: int, pairs: bool = True) -> _G
     to_end = to_end * seg_refs.in_last[b, tokens]
     decay = decay * jnp.sum(jnp.where(is_last, carried, 0.0))
   return _Gates(gamma, from_start, to_end, decay, is_last)
-
-
-def _unit_lower_inverse(a: jax.Array, rows: jax.Array, cols: jax.Array, mm) -> jax.Array:
-  """(I + a)^-1 for strictly lower [C, C] a, C a power of two, by merging diagonal blocks pairwise at full size.
-
-  With T_s the block diagonal of the inverses of the s x s diagonal blocks and L_s the lower-left s x s blocks of
-  each 2s x 2s diagonal block of a: T_2s = T_s - T_s L_s T_s (inv([[A, 0], [B, D]]) has -inv(D) B inv(A) below).
-  T_2 = I - L_1. Exact, unlike a Neumann product, whose powers of A reach C(62, 31) ~ 5e17 for identical keys.
-  """
-  size = a.shape[0]
-  apart = rows ^ cols  # < 2s: same 2s block; >= s: different s blocks
-  lower = rows > cols
-  t = jnp.where(rows == cols, 1.0, 0.0) - jnp.where(lower & (apart == 1), a, 0.0)
-  s = 2
-  while s < size:
-    block = jnp.where(lower & (apart >= s) & (apart < 2 * s), a, 0.0)
-    t = t - mm(t, mm(block, t))
-    s *= 2
-  return t
 
 
 def _split_refs(refs, count: int, segmented: bool):
@@ -100,18 +79,28 @@ def chunk_inverse(k_ref, gc_ref, beta_ref, seg_refs, *, chunk: int, groups: int,
   """This program's (chunk n, value head h, row b): its keys (f32), beta, gates and WY inverse T [C, C]."""
   n, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   tokens = pl.ds(n * chunk, chunk)
-  rows, cols = _iotas(chunk)
+  rows, cols = iotas(chunk)
   k = _f32(k_ref[b, tokens, h // groups, :])
   beta = beta_ref[b, h, tokens]
   gates = _gates(gc_ref, seg_refs, b, h, tokens, chunk)
   a = jnp.where(rows > cols, beta[:, None] * mm(k, k, trans_b=True) * gates.gamma, 0.0)
-  return k, beta, gates, _unit_lower_inverse(a, rows, cols, inv_mm)
+  return k, beta, gates, unit_lower_inverse(a, rows, cols, inv_mm)
 
 
-def wy_kernel(*refs, chunk: int, groups: int, segmented: bool, mm, inv_mm):
-  """One (chunk, value head, row): w = T (beta fs k), u = T (beta v) and T itself."""
+def wy_kernel(*refs, chunk: int, groups: int, segmented: bool, mm, inv_mm, inverse_block: int | None = None):
+  """One (chunk, value head, row): w = T (beta fs k), u = T (beta v) and T itself (inverse_block: gpu_inverse.py)."""
   (k_ref, v_ref, gc_ref, beta_ref), seg_refs, (w_ref, u_ref, t_ref) = _split_refs(refs, 4, segmented)
   n, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  if inverse_block is not None:
+    c = blocked_chunk(None, k_ref, gc_ref, beta_ref, seg_refs, chunk=chunk, groups=groups, block=inverse_block,
+                      mm=mm, inv_mm=inv_mm)
+    w = c.apply([(beta * fs)[:, None] * _f32(k) for beta, fs, k in zip(c.beta, c.from_start, c.k)], mm)
+    u = c.apply([beta[:, None] * _f32(v_ref[b, span, h, :]) for beta, span in zip(c.beta, c.tokens)], mm)
+    for span, w_i, u_i in zip(c.tokens, w, u):
+      w_ref[b, span, h, :] = w_i.astype(w_ref.dtype)
+      u_ref[b, span, h, :] = u_i.astype(u_ref.dtype)
+    c.store(t_ref, (b, h, n), c.t)
+    return
   tokens = pl.ds(n * chunk, chunk)
   k, beta, gates, t = chunk_inverse(k_ref, gc_ref, beta_ref, seg_refs, chunk=chunk, groups=groups, mm=mm,
                                     inv_mm=inv_mm)
@@ -254,7 +243,7 @@ def wy_grad_kernel(*refs, chunk: int, groups: int, key_blocks: int, segmented: b
   dk_ref, dv_ref, dgc_ref, dbeta_ref = outs
   n, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   tokens = pl.ds(n * chunk, chunk)
-  rows, cols = _iotas(chunk)
+  rows, cols = iotas(chunk)
   k = _f32(k_ref[b, tokens, h // groups, :])
   gates = _gates(gc_ref, seg_refs, b, h, tokens, chunk)
   beta = beta_ref[b, h, tokens]

@@ -1,0 +1,131 @@
+"""The chunk's WY inverse T = (I + A)^-1 inside the Pallas-Triton kernels of gpu.py (A, gates: its docstring).
+
+Two ways, chosen by ChunkedLaunch.inverse_block:
+- None: `unit_lower_inverse` on the whole [C, C] tile, doubling the inverted diagonal blocks 2, 4, .., C/2 wide:
+  for C = 64 ten dependent 64 x 64 x 64 products (2.6M multiply-adds per chunk, most of the prep kernel).
+- b (16 or 32, <= C): `blocked_chunk` never forms a [C, C] tile. It builds the lower blocks A_ij (j <= i) of
+  A and of the output scores P from row blocks of q and k, inverts the C/b diagonal blocks independently by the
+  same doubling on [b, b] tiles, then fills the blocks below the diagonal by block forward substitution
+    T_ij = -T_ii (A_ij T_jj + A_i,j+1 T_j+1,j + ... + A_i,i-1 T_i-1,j)      (j < i)
+  (the rows i of (I + A) T = I below the diagonal block). For C = 64, b = 16: 4 x 6 products for the diagonal
+  blocks and 16 for the substitution, all 16 x 16 x 16 (160K multiply-adds); the longest chain of dependent
+  products is 6 (diagonal) + 6 (three steps of substitution down a column), each a 16^3 product instead of 64^3;
+  blocks of the same distance from the diagonal are independent. A and P also skip their upper blocks.
+Both are exact algebra (no Neumann series, whose powers of A overflow for repeated keys); only the rounding order
+differs.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+
+def iotas(size: int):
+  return (jax.lax.broadcasted_iota(jnp.int32, (size, size), 0), jax.lax.broadcasted_iota(jnp.int32, (size, size), 1))
+
+
+def unit_lower_inverse(a: jax.Array, rows: jax.Array, cols: jax.Array, mm) -> jax.Array:
+  """(I + a)^-1 for [S, S] a (only its strictly lower part is read), S a power of two, by merging diagonal blocks
+  pairwise at full size.
+
+  With T_s the block diagonal of the inverses of the s x s diagonal blocks and L_s the lower-left s x s blocks of
+  each 2s x 2s diagonal block of a: T_2s = T_s - T_s L_s T_s (inv([[A, 0], [B, D]]) has -inv(D) B inv(A) below).
+  T_2 = I - L_1. Exact, unlike a Neumann product, whose powers of A reach C(62, 31) ~ 5e17 for identical keys.
+  """
+  size = a.shape[0]
+  apart = rows ^ cols  # < 2s: same 2s block; >= s: different s blocks
+  lower = rows > cols
+  t = jnp.where(rows == cols, 1.0, 0.0) - jnp.where(lower & (apart == 1), a, 0.0)
+  s = 2
+  while s < size:
+    block = jnp.where(lower & (apart >= s) & (apart < 2 * s), a, 0.0)
+    t = t - mm(t, mm(block, t))
+    s *= 2
+  return t
+
+
+class BlockedChunk(NamedTuple):
+  """One (chunk, value head, row) cut into C/b row blocks of b tokens (lists indexed by block; t, p by [i][j])."""
+
+  tokens: list  # pl.ds of each row block's tokens
+  k: list  # [b, Dk] keys, as stored
+  beta: list  # [b] float32
+  from_start: list  # [b] fs = exp(gc) carried
+  t: list  # t[i][j], j <= i: [b, b] float32 blocks of T (the rest are zero)
+  p: list | None  # p[i][j], j <= i: [b, b] blocks of P = s Gamma * (q k^T), when asked for
+
+  def apply(self, rhs: list, mm) -> list:
+    """T @ X by row blocks, for X given by row blocks ([b, D] each)."""
+    return [mm_sum([(self.t[i][j], rhs[j]) for j in range(i + 1)], mm) for i in range(len(rhs))]
+
+  def store(self, ref, index: tuple, blocks: list) -> None:
+    """Writes [C, C] from lower blocks (t or p) into ref[index], zeros above the diagonal blocks."""
+    size = blocks[0][0].shape[0]
+    for i, row in enumerate(blocks):
+      for j in range(len(blocks)):
+        value = row[j] if j <= i else jnp.zeros((size, size), jnp.float32)
+        ref[(*index, pl.ds(i * size, size), pl.ds(j * size, size))] = value.astype(ref.dtype)
+
+
+def blocked_chunk(q_ref, k_ref, gc_ref, beta_ref, seg_refs, *, chunk: int, groups: int, block: int, mm, inv_mm,
+                  scale: float | None = None) -> BlockedChunk:
+  """This program's (chunk n, value head h, row b) with T by blocks (module docstring); P too when q_ref is given.
+
+  Pair decays per block pair as gpu_kernels._gates forms them for the whole chunk: exp(gc_i - gc_j) on causal
+  same-segment pairs, masked before exp.
+  """
+  n, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  hk = h // groups
+  count = chunk // block
+  tokens = [pl.ds(n * chunk + i * block, block) for i in range(count)]
+  k = [k_ref[b, span, hk, :] for span in tokens]
+  gc = [gc_ref[b, h, span] for span in tokens]
+  beta = [beta_ref[b, h, span] for span in tokens]
+  from_start = [jnp.exp(x) for x in gc]
+  if seg_refs is not None:
+    seg = [seg_refs.ids[b, span] for span in tokens]
+    from_start = [fs * seg_refs.carried[b, span] for fs, span in zip(from_start, tokens)]
+  rows, cols = iotas(block)
+  a = [[None] * count for _ in range(count)]
+  p = [[None] * count for _ in range(count)] if q_ref is not None else None
+  for i in range(count):
+    q_i = None if p is None else q_ref[b, tokens[i], hk, :]
+    for j in range(i + 1):
+      mask = (rows >= cols) if i == j else None
+      if seg_refs is not None:
+        same = seg[i][:, None] == seg[j][None, :]
+        mask = same if mask is None else mask & same
+      log_gamma = gc[i][:, None] - gc[j][None, :]
+      gamma = jnp.exp(log_gamma if mask is None else jnp.where(mask, log_gamma, -jnp.inf))
+      a[i][j] = beta[i][:, None] * mm(k[i], k[j], trans_b=True) * gamma  # diagonal blocks: only below is read
+      if p is not None:
+        p[i][j] = mm(q_i, k[j], trans_b=True) * (scale * gamma)
+
+  return BlockedChunk(tokens, k, beta, from_start, block_lower_inverse(a, inv_mm), p)
+
+
+def block_lower_inverse(a: list, mm) -> list:
+  """The lower blocks t[i][j] (j <= i) of (I + A)^-1 from A's lower blocks a[i][j] ([b, b]; of the diagonal
+  blocks only the strictly lower part is read): diagonal blocks by doubling, then block forward substitution."""
+  count = len(a)
+  rows, cols = iotas(a[0][0].shape[0])
+  t = [[None] * count for _ in range(count)]
+  for i in range(count):
+    t[i][i] = unit_lower_inverse(a[i][i], rows, cols, mm)
+  for distance in range(1, count):  # each step's blocks need only the previous steps'
+    for j in range(count - distance):
+      i = j + distance
+      t[i][j] = -mm(t[i][i], mm_sum([(a[i][m], t[m][j]) for m in range(j, i)], mm))
+  return t
+
+
+def mm_sum(pairs: list, mm) -> jax.Array:
+  """sum of x @ y over (x, y) pairs."""
+  total = mm(*pairs[0])
+  for x, y in pairs[1:]:
+    total = total + mm(x, y)
+  return total
