@@ -27,7 +27,9 @@ are summed over each key head's group by XLA afterwards. (One kernel for both pa
 Precision (gpu_precision.py's modes): 'bf16' (the default for 16-bit inputs) rounds every dot operand to bf16, as
 fla does, and stores the intermediates (w, u, T, states, v_new and the gradients between kernels) in the inputs'
 16-bit dtype; 'tf32'/'tf32x3'/'ieee' store float32 ('tf32': ~4x slower on an H100, ~7x more accurate). The
-inverse T always comes from float32 products ('ieee' with float32 inputs, else 'tf32').
+inverse T always comes from float32 products ('ieee' with float32 inputs, else 'tf32'); ChunkedLaunch.inverse_block
+forms it (and P) by 16- or 32-wide blocks instead of whole [C, C] tiles (gpu_inverse.py). The backward reads the
+saved T and never inverts again.
 """
 
 from __future__ import annotations
