@@ -158,3 +158,35 @@ def test_speculative_rounds_keep_accepted_drafts_and_roll_back_rejected_ones(mtp
       outputs[row] += np.asarray(emitted.tokens)[row, : counts[row]].tolist()
   for row in range(3):
     assert outputs[row] == greedy[row][: len(outputs[row])]
+
+
+def test_replay_gives_generates_logprobs_bit_for_bit(mtp_engines):
+  """Teacher forcing the sampled tokens through the same prefill and decode calls at the call's shape reproduces
+  the reported log-probs exactly in float32, for any subset of the call's rows; and they are the model's (a full
+  forward pass agrees to float32 rounding). Speculative rounds replay likewise: tests/trainers/post_train."""
+  engine = mtp_engines[0]
+  prompts = _prompts(engine.spec.vocab_size, (5, 11, 2, 7, 3), seed=5)
+  new_tokens = 5
+  requests = [SamplingParams(max_tokens=new_tokens, temperature=1.0, seed=s) for s in range(len(prompts))]
+  responses, reported = [[] for _ in prompts], [[] for _ in prompts]
+  for event in engine.generate(prompts, requests):
+    responses[event.request].append(event.token_id)
+    reported[event.request].append(event.logprob)
+  assert engine.last_rounds is None and engine.last_shape == (8, 16)
+  replayed = engine.replay(prompts, responses, shape=engine.last_shape)
+  assert [r.tolist() for r in replayed] == [np.float32(r).tolist() for r in reported]
+  subset = [3, 0]  # other rows, other batch mates: a row's results do not depend on them
+  again = engine.replay([prompts[i] for i in subset], [responses[i] for i in subset], shape=engine.last_shape)
+  assert [a.tolist() for a in again] == [replayed[i].tolist() for i in subset]
+  # One causal forward over the right-padded sequences: the positions read hold each prompt + response.
+  sequences = np.zeros((len(prompts), 11 + new_tokens), np.int32)
+  for row, (prompt, response) in enumerate(zip(prompts, responses)):
+    sequences[row, : len(prompt) + new_tokens] = prompt + response
+  logits = Qwen3NextForCausalLM(engine.spec).apply({"params": engine.params}, jnp.asarray(sequences),
+                                                    with_mtp=False).logits
+  logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+  for row, (prompt, response) in enumerate(zip(prompts, responses)):
+    expected = [logp[row, len(prompt) - 1 + j, token] for j, token in enumerate(response)]
+    np.testing.assert_allclose(replayed[row], expected, rtol=0, atol=2e-5)
+  with pytest.raises(ValueError, match="smaller than these prompts need"):
+    engine.replay(prompts, responses, shape=(4, 16))

@@ -25,7 +25,7 @@ from flax import linen as nn
 from maxtext import sharding
 from maxtext.configs import Config, ConfigError
 from maxtext.inference.sampling import MAX_LOGPROBS, BatchSampling, SamplingParams
-from maxtext.inference.steps import DecodeSteps, Emitted
+from maxtext.inference.steps import DecodeSteps, Emitted, Forced
 from maxtext.models import params as model_params
 from maxtext.models.qwen3_next import Qwen3NextForCausalLM
 from maxtext.models.spec import ModelSpec
@@ -173,7 +173,10 @@ class Engine:
     rounds = [[] for _ in prompts]
     self.last_rounds = rounds if speculative else None
 
-    state, emitted = self._prefill(steps, self.params, tokens, lengths, sampling, chunk)
+    # Generation passes "nothing forced" to the very calls replay() forces tokens through: one compiled program each.
+    unforced = Forced.none(tokens.shape[0])
+    state, emitted = self._prefill(steps, self.params, tokens, lengths, sampling, chunk, unforced)
+    unforced_round = Forced.none(tokens.shape[0], self._num_draft + 1)
     in_flight = collections.deque([emitted])  # dispatched calls whose tokens are not read back yet
     step = 1
     while True:
@@ -185,9 +188,9 @@ class Engine:
           if speculative and greedy_only:
             state, following = steps.speculate(self.params, state)
           elif speculative:
-            state, following = steps.speculate_sampled(self.params, state, sampling, np.int32(step))
+            state, following = steps.speculate_sampled(self.params, state, sampling, np.int32(step), unforced_round)
           else:
-            state, following = steps.step(self.params, state, sampling, np.int32(step))
+            state, following = steps.step(self.params, state, sampling, np.int32(step), unforced)
         in_flight.append(following)
         step += 1
       if not in_flight:
@@ -198,15 +201,15 @@ class Engine:
       stats["steps"] += 1
 
   def _prefill(self, steps: DecodeSteps, params: Any, tokens: np.ndarray, lengths: np.ndarray,
-               sampling: BatchSampling, chunk: int, forced: jax.Array | None = None) -> tuple[Any, Emitted]:
-    """The prompts into the caches and the first new token (sampled, or `forced` [B]), in one pass or in chunks."""
+               sampling: BatchSampling, chunk: int, forced: Forced) -> tuple[Any, Emitted]:
+    """The prompts into the caches and the first new token (sampled, or forced), in one pass or in chunks."""
     with sharding.activate(self.mesh):
       if tokens.shape[1] > chunk:
         return self._chunked_prefill(steps, tokens, lengths, sampling, chunk, params=params, forced=forced)
       return steps.prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), sampling, forced)
 
   def _chunked_prefill(self, steps: DecodeSteps, tokens: np.ndarray, lengths: np.ndarray, sampling: BatchSampling,
-                       chunk: int, *, params: Any = None, forced: jax.Array | None = None) -> tuple[Any, Emitted]:
+                       chunk: int, *, params: Any = None, forced: Forced | None = None) -> tuple[Any, Emitted]:
     """Prefill in chunks of `chunk` tokens, each attending to the caches the earlier ones filled: no buffer grows
     with the prompt squared (a one-shot prefill's attention does, off the flash kernels). At most two compiled
     chunk shapes: `chunk` and the tail up to max_target_length."""
@@ -252,8 +255,9 @@ class Engine:
              shape: tuple[int, int] | None = None, rounds: Sequence[Sequence[int]] | None = None,
              params: Any = None) -> list[np.ndarray]:
     """The log-probs generate() reports for `responses` after `prompts` (temperature 1, [len(response)] float32
-    each), recomputed by its own prefill and decode steps on the given tokens instead of sampled ones: the same
-    arithmetic at the same shapes, so float32 equal bit for bit to generate()'s under the same parameters.
+    each), recomputed by the very compiled prefill and decode calls that sampled them, each given token taking the
+    place of a draw: under the same parameters they equal generate()'s bit for bit, in any dtype. That holds for
+    sampled requests without top-k / top-p / min-p (RL's rollouts), whose calls these are.
 
     shape: the (rows, prompt length) generate() padded its call to (`last_shape`; a row's results do not depend
     on its batch mates, so any subset of that call replays at its shape); default: what these prompts pad to.
@@ -261,6 +265,8 @@ class Engine:
     token a call. params: a parameter tree in the engine's layout (default: the engine's own)."""
     if len(prompts) != len(responses):
       raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if rounds is not None and not self._num_draft:
+      raise ValueError("rounds are given but this engine does not speculate (mtp_speculative_decoding is off)")
     for index, response in enumerate(responses):
       if not response:
         raise ValueError(f"response {index} is empty: nothing to replay")
@@ -277,28 +283,32 @@ class Engine:
       tokens = np.pad(tokens, ((0, shape[0] - tokens.shape[0]), (0, shape[1] - tokens.shape[1])))
       lengths = np.pad(lengths, (0, shape[0] - lengths.shape[0]), constant_values=1)
     batch, longest = tokens.shape[0], max(map(len, responses))
-    forced = np.zeros((batch, longest + self._num_draft), np.int32)  # each row's response, then its last token
+    k = self._num_draft if rounds is not None else 0
+    forced = np.zeros((batch, longest + k), np.int32)  # each row's response, then its last token repeated
     for row, response in enumerate(responses):
       forced[row, : len(response)] = response
       forced[row, len(response) :] = response[-1]
-    speculative = rounds is not None and self._num_draft > 0
-    steps = self._steps_for(0, self._num_draft if speculative else 0)
+    # The steps generate() used for temperature-1 requests (no top-k / top-p / min-p), so the very same programs.
+    steps = self._steps_for(0, k, greedy_only=False, filtered=k == 0)
     sampling = BatchSampling.of([SamplingParams(temperature=1.0)] * len(prompts), batch)
-    state, emitted = self._prefill(steps, params, tokens, lengths, sampling, chunk, jnp.asarray(forced[:, 0]))
-    calls = [(emitted, np.ones((batch,), np.int32))]
-    done = np.ones((batch,), np.int32)  # tokens of each row emitted so far
+    every_row = np.ones((batch,), np.int32)
+    state, emitted = self._prefill(steps, params, tokens, lengths, sampling, chunk,
+                                   Forced(jnp.asarray(forced[:, :1]), jnp.asarray(every_row)))
+    calls = [(emitted, every_row)]
+    done = every_row.copy()  # tokens of each row emitted so far
     with sharding.activate(self.mesh):
-      for call in range(1, max(map(len, rounds)) if speculative else longest):
-        if speculative:
+      for call in range(1, max(map(len, rounds)) if k else longest):
+        if k:
           counts = np.array([r[call] if call < len(r) else 1 for r in rounds] + [1] * (batch - len(rounds)), np.int32)
-          window = jnp.asarray(np.stack([forced[row, d : d + self._num_draft + 1] for row, d in enumerate(done)]))
+          window = np.stack([forced[row, d : d + k + 1] for row, d in enumerate(done)])
           state, emitted = steps.speculate_sampled(params, state, sampling, np.int32(call),
-                                                   (window, jnp.asarray(counts)))
+                                                   Forced(jnp.asarray(window), jnp.asarray(counts)))
         else:
-          counts = np.ones((batch,), np.int32)
-          state, emitted = steps.step(params, state, sampling, np.int32(call), jnp.asarray(forced[:, call]))
+          counts = every_row
+          state, emitted = steps.step(params, state, sampling, np.int32(call),
+                                      Forced(jnp.asarray(forced[:, call : call + 1]), jnp.asarray(every_row)))
         calls.append((emitted, counts))
-        done = np.minimum(done + counts, forced.shape[1] - self._num_draft - 1)
+        done = np.minimum(done + counts, longest - 1)
     logprobs = jax.device_get([e.logprobs for e, _ in calls])  # [B, tokens a call] each
     rows = lambda row: np.concatenate([lp[row, : counts[row]] for lp, (_, counts) in zip(logprobs, calls)])
     return [rows(row)[: len(response)].astype(np.float32) for row, response in enumerate(responses)]

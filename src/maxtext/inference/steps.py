@@ -43,6 +43,25 @@ class Emitted:
   top_ids: jax.Array  # [B, n, top] int32
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Forced:
+  """Teacher forcing (Engine.replay), a runtime input of the same compiled calls that sample: row b takes
+  tokens[b, :count[b]] as its next tokens; count 0 samples (every row, in generation). n is 1 for a prefill or a
+  step, k + 1 for a speculative round (its first count[b] tokens are emitted, read as the accepted drafts)."""
+
+  tokens: jax.Array  # [B, n] int32
+  count: jax.Array  # [B] int32
+
+  @staticmethod
+  def none(batch: int, n: int = 1) -> "Forced":
+    return Forced(jnp.zeros((batch, n), jnp.int32), jnp.zeros((batch,), jnp.int32))
+
+  def first(self, sampled: jax.Array) -> jax.Array:
+    """sampled [B] -> the forced first token where a row is forced."""
+    return jnp.where(self.count > 0, self.tokens[:, 0], sampled)
+
+
 def _emitted(logits: jax.Array, tokens: jax.Array, count: jax.Array, num_top: int) -> Emitted:
   chosen, top_values, top_ids = token_logprobs(logits, tokens, num_top)
   return Emitted(tokens, count, chosen, top_values, top_ids)
@@ -151,9 +170,9 @@ class DecodeSteps:
 
   # ---- prefill ----
   def _prefill(self, params, tokens, lengths, sampling: BatchSampling,
-               forced: jax.Array | None = None) -> tuple[LoopState, Emitted]:
-    """tokens [B, P] right-padded, lengths [B] >= 1 -> the state after the prompts and the first new token.
-    forced [B]: take these as the first tokens instead of sampling (teacher forcing: Engine.replay)."""
+               forced: Forced | None = None) -> tuple[LoopState, Emitted]:
+    """tokens [B, P] right-padded, lengths [B] >= 1 -> the state after the prompts and the first new token
+    (sampled, or forced)."""
     batch, length = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape)
     valid = positions < lengths[:, None]
@@ -174,14 +193,15 @@ class DecodeSteps:
                       draft_probs)
     return state, emitted
 
-  def _first_token(self, params, last_hidden, sampling: BatchSampling, forced: jax.Array | None = None):
-    """The hidden state after each prompt [B, E] -> (presence, the first new token [B] (sampled, or `forced`),
-    its Emitted)."""
+  def _first_token(self, params, last_hidden, sampling: BatchSampling, forced: Forced | None = None):
+    """The hidden state after each prompt [B, E] -> (presence, the first new token [B] (sampled, or forced), its
+    Emitted)."""
     batch = last_hidden.shape[0]
     logits = self._logits(params, last_hidden)
     presence = jnp.zeros((batch, logits.shape[-1]), bool)
-    first = forced if forced is not None else sample(logits, sampling, presence, jnp.zeros((), jnp.int32),
-                                                     greedy_only=self.greedy_only)
+    first = sample(logits, sampling, presence, jnp.zeros((), jnp.int32), greedy_only=self.greedy_only)
+    if forced is not None:
+      first = forced.first(first)
     emitted = _emitted(logits[:, None], first[:, None], jnp.ones((batch,), jnp.int32), self.num_top)
     return presence, first, emitted
 
@@ -220,9 +240,9 @@ class DecodeSteps:
     return {"decoder": decoder, "mtp": mtp_cache}, last_hidden
 
   def _finish_prefill(self, params, cache, last_hidden, lengths, sampling: BatchSampling,
-                      forced: jax.Array | None = None) -> tuple[LoopState, Emitted]:
-    """After the last chunk: sample the first token (or take `forced`) and (with MTP) feed it at the last prompt
-    position and draft."""
+                      forced: Forced | None = None) -> tuple[LoopState, Emitted]:
+    """After the last chunk: sample the first token (or take the forced one) and (with MTP) feed it at the last
+    prompt position and draft."""
     presence, first, emitted = self._first_token(params, last_hidden, sampling, forced)
     batch = first.shape[0]
     drafts, draft_probs, mtp_cache = jnp.zeros((batch, 0), jnp.int32), jnp.zeros((batch, 0, 0)), cache["mtp"]
@@ -238,15 +258,16 @@ class DecodeSteps:
 
   # ---- one token ----
   def _step(self, params, state: LoopState, sampling: BatchSampling, step: jax.Array,
-            forced: jax.Array | None = None) -> tuple[LoopState, Emitted]:
-    """Feed `last` at `cursor`, sample the next token (or take `forced` [B]). step: index of the token being drawn
-    (its rng stream)."""
+            forced: Forced | None = None) -> tuple[LoopState, Emitted]:
+    """Feed `last` at `cursor`, sample the next token (or take the forced one). step: index of the token being
+    drawn (its rng stream)."""
     cursor = state.cursor
     context = DecodeContext(cursor, jnp.ones((cursor.shape[0], 1), bool))
     hidden, cache = self._hidden(params, state.last[:, None], cursor[:, None], state.cache["decoder"], context)
     logits = self._logits(params, hidden[:, 0])
-    token = forced if forced is not None else sample(logits, sampling, state.presence, step,
-                                                     greedy_only=self.greedy_only)
+    token = sample(logits, sampling, state.presence, step, greedy_only=self.greedy_only)
+    if forced is not None:
+      token = forced.first(token)
     count = jnp.ones_like(cursor)
     emitted = _emitted(logits[:, None], token[:, None], count, self.num_top)
     new_state = LoopState({"decoder": cache, "mtp": state.cache["mtp"]}, self._advance(cursor, 1), token,
@@ -289,23 +310,25 @@ class DecodeSteps:
     return self._next_round(params, state, hidden, cache, positions, targets, accepted, self._argmax_draft), emitted
 
   def _speculate_sampled(self, params, state: LoopState, sampling: BatchSampling, step: jax.Array,
-                         forced: tuple[jax.Array, jax.Array] | None = None) -> tuple[LoopState, Emitted]:
+                         forced: Forced | None = None) -> tuple[LoopState, Emitted]:
     """Sampled (speculative.py): accept each draft with probability min(1, p / q), draw the token after the
     accepted ones from norm(max(p - q, 0)) (from p after all k), so the tokens are distributed as plain sampling's;
     draft again from q. step: the round's index (its rng stream). Log-probs are the model's own at temperature 1 of
     the emitted tokens, as plain decoding reports.
 
-    forced (tokens [B, k + 1], counts [B]): teacher forcing (Engine.replay): the round emits each row's first
-    counts[b] tokens; its verification reads them as the drafts (a token after the emitted ones is never read)."""
+    A forced row (forced.tokens [B, k + 1]) emits its first forced.count tokens; its verification reads them as the
+    drafts (what it reads after the emitted ones never reaches them)."""
     if forced is not None:
-      state = dataclasses.replace(state, drafts=forced[0][:, : self.num_draft])
+      forcing = forced.count > 0
+      state = dataclasses.replace(state, drafts=jnp.where(forcing[:, None], forced.tokens[:, : self.num_draft],
+                                                          state.drafts))
     hidden, logits, cache, positions = self._verify(params, state)
     keys = speculative.round_keys(sampling, step)
-    if forced is None:
-      p = speculative.target_distributions(logits, sampling, self.filtered)
-      accepted, tokens = speculative.accept_and_correct(state.drafts, state.draft_probs, p, keys)
-    else:
-      tokens, accepted = forced[0], forced[1] - 1
+    p = speculative.target_distributions(logits, sampling, self.filtered)
+    accepted, tokens = speculative.accept_and_correct(state.drafts, state.draft_probs, p, keys)
+    if forced is not None:
+      accepted = jnp.where(forcing, forced.count - 1, accepted)
+      tokens = jnp.where(forcing[:, None], forced.tokens, tokens)
     emitted = _emitted(logits, tokens, accepted + 1, self.num_top)
     choose = self._sampled_draft(sampling, keys)
     return self._next_round(params, state, hidden, cache, positions, tokens, accepted, choose), emitted
