@@ -1,6 +1,7 @@
 """RL end to end on a CPU: the tiny model learns the toy copy task through the CLI with GRPO and with GSPO (float32
-everywhere: the first update's ratio is exactly 1 and the engine's log-probs match the trainer's to float32
-rounding, with plain and with MTP-speculative sampled rollouts); in bf16 the mismatch is small and reported."""
+everywhere: the first update's ratio is exactly 1; with rl_replay_logprobs the trainer's log-probs equal the
+engine's bit for bit, with plain and with MTP-speculative sampled rollouts, and without it the packed forward's
+match them to float32 rounding); in bf16 the mismatch is small and reported."""
 
 import os
 import re
@@ -26,6 +27,9 @@ RECIPES = {
     "grpo": {"rl_algorithm": "grpo", "eps_clip": 0.2, "eps_clip_high": 0.28, "rl_loss_aggregation": "token_mean"},
     "gspo": {"rl_algorithm": "gspo", "eps_clip": 4e-4, "eps_clip_high": 4e-4, "rl_loss_aggregation": "sequence_mean"},
 }
+# The GRPO run replays the log-probs in the engine's arithmetic (exactly the rollout's); GSPO trains on the packed
+# forward's (the default), so both paths learn and both are checked.
+REPLAY = {"grpo": True, "gspo": False}
 _REWARD = re.compile(r"^rl step .*? (\d+)/\d+ \| reward ([0-9.]+)±")
 
 
@@ -58,39 +62,50 @@ def run_cli(task, output, cache_dir, **overrides) -> subprocess.CompletedProcess
 
 @pytest.mark.parametrize("algorithm", sorted(RECIPES))
 def test_tiny_model_learns_the_copy_task_through_the_cli(task, cache_dir, tmp_path, algorithm):
-  result = run_cli(task, tmp_path, cache_dir, **RECIPES[algorithm])
+  replay = REPLAY[algorithm]
+  result = run_cli(task, tmp_path, cache_dir, **RECIPES[algorithm], rl_replay_logprobs=str(replay).lower())
   assert result.returncode == 0, result.stderr[-3000:]
   rewards = {int(m.group(1)): float(m.group(2)) for m in map(_REWARD.match, result.stdout.splitlines()) if m}
   assert sorted(rewards) == list(range(1, 61)), result.stdout[-2000:]
   last = [rewards[s] for s in range(56, 61)]
   assert rewards[1] < 0.2 and sum(last) / 5 > 0.8, rewards
-  _assert_float32_consistent(result.stdout)
+  _assert_float32_consistent(result.stdout, replay)
   final_eval = float(re.search(r"eval pass@1 ([0-9.]+)", result.stdout.splitlines()[-1]).group(1))
   assert final_eval > 0.8, result.stdout[-500:]
 
 
-def _assert_float32_consistent(stdout: str) -> None:
-  """Float32 everywhere: on every step the first update's ratio is exactly 1, and the engine's log-probs (prefill +
-  recurrent decode steps, KV cache) equal the trainer's (chunked forward over packed rows) to float32 rounding: the
-  two compute the same logits through differently shaped and ordered sums (docs/rl.md). A token's difference is a
-  few units in the last place of its logits, which grow as the policy sharpens. Seen over 60 steps: mean <= 1.4e-7,
-  max 1.7e-6 (GRPO) and 5.1e-6 (GSPO), k3 <= 3.5e-14; bf16 is ~1e-2."""
+def _assert_float32_consistent(stdout: str, replay: bool) -> None:
+  """Float32 everywhere: on every step the first update's ratio is exactly 1. With replay the trainer's log-probs
+  are the engine's own computation (prefill + recurrent decode steps, KV cache, at the rollout's shapes): the
+  mismatch is exactly 0. The packed forward (chunked delta rule over packed rows), which the gradient flows through
+  and which the default trains on, equals them to float32 rounding: the same logits through differently shaped
+  and ordered sums (docs/rl.md), a few units in the last place of logits that grow as the policy sharpens. Seen
+  over 60 steps: mean <= 1.4e-7, max 1.7e-6 (GRPO) and 5.1e-6 (GSPO), k3 <= 3.5e-14; bf16 is ~1e-2."""
   lines = [line for line in stdout.splitlines() if line.startswith("rl step")]
   assert lines and all(" r-1 0.0e+00 " in line for line in lines), lines[:1]
   mismatch = [tuple(map(float, re.search(r"mismatch (\S+)/(\S+) k3 (\S+)", line).groups())) for line in lines]
-  assert max(m[0] for m in mismatch) < 3e-7 and max(m[1] for m in mismatch) < 1e-5, mismatch
-  assert max(abs(m[2]) for m in mismatch) < 1e-12, mismatch
+  gap = [tuple(map(float, m.groups())) for m in (re.search(r"packed-replay (\S+)/(\S+) ", l) for l in lines) if m]
+  if replay:
+    assert all(m == (0.0, 0.0, 0.0) for m in mismatch), mismatch
+    assert len(gap) == len(lines), lines[:1]
+    packed = gap
+  else:
+    assert not gap, lines[:1]
+    packed = mismatch
+    assert max(abs(m[2]) for m in mismatch) < 1e-12, mismatch
+  assert max(m[0] for m in packed) < 3e-7 and max(m[1] for m in packed) < 1e-5, packed
 
 
 def test_speculative_sampled_rollouts_through_the_cli(task, cache_dir, tmp_path):
   """mtp_speculative_decoding with rl_temperature=1: rollouts run speculative sampling with the MTP layer (the line
-  reports the drafts' acceptance) and their log-probs match the trainer's as closely as plain rollouts' do."""
+  reports the drafts' acceptance); replaying its rounds (the same compiled calls) gives their log-probs exactly."""
   result = run_cli(task, tmp_path, cache_dir, **RECIPES["grpo"], mtp_num_layers=1, mtp_speculative_decoding="true",
-                   mtp_num_draft_tokens=2, rl_temperature=1, max_response_length=4, steps=3, rl_eval_files="")
+                   mtp_num_draft_tokens=2, rl_temperature=1, max_response_length=4, steps=3, rl_eval_files="",
+                   rl_replay_logprobs="true")
   assert result.returncode == 0, result.stderr[-3000:]
   lines = [line for line in result.stdout.splitlines() if line.startswith("rl step")]
   assert len(lines) == 3 and all("mtp drafts accepted" in line for line in lines), result.stdout[-2000:]
-  _assert_float32_consistent(result.stdout)
+  _assert_float32_consistent(result.stdout, replay=True)
 
 
 ONE_DEVICE = jax.devices()[:1]
