@@ -291,26 +291,29 @@ class Engine:
     # The steps generate() used for temperature-1 requests (no top-k / top-p / min-p), so the very same programs.
     steps = self._steps_for(0, k, greedy_only=False, filtered=k == 0)
     sampling = BatchSampling.of([SamplingParams(temperature=1.0)] * len(prompts), batch)
+    # Each call's forced tokens and counts, as arrays made outside the mesh context like generate()'s (an array
+    # made under it is laid out on the mesh, a different input to the compiled call: it would compile again).
     every_row = np.ones((batch,), np.int32)
-    state, emitted = self._prefill(steps, params, tokens, lengths, sampling, chunk,
-                                   Forced(jnp.asarray(forced[:, :1]), jnp.asarray(every_row)))
-    calls = [(emitted, every_row)]
-    done = every_row.copy()  # tokens of each row emitted so far
-    with sharding.activate(self.mesh):
-      for call in range(1, max(map(len, rounds)) if k else longest):
-        if k:
-          counts = np.array([r[call] if call < len(r) else 1 for r in rounds] + [1] * (batch - len(rounds)), np.int32)
-          window = np.stack([forced[row, d : d + k + 1] for row, d in enumerate(done)])
-          state, emitted = steps.speculate_sampled(params, state, sampling, np.int32(call),
-                                                   Forced(jnp.asarray(window), jnp.asarray(counts)))
-        else:
-          counts = every_row
-          state, emitted = steps.step(params, state, sampling, np.int32(call),
-                                      Forced(jnp.asarray(forced[:, call : call + 1]), jnp.asarray(every_row)))
-        calls.append((emitted, counts))
+    plan, done = [(forced[:, :1], every_row)], every_row.copy()  # done: tokens of each row emitted so far
+    for call in range(1, max(map(len, rounds)) if k else longest):
+      if k:
+        counts = np.array([r[call] if call < len(r) else 1 for r in rounds] + [1] * (batch - len(rounds)), np.int32)
+        plan.append((np.stack([forced[row, d : d + k + 1] for row, d in enumerate(done)]), counts))
         done = np.minimum(done + counts, longest - 1)
-    logprobs = jax.device_get([e.logprobs for e, _ in calls])  # [B, tokens a call] each
-    rows = lambda row: np.concatenate([lp[row, : counts[row]] for lp, (_, counts) in zip(logprobs, calls)])
+      else:
+        plan.append((forced[:, call : call + 1], every_row))
+    given = [Forced(jnp.asarray(ids), jnp.asarray(counts)) for ids, counts in plan]
+    state, emitted = self._prefill(steps, params, tokens, lengths, sampling, chunk, given[0])
+    outputs = [emitted]
+    with sharding.activate(self.mesh):
+      for call, forcing in enumerate(given[1:], start=1):
+        if k:
+          state, emitted = steps.speculate_sampled(params, state, sampling, np.int32(call), forcing)
+        else:
+          state, emitted = steps.step(params, state, sampling, np.int32(call), forcing)
+        outputs.append(emitted)
+    logprobs = jax.device_get([e.logprobs for e in outputs])  # [B, tokens a call] each
+    rows = lambda row: np.concatenate([lp[row, : counts[row]] for lp, (_, counts) in zip(logprobs, plan)])
     return [rows(row)[: len(response)].astype(np.float32) for row, response in enumerate(responses)]
 
   # ---- scoring ----
