@@ -26,9 +26,10 @@ FAST_COMPILE_XLA_FLAGS = "--xla_gpu_autotune_level=0 --xla_gpu_enable_triton_gem
 def prefer_fast_gpu_compiles() -> str:
   """Adds FAST_COMPILE_XLA_FLAGS to XLA_FLAGS (unless XLA_FLAGS already sets autotuning); returns XLA_FLAGS.
 
-  Call before jax loads. Autotuning every GEMM fusion (Triton tilings included) made one compile of the 2.5B
-  model's continuous-batching step take 2 m 26 s on the H200, and the engine compiles several shapes, so a run
-  did not fit a 10-minute device call; without it XLA takes cuBLAS with its heuristic choice for every matmul.
+  Call before jax loads. A precaution for benchmarks that compile many shapes inside one 10-minute device call:
+  XLA then takes cuBLAS with its heuristic choice for every matmul instead of timing candidates. It was not the
+  cause of the 2-minute serving-step compiles (those came from an unrolled kernel and stayed with it off), and
+  its effect on the measured speeds has not been measured; the numbers in docs/benchmarks.md say which flags ran.
   """
   flags = os.environ.get("XLA_FLAGS", "")
   if "xla_gpu_autotune_level" not in flags and "xla_gpu_enable_triton_gemm" not in flags:
