@@ -39,7 +39,16 @@ def cudnn_attention(
   # Packed documents go to cuDNN as a [B, 1, T, T] same-segment mask (one bit pattern shared by the heads).
   # cuDNN's ragged "packed" layout (q/kv offsets) was measured on an H100 to need a 542 GiB workspace for a
   # 2.5B-model train step at T=4096, because its segment count must be T in the worst case (docs/benchmarks.md).
-  mask = None
-  if segment_ids is not None:
-    mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True, implementation="cudnn")
+  if segment_ids is None:
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn")
+  length = q.shape[1]
+  # cuDNN's backward with a mask needs an even length (JAX refuses "Unsupported sequence length Q 769" otherwise;
+  # RL's packed rows are prompt + response + 1 long). One trailing token pads it: under the causal mask no real
+  # query sees it, so the real rows' outputs and gradients are unchanged, and its own row is sliced away.
+  pad = length % 2
+  if pad:
+    q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+    segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)))
+  mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True, implementation="cudnn")
+  return out[:, :length]
