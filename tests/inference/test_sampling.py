@@ -76,6 +76,23 @@ def test_a_request_draws_the_same_tokens_whatever_its_batch_mates():
   assert int(together[1]) == int(jnp.argmax(logits[1]))
 
 
+def test_the_sort_free_draw_picks_what_the_sorted_draw_picks():
+  """With no top-k / top-p / min-p, filtered=False skips the vocabulary sort; every draw is the same token, also for
+  a row whose batch mate filters (so the engine may choose the path per batch)."""
+  rng = np.random.default_rng(3)
+  logits = jnp.asarray(rng.normal(size=(6, 300)) * 3, jnp.float32)
+  presence = jnp.asarray(rng.random((6, 300)) < 0.1)
+  rows = [SamplingParams(temperature=t, seed=i, presence_penalty=0.5) for i, t in enumerate((1.0, 0.7, 1.3, 1.0,
+                                                                                               0.0, 2.0))]
+  draws = lambda params, filtered: jax.jit(jax.vmap(lambda step: sample(
+      logits, BatchSampling.of(params, 6), presence, step, filtered=filtered)))(jnp.arange(200))
+  sort_free = np.asarray(draws(rows, False))
+  np.testing.assert_array_equal(np.asarray(draws(rows, True)), sort_free)
+  with_a_filtering_mate = rows[:5] + [SamplingParams(temperature=2.0, seed=5, presence_penalty=0.5, top_k=3)]
+  np.testing.assert_array_equal(np.asarray(draws(with_a_filtering_mate, True))[:, :5], sort_free[:, :5])
+  assert len(set(sort_free[:, 0].tolist())) > 20  # really sampled, not one token
+
+
 def test_token_logprobs_are_the_unmodified_log_softmax():
   logits = np.random.default_rng(1).normal(size=(2, 30))
   tokens = np.array([4, 17])

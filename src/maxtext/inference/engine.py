@@ -159,8 +159,8 @@ class Engine:
       _logger.info("speculative decoding needs requests without presence penalty: decoding plainly")
     num_top = MAX_LOGPROBS if any(p.logprobs for p in params) else 0
     greedy_only = all(p.greedy for p in params)
-    # Sampled speculation computes p and q over the whole vocabulary; without top-k / top-p / min-p, no sort.
-    filtered = not speculative or any(p.top_k or p.top_p < 1 or p.min_p > 0 for p in params if not p.greedy)
+    # Without top-k / top-p / min-p, sampling (plain or speculative) needs no sort of the vocabulary.
+    filtered = any(p.top_k or p.top_p < 1 or p.min_p > 0 for p in params if not p.greedy)
     steps = self._steps_for(num_top, self._num_draft if speculative else 0, greedy_only, filtered)
     chunk = self.config.long_prefill_chunk_size
     tokens, lengths = self._padded(prompts, max(_MIN_BUCKET, self.config.max_prefill_predict_length), chunk)
@@ -289,7 +289,7 @@ class Engine:
       forced[row, : len(response)] = response
       forced[row, len(response) :] = response[-1]
     # The steps generate() used for temperature-1 requests (no top-k / top-p / min-p), so the very same programs.
-    steps = self._steps_for(0, k, greedy_only=False, filtered=k == 0)
+    steps = self._steps_for(0, k, greedy_only=False, filtered=False)
     sampling = BatchSampling.of([SamplingParams(temperature=1.0)] * len(prompts), batch)
     # Each call's forced tokens and counts, as arrays made outside the mesh context like generate()'s (an array
     # made under it is laid out on the mesh, a different input to the compiled call: it would compile again).

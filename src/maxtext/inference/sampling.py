@@ -85,19 +85,20 @@ class BatchSampling:
 
 
 def sample(logits: jax.Array, sampling: BatchSampling, presence: jax.Array, step: jax.Array, *,
-           greedy_only: bool = False) -> jax.Array:
+           greedy_only: bool = False, filtered: bool = True) -> jax.Array:
   """logits [B, V] float32; presence [B, V] bool (tokens generated so far); step [] or [B] int -> tokens [B] int32.
 
   The draw of row b at `step` uses fold_in(its key, step): a request's tokens do not depend on its batch mates.
   greedy_only (static: every row has temperature 0) leaves out the full-vocabulary sort. It is a compile-time
   choice rather than a lax.cond because a GPU conditional reads its predicate back to the host, stalling every
-  step's dispatch.
+  step's dispatch. filtered=False (static: no row uses top-k, top-p or min-p) leaves it out as well; a row draws
+  the same token either way (the Gumbel noise is indexed by token id), so batch mates never change a row's draw.
   """
   logits = logits - sampling.presence_penalty[:, None] * presence.astype(logits.dtype)
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   if greedy_only:
     return greedy
-  return jnp.where(sampling.temperature == 0, greedy, _draw(logits, sampling, step))
+  return jnp.where(sampling.temperature == 0, greedy, _draw(logits, sampling, step, filtered))
 
 
 def _sorted_kept(logits: jax.Array, sampling: BatchSampling) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -118,13 +119,20 @@ def _sorted_kept(logits: jax.Array, sampling: BatchSampling) -> tuple[jax.Array,
   return sorted_logits, order, keep
 
 
-def _draw(logits: jax.Array, sampling: BatchSampling, step: jax.Array) -> jax.Array:
+def _draw(logits: jax.Array, sampling: BatchSampling, step: jax.Array, filtered: bool = True) -> jax.Array:
+  """Gumbel-max: argmax of scaled logits + Gumbel noise over the kept tokens. The noise is indexed by token id, so
+  with nothing filtered out the sorted draw and the sort-free one pick the same token (a full-vocabulary sort is
+  most of a sampled decode step's sampler on a GPU)."""
   vocab = logits.shape[-1]
-  sorted_logits, order, keep = _sorted_kept(logits, sampling)
   steps = jnp.broadcast_to(jnp.asarray(step), sampling.keys.shape)  # one step for all rows, or one per row
   keys = jax.vmap(jax.random.fold_in)(sampling.keys, steps)
   noise = jax.vmap(lambda key: jax.random.gumbel(key, (vocab,)))(keys)
-  choice = jnp.argmax(jnp.where(keep, sorted_logits + noise, -jnp.inf), axis=-1)
+  if not filtered:
+    scaled = logits / jnp.maximum(sampling.temperature, 1e-6)[:, None]
+    return jnp.argmax(scaled + noise, axis=-1).astype(jnp.int32)
+  sorted_logits, order, keep = _sorted_kept(logits, sampling)
+  sorted_noise = jnp.take_along_axis(noise, order, axis=-1)
+  choice = jnp.argmax(jnp.where(keep, sorted_logits + sorted_noise, -jnp.inf), axis=-1)
   return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 

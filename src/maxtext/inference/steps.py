@@ -92,7 +92,7 @@ class DecodeSteps:
     self.model = model
     # Every request greedy: the sampler is argmax alone (no sort compiled); with drafts, greedy speculation.
     self.greedy_only = greedy_only
-    self.filtered = filtered  # a sampled row uses top-k / top-p / min-p (sampled speculation sorts the vocabulary)
+    self.filtered = filtered  # a sampled row uses top-k / top-p / min-p (only then does sampling sort the vocabulary)
     self.capacity = capacity  # cache slots per row
     self.num_top = num_top  # top log-probs returned per token (static: 0 or sampling.MAX_LOGPROBS)
     self.num_draft = num_draft  # MTP drafts per round (0: plain decoding)
@@ -199,7 +199,8 @@ class DecodeSteps:
     batch = last_hidden.shape[0]
     logits = self._logits(params, last_hidden)
     presence = jnp.zeros((batch, logits.shape[-1]), bool)
-    first = sample(logits, sampling, presence, jnp.zeros((), jnp.int32), greedy_only=self.greedy_only)
+    first = sample(logits, sampling, presence, jnp.zeros((), jnp.int32), greedy_only=self.greedy_only,
+                   filtered=self.filtered)
     if forced is not None:
       first = forced.first(first)
     emitted = _emitted(logits[:, None], first[:, None], jnp.ones((batch,), jnp.int32), self.num_top)
@@ -265,7 +266,7 @@ class DecodeSteps:
     context = DecodeContext(cursor, jnp.ones((cursor.shape[0], 1), bool))
     hidden, cache = self._hidden(params, state.last[:, None], cursor[:, None], state.cache["decoder"], context)
     logits = self._logits(params, hidden[:, 0])
-    token = sample(logits, sampling, state.presence, step, greedy_only=self.greedy_only)
+    token = sample(logits, sampling, state.presence, step, greedy_only=self.greedy_only, filtered=self.filtered)
     if forced is not None:
       token = forced.first(token)
     count = jnp.ones_like(cursor)
