@@ -50,7 +50,15 @@ def launches() -> dict:
           # products on the CUDA cores in float32; 2 warps suit the 16 x 16 tiles better perhaps
           "blocked16": ChunkedLaunch(inverse_block=16), "blocked32": ChunkedLaunch(inverse_block=32),
           "blocked16_ieee": ChunkedLaunch(inverse_block=16, inverse_precision="ieee"),
-          "blocked16_w2": ChunkedLaunch(inverse_block=16, parallel_warps=2)}
+          "blocked16_w2": ChunkedLaunch(inverse_block=16, parallel_warps=2),
+          # gpu_backward.py: one kernel for the backward's parallel part (its launch: grad_warps, grad_block_k/v)
+          "fusedbwd": ChunkedLaunch(fused_backward=True),
+          "fusedbwd_w2": ChunkedLaunch(inverse_block=16, parallel_warps=2, fused_backward=True),
+          "fusedbwd_w2_g8": ChunkedLaunch(inverse_block=16, parallel_warps=2, fused_backward=True, grad_warps=8),
+          "fusedbwd_w2_k128": ChunkedLaunch(inverse_block=16, parallel_warps=2, fused_backward=True,
+                                            grad_block_k=128, grad_warps=8),
+          "fusedbwd_w2_v32": ChunkedLaunch(inverse_block=16, parallel_warps=2, fused_backward=True,
+                                           grad_block_v=32)}
 
 
 def describe(launch) -> str:

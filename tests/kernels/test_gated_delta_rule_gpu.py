@@ -24,7 +24,8 @@ from tests.kernels.test_gated_delta_rule import random_inputs, relative_error, v
 TOLERANCE = {"ieee": 1e-5, "tf32": 2e-3, "bf16": 1e-2}
 SMALL_TILES = ChunkedLaunch(block_v=16, grad_block_k=16, grad_block_v=16)  # several key and value blocks
 FUSED = dict(split=dict(fused_forward=False), fused=dict(fused_forward=True),  # gpu_fused.py's forward or not
-             blocked16=dict(fused_forward=True, inverse_block=16))  # and its WY inverse by blocks (gpu_inverse.py)
+             blocked16=dict(fused_forward=True, inverse_block=16),  # and its WY inverse by blocks (gpu_inverse.py)
+             fusedbwd=dict(fused_forward=True, inverse_block=16, fused_backward=True))  # gpu_backward.py's kernel
 
 
 def documents(lengths, batch=1):
@@ -77,6 +78,23 @@ def test_fused_forward_bf16_groups(inverse):
   Dk != Dv; the WY inverse's dots in the default precision or in bf16."""
   check((2, 70, 2, 4, 32, 16), 16, jnp.bfloat16, "bf16",
         launch=ChunkedLaunch(fused_forward=True, fused_walk_reads_w=True, inverse_precision=inverse))
+
+
+@pytest.mark.parametrize("fused_forward", [False, True], ids=["split_forward", "fused_forward"])
+def test_fused_backward_packed_ragged_with_state(fused_forward):
+  """gpu_backward.py's one kernel for the backward's parallel part, after either forward (the fused one hands it
+  P, the split one does not): documents inside and across chunks, a ragged tail, an initial state, two key and two
+  value blocks, Dk != Dv; values and every gradient."""
+  launch = ChunkedLaunch(block_v=16, grad_block_k=16, grad_block_v=16, fused_forward=fused_forward,
+                         fused_backward=True)
+  check((1, 100, 1, 2, 32, 16), 32, jnp.float32, "ieee", segment_ids=documents([30, 3, 47, 20]), launch=launch)
+
+
+def test_fused_backward_bf16_groups():
+  """The fused backward in the 16-bit default precision with the blocked inverse: B = 2, two value heads per key
+  head, a ragged tail, no initial state."""
+  check((2, 70, 2, 4, 32, 16), 16, jnp.bfloat16, "bf16", with_state=False,
+        launch=ChunkedLaunch(inverse_block=16, fused_backward=True))
 
 
 @pytest.mark.parametrize("reads_w", [False, True], ids=["kh", "w"])

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from maxtext.kernels.gated_delta_rule import gpu_fused
+from maxtext.kernels.gated_delta_rule import gpu_backward, gpu_fused
 from maxtext.kernels.gated_delta_rule.chunking import l2_normalize, token_segment_masks
 from maxtext.kernels.gated_delta_rule.gpu_kernels import (
     Segments,
@@ -83,6 +83,9 @@ class ChunkedLaunch:
   # gpu_inverse.py: None inverts the whole [C, C] tile by doubling (ten dependent C^3 products for C = 64); 16 or 32
   # builds A, P and T by [b, b] blocks (diagonal blocks by doubling, the rest by block forward substitution).
   inverse_block: int | None = None
+  # gpu_backward.py: one kernel per (chunk, value head, row) for the backward's parallel part instead of the
+  # output-gradient and WY-gradient kernels (grad_warps, grad_block_k and grad_block_v are then its launch).
+  fused_backward: bool = False
 
 
 def segment_masks(segment_ids: jax.Array, chunk: int) -> Segments:
@@ -197,6 +200,16 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
     block_k = min(launch.grad_block_k, key_dim)
     check_dims(grad_block_k=block_k)
     key_blocks = key_dim // block_k
+    if launch.fused_backward:
+      dq, dk, dv, dgc, dbeta = call(
+          gpu_backward.chunk_grad_kernel, "gdr_chunk_bwd", parallel,
+          (struct(batch, length, heads, key_dim), struct(batch, length, heads, key_dim),
+           struct(batch, length, heads, value_dim), struct(batch, heads, length, dtype=jnp.float32),
+           struct(batch, heads, length, dtype=jnp.float32)),
+          TritonParams(num_warps=launch.grad_warps, num_stages=1),
+          (q, k, v, gc, beta, t, states, d_states, d_out, v_new, dv_new, *scores), segments, block_k=block_k,
+          block_v=grad_block_v, scale=scale, with_scores=bool(scores), **common)
+      return finish(q, k, v, h0, dq, dk, dv, dgc, dbeta, dh0)
     dq, dk, dw, dgc = call(
         output_grad_kernel, "gdr_output_bwd", (key_blocks, num_chunks, batch * heads),
         (struct(batch, length, heads, key_dim), struct(batch, length, heads, key_dim),
@@ -210,8 +223,13 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
          struct(batch, heads, length, dtype=jnp.float32), struct(batch, heads, length, dtype=jnp.float32)),
         TritonParams(num_warps=launch.wy_grad_warps, num_stages=1),
         (k, v, gc, beta, t, dw, dv_new, dk, dgc), segments, key_blocks=key_blocks, **common)
-    key_heads = q.shape[2]
-    by_key_head = lambda x: x.astype(jnp.float32).reshape(batch, length, key_heads, heads // key_heads, key_dim).sum(3)
+    return finish(q, k, v, h0, dq, dk, dv, dgc, dbeta, dh0)
+
+  def finish(q, k, v, h0, dq, dk, dv, dgc, dbeta, dh0):
+    """The kernels' per-value-head dq, dk summed over each key head's group; every gradient in its input's dtype."""
+    batch, length, key_heads, key_dim = q.shape
+    groups = dq.shape[2] // key_heads
+    by_key_head = lambda x: x.astype(jnp.float32).reshape(batch, length, key_heads, groups, key_dim).sum(3)
     return (by_key_head(dq).astype(q.dtype), by_key_head(dk).astype(k.dtype), dv.astype(v.dtype), dgc, dbeta,
             dh0.astype(h0.dtype))
 
