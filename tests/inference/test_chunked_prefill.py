@@ -11,7 +11,7 @@ from maxtext.configs import load_config
 from maxtext.inference.engine import Engine
 from maxtext.inference.sampling import BatchSampling, SamplingParams
 from maxtext.inference.steps import DecodeSteps
-from maxtext.layers import attention
+from maxtext.kernels.attention import cached
 from maxtext.layers.decode_cache import GdnCache, KVCache
 
 CHUNK = 32
@@ -32,7 +32,7 @@ def engines():
   """(one-shot, chunked) engines on the same parameters; attention blocks of 32 slots so a chunk's attention to
   the cache takes the blockwise path at this small capacity."""
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(attention, "_KV_BLOCK", 32)
+    patch.setattr(cached, "_KV_BLOCK", 32)
     one_shot = Engine(load_config(overrides=OVERRIDES), devices=jax.devices()[:1])
     chunked = Engine(load_config(overrides={**OVERRIDES, "long_prefill_chunk_size": CHUNK}), one_shot.params,
                      devices=jax.devices()[:1])
@@ -78,12 +78,12 @@ def test_chunked_prefill_equals_one_shot(engines):
 def test_blockwise_cache_attention_equals_the_einsum():
   rng = np.random.default_rng(0)
   query = jnp.asarray(rng.normal(size=(2, 20, 4, 8)), jnp.float32)
-  cache = KVCache(*(jnp.asarray(rng.normal(size=(2, 75, 2, 8)), jnp.float32) for _ in range(2)))
+  key, value = (jnp.asarray(rng.normal(size=(2, 75, 2, 8)), jnp.float32) for _ in range(2))
   cursor = jnp.asarray([0, 41], jnp.int32)  # 75 slots: the last block of 16 overlaps the one before
-  blockwise = attention._blockwise_cached_attention(query, cache, cursor, scale=0.3, block=16)
+  blockwise = cached.blockwise_cached_attention_reference(query, key, value, cursor, scale=0.3, block=16)
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(attention, "_KV_BLOCK", 1 << 20)
-    plain = attention.cached_attention(query, cache, cursor, scale=0.3)
+    patch.setattr(cached, "_KV_BLOCK", 1 << 20)
+    plain = cached.cached_attention_reference(query, key, value, cursor, scale=0.3)
   np.testing.assert_allclose(np.asarray(blockwise), np.asarray(plain), rtol=0, atol=1e-6)
 
 

@@ -6,6 +6,7 @@ impl (the `attention` config key maps onto it in models/spec.py):
   'flash'     the backend's flash kernel, an error when it cannot take the shapes; the reference on a CPU;
   'reference' plain jnp attention (the decode path);
   'tpu', 'gpu' that kernel by name (on a CPU, 'tpu' runs in the Pallas interpreter: tests).
+Attention of new tokens to a KV cache (decode steps, prefill chunks): `cached_attention` (cached.py).
 Kernels run per device shard inside shard_map under an active mesh (Mosaic requires it), split over the mesh axes
 the sharding rules give the batch and the heads, never the length.
 """
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 from maxtext import sharding
 from maxtext.kernels import dispatch
 from maxtext.kernels.attention import context_parallel
+from maxtext.kernels.attention.cached import cached_attention, cached_attention_reference
 from maxtext.kernels.attention.reference import dot_product_attention_reference
 
 _logger = logging.getLogger("maxtext.kernels")
@@ -123,4 +125,5 @@ def _per_shard(kernel: Callable, q, k, v, segment_ids) -> jax.Array:
   return mapped(*args)
 
 
-__all__ = ["IMPLS", "choose_impl", "dot_product_attention", "dot_product_attention_reference"]
+__all__ = ["IMPLS", "cached_attention", "cached_attention_reference", "choose_impl", "dot_product_attention",
+           "dot_product_attention_reference"]
