@@ -46,7 +46,8 @@ class CachedTiling:
   num_stages: int = 2
 
   def shared_memory_bytes(self, head_dim: int, itemsize: int) -> int:
-    """The query block plus num_stages buffered key and value blocks."""
+    """An estimate: the query block plus num_stages buffered key and value blocks. Triton's own scratch (layout
+    conversions, the weights as a dot operand: block_q x block_kv) comes on top, so keep a margin."""
     return (self.block_q + 2 * self.num_stages * self.block_kv) * head_dim * itemsize
 
 
