@@ -107,10 +107,11 @@ def test_forced_kernel_names_what_it_cannot_take():
     cached.choose_impl("flash", query, query)
 
 
-def test_default_tilings_fit_the_shared_memory():
-  for head_dim in (64, 128, 256):
-    tiling = gpu_cached.default_tiling(head_dim)
-    assert tiling.shared_memory_bytes(head_dim, 2) <= gpu_cached.SHARED_MEMORY_BYTES, head_dim
+@pytest.mark.parametrize("itemsize", [2, 4])
+@pytest.mark.parametrize("head_dim", [16, 64, 128, 256])
+def test_default_tilings_fit_the_shared_memory(head_dim, itemsize):
+  tiling = gpu_cached.default_tiling(head_dim, itemsize)
+  assert tiling.shared_memory_bytes(head_dim, itemsize) <= gpu_cached.SHARED_MEMORY_BYTES
 
 
 @pytest.mark.device

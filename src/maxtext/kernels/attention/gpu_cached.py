@@ -51,8 +51,11 @@ class CachedTiling:
     return (self.block_q + 2 * self.num_stages * self.block_kv) * head_dim * itemsize
 
 
-def default_tiling(head_dim: int) -> CachedTiling:
-  """head_dim <= 128: 128-row query blocks, 3 stages; 256: 64-row blocks, 2 stages (128 KB + 32 KB in bf16)."""
+def default_tiling(head_dim: int, itemsize: int = 2) -> CachedTiling:
+  """16-bit inputs: head_dim <= 128 takes 128-row query blocks and 3 stages; 256 takes 64-row blocks and 2 stages
+  (160 KB). float32 inputs (twice the bytes): 2 stages of 64-slot blocks, 32-slot blocks at head_dim 256."""
+  if itemsize > 2:
+    return CachedTiling(block_q=64, block_kv=64 if head_dim <= 128 else 32, num_warps=4, num_stages=2)
   if head_dim <= 128:
     return CachedTiling(block_q=128, block_kv=64, num_warps=8, num_stages=3)
   return CachedTiling(block_q=64, block_kv=64, num_warps=4, num_stages=2)
@@ -61,7 +64,7 @@ def default_tiling(head_dim: int) -> CachedTiling:
 def unsupported_reason(query: jax.Array, key: jax.Array, tiling: CachedTiling | None = None) -> str | None:
   """Why the kernel cannot take these inputs, or None when it can."""
   head_dim, slots = query.shape[-1], key.shape[1]
-  tiling = tiling or default_tiling(head_dim)
+  tiling = tiling or default_tiling(head_dim, jnp.dtype(query.dtype).itemsize)
   if query.dtype not in DTYPES or key.dtype != query.dtype:
     return f"needs bfloat16, float16 or float32 query and cache of one dtype, got {query.dtype} and {key.dtype}"
   if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
@@ -133,7 +136,7 @@ def cached_flash_attention(query: jax.Array, key: jax.Array, value: jax.Array, c
   """query [B, T, Hq, D] at slots cursor..cursor+T-1 (cursor [B] int32); key, value [B, S, Hkv, D] -> [B, T, Hq, D]."""
   batch, length, num_heads, head_dim = query.shape
   slots, num_kv_heads = key.shape[1], key.shape[2]
-  tiling = tiling or default_tiling(head_dim)
+  tiling = tiling or default_tiling(head_dim, jnp.dtype(query.dtype).itemsize)
   reason = unsupported_reason(query, key, tiling)
   if reason is not None:
     raise ValueError(f"cached flash attention: {reason}")
