@@ -18,11 +18,10 @@ import logging
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 
 from maxtext import sharding
 from maxtext.kernels import dispatch
-from maxtext.kernels.attention import context_parallel
+from maxtext.kernels.attention import context_parallel, shards
 from maxtext.kernels.attention.cached import cached_attention, cached_attention_reference
 from maxtext.kernels.attention.reference import dot_product_attention_reference
 
@@ -51,7 +50,10 @@ def dot_product_attention(
   chosen = choose_impl(impl, q, k)
   if chosen == "reference":
     return dot_product_attention_reference(q, k, v, scale=scale, q_segment_ids=segment_ids)
-  return _per_shard(_kernel(chosen, scale), q, k, v, segment_ids)
+  kernel = _kernel(chosen, scale)
+  if segment_ids is None:
+    return shards.per_shard(lambda q, k, v: kernel(q, k, v, None), q, k, v)
+  return shards.per_shard(kernel, q, k, v, segment_ids)
 
 
 def choose_impl(impl: str, q: jax.Array, k: jax.Array) -> str:
@@ -96,33 +98,6 @@ def _kernel(chosen: str, scale: float) -> Callable:
   from maxtext.kernels.attention import gpu  # noqa: PLC0415
 
   return lambda q, k, v, ids: gpu.cudnn_attention(q, k, v, scale=scale, segment_ids=ids)
-
-
-def _per_shard(kernel: Callable, q, k, v, segment_ids) -> jax.Array:
-  """Run `kernel(q, k, v, segment_ids)` on each device's batch rows and heads under the active mesh.
-
-  Query and key heads split by the same factor so every shard keeps whole GQA groups; when the key heads do not
-  divide by it (2 KV heads on 4 head shards), keys and values are repeated up to one per query head first.
-  Without a mesh, or when nothing would split, the kernel runs as is.
-  """
-  mesh, q_spec = sharding.kernel_partition(("activation_batch", None, "activation_heads", None), q.shape)
-  if mesh is None:
-    return kernel(q, k, v, segment_ids)
-  batch_axes, head_axes = q_spec[0], q_spec[2]
-  head_shards = sharding.axes_size(mesh, head_axes)
-  if k.shape[2] % head_shards:
-    groups = q.shape[2] // k.shape[2]
-    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
-  P = jax.sharding.PartitionSpec
-  per_token = P(batch_axes, None, head_axes, None)
-  if segment_ids is None:
-    body, args, in_specs = (lambda q, k, v: kernel(q, k, v, None)), (q, k, v), (per_token,) * 3
-  else:
-    body, args = kernel, (q, k, v, segment_ids)
-    in_specs = (per_token,) * 3 + (P(batch_axes, None),)
-  # check_vma off: the Pallas interpreter's scratch buffers carry no varying axes (as in the GDN dispatch).
-  mapped = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=per_token, check_vma=False)
-  return mapped(*args)
 
 
 __all__ = ["IMPLS", "cached_attention", "cached_attention_reference", "choose_impl", "dot_product_attention",

@@ -21,8 +21,8 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from maxtext import sharding
 from maxtext.kernels import dispatch
+from maxtext.kernels.attention import shards
 
 _logger = logging.getLogger("maxtext.kernels")
 _AVAILABLE: dict[str, tuple[str, ...]] = {"cpu": ("reference", "gpu"), "gpu": ("gpu", "reference"),
@@ -46,7 +46,7 @@ def cached_attention(query: jax.Array, key: jax.Array, value: jax.Array, cursor:
 
   interpret = dispatch.backend() == "cpu"
   kernel = lambda q, k, v, c: gpu_cached.cached_flash_attention(q, k, v, c, scale=scale, interpret=interpret)
-  return _per_shard(kernel, query, key, value, cursor)
+  return shards.per_shard(kernel, query, key, value, cursor)
 
 
 def choose_impl(impl: str, query: jax.Array, key: jax.Array) -> str:
@@ -75,28 +75,6 @@ def _unsupported_reason(query: jax.Array, key: jax.Array) -> str | None:
 @functools.cache
 def _note_fallback(reason: str) -> None:
   _logger.info("cached_attention: the 'gpu' kernel does not take these inputs (%s); using the reference", reason)
-
-
-def _per_shard(kernel, query, key, value, cursor) -> jax.Array:
-  """Run `kernel(query, key, value, cursor)` on each device's batch rows and heads under the active mesh.
-
-  Query and key heads split by the same factor so every shard keeps whole GQA groups; when the key heads do not
-  divide by it, keys and values are repeated up to one per query head first. Without a mesh, or when nothing
-  would split, the kernel runs as is.
-  """
-  mesh, q_spec = sharding.kernel_partition(("activation_batch", None, "activation_heads", None), query.shape)
-  if mesh is None:
-    return kernel(query, key, value, cursor)
-  batch_axes, head_axes = q_spec[0], q_spec[2]
-  if key.shape[2] % sharding.axes_size(mesh, head_axes):
-    groups = query.shape[2] // key.shape[2]
-    key, value = jnp.repeat(key, groups, axis=2), jnp.repeat(value, groups, axis=2)
-  P = jax.sharding.PartitionSpec
-  per_token = P(batch_axes, None, head_axes, None)
-  # check_vma off: the Pallas interpreter's scratch buffers carry no varying axes (as in the GDN dispatch).
-  mapped = jax.shard_map(kernel, mesh=mesh, in_specs=(per_token,) * 3 + (P(batch_axes),), out_specs=per_token,
-                         check_vma=False)
-  return mapped(query, key, value, cursor)
 
 
 # ------------------------------------------------------------------------------------------------ reference
