@@ -11,11 +11,16 @@ state h = h_n, dh = dL/dh_{n+1}, du = dv_new and x = beta (v - fs (k h)) (so tha
 with dP' = s Gamma * (do v_new^T) and dA' = beta Gamma * dA. Two phases, both over value blocks of BV columns:
 1. every [C, C] matrix (do v_new^T, dT, then dA) and the vectors, and dv (it needs all of the key dim only
    through k h);
-2. per key block of BK columns, the two [C, BK] accumulators do h^T and te v_new dh^T - (beta fs r) h^T, then dq
-   and dk of those columns (r recomputed per value block: one C x C x BV product, cheaper than keeping it).
-So at most two [C, BK] and four [C, C] float32 tiles are live (gpu.py's note: one kernel that kept every [C, Dk]
-gradient live spilled). The pair terms of dgc come from the forward's saved P = s Gamma * (q k^T) when the fused
-forward ran (else from q k^T here), and d te from the key blocks' sum_k(dk_acc k) less (beta fs) d(beta fs).
+2. per key block of BK columns, the two [C, BK] accumulators do h^T and te (v_new dh^T) - r_bw h^T
+   (r_bw = beta fs r, recomputed per value block: one C x C x BV product, cheaper than keeping it), then dq and dk
+   of those columns. With BK = Dk (ChunkedLaunch.grad_block_k) phase 1 accumulates them instead, reading the
+   states once, at the price of two [C, Dk] float32 tiles live through it (for 8 warps, say).
+So otherwise at most two [C, BK] and four [C, C] float32 tiles are live (gpu.py's note: one kernel that kept every
+[C, Dk] gradient live spilled). The pair terms of dgc come from the forward's saved P = s Gamma * (q k^T) when the
+fused forward ran (else from q k^T here). d te (te's share of dgc) is sum_k(k_acc k) + sum_v(r_bw (k h)), r_bw
+rounded as its dot rounds it so that the two r terms cancel, and te scales v_new dh^T after the product: a rounded
+te v_new put its rounding into dgc (bf16 interpret test: dg error 5.3e-3 against the unfused kernels' 3.5e-3; with
+the rounded r_bw alone still 5.3e-3, with te outside 3.5e-3).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ def chunk_grad_kernel(*refs, chunk: int, groups: int, block_k: int, block_v: int
   hk = h // groups
   tokens = pl.ds(n * chunk, chunk)
   key_dim, value_dim = k_ref.shape[-1], v_ref.shape[-1]
+  single_pass = block_k == key_dim
   rows, cols = iotas(chunk)
   gates = _gates(gc_ref, seg_refs, b, h, tokens, chunk)
   fs, te = gates.from_start, gates.to_end
@@ -46,23 +52,39 @@ def chunk_grad_kernel(*refs, chunk: int, groups: int, block_k: int, block_v: int
   bw = beta * fs
   t = t_ref[b, h, n]
   k = k_ref[b, tokens, hk, :]  # [C, Dk] as stored
+  operand = lambda x: x.astype(t_ref.dtype)  # [C, C] dot operands live across the key blocks: the storage dtype
 
-  # Phase 1: the chunk's [C, C] gradients and dv, by value blocks.
+  def state_terms(keys, vcols, state, r_bw, do, v_new):
+    """This (key block, value block)'s shares of do h^T, of te v_new dh^T - r_bw h^T and of sum(h dh)."""
+    d_state = dstates_ref[b, h, n, keys, vcols]  # [BK, BV]
+    # te scales the product, not v_new: a rounded te v_new would put its rounding into d te (the dgc below)
+    k_part = te[:, None] * mm(v_new, d_state, trans_b=True) - mm(r_bw, state, trans_b=True)
+    return mm(do, state, trans_b=True), k_part, jnp.sum(_f32(state) * _f32(d_state))
+
+  # Phase 1: the chunk's [C, C] gradients and dv, by value blocks (single_pass: the key-block terms too).
   d_scores = jnp.zeros((chunk, chunk), jnp.float32)  # do v_new^T
   d_t = jnp.zeros((chunk, chunk), jnp.float32)  # dv_new x^T
   d_beta = jnp.zeros((chunk,), jnp.float32)
   d_bw = jnp.zeros((chunk,), jnp.float32)
+  d_bw_rounded = jnp.zeros((chunk,), jnp.float32)  # sum_v(r_bw (k h)): k_acc's r term, summed against k
+  state_sums = [jnp.zeros((chunk, key_dim), jnp.float32), jnp.zeros((chunk, key_dim), jnp.float32),
+                jnp.zeros((), jnp.float32)]
   for start in range(0, value_dim, block_v):  # static: a few value blocks
     vcols = pl.ds(start, block_v)
     do, v_new, dv_new = (x[b, tokens, h, vcols] for x in (do_ref, v_new_ref, dv_new_ref))  # [C, BV]
     v = _f32(v_ref[b, tokens, h, vcols])
-    kh = mm(k, states_ref[b, h, n, :, vcols])  # [C, BV]
+    state = states_ref[b, h, n, :, vcols]  # [Dk, BV]
+    kh = mm(k, state)  # [C, BV]
     d_scores += mm(do, v_new, trans_b=True)
     d_t += mm(dv_new, beta[:, None] * (v - fs[:, None] * kh), trans_b=True)
     r = mm(t, dv_new, trans_a=True)  # [C, BV]
     dv_ref[b, tokens, h, vcols] = (beta[:, None] * r).astype(dv_ref.dtype)
     d_beta += jnp.sum(r * v, axis=1)
     d_bw -= jnp.sum(r * kh, axis=1)
+    r_bw = operand(bw[:, None] * r)
+    d_bw_rounded += jnp.sum(_f32(r_bw) * kh, axis=1)
+    if single_pass:
+      state_sums = [a + x for a, x in zip(state_sums, state_terms(slice(None), vcols, state, r_bw, do, v_new))]
 
   d_a = jnp.where(rows > cols, -mm(t, mm(d_t, t, trans_b=True), trans_a=True), 0.0)
   kk_gamma = mm(k, k, trans_b=True) * gates.gamma
@@ -75,32 +97,34 @@ def chunk_grad_kernel(*refs, chunk: int, groups: int, block_k: int, block_v: int
   d_a_pairs = d_a * beta[:, None] * kk_gamma  # likewise for A
   dgc = (d_bw * bw + jnp.sum(d_pairs + d_a_pairs, axis=1) - jnp.sum(d_pairs + d_a_pairs, axis=0))
   dbeta_ref[b, h, tokens] = d_beta + d_bw * fs + jnp.sum(d_a * kk_gamma, axis=1)
+  d_qk, d_sym = operand(d_qk), operand(d_kk + d_kk.T)
 
   # Phase 2: dq, dk by key blocks.
   d_q_state = jnp.zeros((chunk,), jnp.float32)  # sum_k((do h^T) q)
-  d_k_acc = jnp.zeros((chunk,), jnp.float32)  # sum_k(dk_acc k) = d te / te ... + bw d_bw (docstring)
+  d_k_acc = jnp.zeros((chunk,), jnp.float32)  # sum_k(k_acc k) = d te - d_bw_rounded (docstring)
   d_decay = jnp.zeros((), jnp.float32)
   for kstart in range(0, key_dim, block_k):
     keys = pl.ds(kstart, block_k)
     q_kb, k_kb = q_ref[b, tokens, hk, keys], k_ref[b, tokens, hk, keys]  # [C, BK]
-    q_state = jnp.zeros((chunk, block_k), jnp.float32)  # do h^T
-    k_acc = jnp.zeros((chunk, block_k), jnp.float32)  # te v_new dh^T - (beta fs r) h^T
-    for start in range(0, value_dim, block_v):
-      vcols = pl.ds(start, block_v)
-      state, d_state = states_ref[b, h, n, keys, vcols], dstates_ref[b, h, n, keys, vcols]  # [BK, BV]
-      do, v_new, dv_new = (x[b, tokens, h, vcols] for x in (do_ref, v_new_ref, dv_new_ref))
-      r = mm(t, dv_new, trans_a=True)
-      q_state += mm(do, state, trans_b=True)
-      k_acc += mm(te[:, None] * _f32(v_new), d_state, trans_b=True) - mm(bw[:, None] * r, state, trans_b=True)
-      d_decay += jnp.sum(_f32(state) * _f32(d_state))
+    if single_pass:
+      q_state, k_acc, d_decay = state_sums
+    else:
+      q_state = jnp.zeros((chunk, block_k), jnp.float32)  # do h^T
+      k_acc = jnp.zeros((chunk, block_k), jnp.float32)  # te v_new dh^T - r_bw h^T
+      for start in range(0, value_dim, block_v):
+        vcols = pl.ds(start, block_v)
+        do, v_new, dv_new = (x[b, tokens, h, vcols] for x in (do_ref, v_new_ref, dv_new_ref))
+        r_bw = operand(bw[:, None] * mm(t, dv_new, trans_a=True))  # recomputed: cheaper than keeping it live
+        q_part, k_part, decay_part = state_terms(keys, vcols, states_ref[b, h, n, keys, vcols], r_bw, do, v_new)
+        q_state, k_acc, d_decay = q_state + q_part, k_acc + k_part, d_decay + decay_part
     dq = (scale * fs)[:, None] * q_state + mm(d_qk, k_kb)
     dq_ref[b, tokens, h, keys] = dq.astype(dq_ref.dtype)
-    dk = k_acc + mm(d_qk, q_kb, trans_a=True) + mm(d_kk, k_kb) + mm(d_kk, k_kb, trans_a=True)
+    dk = k_acc + mm(d_qk, q_kb, trans_a=True) + mm(d_sym, k_kb)
     dk_ref[b, tokens, h, keys] = dk.astype(dk_ref.dtype)
     d_q_state += jnp.sum(q_state * _f32(q_kb), axis=1)
     d_k_acc += jnp.sum(k_acc * _f32(k_kb), axis=1)
 
   # h_{n+1} = decay h + k^T (te v_new), te = exp(gc_last - gc): d te_i reaches gc_i negated and gc_last summed.
-  d_te = d_k_acc - bw * d_bw
+  d_te = d_k_acc + d_bw_rounded
   dgc = dgc + scale * fs * d_q_state - d_te
   dgc_ref[b, h, tokens] = dgc + jnp.where(gates.is_last, jnp.sum(d_te) + d_decay * gates.decay, 0.0)
