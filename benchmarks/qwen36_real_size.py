@@ -268,7 +268,7 @@ def ours_train(args) -> dict:
                       per_device_batch_size=1, learning_rate=1e-4, warmup_steps_fraction=0.0, steps=1000,
                       ici_fsdp_parallelism=1)
   mesh = train_mesh.make_training_mesh(config, jax.devices()[:1])
-  _, _, losses, elapsed = time_train_steps(config, mesh, args.train_length, args.warmup, args.steps)
+  _, _, losses, elapsed, _ = time_train_steps(config, mesh, args.train_length, args.warmup, args.steps)
   tflops = flops.training_flops_per_token(config) * args.train_length / elapsed / 1e12
   peak = flops.peak_tflops(jax.devices()[0].device_kind)
   return dict(step_s=elapsed, tok_s=args.train_length / elapsed, tflops=tflops, mfu=tflops / peak if peak else None,

@@ -43,6 +43,47 @@ def check_losses(losses: list[float], vocab: int) -> list[str]:
   return problems
 
 
+# Kernel name substrings -> what part of the step they are (first match wins); the rest are XLA's own fusions.
+KERNEL_GROUPS = (
+    ("gated delta rule (Pallas)", ("gdr_",)),
+    ("MoE grouped matmul (Pallas)", ("grouped_matmul",)),
+    ("attention (cuDNN)", ("cudnn", "flash", "fmha")),
+    ("dense GEMMs (cuBLAS/cuBLASLt)", ("gemm", "nvjet", "xmma", "cutlass", "cublas")),
+    ("copies", ("memcpy", "Memcpy", "copy")),
+)
+
+
+def kernel_groups(totals: dict[str, float]) -> list[tuple[str, float]]:
+  """ms per KERNEL_GROUPS entry (+ 'XLA fusions and other') from {kernel name: ms}."""
+  grouped = {group: 0.0 for group, _ in KERNEL_GROUPS} | {"XLA fusions and other": 0.0}
+  for name, ms in totals.items():
+    group = next((g for g, keys in KERNEL_GROUPS if any(k in name for k in keys)), "XLA fusions and other")
+    grouped[group] += ms
+  return sorted(grouped.items(), key=lambda item: -item[1])
+
+
+def trace_train_step(training, state, batch, log_dir: str, repeats: int = 3) -> str:
+  """Markdown: the step's device time by kernel group, then the top kernels (ms per step, profiler device time)."""
+  import jax
+
+  from trace_summary import kernel_totals, summarize
+
+  holder = {"state": state}
+
+  def step():
+    holder["state"], metrics = training.train_step(holder["state"], batch)
+    jax.block_until_ready(metrics["loss"])
+
+  with jax.profiler.trace(log_dir):
+    for _ in range(repeats):
+      step()
+  groups = kernel_groups(kernel_totals(log_dir, repeats))
+  whole = sum(ms for _, ms in groups) or 1.0
+  rows = ["| kernel group | ms per step | share |", "|---|---|---|"]
+  rows += [f"| {group} | {ms:.2f} | {ms / whole:.1%} |" for group, ms in groups]
+  return "\n".join(rows) + "\n\n" + summarize(log_dir, top=40, repeats=repeats)
+
+
 def time_train_steps(config, mesh, length: int, warmup: int, steps: int):
   """Our train step on one repeated synthetic batch: (training, final state, losses of the warm-up steps and the
   last one, seconds per step after the warm-up)."""
@@ -66,7 +107,7 @@ def time_train_steps(config, mesh, length: int, warmup: int, steps: int):
   jax.block_until_ready(state)
   elapsed = (time.perf_counter() - start) / steps
   losses.append(float(metrics["loss"]))
-  return training, state, losses, elapsed
+  return training, state, losses, elapsed, batch
 
 
 def run_ours(args, devices: int, scanned: bool) -> dict:
@@ -87,7 +128,11 @@ def run_ours(args, devices: int, scanned: bool) -> dict:
   }
   config = load_config(overrides=overrides)
   mesh = train_mesh.make_training_mesh(config, jax.devices()[:devices])
-  training, state, losses, elapsed = time_train_steps(config, mesh, LENGTH, args.warmup, args.steps)
+  training, state, losses, elapsed, batch = time_train_steps(config, mesh, LENGTH, args.warmup, args.steps)
+  trace = None
+  if args.trace:
+    trace = trace_train_step(training, state, batch, tempfile.mkdtemp(prefix="train_trace_"))
+    print(trace, flush=True)
   tokens = training.global_batch_size * LENGTH
   flops_per_token = flops.training_flops_per_token(config)
   peak = flops.peak_tflops(jax.devices()[0].device_kind)
@@ -99,7 +144,7 @@ def run_ours(args, devices: int, scanned: bool) -> dict:
       peak_memory_gb=stats.get("peak_bytes_in_use", 0) / 1e9, losses=losses,
       problems=check_losses(losses, config.vocab_size), flops_per_token=flops_per_token,
       device=jax.devices()[0].device_kind, params=sum(x.size for x in jax.tree.leaves(state["params"])),
-      mesh=dict(mesh.shape),
+      mesh=dict(mesh.shape), trace=trace,
   )
 
 
@@ -157,7 +202,7 @@ def _worker_command(args, side: str, output: str) -> list[str]:
       f"--steps={args.steps}", f"--warmup={args.warmup}", f"--weight-dtype={args.weight_dtype}",
       f"--remat-policy={args.remat_policy}", f"--gdn-kernel={args.gdn_kernel}", f"--ici={args.ici}",
       f"--scan-layers={args.scan_layers}",
-  ] + (["--keep-fla-guard"] if args.keep_fla_guard else [])
+  ] + (["--keep-fla-guard"] if args.keep_fla_guard else []) + (["--trace"] if args.trace else [])
   return [sys.executable, os.path.abspath(__file__), f"--worker={side}", f"--json={output}", *passthrough]
 
 
@@ -174,6 +219,8 @@ def main() -> None:
   parser.add_argument("--gdn-kernel", default="auto")
   parser.add_argument("--no-hf", action="store_true", help="skip the HF side")
   parser.add_argument("--keep-fla-guard", action="store_true")
+  parser.add_argument("--trace", action="store_true",
+                      help="after timing, profile 3 of our steps: device ms by kernel group and the top kernels")
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   parser.add_argument("--json", help=argparse.SUPPRESS)
   args = parser.parse_args()
