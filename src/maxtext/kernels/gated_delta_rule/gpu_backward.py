@@ -46,13 +46,16 @@ def chunk_grad_kernel(*refs, chunk: int, groups: int, block_k: int, block_v: int
   key_dim, value_dim = k_ref.shape[-1], v_ref.shape[-1]
   single_pass = block_k == key_dim
   rows, cols = iotas(chunk)
-  gates = _gates(gc_ref, seg_refs, b, h, tokens, chunk)
+  gates = _gates(gc_ref, seg_refs, b, h, tokens, chunk, pairs=False)  # the pair decays after phase 1: fewer live
   fs, te = gates.from_start, gates.to_end
   beta = beta_ref[b, h, tokens]
   bw = beta * fs
   t = t_ref[b, h, n]
   k = k_ref[b, tokens, hk, :]  # [C, Dk] as stored
   operand = lambda x: x.astype(t_ref.dtype)  # [C, C] dot operands live across the key blocks: the storage dtype
+  # Loops, not unrolled Python: unrolled, the compiler kept every block's loads live at once and spilled.
+  value_block = lambda i: pl.ds(pl.multiple_of(i * block_v, block_v), block_v)
+  zeros = lambda *shape: jnp.zeros(shape, jnp.float32)
 
   def state_terms(keys, vcols, state, r_bw, do, v_new):
     """This (key block, value block)'s shares of do h^T, of te v_new dh^T - r_bw h^T and of sum(h dh)."""
@@ -61,70 +64,67 @@ def chunk_grad_kernel(*refs, chunk: int, groups: int, block_k: int, block_v: int
     k_part = te[:, None] * mm(v_new, d_state, trans_b=True) - mm(r_bw, state, trans_b=True)
     return mm(do, state, trans_b=True), k_part, jnp.sum(_f32(state) * _f32(d_state))
 
-  # Phase 1: the chunk's [C, C] gradients and dv, by value blocks (single_pass: the key-block terms too).
-  d_scores = jnp.zeros((chunk, chunk), jnp.float32)  # do v_new^T
-  d_t = jnp.zeros((chunk, chunk), jnp.float32)  # dv_new x^T
-  d_beta = jnp.zeros((chunk,), jnp.float32)
-  d_bw = jnp.zeros((chunk,), jnp.float32)
-  d_bw_rounded = jnp.zeros((chunk,), jnp.float32)  # sum_v(r_bw (k h)): k_acc's r term, summed against k
-  state_sums = [jnp.zeros((chunk, key_dim), jnp.float32), jnp.zeros((chunk, key_dim), jnp.float32),
-                jnp.zeros((), jnp.float32)]
-  for start in range(0, value_dim, block_v):  # static: a few value blocks
-    vcols = pl.ds(start, block_v)
+  def phase1(i, carry):  # the chunk's [C, C] gradients and dv (single_pass: the key-block terms too)
+    d_scores, d_t, d_beta, d_bw, d_bw_rounded, sums = carry
+    vcols = value_block(i)
     do, v_new, dv_new = (x[b, tokens, h, vcols] for x in (do_ref, v_new_ref, dv_new_ref))  # [C, BV]
     v = _f32(v_ref[b, tokens, h, vcols])
     state = states_ref[b, h, n, :, vcols]  # [Dk, BV]
     kh = mm(k, state)  # [C, BV]
-    d_scores += mm(do, v_new, trans_b=True)
-    d_t += mm(dv_new, beta[:, None] * (v - fs[:, None] * kh), trans_b=True)
+    d_scores += mm(do, v_new, trans_b=True)  # do v_new^T
+    d_t += mm(dv_new, beta[:, None] * (v - fs[:, None] * kh), trans_b=True)  # dv_new x^T
     r = mm(t, dv_new, trans_a=True)  # [C, BV]
     dv_ref[b, tokens, h, vcols] = (beta[:, None] * r).astype(dv_ref.dtype)
-    d_beta += jnp.sum(r * v, axis=1)
-    d_bw -= jnp.sum(r * kh, axis=1)
     r_bw = operand(bw[:, None] * r)
-    d_bw_rounded += jnp.sum(_f32(r_bw) * kh, axis=1)
     if single_pass:
-      state_sums = [a + x for a, x in zip(state_sums, state_terms(slice(None), vcols, state, r_bw, do, v_new))]
+      sums = tuple(a + x for a, x in zip(sums, state_terms(slice(None), vcols, state, r_bw, do, v_new)))
+    return (d_scores, d_t, d_beta + jnp.sum(r * v, axis=1), d_bw - jnp.sum(r * kh, axis=1),
+            d_bw_rounded + jnp.sum(_f32(r_bw) * kh, axis=1), sums)  # the last: k_acc's r term against k
+
+  sums = (zeros(chunk, key_dim), zeros(chunk, key_dim), zeros()) if single_pass else ()
+  d_scores, d_t, d_beta, d_bw, d_bw_rounded, sums = jax.lax.fori_loop(
+      0, value_dim // block_v, phase1, (zeros(chunk, chunk), zeros(chunk, chunk), zeros(chunk), zeros(chunk),
+                                        zeros(chunk), sums))
 
   d_a = jnp.where(rows > cols, -mm(t, mm(d_t, t, trans_b=True), trans_a=True), 0.0)
-  kk_gamma = mm(k, k, trans_b=True) * gates.gamma
-  d_kk = d_a * beta[:, None] * gates.gamma  # through A = beta Gamma * (k k^T)
-  d_qk = d_scores * (scale * gates.gamma)  # through P = s Gamma * (q k^T)
-  if with_scores:
-    d_pairs = d_scores * _f32(ins[11][b, h, n])  # d/dgc_i of P_ij is P_ij, of gc_j -P_ij
-  else:
-    d_pairs = d_qk * mm(q_ref[b, tokens, hk, :], k, trans_b=True)
-  d_a_pairs = d_a * beta[:, None] * kk_gamma  # likewise for A
-  dgc = (d_bw * bw + jnp.sum(d_pairs + d_a_pairs, axis=1) - jnp.sum(d_pairs + d_a_pairs, axis=0))
+  gamma = _gates(gc_ref, seg_refs, b, h, tokens, chunk).gamma
+  kk_gamma = mm(k, k, trans_b=True) * gamma
   dbeta_ref[b, h, tokens] = d_beta + d_bw * fs + jnp.sum(d_a * kk_gamma, axis=1)
+  d_a_pairs = d_a * beta[:, None] * kk_gamma  # d/dgc_i of A_ij is A_ij, of gc_j -A_ij
+  d_kk = d_a * beta[:, None] * gamma  # through A = beta Gamma * (k k^T)
+  d_qk = d_scores * (scale * gamma)  # through P = s Gamma * (q k^T)
+  if with_scores:
+    d_pairs = d_scores * _f32(ins[11][b, h, n]) + d_a_pairs  # likewise for P
+  else:
+    d_pairs = d_qk * mm(q_ref[b, tokens, hk, :], k, trans_b=True) + d_a_pairs
+  dgc = d_bw * bw + jnp.sum(d_pairs, axis=1) - jnp.sum(d_pairs, axis=0)
   d_qk, d_sym = operand(d_qk), operand(d_kk + d_kk.T)
 
-  # Phase 2: dq, dk by key blocks.
-  d_q_state = jnp.zeros((chunk,), jnp.float32)  # sum_k((do h^T) q)
-  d_k_acc = jnp.zeros((chunk,), jnp.float32)  # sum_k(k_acc k) = d te - d_bw_rounded (docstring)
-  d_decay = jnp.zeros((), jnp.float32)
-  for kstart in range(0, key_dim, block_k):
-    keys = pl.ds(kstart, block_k)
+  def phase2(j, carry):  # dq, dk of one key block
+    d_q_state, d_k_acc, d_decay = carry
+    keys = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
     q_kb, k_kb = q_ref[b, tokens, hk, keys], k_ref[b, tokens, hk, keys]  # [C, BK]
     if single_pass:
-      q_state, k_acc, d_decay = state_sums
+      q_state, k_acc, d_decay = sums
     else:
-      q_state = jnp.zeros((chunk, block_k), jnp.float32)  # do h^T
-      k_acc = jnp.zeros((chunk, block_k), jnp.float32)  # te v_new dh^T - r_bw h^T
-      for start in range(0, value_dim, block_v):
-        vcols = pl.ds(start, block_v)
+      def accumulate(i, acc):
+        vcols = value_block(i)
         do, v_new, dv_new = (x[b, tokens, h, vcols] for x in (do_ref, v_new_ref, dv_new_ref))
         r_bw = operand(bw[:, None] * mm(t, dv_new, trans_a=True))  # recomputed: cheaper than keeping it live
-        q_part, k_part, decay_part = state_terms(keys, vcols, states_ref[b, h, n, keys, vcols], r_bw, do, v_new)
-        q_state, k_acc, d_decay = q_state + q_part, k_acc + k_part, d_decay + decay_part
+        parts = state_terms(keys, vcols, states_ref[b, h, n, keys, vcols], r_bw, do, v_new)
+        return tuple(a + x for a, x in zip(acc, parts))
+      q_state, k_acc, d_decay = jax.lax.fori_loop(0, value_dim // block_v, accumulate,
+                                                  (zeros(chunk, block_k), zeros(chunk, block_k), d_decay))
     dq = (scale * fs)[:, None] * q_state + mm(d_qk, k_kb)
     dq_ref[b, tokens, h, keys] = dq.astype(dq_ref.dtype)
     dk = k_acc + mm(d_qk, q_kb, trans_a=True) + mm(d_sym, k_kb)
     dk_ref[b, tokens, h, keys] = dk.astype(dk_ref.dtype)
-    d_q_state += jnp.sum(q_state * _f32(q_kb), axis=1)
-    d_k_acc += jnp.sum(k_acc * _f32(k_kb), axis=1)
+    return (d_q_state + jnp.sum(q_state * _f32(q_kb), axis=1), d_k_acc + jnp.sum(k_acc * _f32(k_kb), axis=1),
+            d_decay)
+
+  d_q_state, d_k_acc, d_decay = jax.lax.fori_loop(0, key_dim // block_k, phase2, (zeros(chunk), zeros(chunk), zeros()))
 
   # h_{n+1} = decay h + k^T (te v_new), te = exp(gc_last - gc): d te_i reaches gc_i negated and gc_last summed.
-  d_te = d_k_acc + d_bw_rounded
+  d_te = d_k_acc + d_bw_rounded  # sum_k(k_acc k) = d te - d_bw_rounded
   dgc = dgc + scale * fs * d_q_state - d_te
   dgc_ref[b, h, tokens] = dgc + jnp.where(gates.is_last, jnp.sum(d_te) + d_decay * gates.decay, 0.0)
