@@ -8,7 +8,12 @@ POINT is where the process dies while saving step STEP:
   before_record   every item but the model record written
   before_publish  every item written, the step directory not yet renamed into place
   after_publish   right after the rename that makes the step visible
+  never           nowhere: the run ends as the CLI ends it (for tests that want the same one-device run)
 The hooks wrap orbax 0.12's per-array write and its rename (module attributes looked up at call time).
+
+The run trains on the first device only, like the test process's in-process runs (`devices=jax.devices()[:1]`):
+started with the test session's XLA_FLAGS (4 host devices), its programs are then the ones the test process
+compiled, and the persistent compilation cache serves them instead of compiling them again in every child.
 """
 
 from __future__ import annotations
@@ -17,19 +22,26 @@ import os
 import signal
 import sys
 
+import jax
 from orbax.checkpoint._src.path import async_path
 from orbax.checkpoint._src.serialization import serialization
 
-from maxtext.trainers import checkpointing
+from maxtext.trainers import checkpointing, trainer
 from maxtext.trainers.pre_train import train as train_cli
 from maxtext.utils import cli
 
 POINTS = ("before_save", "mid_arrays", "before_record", "before_publish", "after_publish")
+NEVER = "never"
 
 
 def die() -> None:
   sys.stderr.flush()
   os.kill(os.getpid(), signal.SIGKILL)
+
+
+def first_device_only() -> None:
+  train = trainer.train  # the CLI's main imports it from the module at call time
+  trainer.train = lambda config, **kwargs: train(config, **{"devices": jax.devices()[:1], **kwargs})
 
 
 def install(point: str, step: int) -> None:
@@ -80,7 +92,9 @@ def install(point: str, step: int) -> None:
 
 if __name__ == "__main__":
   kill_point, kill_step, *argv = sys.argv[1:]
-  if kill_point not in POINTS:
-    raise SystemExit(f"unknown kill point {kill_point!r}: one of {', '.join(POINTS)}")
-  install(kill_point, int(kill_step))
+  if kill_point not in (*POINTS, NEVER):
+    raise SystemExit(f"unknown kill point {kill_point!r}: one of {', '.join(POINTS)}, {NEVER}")
+  first_device_only()
+  if kill_point != NEVER:
+    install(kill_point, int(kill_step))
   cli.run(train_cli.main, argv)

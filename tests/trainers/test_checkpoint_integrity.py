@@ -21,7 +21,7 @@ from maxtext.checkpoint_conversion.safetensors_io import CheckpointFormatError
 from maxtext.configs import load_config
 from maxtext.models.spec import ModelSpec
 from maxtext.trainers.trainer import train
-from tests.trainers.kill_during_save import POINTS
+from tests.trainers.kill_during_save import NEVER, POINTS
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMALL_RUN = {
@@ -41,14 +41,23 @@ def cli_args(output, **overrides) -> list[str]:
                                            for k, v in values.items())]
 
 
-def child_env(cache_dir) -> dict[str, str]:
-  return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+def child_env(cache_dir, xla_flags="--xla_force_host_platform_device_count=1") -> dict[str, str]:
+  return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags,
           "JAX_COMPILATION_CACHE_DIR": str(cache_dir), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 
 def run_module(module: str, args: list[str], cache_dir, preexec_fn=None) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=child_env(cache_dir),
                         capture_output=True, text=True, timeout=400, preexec_fn=preexec_fn)
+
+
+def run_training_cli(point: str, step: int, args: list[str], cache_dir, preexec_fn=None) -> subprocess.CompletedProcess:
+  """The training CLI through kill_during_save (killed at `point` of saving `step`, or `never`): on the first of
+  this session's devices (its XLA_FLAGS), so the programs the in-process reference run compiled come from the
+  persistent cache instead of being compiled again in each child."""
+  return subprocess.run([sys.executable, "-m", "tests.trainers.kill_during_save", point, str(step), *args], cwd=REPO,
+                        env=child_env(cache_dir, os.environ.get("XLA_FLAGS", "")), capture_output=True, text=True,
+                        timeout=400, preexec_fn=preexec_fn)
 
 
 def visible_steps(run_dir) -> list[int]:
@@ -89,7 +98,7 @@ def killed_runs(tmp_path_factory, cache_dir, reference):
 
   def one(point):
     output = root / point
-    result = run_module("tests.trainers.kill_during_save", [point, "4", *cli_args(output)], cache_dir)
+    result = run_training_cli(point, 4, cli_args(output), cache_dir)
     return point, (os.path.join(output, "run"), result)
 
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -169,53 +178,77 @@ DAMAGE = {
 }
 
 
+DECODE = ["src/maxtext/configs/base.yml", f"tokenizer_path={TINY_TOKENIZER_DIR}", "prompt=the cat",
+          "max_target_length=24", "per_device_batch_size=1"]
+
+
+def _without_optimizer_state(items):
+  optimizer = glob.glob(os.path.join(items, "opt_state.*"))
+  assert optimizer
+  for directory in optimizer:
+    shutil.rmtree(directory)
+
+
+# name -> (how to prepare a copy of the reference's step 6, the CLI module, its arguments after the config)
+CLI_CASES = {
+    **{f"damage: {case}": (damage, "maxtext.decode", DECODE[1:]) for case, (damage, _) in DAMAGE.items()},
+    "model name": (lambda items: None, "maxtext.decode", ["model_name=qwen3-next-80b-a3b", "prompt=the cat"]),
+    "server": (lambda items: flip_a_bit(first_chunk(items)), "maxtext.serving.server",
+               [f"tokenizer_path={TINY_TOKENIZER_DIR}", "server_port=18431"]),
+    "parameters only": (_without_optimizer_state, "maxtext.decode", [*DECODE[1:], "decode_stop_token_ids=none"]),
+}
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory, reference, cache_dir):
+  """Each CLI_CASES entry: (its checkpoint's items directory, the CLI's result), two processes at a time (the CPU
+  has two cores; each waits mostly on its own start-up)."""
+  root = tmp_path_factory.mktemp("cli")
+  prepared = {}
+  for i, (name, (prepare, module, args)) in enumerate(CLI_CASES.items()):
+    items = damaged_copy(reference[0], root / str(i) / "6")
+    prepare(items)
+    prepared[name] = items, module, [DECODE[0], f"load_parameters_path={items}", *args]
+
+  def one(name):
+    items, module, args = prepared[name]
+    return name, (items, run_module(module, args, cache_dir))
+
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    return dict(pool.map(one, CLI_CASES))
+
+
 @pytest.mark.parametrize("case", sorted(DAMAGE))
-def test_damaged_checkpoint_is_one_line_from_decode(case, reference, tmp_path, cache_dir):
-  damage, message = DAMAGE[case]
-  items = damaged_copy(reference[0], tmp_path / "6")
-  damage(items)
-  result = run_module("maxtext.decode", ["src/maxtext/configs/base.yml", f"load_parameters_path={items}",
-                                         f"tokenizer_path={TINY_TOKENIZER_DIR}", "prompt=the cat",
-                                         "max_target_length=24", "per_device_batch_size=1"], cache_dir)
+def test_damaged_checkpoint_is_one_line_from_decode(case, cli_runs):
+  message = DAMAGE[case][1]
+  items, result = cli_runs[f"damage: {case}"]
   assert result.returncode != 0
   lines = stderr_lines(result)
   assert len(lines) == 1, result.stderr[-3000:]
   assert lines[0].startswith(message.format(items=items, step=os.path.dirname(items))), lines[0]
 
 
-def test_model_record_must_agree_with_model_name(reference, tmp_path, cache_dir):
-  items = damaged_copy(reference[0], tmp_path / "6")
-  result = run_module("maxtext.decode", ["src/maxtext/configs/base.yml", f"load_parameters_path={items}",
-                                         "model_name=qwen3-next-80b-a3b", "prompt=the cat"], cache_dir)
+def test_model_record_must_agree_with_model_name(cli_runs):
+  items, result = cli_runs["model name"]
   assert result.returncode == 2
   lines = stderr_lines(result)
   assert len(lines) == 1 and lines[0].startswith(
       f"error: model_name=qwen3-next-80b-a3b does not match the checkpoint '{os.path.dirname(items)}'"), lines
 
 
-def test_server_reports_a_damaged_checkpoint_in_one_line(reference, tmp_path, cache_dir):
-  items = damaged_copy(reference[0], tmp_path / "6")
-  flip_a_bit(first_chunk(items))
-  result = run_module("maxtext.serving.server", ["src/maxtext/configs/base.yml", f"load_parameters_path={items}",
-                                                 f"tokenizer_path={TINY_TOKENIZER_DIR}", "server_port=18431"], cache_dir)
+def test_server_reports_a_damaged_checkpoint_in_one_line(cli_runs):
+  _, result = cli_runs["server"]
   assert result.returncode == 1
   lines = stderr_lines(result)
   assert len(lines) == 1 and "does not match its checksum in the model record" in lines[0], result.stderr[-3000:]
 
 
-def test_decode_reads_parameters_only(reference, tmp_path, cache_dir, monkeypatch):
+def test_decode_reads_parameters_only(cli_runs, monkeypatch):
   """A training checkpoint without its optimizer state decodes; the reader opens parameter arrays only and reads
   about the parameters' bytes."""
-  items = damaged_copy(reference[0], tmp_path / "6")
+  items, result = cli_runs["parameters only"]
+  assert not glob.glob(os.path.join(items, "opt_state.*"))
   stored = sum(os.path.getsize(f) for f in glob.glob(os.path.join(items, "params.*", "*")))
-  optimizer = glob.glob(os.path.join(items, "opt_state.*"))
-  assert optimizer
-  for directory in optimizer:
-    shutil.rmtree(directory)
-  result = run_module("maxtext.decode", ["src/maxtext/configs/base.yml", f"load_parameters_path={items}",
-                                         f"tokenizer_path={TINY_TOKENIZER_DIR}", "prompt=the cat",
-                                         "max_target_length=24", "per_device_batch_size=1",
-                                         "decode_stop_token_ids=none"], cache_dir)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "20 tokens in" in result.stderr
 
@@ -268,7 +301,7 @@ def test_failed_write_stops_with_one_line_and_keeps_the_last_step(reference, tmp
   shutil.copytree(os.path.join(reference[0], "checkpoints"), tmp_path / "run" / "checkpoints",
                   ignore=shutil.ignore_patterns("4", "6"))
   limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # a full disk, for files over 4 KiB
-  result = run_module("maxtext.trainers.pre_train.train", cli_args(tmp_path, steps=4), cache_dir, preexec_fn=limit)
+  result = run_training_cli(NEVER, 0, cli_args(tmp_path, steps=4), cache_dir, preexec_fn=limit)
   assert result.returncode == 1
   lines = stderr_lines(result)
   assert lines[-1].startswith(f"error: saving checkpoint step 4 under '{tmp_path}/run/checkpoints' failed: OSError:"
