@@ -41,6 +41,7 @@ def launches() -> dict:
   """Named variants of ours: 'api' is the public entry (impl='gpu', its own launch choice); the others call
   gpu.chunk_gated_delta_rule_gpu with an explicit gpu.ChunkedLaunch."""
   from maxtext.kernels.gated_delta_rule.gpu import ChunkedLaunch
+  w2 = dict(inverse_block=16, parallel_warps=2)  # blocked16_w2's forward
   return {"api": None, "split": ChunkedLaunch(fused_forward=False), "fused": ChunkedLaunch(fused_forward=True),
           "fused_w": ChunkedLaunch(fused_forward=True, fused_walk_reads_w=True),
           "bf16_inverse": ChunkedLaunch(inverse_precision="bf16"),
@@ -51,14 +52,15 @@ def launches() -> dict:
           "blocked16": ChunkedLaunch(inverse_block=16), "blocked32": ChunkedLaunch(inverse_block=32),
           "blocked16_ieee": ChunkedLaunch(inverse_block=16, inverse_precision="ieee"),
           "blocked16_w2": ChunkedLaunch(inverse_block=16, parallel_warps=2),
-          # gpu_backward.py: one kernel for the backward's parallel part (its launch: grad_warps, grad_block_k/v)
+          # gpu_backward.py: one kernel for the backward's parallel part; its launch: grad_warps, grad_block_k/v
+          # (key and value columns per step; k >= Dk: one pass), grad_stages (pipelined block loops)
           "fusedbwd": ChunkedLaunch(fused_backward=True),
-          "fusedbwd_w2": ChunkedLaunch(inverse_block=16, parallel_warps=2, fused_backward=True),
-          "fusedbwd_w2_g8": ChunkedLaunch(inverse_block=16, parallel_warps=2, fused_backward=True, grad_warps=8),
-          "fusedbwd_w2_k128": ChunkedLaunch(inverse_block=16, parallel_warps=2, fused_backward=True,
-                                            grad_block_k=128, grad_warps=8),
-          "fusedbwd_w2_v32": ChunkedLaunch(inverse_block=16, parallel_warps=2, fused_backward=True,
-                                           grad_block_v=32)}
+          "fusedbwd_w2": ChunkedLaunch(fused_backward=True, **w2, grad_block_k=32, grad_block_v=32),
+          "fusedbwd_w2_s2": ChunkedLaunch(fused_backward=True, **w2, grad_block_k=32, grad_block_v=32, grad_stages=2),
+          "fusedbwd_w2_g8": ChunkedLaunch(fused_backward=True, **w2, grad_warps=8, grad_block_k=64, grad_block_v=32),
+          "fusedbwd_w2_g8s2": ChunkedLaunch(fused_backward=True, **w2, grad_warps=8, grad_stages=2),
+          "fusedbwd_w2_k128": ChunkedLaunch(fused_backward=True, **w2, grad_warps=8, grad_block_k=128,
+                                            grad_block_v=32)}
 
 
 def describe(launch) -> str:

@@ -20,9 +20,11 @@ Without fusion (kernel bodies in gpu_kernels.py): `wy_kernel` (parallel: w, u an
 and v_new) and `output_kernel` (parallel: o). Backward: `local_dv_kernel` (parallel: (s Gamma * q k^T)^T do; after
 the fused forward the reverse walk forms it from the saved P instead),
 `state_grad_kernel` (reverse walk: dv_new and dh_{n+1}, then dh0), `output_grad_kernel` (parallel: the gradients
-through o and the state update) and `wy_grad_kernel` (parallel: through the WY system). The per-value-head dq, dk
-are summed over each key head's group by XLA afterwards. (One kernel for both parallel gradient parts measured
-5.8 ms at B=1, T=16384, 32 heads on an H100: too many live tiles, spilled.)
+through o and the state update) and `wy_grad_kernel` (parallel: through the WY system), or with
+ChunkedLaunch.fused_backward gpu_backward.py's one kernel for both (dw never formed; the [C, Dk] gradients by key
+blocks in loops, so few tiles are live: an earlier single kernel that kept them all measured 5.8 ms at B=1,
+T=16384, 32 heads on an H100, spilled). The per-value-head dq, dk are summed over each key head's group by XLA
+afterwards.
 
 Precision (gpu_precision.py's modes): 'bf16' (the default for 16-bit inputs) rounds every dot operand to bf16, as
 fla does, and stores the intermediates (w, u, T, states, v_new and the gradients between kernels) in the inputs'
@@ -84,8 +86,11 @@ class ChunkedLaunch:
   # builds A, P and T by [b, b] blocks (diagonal blocks by doubling, the rest by block forward substitution).
   inverse_block: int | None = None
   # gpu_backward.py: one kernel per (chunk, value head, row) for the backward's parallel part instead of the
-  # output-gradient and WY-gradient kernels (grad_warps, grad_block_k and grad_block_v are then its launch).
+  # output-gradient and WY-gradient kernels (grad_warps, grad_block_k and grad_block_v are then its launch; compiled
+  # by Triton 3.9 for sm_90 it spilled 236 B at 4 warps with 64 x 64 blocks, nothing with 32 x 32 or at 8 warps
+  # with 64 x 32; grad_block_k >= Dk: one pass over the states, 440 B spilled at 8 warps). Not timed yet.
   fused_backward: bool = False
+  grad_stages: int = 1  # software pipelining of the fused backward's block loops (more shared memory)
 
 
 def segment_masks(segment_ids: jax.Array, chunk: int) -> Segments:
@@ -206,7 +211,7 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
           (struct(batch, length, heads, key_dim), struct(batch, length, heads, key_dim),
            struct(batch, length, heads, value_dim), struct(batch, heads, length, dtype=jnp.float32),
            struct(batch, heads, length, dtype=jnp.float32)),
-          TritonParams(num_warps=launch.grad_warps, num_stages=1),
+          TritonParams(num_warps=launch.grad_warps, num_stages=launch.grad_stages),
           (q, k, v, gc, beta, t, states, d_states, d_out, v_new, dv_new, *scores), segments, block_k=block_k,
           block_v=grad_block_v, scale=scale, with_scores=bool(scores), **common)
       return finish(q, k, v, h0, dq, dk, dv, dgc, dbeta, dh0)
