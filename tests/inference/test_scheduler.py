@@ -101,8 +101,12 @@ def test_a_request_joining_mid_flight_gives_the_same_tokens_as_alone(engine):
   sampled = SamplingParams(max_tokens=NEW, temperature=0.9, seed=11, logprobs=1)
   alone_tokens, alone_logprobs = run(scheduler(engine), [newcomer], [sampled])
   sched = scheduler(engine)
-  for prompt in busy:
-    sched.submit(prompt, SamplingParams(max_tokens=3 * NEW, logprobs=1))
+  # One busy row filters with top-k: the batch then samples through the sorting path, the newcomer alone did not,
+  # and its tokens must still be the same.
+  busy_params = [SamplingParams(max_tokens=3 * NEW, logprobs=1)] * 2 + [
+      SamplingParams(max_tokens=3 * NEW, temperature=1.0, top_k=5, seed=3, logprobs=1)]
+  for prompt, params in zip(busy, busy_params):
+    sched.submit(prompt, params)
   for _ in range(4):  # the busy rows are mid-prompt and mid-generation when the newcomer arrives
     sched.step()
   new_id = sched.submit(newcomer, sampled)

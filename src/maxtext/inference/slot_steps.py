@@ -42,12 +42,12 @@ class Sampled:
 
 
 class SlotSteps:
-  """Compiled once per (rows, T, num_top, greedy_only)."""
+  """Compiled once per (rows, T, num_top, greedy_only, filtered)."""
 
   def __init__(self, model: Qwen3NextForCausalLM, capacity: int, block: int):
     self.model, self.capacity, self.block = model, capacity, block
     self.batch_axis = 1 if model.spec.scan_layers else 0  # scanned layers stack their caches on a leading axis
-    self.advance = jax.jit(self._advance, donate_argnums=(1,), static_argnames=("num_top", "greedy_only"))
+    self.advance = jax.jit(self._advance, donate_argnums=(1,), static_argnames=("num_top", "greedy_only", "filtered"))
     self.reset_rows = jax.jit(self._reset_rows, donate_argnums=(0,))
     self.read_block = jax.jit(self._read_block)
     self.write_block = jax.jit(self._write_block, donate_argnums=(0,))
@@ -65,11 +65,13 @@ class SlotSteps:
 
   # ---- one call: every row forward by its counts ----
   def _advance(self, params, state: SlotState, tokens, cursor, counts, emit, sampling: BatchSampling, steps,
-               previous, feed_previous, *, num_top: int, greedy_only: bool) -> tuple[SlotState, Sampled]:
+               previous, feed_previous, *, num_top: int, greedy_only: bool,
+               filtered: bool = True) -> tuple[SlotState, Sampled]:
     """tokens [B, T] (row b's first counts[b] real) at slots cursor[b]..; emit [B] bool: rows whose sampled token
     is kept (marks presence). steps [B]: index of the token being drawn per row (its rng stream). Rows where
     feed_previous[b] take previous[b] (the token the previous call sampled, still on the device) as their input, so
-    a call can be dispatched before the previous one's tokens are read back."""
+    a call can be dispatched before the previous one's tokens are read back. filtered=False: no row uses top-k,
+    top-p or min-p, so sampling needs no vocabulary sort (a row draws the same token either way)."""
     tokens = tokens.at[:, 0].set(jnp.where(feed_previous, previous, tokens[:, 0]))
     length = tokens.shape[1]
     positions = cursor[:, None] + jnp.arange(length, dtype=jnp.int32)
@@ -78,7 +80,7 @@ class SlotSteps:
                                      method="decode_hidden")
     last = jnp.take_along_axis(hidden, jnp.maximum(counts - 1, 0)[:, None, None], axis=1)[:, 0]
     logits = self.model.apply({"params": params}, last, method="logits_of").astype(jnp.float32)
-    token = sample(logits, sampling, state.presence, steps, greedy_only=greedy_only)
+    token = sample(logits, sampling, state.presence, steps, greedy_only=greedy_only, filtered=filtered)
     chosen, top_values, top_ids = token_logprobs(logits, token, num_top)
     rows = jnp.arange(token.shape[0])
     presence = state.presence.at[rows, token].max(emit)
