@@ -7,22 +7,21 @@ state h = h_n, dh = dL/dh_{n+1}, du = dv_new and x = beta (v - fs (k h)) (so tha
   dT = dv_new x^T                       (= dw (beta fs k)^T + du (beta v)^T with dw = -dv_new h^T: dw is never formed)
   r = T^T dv_new;  dv = beta r;  dbeta_u = sum_v(r v);  d(beta fs)_i = -sum_v(r (k h))_i
   dA = -T^T dT T^T on A's strictly lower support
-  dq = s fs (do h^T) + dP' k;  dk = te (v_new dh^T) - (beta fs r) h^T + dP'^T q + (dA' + dA'^T) k
+  dq = s fs (do h^T) + dP' k;  dk = te (v_new dh^T) - beta fs T^T (dv_new h^T) + dP'^T q + (dA' + dA'^T) k
 with dP' = s Gamma * (do v_new^T) and dA' = beta Gamma * dA. Two phases, each a loop over value blocks of BV columns:
 1. every [C, C] matrix (do v_new^T, dT, then dA) and the vectors, and dv (it needs all of the key dim only
    through k h);
-2. a loop over key blocks of BK columns: the two [C, BK] accumulators do h^T and te (v_new dh^T) - r_bw h^T
-   (r_bw = beta fs r, recomputed per value block: one C x C x BV product, cheaper than keeping it), then dq and dk
-   of those columns. With BK = Dk (ChunkedLaunch.grad_block_k) phase 1 accumulates them instead, reading the
-   states once, at the price of two [C, Dk] float32 tiles live through it.
+2. a loop over key blocks of BK columns: three [C, BK] accumulators do h^T, v_new dh^T and dv_new h^T, then dq and
+   dk of those columns (T^T once per key block, rather than r = T^T dv_new again per value block). With BK = Dk
+   (ChunkedLaunch.grad_block_k) phase 1 accumulates them instead, reading the states once, at the price of three
+   [C, Dk] float32 tiles live through it.
 Register use (this kernel's TTIR compiled for sm_90 by Triton 3.9 on a CPU host, ptxas -v; jaxlib's Triton may
 differ): with Python-unrolled blocks the compiler kept several blocks' loads live and spilled 2.1 KB per thread at
-4 warps; as loops, nothing at 4 warps with 32 x 32 blocks or at 8 warps with 64 x 32 (24 B with segments), ~0.4 KB
-with BK = Dk. The pair terms of dgc come from the forward's saved P = s Gamma * (q k^T) when the fused forward ran
-(else from q k^T here). d te (te's share of dgc) is sum_k(k_acc k) + sum_v(r_bw (k h)), r_bw
-rounded as its dot rounds it so that the two r terms cancel, and te scales v_new dh^T after the product: a rounded
-te v_new put its rounding into dgc (bf16 interpret test: dg error 5.3e-3 against the unfused kernels' 3.5e-3; with
-the rounded r_bw alone still 5.3e-3, with te outside 3.5e-3).
+4 warps; as loops, nothing at 8 warps with BK x BV = 64 x 32, 20 B at 4 warps with 32 x 32 (80 B with segments),
+~0.2 KB at 4 warps with 64 x 64, ~0.6 KB with BK = Dk (8 warps). The pair terms of dgc come from the forward's
+saved P = s Gamma * (q k^T) when the fused forward ran (else from q k^T here); te's from te sum_k((v_new dh^T) k).
+(An earlier form accumulated te v_new dh^T - r_bw h^T in one tile and took te's term as the difference of two sums:
+the bf16 interpret test's dg error rose from the unfused kernels' 3.5e-3 to 5.3e-3.)
 """
 
 from __future__ import annotations
@@ -59,15 +58,14 @@ def chunk_grad_kernel(*refs, chunk: int, groups: int, block_k: int, block_v: int
   value_block = lambda i: pl.ds(pl.multiple_of(i * block_v, block_v), block_v)
   zeros = lambda *shape: jnp.zeros(shape, jnp.float32)
 
-  def state_terms(keys, vcols, state, r_bw, do, v_new):
-    """This (key block, value block)'s shares of do h^T, of te v_new dh^T - r_bw h^T and of sum(h dh)."""
+  def state_terms(keys, vcols, state, do, v_new, dv_new):
+    """This (key block, value block)'s shares of do h^T, v_new dh^T, dv_new h^T and sum(h dh)."""
     d_state = dstates_ref[b, h, n, keys, vcols]  # [BK, BV]
-    # te scales the product, not v_new: a rounded te v_new would put its rounding into d te (the dgc below)
-    k_part = te[:, None] * mm(v_new, d_state, trans_b=True) - mm(r_bw, state, trans_b=True)
-    return mm(do, state, trans_b=True), k_part, jnp.sum(_f32(state) * _f32(d_state))
+    return (mm(do, state, trans_b=True), mm(v_new, d_state, trans_b=True), mm(dv_new, state, trans_b=True),
+            jnp.sum(_f32(state) * _f32(d_state)))
 
   def phase1(i, carry):  # the chunk's [C, C] gradients and dv (single_pass: the key-block terms too)
-    d_scores, d_t, d_beta, d_bw, d_bw_rounded, sums = carry
+    d_scores, d_t, d_beta, d_bw, sums = carry
     vcols = value_block(i)
     do, v_new, dv_new = (x[b, tokens, h, vcols] for x in (do_ref, v_new_ref, dv_new_ref))  # [C, BV]
     v = _f32(v_ref[b, tokens, h, vcols])
@@ -77,16 +75,13 @@ def chunk_grad_kernel(*refs, chunk: int, groups: int, block_k: int, block_v: int
     d_t += mm(dv_new, beta[:, None] * (v - fs[:, None] * kh), trans_b=True)  # dv_new x^T
     r = mm(t, dv_new, trans_a=True)  # [C, BV]
     dv_ref[b, tokens, h, vcols] = (beta[:, None] * r).astype(dv_ref.dtype)
-    r_bw = operand(bw[:, None] * r)
     if single_pass:
-      sums = tuple(a + x for a, x in zip(sums, state_terms(slice(None), vcols, state, r_bw, do, v_new)))
-    return (d_scores, d_t, d_beta + jnp.sum(r * v, axis=1), d_bw - jnp.sum(r * kh, axis=1),
-            d_bw_rounded + jnp.sum(_f32(r_bw) * kh, axis=1), sums)  # the last: k_acc's r term against k
+      sums = tuple(a + x for a, x in zip(sums, state_terms(slice(None), vcols, state, do, v_new, dv_new)))
+    return d_scores, d_t, d_beta + jnp.sum(r * v, axis=1), d_bw - jnp.sum(r * kh, axis=1), sums
 
-  sums = (zeros(chunk, key_dim), zeros(chunk, key_dim), zeros()) if single_pass else ()
-  d_scores, d_t, d_beta, d_bw, d_bw_rounded, sums = jax.lax.fori_loop(
-      0, value_dim // block_v, phase1, (zeros(chunk, chunk), zeros(chunk, chunk), zeros(chunk), zeros(chunk),
-                                        zeros(chunk), sums))
+  sums = (*[zeros(chunk, key_dim)] * 3, zeros()) if single_pass else ()
+  d_scores, d_t, d_beta, d_bw, sums = jax.lax.fori_loop(
+      0, value_dim // block_v, phase1, (zeros(chunk, chunk), zeros(chunk, chunk), zeros(chunk), zeros(chunk), sums))
 
   d_a = jnp.where(rows > cols, -mm(t, mm(d_t, t, trans_b=True), trans_a=True), 0.0)
   gamma = _gates(gc_ref, seg_refs, b, h, tokens, chunk).gamma
@@ -103,30 +98,28 @@ def chunk_grad_kernel(*refs, chunk: int, groups: int, block_k: int, block_v: int
   d_qk, d_sym = operand(d_qk), operand(d_kk + d_kk.T)
 
   def phase2(j, carry):  # dq, dk of one key block
-    d_q_state, d_k_acc, d_decay = carry
+    d_q_state, d_te, d_decay = carry
     keys = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
     q_kb, k_kb = q_ref[b, tokens, hk, keys], k_ref[b, tokens, hk, keys]  # [C, BK]
     if single_pass:
-      q_state, k_acc, d_decay = sums
+      q_state, k_state, w_state, d_decay = sums
     else:
       def accumulate(i, acc):
         vcols = value_block(i)
-        do, v_new, dv_new = (x[b, tokens, h, vcols] for x in (do_ref, v_new_ref, dv_new_ref))
-        r_bw = operand(bw[:, None] * mm(t, dv_new, trans_a=True))  # recomputed: cheaper than keeping it live
-        parts = state_terms(keys, vcols, states_ref[b, h, n, keys, vcols], r_bw, do, v_new)
-        return tuple(a + x for a, x in zip(acc, parts))
-      q_state, k_acc, d_decay = jax.lax.fori_loop(0, value_dim // block_v, accumulate,
-                                                  (zeros(chunk, block_k), zeros(chunk, block_k), d_decay))
+        loads = (x[b, tokens, h, vcols] for x in (do_ref, v_new_ref, dv_new_ref))
+        return tuple(a + x for a, x in zip(acc, state_terms(keys, vcols, states_ref[b, h, n, keys, vcols], *loads)))
+      q_state, k_state, w_state, d_decay = jax.lax.fori_loop(
+          0, value_dim // block_v, accumulate, (*[zeros(chunk, block_k)] * 3, d_decay))
+    k_acc = te[:, None] * k_state - bw[:, None] * mm(t, w_state, trans_a=True)  # T^T (dv_new h^T) = r h^T
     dq = (scale * fs)[:, None] * q_state + mm(d_qk, k_kb)
     dq_ref[b, tokens, h, keys] = dq.astype(dq_ref.dtype)
     dk = k_acc + mm(d_qk, q_kb, trans_a=True) + mm(d_sym, k_kb)
     dk_ref[b, tokens, h, keys] = dk.astype(dk_ref.dtype)
-    return (d_q_state + jnp.sum(q_state * _f32(q_kb), axis=1), d_k_acc + jnp.sum(k_acc * _f32(k_kb), axis=1),
+    return (d_q_state + jnp.sum(q_state * _f32(q_kb), axis=1), d_te + te * jnp.sum(k_state * _f32(k_kb), axis=1),
             d_decay)
 
-  d_q_state, d_k_acc, d_decay = jax.lax.fori_loop(0, key_dim // block_k, phase2, (zeros(chunk), zeros(chunk), zeros()))
+  d_q_state, d_te, d_decay = jax.lax.fori_loop(0, key_dim // block_k, phase2, (zeros(chunk), zeros(chunk), zeros()))
 
   # h_{n+1} = decay h + k^T (te v_new), te = exp(gc_last - gc): d te_i reaches gc_i negated and gc_last summed.
-  d_te = d_k_acc + d_bw_rounded  # sum_k(k_acc k) = d te - d_bw_rounded
   dgc = dgc + scale * fs * d_q_state - d_te
   dgc_ref[b, h, tokens] = dgc + jnp.where(gates.is_last, jnp.sum(d_te) + d_decay * gates.decay, 0.0)
