@@ -46,7 +46,6 @@ def chunk_grad_kernel(*refs, chunk: int, groups: int, block_k: int, block_v: int
   tokens = pl.ds(n * chunk, chunk)
   key_dim, value_dim = k_ref.shape[-1], v_ref.shape[-1]
   single_pass = block_k == key_dim
-  rows, cols = iotas(chunk)
   gates = _gates(gc_ref, seg_refs, b, h, tokens, chunk, pairs=False)  # the pair decays after phase 1: fewer live
   fs, te = gates.from_start, gates.to_end
   beta = beta_ref[b, h, tokens]
@@ -83,6 +82,7 @@ def chunk_grad_kernel(*refs, chunk: int, groups: int, block_k: int, block_v: int
   d_scores, d_t, d_beta, d_bw, sums = jax.lax.fori_loop(
       0, value_dim // block_v, phase1, (zeros(chunk, chunk), zeros(chunk, chunk), zeros(chunk), zeros(chunk), sums))
 
+  rows, cols = iotas(chunk)
   d_a = jnp.where(rows > cols, -mm(t, mm(d_t, t, trans_b=True), trans_a=True), 0.0)
   gamma = _gates(gc_ref, seg_refs, b, h, tokens, chunk).gamma
   kk_gamma = mm(k, k, trans_b=True) * gamma
