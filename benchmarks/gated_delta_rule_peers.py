@@ -53,12 +53,15 @@ def launches() -> dict:
           "blocked16_ieee": ChunkedLaunch(inverse_block=16, inverse_precision="ieee"),
           "blocked16_w2": ChunkedLaunch(inverse_block=16, parallel_warps=2),
           # gpu_backward.py: one kernel for the backward's parallel part; its launch: grad_warps, grad_block_k/v
-          # (key and value columns per step; k >= Dk: one pass), grad_stages (pipelined block loops)
+          # (key and value columns per step; k >= Dk: one pass), grad_stages (pipelined block loops). Spills per
+          # thread as compiled by Triton 3.9 for sm_90 (gpu_backward.py), in order from fusedbwd_w2: ~0.2 KB, 16 B,
+          # 72 B, none, 32 B (with 114 KB shared memory), ~0.6 KB
           "fusedbwd": ChunkedLaunch(fused_backward=True),
-          "fusedbwd_w2": ChunkedLaunch(fused_backward=True, **w2, grad_block_k=32, grad_block_v=32),
-          "fusedbwd_w2_s2": ChunkedLaunch(fused_backward=True, **w2, grad_block_k=32, grad_block_v=32, grad_stages=2),
-          "fusedbwd_w2_g8": ChunkedLaunch(fused_backward=True, **w2, grad_warps=8, grad_block_k=64, grad_block_v=32),
-          "fusedbwd_w2_g8s2": ChunkedLaunch(fused_backward=True, **w2, grad_warps=8, grad_stages=2),
+          "fusedbwd_w2": ChunkedLaunch(fused_backward=True, **w2),
+          "fusedbwd_w2_b32": ChunkedLaunch(fused_backward=True, **w2, grad_block_k=32, grad_block_v=32),
+          "fusedbwd_w2_k32": ChunkedLaunch(fused_backward=True, **w2, grad_block_k=32),
+          "fusedbwd_w2_g8": ChunkedLaunch(fused_backward=True, **w2, grad_warps=8, grad_block_v=32),
+          "fusedbwd_w2_s2": ChunkedLaunch(fused_backward=True, **w2, grad_block_k=32, grad_stages=2),
           "fusedbwd_w2_k128": ChunkedLaunch(fused_backward=True, **w2, grad_warps=8, grad_block_k=128,
                                             grad_block_v=32)}
 
