@@ -84,15 +84,15 @@ def test_fused_forward_bf16_groups(inverse):
 def test_fused_backward_packed_ragged_with_state(fused_forward):
   """gpu_backward.py's one kernel for the backward's parallel part, after either forward (the fused one hands it
   P, the split one does not): documents inside and across chunks, a ragged tail, an initial state, two key blocks
-  (its two-phase path) and two value blocks, Dk != Dv; values and every gradient."""
+  (its two-phase path) and two value blocks; values and every gradient."""
   launch = ChunkedLaunch(block_v=16, grad_block_k=16, grad_block_v=16, fused_forward=fused_forward,
                          fused_backward=True)
-  check((1, 100, 1, 2, 32, 16), 32, jnp.float32, "ieee", segment_ids=documents([30, 3, 47, 20]), launch=launch)
+  check((1, 100, 1, 2, 32, 32), 32, jnp.float32, "ieee", segment_ids=documents([30, 3, 47, 20]), launch=launch)
 
 
 def test_fused_backward_bf16_groups():
   """The fused backward in the 16-bit default precision with the blocked inverse: B = 2, two value heads per key
-  head, a ragged tail, no initial state; one key block (grad_block_k >= Dk: its single-pass path)."""
+  head, Dk != Dv, a ragged tail, no initial state; one key block (grad_block_k >= Dk: its single-pass path)."""
   check((2, 70, 2, 4, 32, 16), 16, jnp.bfloat16, "bf16", with_state=False,
         launch=ChunkedLaunch(inverse_block=16, fused_backward=True))
 
