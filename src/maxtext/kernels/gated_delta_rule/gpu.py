@@ -88,7 +88,9 @@ class ChunkedLaunch:
   # gpu_backward.py: one kernel per (chunk, value head, row) for the backward's parallel part instead of the
   # output-gradient and WY-gradient kernels (grad_warps, grad_block_k and grad_block_v are then its launch; compiled
   # by Triton 3.9 for sm_90 it spilled ~0.2 KB at 4 warps with 64 x 64 blocks, 20 B with 32 x 32, nothing at 8 warps
-  # with 64 x 32; grad_block_k >= Dk: one pass over the states, ~0.6 KB spilled at 8 warps). Not timed yet.
+  # with 64 x 32; grad_block_k >= Dk: one pass over the states, ~0.6 KB spilled at 8 warps). Its first form (blocks
+  # unrolled, 2.1 KB spilled) took 2.08 ms at 1 x 16384 on an H200 against 0.83 + 0.61 for the two kernels
+  # (docs/benchmarks.md); the loop form is not timed yet.
   fused_backward: bool = False
   grad_stages: int = 1  # software pipelining of the fused backward's block loops (more shared memory)
 
