@@ -41,17 +41,20 @@ def launches() -> dict:
   """Named variants of ours: 'api' is the public entry (impl='gpu', its own launch choice); the others call
   gpu.chunk_gated_delta_rule_gpu with an explicit gpu.ChunkedLaunch."""
   from maxtext.kernels.gated_delta_rule.gpu import ChunkedLaunch
-  w2 = dict(inverse_block=16, parallel_warps=2)  # blocked16_w2's forward
-  return {"api": None, "split": ChunkedLaunch(fused_forward=False), "fused": ChunkedLaunch(fused_forward=True),
-          "fused_w": ChunkedLaunch(fused_forward=True, fused_walk_reads_w=True),
-          "bf16_inverse": ChunkedLaunch(inverse_precision="bf16"),
-          "fused_bv64": ChunkedLaunch(fused_forward=True, block_v=64),
-          "fused_w8": ChunkedLaunch(fused_forward=True, walk_warps=8),
+  w2 = dict(inverse_block=16, parallel_warps=2)  # blocked16_w2's forward (the default since 2026-12-01)
+  whole = dict(inverse_block=None, parallel_warps=4)  # the earlier default: the [C, C] inverse by doubling, 4 warps
+  return {"api": None, "split": ChunkedLaunch(fused_forward=False, **whole),
+          "fused": ChunkedLaunch(fused_forward=True, **whole),
+          "fused_w": ChunkedLaunch(fused_forward=True, fused_walk_reads_w=True, **whole),
+          "bf16_inverse": ChunkedLaunch(inverse_precision="bf16", **whole),
+          "fused_bv64": ChunkedLaunch(fused_forward=True, block_v=64, **whole),
+          "fused_w8": ChunkedLaunch(fused_forward=True, walk_warps=8, **whole),
           # gpu_inverse.py: T and P by 16- or 32-wide blocks instead of the [C, C] doubling; 'ieee' runs its small
-          # products on the CUDA cores in float32; 2 warps suit the 16 x 16 tiles better perhaps
-          "blocked16": ChunkedLaunch(inverse_block=16), "blocked32": ChunkedLaunch(inverse_block=32),
-          "blocked16_ieee": ChunkedLaunch(inverse_block=16, inverse_precision="ieee"),
-          "blocked16_w2": ChunkedLaunch(inverse_block=16, parallel_warps=2),
+          # products on the CUDA cores in float32; 2 warps suit the 16 x 16 tiles better (measured: now the default)
+          "blocked16": ChunkedLaunch(inverse_block=16, parallel_warps=4),
+          "blocked32": ChunkedLaunch(inverse_block=32, parallel_warps=4),
+          "blocked16_ieee": ChunkedLaunch(inverse_block=16, inverse_precision="ieee", parallel_warps=4),
+          "blocked16_w2": ChunkedLaunch(**w2),
           # gpu_backward.py: one kernel for the backward's parallel part; its launch: grad_warps, grad_block_k/v
           # (key and value columns per step; k >= Dk: one pass), grad_stages (pipelined block loops). Spills per
           # thread as compiled by Triton 3.9 for sm_90 (gpu_backward.py), in order from fusedbwd_w2: ~0.2 KB, 16 B,

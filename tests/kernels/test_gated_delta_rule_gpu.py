@@ -23,8 +23,9 @@ from tests.kernels.test_gated_delta_rule import random_inputs, relative_error, v
 
 TOLERANCE = {"ieee": 1e-5, "tf32": 2e-3, "bf16": 1e-2}
 SMALL_TILES = ChunkedLaunch(block_v=16, grad_block_k=16, grad_block_v=16)  # several key and value blocks
-FUSED = dict(split=dict(fused_forward=False), fused=dict(fused_forward=True),  # gpu_fused.py's forward or not
-             blocked16=dict(fused_forward=True, inverse_block=16),  # and its WY inverse by blocks (gpu_inverse.py)
+# gpu_fused.py's forward or not, the whole-tile WY inverse or the blocked one (gpu_inverse.py, the default)
+FUSED = dict(split=dict(fused_forward=False, inverse_block=None), fused=dict(fused_forward=True, inverse_block=None),
+             blocked16=dict(fused_forward=True, inverse_block=16),
              fusedbwd=dict(fused_forward=True, inverse_block=16, fused_backward=True))  # gpu_backward.py's kernel
 
 

@@ -62,14 +62,17 @@ from maxtext.kernels.gated_delta_rule.reference import _initial_state
 
 @dataclasses.dataclass(frozen=True)
 class ChunkedLaunch:
-  """Launch parameters (H100 defaults; see benchmarks/gated_delta_rule.py)."""
+  """Launch parameters (defaults chosen on an H100 and an H200; benchmarks/gated_delta_rule_peers.py times variants)."""
 
   block_v: int = 32  # value columns per program of the two sequential walks
   walk_warps: int = 4
   # Software pipelining of the next chunks' loads in the walks. None: 3 with 16-bit storage; 1 with float32, whose
   # tiles would need more than the H100's 227 KB of shared memory for more stages.
   walk_stages: int | None = None
-  parallel_warps: int = 4
+  # 2 warps with inverse_block=16 below: on an H200 (2026-12-01, two calls, docs/benchmarks.md) forward 0.21 / 0.76
+  # ms against 0.22 / 0.85 with 4 warps and the whole-tile inverse, forward+backward 0.86-0.87 / 3.28-3.30 against
+  # 0.90 / 3.39, at 1 x 4k / 16k (1 x 64k and 8 x 4k not timed with it).
+  parallel_warps: int = 2
   grad_warps: int = 4  # the output-gradient kernel
   wy_grad_warps: int = 4
   grad_block_k: int = 64  # key columns per program of the output-gradient kernel
@@ -84,7 +87,7 @@ class ChunkedLaunch:
   inverse_precision: str | None = None
   # gpu_inverse.py: None inverts the whole [C, C] tile by doubling (ten dependent C^3 products for C = 64); 16 or 32
   # builds A, P and T by [b, b] blocks (diagonal blocks by doubling, the rest by block forward substitution).
-  inverse_block: int | None = None
+  inverse_block: int | None = 16
   # gpu_backward.py: one kernel per (chunk, value head, row) for the backward's parallel part instead of the
   # output-gradient and WY-gradient kernels (grad_warps, grad_block_k and grad_block_v are then its launch; compiled
   # by Triton 3.9 for sm_90 it spilled ~0.2 KB at 4 warps with 64 x 64 blocks, 20 B with 32 x 32, nothing at 8 warps
