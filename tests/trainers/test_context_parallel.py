@@ -7,12 +7,14 @@ the length (40) is no multiple of chunk x shards (16 x 2). per_device_batch_size
 Both run in subprocesses: XLA_FLAGS must be set before jax is imported (the test session has 4 devices).
 """
 
+import concurrent.futures
 import os
 import re
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 XLA_FLAGS = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
@@ -109,22 +111,17 @@ def run_cases() -> None:
     print(f"OK context {context}", flush=True)
 
 
-def _subprocess(command: list[str], timeout: int) -> str:
+def _subprocess(command: list[str], timeout: int) -> tuple[bool, str]:
+  """(whether the command succeeded, its output, or what went wrong)."""
   env = {**os.environ, "XLA_FLAGS": XLA_FLAGS, "JAX_PLATFORMS": "cpu"}
   try:
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
   except subprocess.TimeoutExpired as e:
-    raise AssertionError(f"did not finish in {e.timeout} s (hung?); output so far:\n"
-                         f"{(e.stdout or b'').decode()[-3000:]}\n{(e.stderr or b'').decode()[-3000:]}") from None
-  print(result.stdout)
-  assert result.returncode == 0, result.stdout + result.stderr[-4000:]
-  return result.stdout
-
-
-def test_train_step_with_context_parallelism_matches_one_device():
-  out = _subprocess([sys.executable, "-c", "from tests.trainers.test_context_parallel import run_cases; run_cases()"],
-                    timeout=300)
-  assert out.count("OK context") == len(CONTEXTS), out
+    return False, (f"did not finish in {e.timeout} s (hung?); output so far:\n"
+                   f"{(e.stdout or b'').decode()[-3000:]}\n{(e.stderr or b'').decode()[-3000:]}")
+  if result.returncode:
+    return False, result.stdout + result.stderr[-4000:]
+  return True, result.stdout
 
 
 OP_CASES = [f"{op}:context{c}:reference" for op in ("gdn", "attention") for c in CONTEXTS] + [
@@ -132,10 +129,30 @@ OP_CASES = [f"{op}:context{c}:reference" for op in ("gdn", "attention") for c in
     "gdn:context2:tpu",  # the Pallas kernels (interpreted)
     "attention:data2_context2_tensor2:tpu",  # splash with its block mask split over the context axis
 ]
+COMMANDS = {
+    "train step": [sys.executable, "-c", "from tests.trainers.test_context_parallel import run_cases; run_cases()"],
+    "ops": [sys.executable, "-m", "tests.kernels.context_parallel_check", *OP_CASES],
+}
 
 
-def test_ops_with_context_parallelism_match_one_device():
-  out = _subprocess([sys.executable, "-m", "tests.kernels.context_parallel_check", *OP_CASES], timeout=300)
+@pytest.fixture(scope="module")
+def outputs() -> dict[str, tuple[bool, str]]:
+  """Both subprocesses at once: each keeps about one of the CPU's two cores busy."""
+  with concurrent.futures.ThreadPoolExecutor(len(COMMANDS)) as pool:
+    return dict(zip(COMMANDS, pool.map(lambda command: _subprocess(command, timeout=300), COMMANDS.values())))
+
+
+def test_train_step_with_context_parallelism_matches_one_device(outputs):
+  ok, out = outputs["train step"]
+  print(out)
+  assert ok, out
+  assert out.count("OK context") == len(CONTEXTS), out
+
+
+def test_ops_with_context_parallelism_match_one_device(outputs):
+  ok, out = outputs["ops"]
+  print(out)
+  assert ok, out
   for case in OP_CASES:
     op, name, impl = case.split(":")
     line = re.search(rf"^{op} {name} {impl}: all_gather=(\w+) loss_rel_err=(\S+) grad_rel_err=(\S+)$", out, re.M)
