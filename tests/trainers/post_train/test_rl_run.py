@@ -3,8 +3,10 @@ everywhere: the first update's ratio is exactly 1; with rl_replay_logprobs the t
 engine's bit for bit, with plain and with MTP-speculative sampled rollouts, and without it the packed forward's
 match them to float32 rounding); in bf16 the mismatch is small and reported."""
 
+import concurrent.futures
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -60,10 +62,33 @@ def run_cli(task, output, cache_dir, **overrides) -> subprocess.CompletedProcess
   return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
+# The module's CLI runs, by name, in the order they start: the two learning runs and the speculative-sampling run
+# (3 steps). The speculative run (an MTP model) shares no program with the others, so it runs beside GRPO while
+# GSPO waits and then finds GRPO's rollout programs in the persistent cache.
+CLI_RUNS = {
+    "grpo": {**RECIPES["grpo"], "rl_replay_logprobs": str(REPLAY["grpo"]).lower()},
+    "speculative": {**RECIPES["grpo"], "mtp_num_layers": 1, "mtp_speculative_decoding": "true",
+                    "mtp_num_draft_tokens": 2, "rl_temperature": 1, "max_response_length": 4, "steps": 3,
+                    "rl_eval_files": "", "rl_replay_logprobs": "true"},
+    "gspo": {**RECIPES["gspo"], "rl_replay_logprobs": str(REPLAY["gspo"]).lower()},
+}
+
+
+@pytest.fixture(scope="module")
+def cli_runs(task, cache_dir, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+  """Every CLI_RUNS entry's result, two processes at a time (the CPU has two cores and each run keeps about one
+  busy)."""
+  def one(name):
+    return name, run_cli(task, tmp_path_factory.mktemp(name), cache_dir, **CLI_RUNS[name])
+
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    return dict(pool.map(one, CLI_RUNS))
+
+
 @pytest.mark.parametrize("algorithm", sorted(RECIPES))
-def test_tiny_model_learns_the_copy_task_through_the_cli(task, cache_dir, tmp_path, algorithm):
+def test_tiny_model_learns_the_copy_task_through_the_cli(cli_runs, algorithm):
   replay = REPLAY[algorithm]
-  result = run_cli(task, tmp_path, cache_dir, **RECIPES[algorithm], rl_replay_logprobs=str(replay).lower())
+  result = cli_runs[algorithm]
   assert result.returncode == 0, result.stderr[-3000:]
   rewards = {int(m.group(1)): float(m.group(2)) for m in map(_REWARD.match, result.stdout.splitlines()) if m}
   assert sorted(rewards) == list(range(1, 61)), result.stdout[-2000:]
@@ -96,12 +121,10 @@ def _assert_float32_consistent(stdout: str, replay: bool) -> None:
   assert max(m[0] for m in packed) < 3e-7 and max(m[1] for m in packed) < 1e-5, packed
 
 
-def test_speculative_sampled_rollouts_through_the_cli(task, cache_dir, tmp_path):
+def test_speculative_sampled_rollouts_through_the_cli(cli_runs):
   """mtp_speculative_decoding with rl_temperature=1: rollouts run speculative sampling with the MTP layer (the line
   reports the drafts' acceptance); replaying its rounds (the same compiled calls) gives their log-probs exactly."""
-  result = run_cli(task, tmp_path, cache_dir, **RECIPES["grpo"], mtp_num_layers=1, mtp_speculative_decoding="true",
-                   mtp_num_draft_tokens=2, rl_temperature=1, max_response_length=4, steps=3, rl_eval_files="",
-                   rl_replay_logprobs="true")
+  result = cli_runs["speculative"]
   assert result.returncode == 0, result.stderr[-3000:]
   lines = [line for line in result.stdout.splitlines() if line.startswith("rl step")]
   assert len(lines) == 3 and all("mtp drafts accepted" in line for line in lines), result.stdout[-2000:]
@@ -132,7 +155,10 @@ def test_bfloat16_two_updates_with_kl_mismatch_reported_and_a_killed_run_resumes
   # KL to the starting policy: 0 on the first update (the same parameters), > 0 on the second.
   assert first["kl"] > 0 and f"kl {first['kl']:.2e}" in line
 
-  rl_train(config("cut"), devices=ONE_DEVICE, stop_after=1)  # killed after step 1 (saved: checkpoint_period=1)
+  # A run killed after step 1 holds what the full run saved at step 1 (checkpoint_period=1, synchronous saves):
+  # that step alone, copied, is what the resumed run finds.
+  shutil.copytree(tmp_path / "full" / "checkpoints", tmp_path / "cut" / "checkpoints",
+                  ignore=shutil.ignore_patterns("2"))
   [resumed] = rl_train(config("cut"), devices=ONE_DEVICE)
   assert resumed["step"] == 2
   for key in ("reward_mean", "response_length", "policy_loss", "grad_norm", "mismatch_mean", "learning_rate"):
