@@ -31,6 +31,7 @@ COMMON = [
     "base_num_decoder_layers=4", "mtp_num_layers=0", "dtype=float32", "remat_policy=none", "enable_tensorboard=false",
     "checkpoint_period=2", "jax_distributed_initialization_timeout=60",
 ]
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 # The same mesh {data: 2, fsdp: 2} and the same two data shards, within one process or across two.
 LAYOUT = {1: ["ici_data_parallelism=2", "ici_fsdp_parallelism=2", "data_shards=2"], 2: ["dcn_data_parallelism=2"]}
 
@@ -76,10 +77,12 @@ def launch(num_processes: int, output, run_name: str, cache_dir, resume_from: tu
   """Train `run_name` under `output` with `num_processes` processes of DEVICES / num_processes devices each
   (starting from run `resume_from[0]`'s step `resume_from[1]` alone); returns each process's record
   (multihost_worker.py), in process order."""
-  # Compiled programs are cached across runs (process 0 writes the entries, every process reads them).
+  # Compiled programs are cached across runs (process 0 writes the entries, every process reads them). Every run
+  # compiles with XLA's cheap CPU backend settings: the comparisons are between runs built alike, and these tiny
+  # programs spend far longer compiling than running.
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES // num_processes}"}
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES // num_processes} {FAST_COMPILE}"}
   for attempt in range(2):
     shutil.rmtree(output / run_name, ignore_errors=True)
     if resume_from:
