@@ -66,7 +66,7 @@ def trace_train_step(training, state, batch, log_dir: str, repeats: int = 3) -> 
   """Markdown: the step's device time by kernel group, then the top kernels (ms per step, profiler device time)."""
   import jax
 
-  from trace_summary import kernel_totals, summarize
+  from trace_summary import kernel_totals, profile
 
   holder = {"state": state}
 
@@ -74,14 +74,12 @@ def trace_train_step(training, state, batch, log_dir: str, repeats: int = 3) -> 
     holder["state"], metrics = training.train_step(holder["state"], batch)
     jax.block_until_ready(metrics["loss"])
 
-  with jax.profiler.trace(log_dir):
-    for _ in range(repeats):
-      step()
+  top_kernels = profile(step, log_dir, top=40, repeats=repeats)
   groups = kernel_groups(kernel_totals(log_dir, repeats))
   whole = sum(ms for _, ms in groups) or 1.0
   rows = ["| kernel group | ms per step | share |", "|---|---|---|"]
   rows += [f"| {group} | {ms:.2f} | {ms / whole:.1%} |" for group, ms in groups]
-  return "\n".join(rows) + "\n\n" + summarize(log_dir, top=40, repeats=repeats)
+  return "\n".join(rows) + "\n\n" + top_kernels
 
 
 def time_train_steps(config, mesh, length: int, warmup: int, steps: int):

@@ -91,6 +91,10 @@ def test_the_sort_free_draw_picks_what_the_sorted_draw_picks():
   with_a_filtering_mate = rows[:5] + [SamplingParams(temperature=2.0, seed=5, presence_penalty=0.5, top_k=3)]
   np.testing.assert_array_equal(np.asarray(draws(with_a_filtering_mate, True))[:, :5], sort_free[:, :5])
   assert len(set(sort_free[:, 0].tolist())) > 20  # really sampled, not one token
+  # Which requests make a batch sort: sampled ones with a filter (a greedy one's filter never applies).
+  assert [p.filtered for p in (SamplingParams(temperature=1.0, top_k=3), SamplingParams(temperature=1.0, top_p=0.9),
+                               SamplingParams(temperature=1.0, min_p=0.1), SamplingParams(top_k=3),
+                               SamplingParams(temperature=1.0))] == [True, True, True, False, False]
 
 
 def test_token_logprobs_are_the_unmodified_log_softmax():

@@ -160,7 +160,7 @@ class Engine:
     num_top = MAX_LOGPROBS if any(p.logprobs for p in params) else 0
     greedy_only = all(p.greedy for p in params)
     # Without top-k / top-p / min-p, sampling (plain or speculative) needs no sort of the vocabulary.
-    filtered = any(p.top_k or p.top_p < 1 or p.min_p > 0 for p in params if not p.greedy)
+    filtered = any(p.filtered for p in params)
     steps = self._steps_for(num_top, self._num_draft if speculative else 0, greedy_only, filtered)
     chunk = self.config.long_prefill_chunk_size
     tokens, lengths = self._padded(prompts, max(_MIN_BUCKET, self.config.max_prefill_predict_length), chunk)

@@ -46,6 +46,11 @@ class SamplingParams:
   def greedy(self) -> bool:
     return self.temperature == 0
 
+  @property
+  def filtered(self) -> bool:
+    """A sampled request that drops tokens by top-k, top-p or min-p: only its batches sort the vocabulary."""
+    return not self.greedy and bool(self.top_k or self.top_p < 1 or self.min_p > 0)
+
 
 _INT32_MAX = 2**31 - 1
 

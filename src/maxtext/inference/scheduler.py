@@ -139,7 +139,7 @@ class Scheduler:
       draws[row] = request.generated
     num_top = MAX_LOGPROBS if any(r.params.logprobs for _, r in active) else 0
     greedy_only = all(r.params.greedy for _, r in active)
-    filtered = any(p.top_k or p.top_p < 1 or p.min_p > 0 for p in (r.params for _, r in active) if not p.greedy)
+    filtered = any(r.params.filtered for _, r in active)
     if self._sampling is None:
       self._sampling = BatchSampling.of([r.params if r else SamplingParams() for r in self._slots], self.rows)
     with sharding.activate(self.engine.mesh):
