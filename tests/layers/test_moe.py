@@ -165,3 +165,36 @@ def test_config_keys_reach_the_layer_spec_and_capacity_needs_the_dense_path():
     load_config(overrides={"capacity_factor": 1.0})
   with pytest.raises(ConfigError, match="grouped_matmul_kernel"):
     load_config(overrides={"grouped_matmul_kernel": "cuda"})
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_weighted_combine_gradients_equal_autodiff_and_float64(dtype):
+  """The combine's hand-written backward (kept to save a bf16 rather than float32 residual) is autodiff's
+  arithmetic: equal to autodiff of the plain formula bit for bit, and to float64 numpy up to the dtype's rounding."""
+  from maxtext.layers.moe import _combine  # noqa: PLC0415 - the private piece under test
+
+  n, k, d = 6, 3, 16
+  keys = jax.random.split(jax.random.key(7), 3)
+  slot_out = jax.random.normal(keys[0], (n * k, d)).astype(dtype)
+  top_probs = jax.nn.softmax(jax.random.normal(keys[1], (n, k)), axis=-1)
+  d_out = jax.random.normal(keys[2], (n, d)).astype(dtype)
+
+  def plain(x, p):
+    weighted = x.reshape(n, k, -1).astype(jnp.float32) * p[..., None].astype(jnp.float32)
+    return jnp.sum(weighted, axis=1).astype(x.dtype)
+
+  ours, ours_vjp = jax.vjp(_combine, slot_out, top_probs)
+  theirs, theirs_vjp = jax.vjp(plain, slot_out, top_probs)
+  np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(theirs, np.float32))
+  for got, want in zip(ours_vjp(d_out), theirs_vjp(d_out)):
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+  x64 = np.asarray(slot_out, np.float64).reshape(n, k, d)
+  p64, g64 = np.asarray(top_probs, np.float64), np.asarray(d_out, np.float64)
+  d_slot, d_probs = ours_vjp(d_out)
+  tol = 1e-6 if dtype == jnp.float32 else 1e-2
+  np.testing.assert_allclose(np.asarray(ours, np.float64), np.einsum("nkd,nk->nd", x64, p64), rtol=tol, atol=tol)
+  np.testing.assert_allclose(np.asarray(d_slot, np.float64).reshape(n, k, d), g64[:, None, :] * p64[..., None],
+                             rtol=tol, atol=tol)
+  np.testing.assert_allclose(np.asarray(d_probs, np.float64), np.einsum("nd,nkd->nk", g64, x64), rtol=1e-5,
+                             atol=1e-5)
