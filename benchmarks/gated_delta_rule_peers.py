@@ -59,6 +59,16 @@ def launches() -> dict:
           # (key and value columns per step; k >= Dk: one pass), grad_stages (pipelined block loops). Spills per
           # thread as compiled by Triton 3.9 for sm_90 (gpu_backward.py), in order from fusedbwd_w2: ~0.2 KB, 16 B,
           # 72 B, none, 32 B (with 114 KB shared memory), ~0.6 KB
+          # Walks with 16 value columns per program: twice the programs (256 for B=1, Hv=32 on 132 SMs), each
+          # with a [Dk, 16] state; output-gradient kernel over the whole key dim (no repeated loads of do, v_new,
+          # dv_new per key block) or with 32-column value steps; more warps for the WY gradient.
+          "bv16": ChunkedLaunch(block_v=16),
+          "bv16_w2": ChunkedLaunch(block_v=16, walk_warps=2),
+          "bv16_s2": ChunkedLaunch(block_v=16, walk_stages=2),
+          "gk128_w8": ChunkedLaunch(grad_block_k=128, grad_warps=8, grad_block_v=32),
+          "gk128_w8_v64": ChunkedLaunch(grad_block_k=128, grad_warps=8),
+          "gv32": ChunkedLaunch(grad_block_v=32),
+          "wyg8": ChunkedLaunch(wy_grad_warps=8),
           "fusedbwd": ChunkedLaunch(fused_backward=True),
           "fusedbwd_w2": ChunkedLaunch(fused_backward=True, **w2),
           "fusedbwd_w2_b32": ChunkedLaunch(fused_backward=True, **w2, grad_block_k=32, grad_block_v=32),

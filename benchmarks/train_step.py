@@ -75,7 +75,11 @@ def trace_train_step(training, state, batch, log_dir: str, repeats: int = 3) -> 
     jax.block_until_ready(metrics["loss"])
 
   top_kernels = profile(step, log_dir, top=40, repeats=repeats)
-  groups = kernel_groups(kernel_totals(log_dir, repeats))
+  totals = kernel_totals(log_dir, repeats)
+  if os.environ.get("OUT"):  # every kernel's ms per step, for attributing XLA's fusions offline
+    with open(os.path.join(os.environ["OUT"], f"kernels_{os.getpid()}.json"), "w", encoding="utf-8") as f:
+      json.dump(dict(sorted(totals.items(), key=lambda item: -item[1])), f, indent=0)
+  groups = kernel_groups(totals)
   whole = sum(ms for _, ms in groups) or 1.0
   rows = ["| kernel group | ms per step | share |", "|---|---|---|"]
   rows += [f"| {group} | {ms:.2f} | {ms / whole:.1%} |" for group, ms in groups]
