@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from maxtext import sharding
-from maxtext.kernels.gated_delta_rule import chunk_gated_delta_rule, context_parallel, recurrent_gated_delta_rule
+from maxtext.kernels.causal_conv import causal_conv
+from maxtext.kernels.gated_delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
 from maxtext.layers.decode_cache import DecodeContext, GdnCache, read_rows
 from maxtext.layers.linear import DEFAULT_INIT_STDDEV, Linear, partitioned
 from maxtext.layers.norms import GatedRMSNorm
@@ -17,18 +17,10 @@ from maxtext.layers.specs import GatedDeltaNetSpec, Numerics
 def causal_depthwise_conv(x: jax.Array, kernel: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
   """x [B, T, C], kernel [K, C] -> [B, T, C]: y_t = sum_i kernel[i] * x_{t - K + 1 + i}, zeros before t = 0.
 
-  With segment_ids [B, T], inputs from another segment (an earlier packed document) count as zeros too.
+  With segment_ids [B, T], inputs from another segment (an earlier packed document) count as zeros too. The plain
+  jnp form (the decode step's few tokens); training and prefill take the fused conv + SiLU of `causal_conv`.
   """
-  if sharding.context_shards() > 1:  # the sequence is split over devices: each takes its halo from the previous
-    return context_parallel.causal_conv(causal_depthwise_conv, x, kernel, segment_ids)
-  width = kernel.shape[0]
-  padded = jnp.pad(x, ((0, 0), (width - 1, 0), (0, 0)))
-  length = x.shape[1]
-  if segment_ids is None:
-    return sum(padded[:, i : i + length] * kernel[i] for i in range(width))
-  padded_ids = jnp.pad(segment_ids, ((0, 0), (width - 1, 0)), constant_values=-1)
-  same = lambda i: (padded_ids[:, i : i + length] == segment_ids)[..., None].astype(x.dtype)
-  return sum(padded[:, i : i + length] * same(i) * kernel[i] for i in range(width))
+  return causal_conv(x, kernel, segment_ids, activation=None, impl="reference")
 
 
 def _a_log_init(key, shape, dtype):
@@ -91,15 +83,15 @@ class GatedDeltaNet(nn.Module):
     # The conv's channels, as HF orders them: q | k | v, each flattened over its heads.
     mixed = jnp.concatenate([t.reshape(batch, length, -1) for t in (q, k, v)], axis=-1)  # [B, T, C]
     conv_cache = None
-    if decode is None:
-      convolved = causal_depthwise_conv(mixed, conv_kernel, segment_ids)
+    if decode is None:  # the fused conv + SiLU (a Pallas kernel on a GPU)
+      convolved = causal_conv(mixed, conv_kernel, segment_ids, activation="silu")
     elif decode.is_prefill:
-      convolved = causal_depthwise_conv(mixed, conv_kernel)
+      convolved = causal_conv(mixed, conv_kernel, activation="silu")
       conv_cache = _last_inputs(mixed, jnp.sum(decode.valid, axis=-1), spec.conv_kernel - 1)
     else:
       convolved, conv_cache = _conv_step(mixed, cache.conv, conv_kernel, decode.keep_all_states,
                                          jnp.sum(decode.valid, axis=-1))
-    convolved = jax.nn.silu(convolved)
+      convolved = jax.nn.silu(convolved)
     q, k, v = jnp.split(convolved, [spec.key_dim, 2 * spec.key_dim], axis=-1)
     q = q.reshape(batch, length, spec.num_key_heads, dk)
     k = k.reshape(batch, length, spec.num_key_heads, dk)
