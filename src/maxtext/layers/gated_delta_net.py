@@ -23,6 +23,12 @@ def causal_depthwise_conv(x: jax.Array, kernel: jax.Array, segment_ids: jax.Arra
   return causal_conv(x, kernel, segment_ids, activation=None, impl="reference")
 
 
+def _conv_impl(gdn_impl: str) -> str:
+  """The conv's implementation for the layer's gdn_kernel: the GPU conv kernel only when the GPU kernels are asked
+  for by name ('auto' does not take it yet: kernels/causal_conv/dispatch.py), the reference for 'reference'."""
+  return gdn_impl if gdn_impl in ("gpu", "reference") else "auto"
+
+
 def _a_log_init(key, shape, dtype):
   # A ~ U(0.01, 16), stored as log A (as HF initialises it).
   return jnp.log(jax.random.uniform(key, shape, jnp.float32, 0.01, 16.0)).astype(dtype)
@@ -84,9 +90,9 @@ class GatedDeltaNet(nn.Module):
     mixed = jnp.concatenate([t.reshape(batch, length, -1) for t in (q, k, v)], axis=-1)  # [B, T, C]
     conv_cache = None
     if decode is None:  # the fused conv + SiLU (a Pallas kernel on a GPU)
-      convolved = causal_conv(mixed, conv_kernel, segment_ids, activation="silu")
+      convolved = causal_conv(mixed, conv_kernel, segment_ids, activation="silu", impl=_conv_impl(spec.impl))
     elif decode.is_prefill:
-      convolved = causal_conv(mixed, conv_kernel, activation="silu")
+      convolved = causal_conv(mixed, conv_kernel, activation="silu", impl=_conv_impl(spec.impl))
       conv_cache = _last_inputs(mixed, jnp.sum(decode.valid, axis=-1), spec.conv_kernel - 1)
     else:
       convolved, conv_cache = _conv_step(mixed, cache.conv, conv_kernel, decode.keep_all_states,
