@@ -69,6 +69,9 @@ def launches() -> dict:
           "gk128_w8_v64": ChunkedLaunch(grad_block_k=128, grad_warps=8),
           "gv32": ChunkedLaunch(grad_block_v=32),
           "wyg8": ChunkedLaunch(wy_grad_warps=8),
+          # the prep by key head: k k^T and q k^T once for the key head's value heads; 2 or 4 warps
+          "prep_kh": ChunkedLaunch(prep_per_key_head=True),
+          "prep_kh_w4": ChunkedLaunch(prep_per_key_head=True, parallel_warps=4),
           "fusedbwd": ChunkedLaunch(fused_backward=True),
           "fusedbwd_w2": ChunkedLaunch(fused_backward=True, **w2),
           "fusedbwd_w2_b32": ChunkedLaunch(fused_backward=True, **w2, grad_block_k=32, grad_block_v=32),

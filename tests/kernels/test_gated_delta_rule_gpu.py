@@ -26,7 +26,8 @@ SMALL_TILES = ChunkedLaunch(block_v=16, grad_block_k=16, grad_block_v=16)  # sev
 # gpu_fused.py's forward or not, the whole-tile WY inverse or the blocked one (gpu_inverse.py, the default)
 FUSED = dict(split=dict(fused_forward=False, inverse_block=None), fused=dict(fused_forward=True, inverse_block=None),
              blocked16=dict(fused_forward=True, inverse_block=16),
-             fusedbwd=dict(fused_forward=True, inverse_block=16, fused_backward=True))  # gpu_backward.py's kernel
+             fusedbwd=dict(fused_forward=True, inverse_block=16, fused_backward=True),  # gpu_backward.py's kernel
+             prep_kh=dict(fused_forward=True, inverse_block=16, prep_per_key_head=True))  # prep by key head
 
 
 def documents(lengths, batch=1):
@@ -96,6 +97,22 @@ def test_fused_backward_bf16_groups():
   head, Dk != Dv, a ragged tail, no initial state; one key block (grad_block_k >= Dk: its single-pass path)."""
   check((2, 70, 2, 4, 32, 16), 16, jnp.bfloat16, "bf16", with_state=False,
         launch=ChunkedLaunch(inverse_block=16, fused_backward=True))
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+def test_prep_per_key_head_groups(packed):
+  """The prep by key head (k k^T and q k^T once for both value heads of each key head): B = 2, two key heads of
+  two value heads, blocks of 16 in chunks of 32, a ragged tail, an initial state; values and every gradient."""
+  segment_ids = documents([30, 3, 17, 20], batch=2) if packed else None
+  check((2, 70, 2, 4, 32, 16), 32, jnp.float32, "ieee", segment_ids=segment_ids,
+        launch=ChunkedLaunch(inverse_block=16, prep_per_key_head=True))
+
+
+def test_prep_per_key_head_needs_the_blocked_inverse():
+  q, k, v, g, beta, _ = random_inputs(0, 1, 32, 1, 2, 16, 16, jnp.float32, False)
+  with pytest.raises(ValueError, match="prep_per_key_head needs inverse_block"):
+    chunk_gated_delta_rule_gpu(q, k, v, g, beta, None, chunk_size=16, interpret=True,
+                               launch=ChunkedLaunch(inverse_block=None, prep_per_key_head=True))
 
 
 @pytest.mark.parametrize("reads_w", [False, True], ids=["kh", "w"])

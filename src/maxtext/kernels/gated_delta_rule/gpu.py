@@ -88,6 +88,10 @@ class ChunkedLaunch:
   # gpu_inverse.py: None inverts the whole [C, C] tile by doubling (ten dependent C^3 products for C = 64); 16 or 32
   # builds A, P and T by [b, b] blocks (diagonal blocks by doubling, the rest by block forward substitution).
   inverse_block: int | None = 16
+  # The fused forward's prep by (chunk, key head, row): k k^T and q k^T once per key head, for its value heads
+  # (needs inverse_block). Checked in interpret mode; not timed on a GPU yet (variant 'prep_kh' of the peers
+  # benchmark).
+  prep_per_key_head: bool = False
   # gpu_backward.py: one kernel per (chunk, value head, row) for the backward's parallel part instead of the
   # output-gradient and WY-gradient kernels (grad_warps, grad_block_k and grad_block_v are then its launch; compiled
   # by Triton 3.9 for sm_90 it spilled ~0.2 KB at 4 warps with 64 x 64 blocks, 20 B with 32 x 32, nothing at 8 warps
@@ -137,6 +141,8 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
     block = None if launch.inverse_block is None else min(launch.inverse_block, chunk)
     if block is not None:
       check_dims(inverse_block=block)
+    elif launch.prep_per_key_head:
+      raise ValueError("gated delta rule GPU kernels: prep_per_key_head needs inverse_block (16 or 32)")
     inv = dict(inv_mm=functools.partial(dot, precision=inverse, interpret=interpret), inverse_block=block)
     common = dict(chunk=chunk, groups=value_heads // key_heads, mm=mm)
     dims = (batch, length, value_heads, key_dim, value_dim, length // chunk)
@@ -162,10 +168,11 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
     if launch.fused_forward:
       chunk_matrix = struct(batch, heads, num_chunks, chunk, chunk)
       with_w = save or launch.fused_walk_reads_w
-      t, p, *w = call(gpu_fused.prep_kernel, "gdr_prep_fwd", parallel,
+      prep_grid = (num_chunks, q.shape[2], batch) if launch.prep_per_key_head else parallel
+      t, p, *w = call(gpu_fused.prep_kernel, "gdr_prep_fwd", prep_grid,
                       (chunk_matrix, chunk_matrix, *[struct(batch, length, heads, key_dim)] * with_w),
-                      parallel_params, (q, k, gc, beta), segments, scale=scale, with_w=with_w, **inv,
-                      **common)
+                      parallel_params, (q, k, gc, beta), segments, scale=scale, with_w=with_w,
+                      per_key_head=launch.prep_per_key_head, **inv, **common)
       walk_w = w[:1] if launch.fused_walk_reads_w else []
       saved = (struct(batch, heads, num_chunks, key_dim, value_dim), struct(batch, length, heads, value_dim))
       o, final, *history = call(

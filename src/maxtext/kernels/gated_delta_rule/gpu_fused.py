@@ -14,26 +14,38 @@ from __future__ import annotations
 import jax
 from jax.experimental import pallas as pl
 
-from maxtext.kernels.gated_delta_rule.gpu_inverse import blocked_chunk
+from maxtext.kernels.gated_delta_rule.gpu_inverse import gated_chunk, key_head_products
 from maxtext.kernels.gated_delta_rule.gpu_kernels import _f32, _gates, _split_refs, chunk_inverse
 
 
 def prep_kernel(*refs, chunk: int, groups: int, scale: float, segmented: bool, with_w: bool, mm, inv_mm,
-                inverse_block: int | None = None):
-  """One (chunk, value head, row): T, P and (with_w) w; inverse_block: T and P by blocks (gpu_inverse.py)."""
+                inverse_block: int | None = None, per_key_head: bool = False):
+  """One (chunk, value head, row): T, P and (with_w) w; inverse_block: T and P by blocks (gpu_inverse.py).
+
+  per_key_head (with inverse_block): one program per (chunk, key head, row) forms the gate-free k k^T and q k^T
+  blocks once and serves the key head's `groups` value heads from them, instead of each value head forming them.
+  """
   (q_ref, k_ref, gc_ref, beta_ref), seg_refs, outs = _split_refs(refs, 4, segmented)
   t_ref, p_ref = outs[:2]
   n, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   if inverse_block is not None:
-    c = blocked_chunk(q_ref, k_ref, gc_ref, beta_ref, seg_refs, chunk=chunk, groups=groups, block=inverse_block,
-                      mm=mm, inv_mm=inv_mm, scale=scale)
-    c.store(t_ref, (b, h, n), c.t)
-    c.store(p_ref, (b, h, n), c.p)
-    if with_w:
-      w = c.apply([(beta * fs)[:, None] * _f32(k) for beta, fs, k in zip(c.beta, c.from_start, c.k)], mm)
-      for span, w_i in zip(c.tokens, w):
-        outs[2][b, span, h, :] = w_i.astype(outs[2].dtype)
+    if per_key_head:
+      products = key_head_products(q_ref, k_ref, b, h, n, chunk=chunk, block=inverse_block, mm=mm)
+      heads = [h * groups + g for g in range(groups)]
+    else:
+      products = key_head_products(q_ref, k_ref, b, h // groups, n, chunk=chunk, block=inverse_block, mm=mm)
+      heads = [h]
+    for head in heads:
+      c = gated_chunk(products, gc_ref, beta_ref, seg_refs, b, head, inv_mm=inv_mm, scale=scale)
+      c.store(t_ref, (b, head, n), c.t)
+      c.store(p_ref, (b, head, n), c.p)
+      if with_w:
+        w = c.apply([(beta * fs)[:, None] * _f32(k) for beta, fs, k in zip(c.beta, c.from_start, c.k)], mm)
+        for span, w_i in zip(c.tokens, w):
+          outs[2][b, span, head, :] = w_i.astype(outs[2].dtype)
     return
+  if per_key_head:
+    raise ValueError("gated delta rule GPU kernels: per_key_head prep needs inverse_block")
   tokens = pl.ds(n * chunk, chunk)
   k, beta, gates, t = chunk_inverse(k_ref, gc_ref, beta_ref, seg_refs, chunk=chunk, groups=groups, mm=mm,
                                     inv_mm=inv_mm)

@@ -16,8 +16,9 @@ differs: with operands rounded to TF32 or bf16 (emulated on a CPU, 2026-12-01) t
 float64 agree to three digits, and end to end the bf16-rounded inverse's worst gradient error was 4.5e-3 blocked16
 vs 5.3e-3 whole-tile (blocked32 is the whole-tile doubling's last step, so equal). Not used: the gate-free form
 (I + A) = D (I + A0) D^-1, D = diag(exp(gc)): it inverts the same [C, C] system (no fewer products) and exp(-gc)
-leaves float32 once a chunk's log decays sum below -88. Speed on a GPU: not measured yet (peers benchmark variants
-blocked16, blocked32, blocked16_ieee, blocked16_w2).
+leaves float32 once a chunk's log decays sum below -88. Speed on an H200 (docs/benchmarks.md): blocked16 with 2-warp
+programs is the default. The gate-free products k k^T and q k^T are formed per key head (`key_head_products`) and
+gated per value head (`gated_chunk`), so one program can serve all of a key head's value heads.
 """
 
 from __future__ import annotations
@@ -76,29 +77,47 @@ class BlockedChunk(NamedTuple):
         ref[(*index, pl.ds(i * size, size), pl.ds(j * size, size))] = value.astype(ref.dtype)
 
 
-def blocked_chunk(q_ref, k_ref, gc_ref, beta_ref, seg_refs, *, chunk: int, groups: int, block: int, mm, inv_mm,
-                  scale: float | None = None) -> BlockedChunk:
-  """This program's (chunk n, value head h, row b) with T by blocks (module docstring); P too when q_ref is given.
+class KeyHeadProducts(NamedTuple):
+  """A chunk's gate-free products of one key head by row blocks, shared by the key head's value heads."""
+
+  tokens: list  # pl.ds of each row block's tokens
+  k: list  # [b, Dk] keys, as stored
+  kk: list  # kk[i][j], j <= i: k_i k_j^T [b, b] float32
+  qk: list | None  # qk[i][j], j <= i: q_i k_j^T, when q_ref is given
+
+
+def key_head_products(q_ref, k_ref, b, hk, n, *, chunk: int, block: int, mm) -> KeyHeadProducts:
+  """Row b's chunk n of key head hk: its keys and the lower blocks of k k^T (and q k^T), no gates."""
+  count = chunk // block
+  tokens = [pl.ds(n * chunk + i * block, block) for i in range(count)]
+  k = [k_ref[b, span, hk, :] for span in tokens]
+  kk = [[mm(k[i], k[j], trans_b=True) for j in range(i + 1)] for i in range(count)]
+  qk = None
+  if q_ref is not None:
+    q = [q_ref[b, span, hk, :] for span in tokens]
+    qk = [[mm(q[i], k[j], trans_b=True) for j in range(i + 1)] for i in range(count)]
+  return KeyHeadProducts(tokens, k, kk, qk)
+
+
+def gated_chunk(products: KeyHeadProducts, gc_ref, beta_ref, seg_refs, b, h, *, inv_mm,
+                scale: float | None = None) -> BlockedChunk:
+  """Value head h's BlockedChunk from its key head's products: pair decays, betas, A, P and the inverse T.
 
   Pair decays per block pair as gpu_kernels._gates forms them for the whole chunk: exp(gc_i - gc_j) on causal
   same-segment pairs, masked before exp.
   """
-  n, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  hk = h // groups
-  count = chunk // block
-  tokens = [pl.ds(n * chunk + i * block, block) for i in range(count)]
-  k = [k_ref[b, span, hk, :] for span in tokens]
+  tokens = products.tokens
+  count = len(tokens)
   gc = [gc_ref[b, h, span] for span in tokens]
   beta = [beta_ref[b, h, span] for span in tokens]
   from_start = [jnp.exp(x) for x in gc]
   if seg_refs is not None:
     seg = [seg_refs.ids[b, span] for span in tokens]
     from_start = [fs * seg_refs.carried[b, span] for fs, span in zip(from_start, tokens)]
-  rows, cols = iotas(block)
+  rows, cols = iotas(products.k[0].shape[0])
   a = [[None] * count for _ in range(count)]
-  p = [[None] * count for _ in range(count)] if q_ref is not None else None
+  p = [[None] * count for _ in range(count)] if products.qk is not None else None
   for i in range(count):
-    q_i = None if p is None else q_ref[b, tokens[i], hk, :]
     for j in range(i + 1):
       mask = (rows >= cols) if i == j else None
       if seg_refs is not None:
@@ -106,11 +125,18 @@ def blocked_chunk(q_ref, k_ref, gc_ref, beta_ref, seg_refs, *, chunk: int, group
         mask = same if mask is None else mask & same
       log_gamma = gc[i][:, None] - gc[j][None, :]
       gamma = jnp.exp(log_gamma if mask is None else jnp.where(mask, log_gamma, -jnp.inf))
-      a[i][j] = beta[i][:, None] * mm(k[i], k[j], trans_b=True) * gamma  # diagonal blocks: only below is read
+      a[i][j] = beta[i][:, None] * products.kk[i][j] * gamma  # diagonal blocks: only below is read
       if p is not None:
-        p[i][j] = mm(q_i, k[j], trans_b=True) * (scale * gamma)
+        p[i][j] = products.qk[i][j] * (scale * gamma)
+  return BlockedChunk(tokens, products.k, beta, from_start, block_lower_inverse(a, inv_mm), p)
 
-  return BlockedChunk(tokens, k, beta, from_start, block_lower_inverse(a, inv_mm), p)
+
+def blocked_chunk(q_ref, k_ref, gc_ref, beta_ref, seg_refs, *, chunk: int, groups: int, block: int, mm, inv_mm,
+                  scale: float | None = None) -> BlockedChunk:
+  """This program's (chunk n, value head h, row b) with T by blocks (module docstring); P too when q_ref is given."""
+  n, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  products = key_head_products(q_ref, k_ref, b, h // groups, n, chunk=chunk, block=block, mm=mm)
+  return gated_chunk(products, gc_ref, beta_ref, seg_refs, b, h, inv_mm=inv_mm, scale=scale)
 
 
 def block_lower_inverse(a: list, mm) -> list:
