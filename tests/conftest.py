@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import os
 
-# Four host devices so sharding tests can build a real mesh; must be set before jax is imported. On the CPU, XLA's
-# cheap backend settings too: the tiny test programs spend far more time compiling than running (three compile-heavy
-# tests: 153 s -> 88 s on the 2-core CI machine); the flags reach the CLI subprocesses through the environment.
-# Device runs (JAX_PLATFORMS=cuda) keep XLA's defaults.
-_PLATFORMS = os.environ.setdefault("JAX_PLATFORMS", "cpu")
-_CHEAP_CPU_COMPILE = " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4"
-                      + (_CHEAP_CPU_COMPILE if _PLATFORMS == "cpu" else ""))
+# Four host devices so sharding tests can build a real mesh; must be set before jax is imported.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import dataclasses  # noqa: E402
