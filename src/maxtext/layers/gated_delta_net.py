@@ -14,15 +14,6 @@ from maxtext.layers.norms import GatedRMSNorm
 from maxtext.layers.specs import GatedDeltaNetSpec, Numerics
 
 
-def causal_depthwise_conv(x: jax.Array, kernel: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
-  """x [B, T, C], kernel [K, C] -> [B, T, C]: y_t = sum_i kernel[i] * x_{t - K + 1 + i}, zeros before t = 0.
-
-  With segment_ids [B, T], inputs from another segment (an earlier packed document) count as zeros too. The plain
-  jnp form (the decode step's few tokens); training and prefill take the fused conv + SiLU of `causal_conv`.
-  """
-  return causal_conv(x, kernel, segment_ids, activation=None, impl="reference")
-
-
 def _conv_impl(gdn_impl: str) -> str:
   """The conv's implementation for the layer's gdn_kernel: the GPU conv kernel only when the GPU kernels are asked
   for by name ('auto' does not take it yet: kernels/causal_conv/dispatch.py), the reference for 'reference'."""
@@ -97,7 +88,6 @@ class GatedDeltaNet(nn.Module):
     else:
       convolved, conv_cache = _conv_step(mixed, cache.conv, conv_kernel, decode.keep_all_states,
                                          jnp.sum(decode.valid, axis=-1))
-      convolved = jax.nn.silu(convolved)
     q, k, v = jnp.split(convolved, [spec.key_dim, 2 * spec.key_dim], axis=-1)
     q = q.reshape(batch, length, spec.num_key_heads, dk)
     k = k.reshape(batch, length, spec.num_key_heads, dk)
@@ -143,7 +133,8 @@ def _last_inputs(x: jax.Array, lengths: jax.Array, count: int) -> jax.Array:
 
 def _conv_step(x: jax.Array, previous: jax.Array, kernel: jax.Array, keep_all: bool,
                counts: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """The conv of T new inputs x [B, T, C] after the K - 1 previous ones [B, K - 1, C].
+  """The conv + SiLU of T new inputs x [B, T, C] after the K - 1 previous ones [B, K - 1, C] (the reference conv:
+  a step's few tokens).
 
   Returns (outputs [B, T, C], the last K - 1 inputs [B, K - 1, C], or after each token [B, T, K - 1, C]).
   counts [B]: row b's first counts[b] inputs are real (a chunked prefill's last chunk is right-padded); the kept
@@ -151,7 +142,7 @@ def _conv_step(x: jax.Array, previous: jax.Array, kernel: jax.Array, keep_all: b
   """
   window = previous.shape[1]
   full = jnp.concatenate([previous.astype(x.dtype), x], axis=1)  # [B, K - 1 + T, C]
-  out = causal_depthwise_conv(full, kernel)[:, window:]
+  out = causal_conv(full, kernel, activation="silu", impl="reference")[:, window:]
   length = x.shape[1]
   if keep_all:
     return out, jnp.stack([full[:, t + 1 : t + 1 + window] for t in range(length)], axis=1)

@@ -25,10 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-try:  # where jax 0.10.x and 0.11.x keep the Triton compiler parameters
-  from jax.experimental.pallas.triton import CompilerParams as _TritonParams
-except ImportError:  # older jax named them TritonCompilerParams, in pallas.gpu
-  from jax.experimental.pallas.gpu import TritonCompilerParams as _TritonParams
+from maxtext.kernels.triton_compat import TritonParams as _TritonParams
 
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 SHARED_MEMORY_BYTES = 227 * 1024  # an H100/H200 block's opt-in maximum

@@ -24,12 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-try:  # where jax 0.10.x and 0.11.x keep the Triton load/store and compiler parameters
-  from jax.experimental.pallas import triton as plt
-  from jax.experimental.pallas.triton import CompilerParams as _TritonParams
-except ImportError:  # older jax
-  from jax.experimental.pallas import gpu as plt
-  from jax.experimental.pallas.gpu import TritonCompilerParams as _TritonParams
+from maxtext.kernels.triton_compat import TritonParams as _TritonParams
+from maxtext.kernels.triton_compat import plt
 
 MAX_WIDTH = 8  # taps are unrolled; the backward holds up to 2K - 1 shifted tiles live
 

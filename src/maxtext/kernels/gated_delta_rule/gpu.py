@@ -56,7 +56,8 @@ from maxtext.kernels.gated_delta_rule.gpu_kernels import (
     wy_grad_kernel,
     wy_kernel,
 )
-from maxtext.kernels.gated_delta_rule.gpu_precision import TritonParams, check_dims, dot, matmul_mode
+from maxtext.kernels.gated_delta_rule.gpu_precision import check_dims, dot, matmul_mode
+from maxtext.kernels.triton_compat import TritonParams
 from maxtext.kernels.gated_delta_rule.reference import _initial_state
 
 

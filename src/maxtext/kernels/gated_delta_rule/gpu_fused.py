@@ -29,13 +29,9 @@ def prep_kernel(*refs, chunk: int, groups: int, scale: float, segmented: bool, w
   t_ref, p_ref = outs[:2]
   n, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   if inverse_block is not None:
-    if per_key_head:
-      products = key_head_products(q_ref, k_ref, b, h, n, chunk=chunk, block=inverse_block, mm=mm)
-      heads = [h * groups + g for g in range(groups)]
-    else:
-      products = key_head_products(q_ref, k_ref, b, h // groups, n, chunk=chunk, block=inverse_block, mm=mm)
-      heads = [h]
-    for head in heads:
+    key_head = h if per_key_head else h // groups  # per_key_head: program axis 1 counts key heads
+    products = key_head_products(q_ref, k_ref, b, key_head, n, chunk=chunk, block=inverse_block, mm=mm)
+    for head in [h * groups + g for g in range(groups)] if per_key_head else [h]:
       c = gated_chunk(products, gc_ref, beta_ref, seg_refs, b, head, inv_mm=inv_mm, scale=scale)
       c.store(t_ref, (b, head, n), c.t)
       c.store(p_ref, (b, head, n), c.p)
@@ -44,8 +40,6 @@ def prep_kernel(*refs, chunk: int, groups: int, scale: float, segmented: bool, w
         for span, w_i in zip(c.tokens, w):
           outs[2][b, span, head, :] = w_i.astype(outs[2].dtype)
     return
-  if per_key_head:
-    raise ValueError("gated delta rule GPU kernels: per_key_head prep needs inverse_block")
   tokens = pl.ds(n * chunk, chunk)
   k, beta, gates, t = chunk_inverse(k_ref, gc_ref, beta_ref, seg_refs, chunk=chunk, groups=groups, mm=mm,
                                     inv_mm=inv_mm)

@@ -18,11 +18,6 @@ import functools
 import jax
 import jax.numpy as jnp
 
-try:  # where jax 0.10.x and 0.11.x keep the Triton compiler parameters
-  from jax.experimental.pallas.triton import CompilerParams as TritonParams
-except ImportError:  # older jax named them TritonCompilerParams, in pallas.gpu
-  from jax.experimental.pallas.gpu import TritonCompilerParams as TritonParams
-
 PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16")
 _TF32_ALGORITHMS = {
     "ieee": jax.lax.Precision.HIGHEST,  # Triton's default for a float32 dot would be TF32

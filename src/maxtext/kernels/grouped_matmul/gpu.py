@@ -26,12 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-try:  # where jax 0.10.x and 0.11.x keep the Triton load/store and compiler parameters
-  from jax.experimental.pallas import triton as plt
-  from jax.experimental.pallas.triton import CompilerParams as _TritonParams
-except ImportError:  # older jax
-  from jax.experimental.pallas import gpu as plt
-  from jax.experimental.pallas.gpu import TritonCompilerParams as _TritonParams
+from maxtext.kernels.triton_compat import TritonParams as _TritonParams
+from maxtext.kernels.triton_compat import plt
 
 
 @dataclasses.dataclass(frozen=True)
