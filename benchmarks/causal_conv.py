@@ -29,6 +29,11 @@ TILINGS = {  # name -> ConvTiling fields (the default first)
     "gpu_fwd128x64": dict(block_t=128, block_c=64, num_warps=8),
     "gpu_bwd16x128": dict(backward_block_t=16, backward_block_c=128, backward_num_warps=4),
     "gpu_bwd64x64": dict(backward_block_t=64, backward_block_c=64, backward_num_warps=8),
+    "gpu_bwd16x256": dict(backward_block_t=16, backward_block_c=256, backward_num_warps=4),
+    "gpu_bwd16x64": dict(backward_block_t=16, backward_block_c=64, backward_num_warps=2),
+    "gpu_bwd32x128w4": dict(backward_block_t=32, backward_block_c=128, backward_num_warps=4),
+    "gpu_fwd128x64_bwd16x128": dict(block_t=128, block_c=64, num_warps=8, backward_block_t=16,
+                                    backward_block_c=128, backward_num_warps=4),
 }
 
 

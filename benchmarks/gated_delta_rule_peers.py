@@ -72,6 +72,11 @@ def launches() -> dict:
           # the prep by key head: k k^T and q k^T once for the key head's value heads; 2 or 4 warps
           "prep_kh": ChunkedLaunch(prep_per_key_head=True),
           "prep_kh_w4": ChunkedLaunch(prep_per_key_head=True, parallel_warps=4),
+          "unfusedbwd": ChunkedLaunch(fused_backward=False),  # the two-kernel backward (the default until 2026-12-01)
+          # the walks: more warps or other pipelining depths for the [Dk, BV] state's chunk loop
+          "walk_w8": ChunkedLaunch(walk_warps=8),
+          "walk_s2": ChunkedLaunch(walk_stages=2),
+          "walk_s4": ChunkedLaunch(walk_stages=4),
           "fusedbwd": ChunkedLaunch(fused_backward=True),
           "fusedbwd_w2": ChunkedLaunch(fused_backward=True, **w2),
           "fusedbwd_w2_b32": ChunkedLaunch(fused_backward=True, **w2, grad_block_k=32, grad_block_v=32),

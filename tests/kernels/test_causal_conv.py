@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from maxtext.kernels import dispatch as kernel_dispatch
 from maxtext.kernels.causal_conv import causal_conv, causal_conv_reference
 from maxtext.kernels.causal_conv.dispatch import choose_impl
 from maxtext.kernels.causal_conv.gpu import ConvTiling, causal_conv_gpu
@@ -127,6 +128,13 @@ def test_gpu_kernel_interpreted_matches_reference(length, lengths, activation, d
   for name, a, b in zip(("y", "dx", "dkernel"), got, expected):
     assert a.dtype == b.dtype == dtype, name
     assert relative_error(a, b) < tolerance, name
+
+
+def test_auto_takes_the_kernel_on_a_gpu_for_the_widths_and_dtypes_it_supports(monkeypatch):
+  monkeypatch.setattr(kernel_dispatch, "backend", lambda: "gpu")
+  assert choose_impl("auto", WIDTH, jnp.bfloat16) == "gpu"
+  assert choose_impl("auto", 9, jnp.bfloat16) == "reference"  # wider than the kernel's unrolled taps
+  assert choose_impl("auto", WIDTH, jnp.int8) == "reference"
 
 
 def test_auto_takes_the_reference_on_a_cpu_and_gpu_runs_interpreted():

@@ -22,10 +22,12 @@ from maxtext.kernels.gated_delta_rule.gpu import ChunkedLaunch, chunk_gated_delt
 from tests.kernels.test_gated_delta_rule import random_inputs, relative_error, values_and_grads
 
 TOLERANCE = {"ieee": 1e-5, "tf32": 2e-3, "bf16": 1e-2}
-SMALL_TILES = ChunkedLaunch(block_v=16, grad_block_k=16, grad_block_v=16)  # several key and value blocks
+# several key and value blocks; the two-kernel backward (fused_backward has its own tests below)
+SMALL_TILES = ChunkedLaunch(block_v=16, grad_block_k=16, grad_block_v=16, fused_backward=False)
 # gpu_fused.py's forward or not, the whole-tile WY inverse or the blocked one (gpu_inverse.py, the default)
-FUSED = dict(split=dict(fused_forward=False, inverse_block=None), fused=dict(fused_forward=True, inverse_block=None),
-             blocked16=dict(fused_forward=True, inverse_block=16),
+FUSED = dict(split=dict(fused_forward=False, inverse_block=None, fused_backward=False),
+             fused=dict(fused_forward=True, inverse_block=None, fused_backward=False),
+             blocked16=dict(fused_forward=True, inverse_block=16, fused_backward=False),
              fusedbwd=dict(fused_forward=True, inverse_block=16, fused_backward=True),  # gpu_backward.py's kernel
              prep_kh=dict(fused_forward=True, inverse_block=16, prep_per_key_head=True))  # prep by key head
 

@@ -15,8 +15,8 @@ from maxtext.layers.specs import GatedDeltaNetSpec, Numerics
 
 
 def _conv_impl(gdn_impl: str) -> str:
-  """The conv's implementation for the layer's gdn_kernel: the GPU conv kernel only when the GPU kernels are asked
-  for by name ('auto' does not take it yet: kernels/causal_conv/dispatch.py), the reference for 'reference'."""
+  """The conv's implementation for the layer's gdn_kernel: 'gpu' and 'reference' by name, else the conv's own
+  'auto' (its kernel on a GPU: kernels/causal_conv/dispatch.py)."""
   return gdn_impl if gdn_impl in ("gpu", "reference") else "auto"
 
 

@@ -19,12 +19,12 @@ block walks the chunks carrying its [Dk, BV] float32 state and writes o; with a 
 Without fusion (kernel bodies in gpu_kernels.py): `wy_kernel` (parallel: w, u and T), `state_kernel` (the walk: h_n
 and v_new) and `output_kernel` (parallel: o). Backward: `local_dv_kernel` (parallel: (s Gamma * q k^T)^T do; after
 the fused forward the reverse walk forms it from the saved P instead),
-`state_grad_kernel` (reverse walk: dv_new and dh_{n+1}, then dh0), `output_grad_kernel` (parallel: the gradients
-through o and the state update) and `wy_grad_kernel` (parallel: through the WY system), or with
-ChunkedLaunch.fused_backward gpu_backward.py's one kernel for both (dw never formed; the [C, Dk] gradients by key
-blocks in loops, so few tiles are live: an earlier single kernel that kept them all measured 5.8 ms at B=1,
-T=16384, 32 heads on an H100, spilled). The per-value-head dq, dk are summed over each key head's group by XLA
-afterwards.
+`state_grad_kernel` (reverse walk: dv_new and dh_{n+1}, then dh0), then by default (ChunkedLaunch.fused_backward)
+gpu_backward.py's one kernel for the parallel part, else `output_grad_kernel` (the gradients through o and the
+state update) and `wy_grad_kernel` (through the WY system); the fused kernel never forms dw and takes the [C, Dk]
+gradients by key blocks in loops, so few tiles are live (an earlier single kernel that kept them all measured 5.8
+ms at B=1, T=16384, 32 heads on an H100: it spilled). The per-value-head dq, dk are summed over each key head's
+group by XLA afterwards.
 
 Precision (gpu_precision.py's modes): 'bf16' (the default for 16-bit inputs) rounds every dot operand to bf16, as
 fla does, and stores the intermediates (w, u, T, states, v_new and the gradients between kernels) in the inputs'
@@ -94,12 +94,10 @@ class ChunkedLaunch:
   # benchmark).
   prep_per_key_head: bool = False
   # gpu_backward.py: one kernel per (chunk, value head, row) for the backward's parallel part instead of the
-  # output-gradient and WY-gradient kernels (grad_warps, grad_block_k and grad_block_v are then its launch; compiled
-  # by Triton 3.9 for sm_90 it spilled ~0.2 KB at 4 warps with 64 x 64 blocks, 20 B with 32 x 32, nothing at 8 warps
-  # with 64 x 32; grad_block_k >= Dk: one pass over the states, ~0.6 KB spilled at 8 warps). Its first form (blocks
-  # unrolled, 2.1 KB spilled) took 2.08 ms at 1 x 16384 on an H200 against 0.83 + 0.61 for the two kernels
-  # (docs/benchmarks.md); the loop form is not timed yet.
-  fused_backward: bool = False
+  # output-gradient and WY-gradient kernels (grad_warps, grad_block_k and grad_block_v are then its launch). Its loop
+  # form measured on an H200 (2026-12-01, docs/benchmarks.md): forward+backward 0.75 / 2.84 ms against 0.86 / 3.26
+  # for the two kernels at 1 x 4k / 16k (the kernel 1.02 ms against 0.83 + 0.61 at 16k); errors unchanged.
+  fused_backward: bool = True
   grad_stages: int = 1  # software pipelining of the fused backward's block loops (more shared memory)
 
 
