@@ -250,6 +250,7 @@ def main() -> None:
         continue
       with open(output, encoding="utf-8") as f:
         results.append(json.load(f))
+      print(json.dumps(results[-1]), flush=True)  # kept in the log if a later side runs past a time limit
   out_dir = os.environ.get("OUT")
   if out_dir:
     with open(os.path.join(out_dir, "train_step.json"), "w", encoding="utf-8") as f:
