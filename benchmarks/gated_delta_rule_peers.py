@@ -62,9 +62,9 @@ def launches() -> dict:
           # Walks with 16 value columns per program: twice the programs (256 for B=1, Hv=32 on 132 SMs), each
           # with a [Dk, 16] state; output-gradient kernel over the whole key dim (no repeated loads of do, v_new,
           # dv_new per key block) or with 32-column value steps; more warps for the WY gradient.
-          "bv16": ChunkedLaunch(block_v=16),
-          "bv16_w2": ChunkedLaunch(block_v=16, walk_warps=2),
-          "bv16_s2": ChunkedLaunch(block_v=16, walk_stages=2),
+          "bv16": ChunkedLaunch(block_v=16, reverse_block_v=16),
+          "bv16_w2": ChunkedLaunch(block_v=16, reverse_block_v=16, walk_warps=2),
+          "bv16_s2": ChunkedLaunch(block_v=16, reverse_block_v=16, walk_stages=2),
           "gk128_w8": ChunkedLaunch(grad_block_k=128, grad_warps=8, grad_block_v=32),
           "gk128_w8_v64": ChunkedLaunch(grad_block_k=128, grad_warps=8),
           "gv32": ChunkedLaunch(grad_block_v=32),
@@ -75,6 +75,11 @@ def launches() -> dict:
           "unfusedbwd": ChunkedLaunch(fused_backward=False),  # the two-kernel backward (the default until 2026-12-01)
           # the walks: more warps or other pipelining depths for the [Dk, BV] state's chunk loop
           "walk_w8": ChunkedLaunch(walk_warps=8),
+          # the forward walk with 64 value columns (half the programs, wider dots), the reverse walk as before;
+          # bv32: both walks with 32 (the default's choice for fewer than 512 programs of 64)
+          "bv32": ChunkedLaunch(block_v=32),
+          "fwd_bv64": ChunkedLaunch(block_v=64, reverse_block_v=32),
+          "fwd_bv64_w8": ChunkedLaunch(block_v=64, walk_warps=8, reverse_block_v=32, reverse_walk_warps=4),
           "walk_s2": ChunkedLaunch(walk_stages=2),
           "walk_s4": ChunkedLaunch(walk_stages=4),
           "fusedbwd": ChunkedLaunch(fused_backward=True),

@@ -165,3 +165,20 @@ def test_compiled_on_gpu_matches_reference(precision, packed, path, monkeypatch)
   dtype = jnp.float32 if precision == "tf32" else jnp.bfloat16
   check((2, 1024, 2, 4, 128, 128), 64, dtype, precision, segment_ids=segment_ids, interpret=False,
         launch=ChunkedLaunch(**FUSED[path]))
+
+
+def test_reverse_walk_with_its_own_value_blocks():
+  """The forward walk over whole 32-column value blocks, the reverse walk over 16-column ones (reverse_block_v):
+  documents inside and across chunks, a ragged tail, an initial state; values and every gradient."""
+  check((1, 100, 1, 2, 32, 32), 32, jnp.float32, "ieee", segment_ids=documents([30, 3, 47, 20]),
+        launch=ChunkedLaunch(block_v=32, reverse_block_v=16, reverse_walk_warps=2))
+
+
+def test_walk_blocks_widen_the_forward_walk_only_when_programs_stay_plenty():
+  from maxtext.kernels.gated_delta_rule.gpu import walk_blocks
+  default = ChunkedLaunch()
+  assert walk_blocks(default, 1, 32, 128) == (32, 32)  # 64 programs of 64 columns: too few for 132 SMs
+  assert walk_blocks(default, 8, 32, 128) == (64, 32)  # 512 programs of 64; the reverse walk stays at 32
+  assert walk_blocks(default, 8, 32, 16) == (16, 16)  # capped at Dv
+  assert walk_blocks(ChunkedLaunch(block_v=16), 8, 32, 128) == (16, 16)  # an explicit block_v sets both walks
+  assert walk_blocks(ChunkedLaunch(block_v=64, reverse_block_v=16), 1, 32, 128) == (64, 16)

@@ -65,8 +65,16 @@ from maxtext.kernels.gated_delta_rule.reference import _initial_state
 class ChunkedLaunch:
   """Launch parameters (defaults chosen on an H100 and an H200; benchmarks/gated_delta_rule_peers.py times variants)."""
 
-  block_v: int = 32  # value columns per program of the two sequential walks
+  # Value columns per program of the forward walk. None: 64 when that still makes WIDE_WALK_PROGRAMS programs or
+  # more (B x Hv x Dv / 64), else 32. Measured on an H200 (2026-12-01, Hv 32, Dv 128, docs/benchmarks.md): at 8 x
+  # 4096 (512 programs of 64) forward 1.20 ms against 1.49 with 32 columns, forward+backward 5.24 against 5.57; at 1 x
+  # 4096 / 16384 (64 programs) 64 columns lose: forward 0.23 / 0.86 against 0.20 / 0.74. Between the two unmeasured.
+  block_v: int | None = None
   walk_warps: int = 4
+  # The reverse walk's block_v and warps (None: the forward walk's explicit block_v, else 32; the walk's warps). 64
+  # columns need more shared memory than an H200 has in the reverse walk (238 KB with 3 stages).
+  reverse_block_v: int | None = None
+  reverse_walk_warps: int | None = None
   # Software pipelining of the next chunks' loads in the walks. None: 3 with 16-bit storage; 1 with float32, whose
   # tiles would need more than the H100's 227 KB of shared memory for more stages.
   walk_stages: int | None = None
@@ -101,6 +109,16 @@ class ChunkedLaunch:
   grad_stages: int = 1  # software pipelining of the fused backward's block loops (more shared memory)
 
 
+WIDE_WALK_PROGRAMS = 512
+
+
+def walk_blocks(launch: ChunkedLaunch, batch: int, heads: int, value_dim: int) -> tuple[int, int]:
+  """(forward, reverse) walks' value columns per program for this launch and problem (ChunkedLaunch.block_v)."""
+  forward = launch.block_v or (64 if batch * heads * value_dim // 64 >= WIDE_WALK_PROGRAMS else 32)
+  reverse = launch.reverse_block_v or launch.block_v or 32
+  return min(forward, value_dim), min(reverse, value_dim)
+
+
 def segment_masks(segment_ids: jax.Array, chunk: int) -> Segments:
   """The kernels' Segments for [B, T] ids (chunking.token_segment_masks, flattened to [B, T_padded])."""
   batch = segment_ids.shape[0]
@@ -131,8 +149,10 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
   def setup(q, v):
     batch, length, key_heads, key_dim = q.shape
     value_heads, value_dim = v.shape[2:]
-    block_v, grad_block_v = min(launch.block_v, value_dim), min(launch.grad_block_v, value_dim)
-    check_dims(chunk_size=chunk, key_dim=key_dim, value_dim=value_dim, block_v=block_v, grad_block_v=grad_block_v)
+    block_v, reverse_block_v = walk_blocks(launch, batch, value_heads, value_dim)
+    grad_block_v = min(launch.grad_block_v, value_dim)
+    check_dims(chunk_size=chunk, key_dim=key_dim, value_dim=value_dim, block_v=block_v,
+               reverse_block_v=reverse_block_v, grad_block_v=grad_block_v)
     if length % chunk:
       raise ValueError(f"gated delta rule GPU kernels: length {length} must be a multiple of the chunk {chunk}")
     mode, store, mm = matmul_mode((q, v), precision, interpret)
@@ -145,7 +165,7 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
     inv = dict(inv_mm=functools.partial(dot, precision=inverse, interpret=interpret), inverse_block=block)
     common = dict(chunk=chunk, groups=value_heads // key_heads, mm=mm)
     dims = (batch, length, value_heads, key_dim, value_dim, length // chunk)
-    return dims, store, common, inv, block_v, grad_block_v
+    return dims, store, common, inv, (block_v, reverse_block_v), grad_block_v
 
   def walk_stages(store) -> int:
     if launch.walk_stages is not None:
@@ -159,7 +179,7 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
     )(*args, *(segments or ()))
 
   def forward(q, k, v, gc, beta, h0, segments, save: bool = True):
-    (batch, length, heads, key_dim, value_dim, num_chunks), store, common, inv, block_v, _ = setup(q, v)
+    (batch, length, heads, key_dim, value_dim, num_chunks), store, common, inv, (block_v, _), _ = setup(q, v)
     struct = lambda *shape, dtype=store: jax.ShapeDtypeStruct(shape, dtype)
     parallel = (num_chunks, heads, batch)
     parallel_params = TritonParams(num_warps=launch.parallel_warps, num_stages=1)
@@ -196,7 +216,7 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
     return (o, final), (w, t, states, v_new)
 
   def backward(q, k, v, gc, beta, h0, segments, w, t, states, v_new, *scores, d_out, d_final):
-    (batch, length, heads, key_dim, value_dim, num_chunks), store, common, _, block_v, grad_block_v = setup(q, v)
+    (batch, length, heads, key_dim, value_dim, num_chunks), store, common, _, (_, block_v), grad_block_v = setup(q, v)
     struct = lambda *shape, dtype=store: jax.ShapeDtypeStruct(shape, dtype)
     parallel = (num_chunks, heads, batch)
     d_out = d_out.astype(store)
@@ -210,7 +230,7 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
         state_grad_kernel, "gdr_state_bwd", (value_dim // block_v, heads, batch),
         (struct(batch, length, heads, value_dim), struct(batch, heads, num_chunks, key_dim, value_dim),
          struct(batch, heads, key_dim, value_dim, dtype=jnp.float32)),
-        TritonParams(num_warps=launch.walk_warps, num_stages=walk_stages(store)),
+        TritonParams(num_warps=launch.reverse_walk_warps or launch.walk_warps, num_stages=walk_stages(store)),
         (q, k, w, gc, d_out, local, d_final.astype(jnp.float32)), segments, num_chunks=num_chunks,
         block_v=block_v, scale=scale, local_from_scores=bool(scores), **common)
     block_k = min(launch.grad_block_k, key_dim)
