@@ -98,8 +98,8 @@ class ChunkedLaunch:
   # builds A, P and T by [b, b] blocks (diagonal blocks by doubling, the rest by block forward substitution).
   inverse_block: int | None = 16
   # The fused forward's prep by (chunk, key head, row): k k^T and q k^T once per key head, for its value heads
-  # (needs inverse_block). Checked in interpret mode; not timed on a GPU yet (variant 'prep_kh' of the peers
-  # benchmark).
+  # (needs inverse_block). Slower on an H200 (2026-12-01, docs/benchmarks.md): the prep kernel 0.64 ms against 0.31
+  # at 1 x 16384 (each program does its group's value heads in turn), forward+backward 0.92 / 3.59 against 0.86 / 3.26.
   prep_per_key_head: bool = False
   # gpu_backward.py: one kernel per (chunk, value head, row) for the backward's parallel part instead of the
   # output-gradient and WY-gradient kernels (grad_warps, grad_block_k and grad_block_v are then its launch). Its loop
