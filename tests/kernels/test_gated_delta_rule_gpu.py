@@ -179,6 +179,7 @@ def test_walk_blocks_widen_the_forward_walk_only_when_programs_stay_plenty():
   default = ChunkedLaunch()
   assert walk_blocks(default, 1, 32, 128) == (32, 32)  # 64 programs of 64 columns: too few for 132 SMs
   assert walk_blocks(default, 8, 32, 128) == (64, 32)  # 512 programs of 64; the reverse walk stays at 32
+  assert walk_blocks(default, 8, 32, 128, jnp.float32) == (32, 32)  # float32 storage keeps the measured tiles
   assert walk_blocks(default, 8, 32, 16) == (16, 16)  # capped at Dv
   assert walk_blocks(ChunkedLaunch(block_v=16), 8, 32, 128) == (16, 16)  # an explicit block_v sets both walks
   assert walk_blocks(ChunkedLaunch(block_v=64, reverse_block_v=16), 1, 32, 128) == (64, 16)

@@ -112,9 +112,11 @@ class ChunkedLaunch:
 WIDE_WALK_PROGRAMS = 512
 
 
-def walk_blocks(launch: ChunkedLaunch, batch: int, heads: int, value_dim: int) -> tuple[int, int]:
-  """(forward, reverse) walks' value columns per program for this launch and problem (ChunkedLaunch.block_v)."""
-  forward = launch.block_v or (64 if batch * heads * value_dim // 64 >= WIDE_WALK_PROGRAMS else 32)
+def walk_blocks(launch: ChunkedLaunch, batch: int, heads: int, value_dim: int, store=jnp.bfloat16) -> tuple[int, int]:
+  """(forward, reverse) walks' value columns per program for this launch and problem (ChunkedLaunch.block_v). Only
+  16-bit storage widens by default: the float32 walks' wider tiles have not been compiled on a GPU."""
+  wide = jnp.dtype(store).itemsize == 2 and batch * heads * value_dim // 64 >= WIDE_WALK_PROGRAMS
+  forward = launch.block_v or (64 if wide else 32)
   reverse = launch.reverse_block_v or launch.block_v or 32
   return min(forward, value_dim), min(reverse, value_dim)
 
@@ -149,13 +151,13 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
   def setup(q, v):
     batch, length, key_heads, key_dim = q.shape
     value_heads, value_dim = v.shape[2:]
-    block_v, reverse_block_v = walk_blocks(launch, batch, value_heads, value_dim)
+    mode, store, mm = matmul_mode((q, v), precision, interpret)
+    block_v, reverse_block_v = walk_blocks(launch, batch, value_heads, value_dim, store)
     grad_block_v = min(launch.grad_block_v, value_dim)
     check_dims(chunk_size=chunk, key_dim=key_dim, value_dim=value_dim, block_v=block_v,
                reverse_block_v=reverse_block_v, grad_block_v=grad_block_v)
     if length % chunk:
       raise ValueError(f"gated delta rule GPU kernels: length {length} must be a multiple of the chunk {chunk}")
-    mode, store, mm = matmul_mode((q, v), precision, interpret)
     inverse = launch.inverse_precision or ("ieee" if mode == "ieee" else "tf32")
     block = None if launch.inverse_block is None else min(launch.inverse_block, chunk)
     if block is not None:
