@@ -75,9 +75,7 @@ def launches() -> dict:
           "unfusedbwd": ChunkedLaunch(fused_backward=False),  # the two-kernel backward (the default until 2026-12-01)
           # the walks: more warps or other pipelining depths for the [Dk, BV] state's chunk loop
           "walk_w8": ChunkedLaunch(walk_warps=8),
-          # the forward walk with 64 value columns (half the programs, wider dots), the reverse walk as before;
-          # bv32: both walks with 32 (the default's choice for fewer than 512 programs of 64)
-          "bv32": ChunkedLaunch(block_v=32),
+          # the forward walk with 64 value columns (half the programs, wider dots), the reverse walk as before
           "fwd_bv64": ChunkedLaunch(block_v=64, reverse_block_v=32),
           "fwd_bv64_w8": ChunkedLaunch(block_v=64, walk_warps=8, reverse_block_v=32, reverse_walk_warps=4),
           "walk_s2": ChunkedLaunch(walk_stages=2),

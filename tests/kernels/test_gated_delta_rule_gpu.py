@@ -17,7 +17,7 @@ import pytest
 
 from maxtext.kernels import dispatch
 from maxtext.kernels.gated_delta_rule import chunk_gated_delta_rule, chunk_gated_delta_rule_reference
-from maxtext.kernels.gated_delta_rule.gpu import ChunkedLaunch, chunk_gated_delta_rule_gpu
+from maxtext.kernels.gated_delta_rule.gpu import ChunkedLaunch, chunk_gated_delta_rule_gpu, walk_blocks
 
 from tests.kernels.test_gated_delta_rule import random_inputs, relative_error, values_and_grads
 
@@ -175,7 +175,6 @@ def test_reverse_walk_with_its_own_value_blocks():
 
 
 def test_walk_blocks_widen_the_forward_walk_only_when_programs_stay_plenty():
-  from maxtext.kernels.gated_delta_rule.gpu import walk_blocks
   default = ChunkedLaunch()
   assert walk_blocks(default, 1, 32, 128) == (32, 32)  # 64 programs of 64 columns: too few for 132 SMs
   assert walk_blocks(default, 8, 32, 128) == (64, 32)  # 512 programs of 64; the reverse walk stays at 32
