@@ -87,7 +87,21 @@ def launches() -> dict:
           "fusedbwd_w2_g8": ChunkedLaunch(fused_backward=True, **w2, grad_warps=8, grad_block_v=32),
           "fusedbwd_w2_s2": ChunkedLaunch(fused_backward=True, **w2, grad_block_k=32, grad_stages=2),
           "fusedbwd_w2_k128": ChunkedLaunch(fused_backward=True, **w2, grad_warps=8, grad_block_k=128,
-                                            grad_block_v=32)}
+                                            grad_block_v=32),
+          # pipelining depth per walk: fewer stages, less shared memory, more programs per SM (matters with many
+          # programs, e.g. 8 x 4096); the forward walk's alone ('walk_fs'), the reverse walk's alone ('rev_s')
+          "walk_fs1": ChunkedLaunch(walk_stages=1, reverse_walk_stages=3),
+          "walk_fs2": ChunkedLaunch(walk_stages=2, reverse_walk_stages=3),
+          "rev_s1": ChunkedLaunch(reverse_walk_stages=1),
+          "rev_s2": ChunkedLaunch(reverse_walk_stages=2),
+          "rev_bv64_s1": ChunkedLaunch(reverse_block_v=64, reverse_walk_stages=1),
+          "rev_bv64_s2": ChunkedLaunch(reverse_block_v=64, reverse_walk_stages=2),
+          "prep_w1": ChunkedLaunch(parallel_warps=1),
+          "bwd_s2": ChunkedLaunch(grad_stages=2),
+          "bwd_g8": ChunkedLaunch(grad_warps=8),
+          "w1_rev64": ChunkedLaunch(parallel_warps=1, reverse_block_v=64, reverse_walk_stages=2),
+          "bwd_v128": ChunkedLaunch(grad_block_v=128),
+          "bwd_v128_g8": ChunkedLaunch(grad_block_v=128, grad_warps=8)}
 
 
 def describe(launch) -> str:

@@ -29,7 +29,9 @@ FUSED = dict(split=dict(fused_forward=False, inverse_block=None, fused_backward=
              fused=dict(fused_forward=True, inverse_block=None, fused_backward=False),
              blocked16=dict(fused_forward=True, inverse_block=16, fused_backward=False),
              fusedbwd=dict(fused_forward=True, inverse_block=16, fused_backward=True),  # gpu_backward.py's kernel
-             prep_kh=dict(fused_forward=True, inverse_block=16, prep_per_key_head=True))  # prep by key head
+             prep_kh=dict(fused_forward=True, inverse_block=16, prep_per_key_head=True),  # prep by key head
+             # what walk_blocks picks for many programs (B x Hv x Dv / 64 >= 512), here forced at a small shape
+             wide_walk=dict(block_v=64, reverse_block_v=32))
 
 
 def documents(lengths, batch=1):

@@ -13,13 +13,14 @@ rows of its key head and s the 1/sqrt(Dk) scale:
 (carried: the token belongs to the segment of the state entering the chunk; in_last: to the chunk's last segment;
 both 1 without segment ids. The initial state belongs to each row's first segment.)
 
-Forward, by default (ChunkedLaunch.fused_forward; gpu_fused.py): `prep_kernel` (parallel over chunks: T, the
-output scores P = s Gamma * q k^T and, when a backward follows, w) and `walk_output_kernel` (one program per value
+Forward, by default (ChunkedLaunch.fused_forward; gpu_fused.py): `prep_kernel` (parallel over chunks: T and the
+output scores P = s Gamma * q k^T) and `walk_output_kernel` (one program per value
 block walks the chunks carrying its [Dk, BV] float32 state and writes o; with a backward also h_n and v_new).
 Without fusion (kernel bodies in gpu_kernels.py): `wy_kernel` (parallel: w, u and T), `state_kernel` (the walk: h_n
 and v_new) and `output_kernel` (parallel: o). Backward: `local_dv_kernel` (parallel: (s Gamma * q k^T)^T do; after
 the fused forward the reverse walk forms it from the saved P instead),
-`state_grad_kernel` (reverse walk: dv_new and dh_{n+1}, then dh0), then by default (ChunkedLaunch.fused_backward)
+`state_grad_kernel` (reverse walk: dv_new and dh_{n+1}, then dh0; it reads T where the state's gradient needs w,
+so no w is saved), then by default (ChunkedLaunch.fused_backward)
 gpu_backward.py's one kernel for the parallel part, else `output_grad_kernel` (the gradients through o and the
 state update) and `wy_grad_kernel` (through the WY system); the fused kernel never forms dw and takes the [C, Dk]
 gradients by key blocks in loops, so few tiles are live (an earlier single kernel that kept them all measured 5.8
@@ -78,6 +79,9 @@ class ChunkedLaunch:
   # Software pipelining of the next chunks' loads in the walks. None: 3 with 16-bit storage; 1 with float32, whose
   # tiles would need more than the H100's 227 KB of shared memory for more stages.
   walk_stages: int | None = None
+  # The reverse walk's pipelining depth (None: walk_stages' rule). Fewer stages need less shared memory, so more
+  # programs share an SM when there are many (B x Hv x Dv / block_v well above the SM count).
+  reverse_walk_stages: int | None = None
   # 2 warps with inverse_block=16 below: on an H200 (2026-12-01, two calls, docs/benchmarks.md) forward 0.21 / 0.76
   # ms against 0.22 / 0.85 with 4 warps and the whole-tile inverse, forward+backward 0.86-0.87 / 3.28-3.30 against
   # 0.90 / 3.39, at 1 x 4k / 16k (1 x 64k and 8 x 4k not timed with it).
@@ -169,7 +173,9 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
     dims = (batch, length, value_heads, key_dim, value_dim, length // chunk)
     return dims, store, common, inv, (block_v, reverse_block_v), grad_block_v
 
-  def walk_stages(store) -> int:
+  def walk_stages(store, reverse: bool = False) -> int:
+    if reverse and launch.reverse_walk_stages is not None:
+      return launch.reverse_walk_stages
     if launch.walk_stages is not None:
       return launch.walk_stages
     return 3 if jnp.dtype(store).itemsize == 2 else 1
@@ -188,13 +194,13 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
     walk_params = TritonParams(num_warps=launch.walk_warps, num_stages=walk_stages(store))
     if launch.fused_forward:
       chunk_matrix = struct(batch, heads, num_chunks, chunk, chunk)
-      with_w = save or launch.fused_walk_reads_w
+      with_w = launch.fused_walk_reads_w  # the backward reads T, not w (gpu_kernels.state_grad_kernel)
       prep_grid = (num_chunks, q.shape[2], batch) if launch.prep_per_key_head else parallel
       t, p, *w = call(gpu_fused.prep_kernel, "gdr_prep_fwd", prep_grid,
                       (chunk_matrix, chunk_matrix, *[struct(batch, length, heads, key_dim)] * with_w),
                       parallel_params, (q, k, gc, beta), segments, scale=scale, with_w=with_w,
                       per_key_head=launch.prep_per_key_head, **inv, **common)
-      walk_w = w[:1] if launch.fused_walk_reads_w else []
+      walk_w = w[:1]
       saved = (struct(batch, heads, num_chunks, key_dim, value_dim), struct(batch, length, heads, value_dim))
       o, final, *history = call(
           gpu_fused.walk_output_kernel, "gdr_walk_fwd", (value_dim // block_v, heads, batch),
@@ -202,7 +208,7 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
            struct(batch, heads, key_dim, value_dim, dtype=jnp.float32), *saved[:2 * save]),
           walk_params, (q, k, v, gc, beta, t, p, h0.astype(jnp.float32), *walk_w), segments, num_chunks=num_chunks,
           block_v=block_v, scale=scale, save=save, with_w=bool(walk_w), **common)
-      return (o, final), ((w[0], t, *history, p) if save else None)
+      return (o, final), ((t, *history, p) if save else None)
     w, u, t = call(wy_kernel, "gdr_wy_fwd", parallel,
                    (struct(batch, length, heads, key_dim), struct(batch, length, heads, value_dim),
                     struct(batch, heads, num_chunks, chunk, chunk)),
@@ -215,9 +221,9 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
         **common)
     o = call(output_kernel, "gdr_output_fwd", parallel, struct(batch, length, heads, value_dim, dtype=v.dtype),
              parallel_params, (q, k, gc, states, v_new), segments, scale=scale, **common)
-    return (o, final), (w, t, states, v_new)
+    return (o, final), (t, states, v_new)
 
-  def backward(q, k, v, gc, beta, h0, segments, w, t, states, v_new, *scores, d_out, d_final):
+  def backward(q, k, v, gc, beta, h0, segments, t, states, v_new, *scores, d_out, d_final):
     (batch, length, heads, key_dim, value_dim, num_chunks), store, common, _, (_, block_v), grad_block_v = setup(q, v)
     struct = lambda *shape, dtype=store: jax.ShapeDtypeStruct(shape, dtype)
     parallel = (num_chunks, heads, batch)
@@ -232,8 +238,8 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
         state_grad_kernel, "gdr_state_bwd", (value_dim // block_v, heads, batch),
         (struct(batch, length, heads, value_dim), struct(batch, heads, num_chunks, key_dim, value_dim),
          struct(batch, heads, key_dim, value_dim, dtype=jnp.float32)),
-        TritonParams(num_warps=launch.reverse_walk_warps or launch.walk_warps, num_stages=walk_stages(store)),
-        (q, k, w, gc, d_out, local, d_final.astype(jnp.float32)), segments, num_chunks=num_chunks,
+        TritonParams(num_warps=launch.reverse_walk_warps or launch.walk_warps, num_stages=walk_stages(store, True)),
+        (q, k, t, gc, beta, d_out, local, d_final.astype(jnp.float32)), segments, num_chunks=num_chunks,
         block_v=block_v, scale=scale, local_from_scores=bool(scores), **common)
     block_k = min(launch.grad_block_k, key_dim)
     check_dims(grad_block_k=block_k)

@@ -1,7 +1,7 @@
 """The fused forward of gpu.py (ChunkedLaunch(fused_forward=True)): two kernels instead of three.
 
 `prep_kernel` (parallel over chunks) forms each chunk's WY inverse T and its output score matrix
-P = s Gamma * (q k^T) (both [C, C]; and w = T (beta fs k) when a backward will need it). `walk_output_kernel`
+P = s Gamma * (q k^T) (both [C, C]; and w = T (beta fs k) for the walk that reads it). `walk_output_kernel`
 (one program per value block, value head and row) then does everything that touches the state in one pass:
   x = beta (v - fs (k h_n));  v_new = T x;  o = s fs (q h_n) + P v_new;  h_{n+1} = decay h_n + k^T (te v_new)
 (v_new = T (beta v) - T (beta fs k) h_n = u - w h_n of gpu.py's docstring.) So u, the output kernel and, for a

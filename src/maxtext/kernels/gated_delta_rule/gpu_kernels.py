@@ -159,10 +159,13 @@ def state_grad_kernel(*refs, chunk: int, groups: int, num_chunks: int, block_v: 
   """One (value block, value head, row), chunks in reverse: dv_new and dh_{n+1} = dL/dh_{n+1} per chunk, dh0.
 
   The chunk-local part of dv_new is read from local_dv_kernel's output, or (local_from_scores) formed here as
-  P^T do from the fused forward's saved P [B, Hv, N, C, C] (gpu_fused.py), which saves that kernel.
+  P^T do from the fused forward's saved P [B, Hv, N, C, C] (gpu_fused.py), which saves that kernel. The state's
+  gradient passes back through v_new = u - w h_n as w^T dv_new = k^T (beta fs (T^T dv_new)): T [C, C] and the key
+  rows already loaded stand in for w [C, Dk], which the forward then never stores (fewer bytes per chunk here,
+  where every program streams its chunks' rows).
   """
-  (q_ref, k_ref, w_ref, gc_ref, do_ref, dv_local_ref, dfinal_ref), seg_refs, outs = _split_refs(
-      refs, 7, segmented)
+  (q_ref, k_ref, t_ref, gc_ref, beta_ref, do_ref, dv_local_ref, dfinal_ref), seg_refs, outs = _split_refs(
+      refs, 8, segmented)
   dv_new_ref, dstates_ref, dh0_ref = outs
   vb, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   cols = pl.ds(vb * block_v, block_v)
@@ -177,11 +180,12 @@ def state_grad_kernel(*refs, chunk: int, groups: int, num_chunks: int, block_v: 
       local = mm(dv_local_ref[b, h, n], do_ref[b, tokens, h, cols], trans_a=True)
     else:
       local = _f32(dv_local_ref[b, tokens, h, cols])
-    dv_new = local + gates.to_end[:, None] * mm(k_ref[b, tokens, hk, :], dh)
+    k = k_ref[b, tokens, hk, :]
+    dv_new = local + gates.to_end[:, None] * mm(k, dh)
     dv_new_ref[b, tokens, h, cols] = dv_new.astype(dv_new_ref.dtype)
     d_out = (scale * gates.from_start)[:, None] * _f32(do_ref[b, tokens, h, cols])
-    return (gates.decay * dh + mm(q_ref[b, tokens, hk, :], d_out, trans_a=True)
-            - mm(w_ref[b, tokens, h, :], dv_new, trans_a=True))
+    d_keys = (beta_ref[b, h, tokens] * gates.from_start)[:, None] * mm(t_ref[b, h, n], dv_new, trans_a=True)
+    return gates.decay * dh + mm(q_ref[b, tokens, hk, :], d_out, trans_a=True) - mm(k, d_keys, trans_a=True)
 
   dh0_ref[b, h, :, cols] = jax.lax.fori_loop(0, num_chunks, step, dfinal_ref[b, h, :, cols])
 
