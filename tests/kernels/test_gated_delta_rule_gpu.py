@@ -17,7 +17,7 @@ import pytest
 
 from maxtext.kernels import dispatch
 from maxtext.kernels.gated_delta_rule import chunk_gated_delta_rule, chunk_gated_delta_rule_reference
-from maxtext.kernels.gated_delta_rule.gpu import ChunkedLaunch, chunk_gated_delta_rule_gpu, walk_blocks
+from maxtext.kernels.gated_delta_rule.gpu import ChunkedLaunch, chunk_gated_delta_rule_gpu, walk_blocks, walk_stages
 
 from tests.kernels.test_gated_delta_rule import random_inputs, relative_error, values_and_grads
 
@@ -31,7 +31,7 @@ FUSED = dict(split=dict(fused_forward=False, inverse_block=None, fused_backward=
              fusedbwd=dict(fused_forward=True, inverse_block=16, fused_backward=True),  # gpu_backward.py's kernel
              prep_kh=dict(fused_forward=True, inverse_block=16, prep_per_key_head=True),  # prep by key head
              # what walk_blocks picks for many programs (B x Hv x Dv / 64 >= 512), here forced at a small shape
-             wide_walk=dict(block_v=64, reverse_block_v=32))
+             wide_walk=dict(block_v=64))  # both walks 64 columns (the reverse walk's 2 stages)
 
 
 def documents(lengths, batch=1):
@@ -179,8 +179,19 @@ def test_reverse_walk_with_its_own_value_blocks():
 def test_walk_blocks_widen_the_forward_walk_only_when_programs_stay_plenty():
   default = ChunkedLaunch()
   assert walk_blocks(default, 1, 32, 128) == (32, 32)  # 64 programs of 64 columns: too few for 132 SMs
-  assert walk_blocks(default, 8, 32, 128) == (64, 32)  # 512 programs of 64; the reverse walk stays at 32
+  assert walk_blocks(default, 8, 32, 128) == (64, 64)  # 512 programs of 64, both walks
   assert walk_blocks(default, 8, 32, 128, jnp.float32) == (32, 32)  # float32 storage keeps the measured tiles
   assert walk_blocks(default, 8, 32, 16) == (16, 16)  # capped at Dv
   assert walk_blocks(ChunkedLaunch(block_v=16), 8, 32, 128) == (16, 16)  # an explicit block_v sets both walks
   assert walk_blocks(ChunkedLaunch(block_v=64, reverse_block_v=16), 1, 32, 128) == (64, 16)
+
+
+def test_walk_stages_fit_the_tiles_in_shared_memory():
+  default = ChunkedLaunch()
+  assert walk_stages(default, jnp.bfloat16, 32) == 3 and walk_stages(default, jnp.bfloat16, 32, reverse=True) == 3
+  assert walk_stages(default, jnp.bfloat16, 64) == 3  # the forward walk's 64-column tiles fit 3 stages
+  assert walk_stages(default, jnp.bfloat16, 64, reverse=True) == 2  # the reverse walk's would need 238 KB
+  assert walk_stages(default, jnp.float32, 32) == 1 and walk_stages(default, jnp.float32, 64, reverse=True) == 1
+  assert walk_stages(ChunkedLaunch(walk_stages=2), jnp.bfloat16, 64, reverse=True) == 2
+  assert walk_stages(ChunkedLaunch(walk_stages=2, reverse_walk_stages=1), jnp.bfloat16, 32, reverse=True) == 1
+  assert walk_stages(ChunkedLaunch(reverse_walk_stages=1), jnp.bfloat16, 32) == 3  # the forward walk keeps its own

@@ -72,20 +72,23 @@ class ChunkedLaunch:
   # 4096 / 16384 (64 programs) 64 columns lose: forward 0.23 / 0.86 against 0.20 / 0.74. Between the two unmeasured.
   block_v: int | None = None
   walk_warps: int = 4
-  # The reverse walk's block_v and warps (None: the forward walk's explicit block_v, else 32; the walk's warps). 64
-  # columns need more shared memory than an H200 has in the reverse walk (238 KB with 3 stages).
+  # The reverse walk's block_v and warps (None: the forward walk's explicit block_v, else walk_blocks' choice, as
+  # for the forward walk; the walk's warps). Measured on an H200 (2026-12-02, docs/benchmarks.md): at 8 x 4096, 64
+  # columns with 2 stages (3 need 238 KB of shared memory) take the reverse walk 0.80 ms against 1.10 with 32; at
+  # B = 1 they lose (1 x 4096: forward+backward 0.82 against 0.75 ms).
   reverse_block_v: int | None = None
   reverse_walk_warps: int | None = None
   # Software pipelining of the next chunks' loads in the walks. None: 3 with 16-bit storage; 1 with float32, whose
   # tiles would need more than the H100's 227 KB of shared memory for more stages.
   walk_stages: int | None = None
-  # The reverse walk's pipelining depth (None: walk_stages' rule). Fewer stages need less shared memory, so more
-  # programs share an SM when there are many (B x Hv x Dv / block_v well above the SM count).
+  # The reverse walk's pipelining depth (None: walk_stages if set, else as walk_stages' rule but 2 for 64-column
+  # 16-bit blocks). Measured at 1 x 4096 / 1 x 16384 (32 columns): 3 stages 0.136 / 0.52 ms, 2 stages 0.151, 1 stage 0.282.
   reverse_walk_stages: int | None = None
-  # 2 warps with inverse_block=16 below: on an H200 (2026-12-01, two calls, docs/benchmarks.md) forward 0.21 / 0.76
-  # ms against 0.22 / 0.85 with 4 warps and the whole-tile inverse, forward+backward 0.86-0.87 / 3.28-3.30 against
-  # 0.90 / 3.39, at 1 x 4k / 16k (1 x 64k and 8 x 4k not timed with it).
-  parallel_warps: int = 2
+  # The prep (and unfused parallel forward) kernels' warps. 1 with inverse_block=16 below, since the prep no longer
+  # forms w: on an H200 (2026-12-02, docs/benchmarks.md) forward 0.17 / 0.65 / 2.64 / 1.03 ms against 0.20 / 0.74 /
+  # 2.98 / 1.20 with 2 warps at 1 x 4k / 16k / 64k and 8 x 4k, forward+backward 0.72 / 2.73 / 10.81 / 5.02 against
+  # 0.75 / 2.83 / 11.13 / 5.22. (With w, when the backward still read it, 1 warp was slower: 0.87 against 0.75 ms.)
+  parallel_warps: int = 1
   grad_warps: int = 4  # the output-gradient kernel
   wy_grad_warps: int = 4
   grad_block_k: int = 64  # key columns per program of the output-gradient kernel
@@ -121,8 +124,19 @@ def walk_blocks(launch: ChunkedLaunch, batch: int, heads: int, value_dim: int, s
   16-bit storage widens by default: the float32 walks' wider tiles have not been compiled on a GPU."""
   wide = jnp.dtype(store).itemsize == 2 and batch * heads * value_dim // 64 >= WIDE_WALK_PROGRAMS
   forward = launch.block_v or (64 if wide else 32)
-  reverse = launch.reverse_block_v or launch.block_v or 32
+  reverse = launch.reverse_block_v or launch.block_v or (64 if wide else 32)
   return min(forward, value_dim), min(reverse, value_dim)
+
+
+def walk_stages(launch: ChunkedLaunch, store, block_v: int, reverse: bool = False) -> int:
+  """Software-pipelining depth of a walk (ChunkedLaunch.walk_stages, reverse_walk_stages)."""
+  if reverse and launch.reverse_walk_stages is not None:
+    return launch.reverse_walk_stages
+  if launch.walk_stages is not None:
+    return launch.walk_stages
+  if jnp.dtype(store).itemsize != 2:
+    return 1
+  return 2 if reverse and block_v >= 64 else 3
 
 
 def segment_masks(segment_ids: jax.Array, chunk: int) -> Segments:
@@ -173,13 +187,6 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
     dims = (batch, length, value_heads, key_dim, value_dim, length // chunk)
     return dims, store, common, inv, (block_v, reverse_block_v), grad_block_v
 
-  def walk_stages(store, reverse: bool = False) -> int:
-    if reverse and launch.reverse_walk_stages is not None:
-      return launch.reverse_walk_stages
-    if launch.walk_stages is not None:
-      return launch.walk_stages
-    return 3 if jnp.dtype(store).itemsize == 2 else 1
-
   def call(kernel, name, grid, out_shape, params, args, segments, **static):
     return pl.pallas_call(
         functools.partial(kernel, segmented=segments is not None, **static),
@@ -191,7 +198,7 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
     struct = lambda *shape, dtype=store: jax.ShapeDtypeStruct(shape, dtype)
     parallel = (num_chunks, heads, batch)
     parallel_params = TritonParams(num_warps=launch.parallel_warps, num_stages=1)
-    walk_params = TritonParams(num_warps=launch.walk_warps, num_stages=walk_stages(store))
+    walk_params = TritonParams(num_warps=launch.walk_warps, num_stages=walk_stages(launch, store, block_v))
     if launch.fused_forward:
       chunk_matrix = struct(batch, heads, num_chunks, chunk, chunk)
       with_w = launch.fused_walk_reads_w  # the backward reads T, not w (gpu_kernels.state_grad_kernel)
@@ -238,7 +245,7 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
         state_grad_kernel, "gdr_state_bwd", (value_dim // block_v, heads, batch),
         (struct(batch, length, heads, value_dim), struct(batch, heads, num_chunks, key_dim, value_dim),
          struct(batch, heads, key_dim, value_dim, dtype=jnp.float32)),
-        TritonParams(num_warps=launch.reverse_walk_warps or launch.walk_warps, num_stages=walk_stages(store, True)),
+        TritonParams(num_warps=launch.reverse_walk_warps or launch.walk_warps, num_stages=walk_stages(launch, store, block_v, reverse=True)),
         (q, k, t, gc, beta, d_out, local, d_final.astype(jnp.float32)), segments, num_chunks=num_chunks,
         block_v=block_v, scale=scale, local_from_scores=bool(scores), **common)
     block_k = min(launch.grad_block_k, key_dim)
