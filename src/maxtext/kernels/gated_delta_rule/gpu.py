@@ -114,6 +114,10 @@ class ChunkedLaunch:
   # for the two kernels at 1 x 4k / 16k (the kernel 1.02 ms against 0.83 + 0.61 at 16k); errors unchanged.
   fused_backward: bool = True
   grad_stages: int = 1  # software pipelining of the fused backward's block loops (more shared memory)
+  # gpu_backward.py: do h^T accumulated in the kernel's first phase from the state tiles it loads there, dq written
+  # before the key-block phase (which then carries two accumulators and never reads do).
+  grad_query_first: bool = False
+  grad_heads_fastest: bool = False  # gpu_backward.py's grid as (value head, chunk, row)
 
 
 WIDE_WALK_PROGRAMS = 512
@@ -253,13 +257,15 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
     key_blocks = key_dim // block_k
     if launch.fused_backward:
       dq, dk, dv, dgc, dbeta = call(
-          gpu_backward.chunk_grad_kernel, "gdr_chunk_bwd", parallel,
+          gpu_backward.chunk_grad_kernel, "gdr_chunk_bwd",
+          (heads, num_chunks, batch) if launch.grad_heads_fastest else parallel,
           (struct(batch, length, heads, key_dim), struct(batch, length, heads, key_dim),
            struct(batch, length, heads, value_dim), struct(batch, heads, length, dtype=jnp.float32),
            struct(batch, heads, length, dtype=jnp.float32)),
           TritonParams(num_warps=launch.grad_warps, num_stages=launch.grad_stages),
           (q, k, v, gc, beta, t, states, d_states, d_out, v_new, dv_new, *scores), segments, block_k=block_k,
-          block_v=grad_block_v, scale=scale, with_scores=bool(scores), **common)
+          block_v=grad_block_v, scale=scale, with_scores=bool(scores), query_first=launch.grad_query_first,
+          heads_fastest=launch.grad_heads_fastest, **common)
       return finish(q, k, v, h0, dq, dk, dv, dgc, dbeta, dh0)
     dq, dk, dw, dgc = call(
         output_grad_kernel, "gdr_output_bwd", (key_blocks, num_chunks, batch * heads),
