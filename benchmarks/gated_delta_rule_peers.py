@@ -102,12 +102,8 @@ def launches() -> dict:
           "w1_rev64": ChunkedLaunch(parallel_warps=1, reverse_block_v=64, reverse_walk_stages=2),
           "bwd_v128": ChunkedLaunch(grad_block_v=128),
           "bwd_v128_g8": ChunkedLaunch(grad_block_v=128, grad_warps=8),
-          # gpu_backward.py: dq in the first phase (grad_query_first); the value heads of a key head side by side in
-          # the grid (grad_heads_fastest)
-          "bwd_qf": ChunkedLaunch(grad_query_first=True),
-          "bwd_qf_v32": ChunkedLaunch(grad_query_first=True, grad_block_v=32),
-          "bwd_hf": ChunkedLaunch(grad_heads_fastest=True),
-          "bwd_qf_hf": ChunkedLaunch(grad_query_first=True, grad_heads_fastest=True)}
+          # gpu_backward.py's grid with the chunks fastest (the default until 2026-12-02: grad_heads_fastest)
+          "bwd_cf": ChunkedLaunch(grad_heads_fastest=False)}
 
 
 def describe(launch) -> str:

@@ -3,8 +3,8 @@
   python3 benchmarks/train_step.py [--devices 1,2] [--steps 10] [--weight-dtype bfloat16] [--remat-policy none]
 
 Model: the "2.5B bench" config of shared/bench (hidden 2048, 8 layers = 2 x (3 GDN + 1 attention), 16/2 heads of
-256, GDN 16/32 heads of 128, 64 experts top-8, expert and shared MLP 512, vocab 151936, bf16, no MTP), one sequence
-of 4096 tokens per device, AdamW. Each side runs in its own subprocess (PyTorch and JAX never share the GPU); each
+256, GDN 16/32 heads of 128, 64 experts top-8, expert and shared MLP 512, vocab 151936, bf16, no MTP), `--batch`
+sequences (default 1) of 4096 tokens per device, AdamW. Each side runs in its own subprocess (PyTorch and JAX never share the GPU); each
 first checks itself on the device (initial loss ~ ln(vocab), finite, falling on a repeated batch), then times
 `--steps` steps after `--warmup` steps. Ours runs the real build_training step (gdn_kernel=auto: the GPU kernels)
 with the layers unrolled (scan_layers=false; --scan-layers false,true adds the scanned layout, whose XLA while
@@ -121,7 +121,7 @@ def run_ours(args, devices: int, scanned: bool) -> dict:
 
   ici = dict(item.split("=") for item in args.ici.split(",")) if devices > 1 else {"fsdp": "-1"}
   overrides = {
-      **BENCH_MODEL, "max_target_length": LENGTH, "per_device_batch_size": 1, "dtype": "bfloat16",
+      **BENCH_MODEL, "max_target_length": LENGTH, "per_device_batch_size": args.batch, "dtype": "bfloat16",
       "weight_dtype": args.weight_dtype, "remat_policy": args.remat_policy, "gdn_kernel": args.gdn_kernel,
       "scan_layers": scanned, "learning_rate": 1e-4, "warmup_steps_fraction": 0.0, "steps": 1000,
       "max_prefill_predict_length": 64, "ici_data_parallelism": 1, "ici_fsdp_parallelism": 1,
@@ -171,7 +171,7 @@ def run_hf(args) -> dict:
     except Exception:  # noqa: BLE001 - older transformers lack some implementations
       continue
   optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-  ids = torch.randint(0, config.vocab_size, (1, LENGTH + 1), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+  ids = torch.randint(0, config.vocab_size, (args.batch, LENGTH + 1), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
   inputs, labels = ids[:, :-1], ids[:, :-1]  # HF shifts labels itself
   losses = []
 
@@ -192,7 +192,7 @@ def run_hf(args) -> dict:
   elapsed = (time.perf_counter() - start) / args.steps
   losses.append(float(loss))
   return dict(
-      side="HF+fla x1", devices=1, step_s=elapsed, tokens_per_s=LENGTH / elapsed, experts_impl=impl,
+      side="HF+fla x1", devices=1, step_s=elapsed, tokens_per_s=args.batch * LENGTH / elapsed, experts_impl=impl,
       peak_memory_gb=torch.cuda.max_memory_allocated() / 1e9, losses=losses,
       problems=check_losses(losses, config.vocab_size), device=torch.cuda.get_device_name(),
       params=sum(p.numel() for p in model.parameters()), fla_guard_lifted=not args.keep_fla_guard,
@@ -201,7 +201,7 @@ def run_hf(args) -> dict:
 
 def _worker_command(args, side: str, output: str) -> list[str]:
   passthrough = [
-      f"--steps={args.steps}", f"--warmup={args.warmup}", f"--weight-dtype={args.weight_dtype}",
+      f"--steps={args.steps}", f"--batch={args.batch}", f"--warmup={args.warmup}", f"--weight-dtype={args.weight_dtype}",
       f"--remat-policy={args.remat_policy}", f"--gdn-kernel={args.gdn_kernel}", f"--ici={args.ici}",
       f"--scan-layers={args.scan_layers}",
   ] + (["--keep-fla-guard"] if args.keep_fla_guard else []) + (["--trace"] if args.trace else [])
@@ -213,6 +213,7 @@ def main() -> None:
   parser.add_argument("--devices", default="1", help="device counts for our side, e.g. 1,2 (scaling efficiency)")
   parser.add_argument("--ici", default="fsdp=-1,expert=1", help="our multi-device mesh: axis=size,... (-1 fills)")
   parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--batch", type=int, default=1, help="sequences of 4096 tokens per device and step (both sides)")
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--weight-dtype", default="bfloat16", help="our parameter dtype (HF trains bf16 parameters)")
   parser.add_argument("--remat-policy", default="none")

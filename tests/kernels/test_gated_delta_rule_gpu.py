@@ -31,8 +31,7 @@ FUSED = dict(split=dict(fused_forward=False, inverse_block=None, fused_backward=
              fusedbwd=dict(fused_forward=True, inverse_block=16, fused_backward=True),  # gpu_backward.py's kernel
              prep_kh=dict(fused_forward=True, inverse_block=16, prep_per_key_head=True),  # prep by key head
              # what walk_blocks picks for many programs (B x Hv x Dv / 64 >= 512), here forced at a small shape
-             wide_walk=dict(block_v=64),  # both walks 64 columns (the reverse walk's 2 stages)
-             query_first=dict(grad_query_first=True))  # gpu_backward.py's dq in its first phase
+             wide_walk=dict(block_v=64))  # both walks 64 columns (the reverse walk's 2 stages)
 
 
 def documents(lengths, batch=1):
@@ -91,18 +90,10 @@ def test_fused_forward_bf16_groups(inverse):
 def test_fused_backward_packed_ragged_with_state(fused_forward):
   """gpu_backward.py's one kernel for the backward's parallel part, after either forward (the fused one hands it
   P, the split one does not): documents inside and across chunks, a ragged tail, an initial state, two key blocks
-  (its two-phase path) and two value blocks; values and every gradient."""
+  (its two-phase path) and two value blocks; values and every gradient. After the split forward its grid runs
+  the chunks fastest (grad_heads_fastest=False), after the fused one the value heads."""
   launch = ChunkedLaunch(block_v=16, grad_block_k=16, grad_block_v=16, fused_forward=fused_forward,
-                         fused_backward=True)
-  check((1, 100, 1, 2, 32, 32), 32, jnp.float32, "ieee", segment_ids=documents([30, 3, 47, 20]), launch=launch)
-
-
-def test_fused_backward_query_first_packed_ragged_with_state():
-  """grad_query_first: do h^T in the first phase and dq written before the key blocks (which then never read do),
-  on the (value head, chunk, row) grid (grad_heads_fastest):
-  documents inside and across chunks, a ragged tail, an initial state, two key and two value blocks, groups of
-  two value heads; values and every gradient."""
-  launch = ChunkedLaunch(block_v=16, grad_block_k=16, grad_block_v=16, grad_query_first=True, grad_heads_fastest=True)
+                         fused_backward=True, grad_heads_fastest=fused_forward)
   check((1, 100, 1, 2, 32, 32), 32, jnp.float32, "ieee", segment_ids=documents([30, 3, 47, 20]), launch=launch)
 
 

@@ -114,10 +114,10 @@ class ChunkedLaunch:
   # for the two kernels at 1 x 4k / 16k (the kernel 1.02 ms against 0.83 + 0.61 at 16k); errors unchanged.
   fused_backward: bool = True
   grad_stages: int = 1  # software pipelining of the fused backward's block loops (more shared memory)
-  # gpu_backward.py: do h^T accumulated in the kernel's first phase from the state tiles it loads there, dq written
-  # before the key-block phase (which then carries two accumulators and never reads do).
-  grad_query_first: bool = False
-  grad_heads_fastest: bool = False  # gpu_backward.py's grid as (value head, chunk, row)
+  # gpu_backward.py's grid as (value head, chunk, row): a key head's value heads, which read the same q and k rows,
+  # side by side. Measured on an H200 (2026-12-02, docs/benchmarks.md): forward+backward 4.63 against 4.74 ms at
+  # 8 x 4096, the same within 0.01 ms at 1 x 4096 / 16384.
+  grad_heads_fastest: bool = True
 
 
 WIDE_WALK_PROGRAMS = 512
@@ -264,8 +264,8 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
            struct(batch, heads, length, dtype=jnp.float32)),
           TritonParams(num_warps=launch.grad_warps, num_stages=launch.grad_stages),
           (q, k, v, gc, beta, t, states, d_states, d_out, v_new, dv_new, *scores), segments, block_k=block_k,
-          block_v=grad_block_v, scale=scale, with_scores=bool(scores), query_first=launch.grad_query_first,
-          heads_fastest=launch.grad_heads_fastest, **common)
+          block_v=grad_block_v, scale=scale, with_scores=bool(scores), heads_fastest=launch.grad_heads_fastest,
+          **common)
       return finish(q, k, v, h0, dq, dk, dv, dgc, dbeta, dh0)
     dq, dk, dw, dgc = call(
         output_grad_kernel, "gdr_output_bwd", (key_blocks, num_chunks, batch * heads),

@@ -35,13 +35,11 @@ from maxtext.kernels.gated_delta_rule.gpu_kernels import _f32, _gates, _split_re
 
 
 def chunk_grad_kernel(*refs, chunk: int, groups: int, block_k: int, block_v: int, scale: float, segmented: bool,
-                      with_scores: bool, mm, query_first: bool = False, heads_fastest: bool = False):
+                      with_scores: bool, mm, heads_fastest: bool = False):
   """One (chunk, value head, row): dq, dk (this value head's share), dv, dgc and dbeta (module docstring).
 
-  query_first (with key blocks): phase 1 also accumulates do h^T over the whole key dim from the state tiles it
-  has loaded anyway, and dq is written right after it; phase 2 then carries two accumulators, not three, and never
-  reads do again. heads_fastest: the grid is (value head, chunk, row), so that the value heads of one key head,
-  which read the same q and k rows, run next to each other.
+  heads_fastest: the grid is (value head, chunk, row), so that the value heads of one key head, which read the same
+  q and k rows, run next to each other.
   """
   count = 12 if with_scores else 11
   ins, seg_refs, outs = _split_refs(refs, count, segmented)
@@ -54,7 +52,6 @@ def chunk_grad_kernel(*refs, chunk: int, groups: int, block_k: int, block_v: int
   tokens = pl.ds(n * chunk, chunk)
   key_dim, value_dim = k_ref.shape[-1], v_ref.shape[-1]
   single_pass = block_k == key_dim
-  query_first = query_first and not single_pass
   gates = _gates(gc_ref, seg_refs, b, h, tokens, chunk, pairs=False)  # the pair decays after phase 1: fewer live
   fs, te = gates.from_start, gates.to_end
   beta = beta_ref[b, h, tokens]
@@ -67,11 +64,9 @@ def chunk_grad_kernel(*refs, chunk: int, groups: int, block_k: int, block_v: int
   zeros = lambda *shape: jnp.zeros(shape, jnp.float32)
 
   def state_terms(keys, vcols, state, do, v_new, dv_new):
-    """This (key block, value block)'s shares of do h^T (unless query_first), v_new dh^T, dv_new h^T and
-    sum(h dh)."""
+    """This (key block, value block)'s shares of do h^T, v_new dh^T, dv_new h^T and sum(h dh)."""
     d_state = dstates_ref[b, h, n, keys, vcols]  # [BK, BV]
-    query = () if query_first else (mm(do, state, trans_b=True),)
-    return (*query, mm(v_new, d_state, trans_b=True), mm(dv_new, state, trans_b=True),
+    return (mm(do, state, trans_b=True), mm(v_new, d_state, trans_b=True), mm(dv_new, state, trans_b=True),
             jnp.sum(_f32(state) * _f32(d_state)))
 
   def phase1(i, carry):  # the chunk's [C, C] gradients and dv (single_pass: the key-block terms too)
@@ -87,11 +82,9 @@ def chunk_grad_kernel(*refs, chunk: int, groups: int, block_k: int, block_v: int
     dv_ref[b, tokens, h, vcols] = (beta[:, None] * r).astype(dv_ref.dtype)
     if single_pass:
       sums = tuple(a + x for a, x in zip(sums, state_terms(slice(None), vcols, state, do, v_new, dv_new)))
-    elif query_first:
-      sums = (sums[0] + mm(do, state, trans_b=True),)
     return d_scores, d_t, d_beta + jnp.sum(r * v, axis=1), d_bw - jnp.sum(r * kh, axis=1), sums
 
-  sums = (*[zeros(chunk, key_dim)] * 3, zeros()) if single_pass else (zeros(chunk, key_dim),) * query_first
+  sums = (*[zeros(chunk, key_dim)] * 3, zeros()) if single_pass else ()
   d_scores, d_t, d_beta, d_bw, sums = jax.lax.fori_loop(
       0, value_dim // block_v, phase1, (zeros(chunk, chunk), zeros(chunk, chunk), zeros(chunk), zeros(chunk), sums))
 
@@ -109,12 +102,6 @@ def chunk_grad_kernel(*refs, chunk: int, groups: int, block_k: int, block_v: int
     d_pairs = d_qk * mm(q_ref[b, tokens, hk, :], k, trans_b=True) + d_a_pairs
   dgc = d_bw * bw + jnp.sum(d_pairs, axis=1) - jnp.sum(d_pairs, axis=0)
   d_qk, d_sym = operand(d_qk), operand(d_kk + d_kk.T)
-  d_q_state = zeros(chunk)
-  if query_first:  # dq over the whole key dim now: phase 2 needs neither do nor this accumulator
-    q = q_ref[b, tokens, hk, :]
-    dq = (scale * fs)[:, None] * sums[0] + mm(d_qk, k)
-    dq_ref[b, tokens, h, :] = dq.astype(dq_ref.dtype)
-    d_q_state = jnp.sum(sums[0] * _f32(q), axis=1)
 
   def phase2(j, carry):  # dq, dk of one key block
     d_q_state, d_te, d_decay = carry
@@ -125,23 +112,19 @@ def chunk_grad_kernel(*refs, chunk: int, groups: int, block_k: int, block_v: int
     else:
       def accumulate(i, acc):
         vcols = value_block(i)
-        loads = (None if query_first else do_ref[b, tokens, h, vcols], v_new_ref[b, tokens, h, vcols],
-                 dv_new_ref[b, tokens, h, vcols])
+        loads = (x[b, tokens, h, vcols] for x in (do_ref, v_new_ref, dv_new_ref))
         return tuple(a + x for a, x in zip(acc, state_terms(keys, vcols, states_ref[b, h, n, keys, vcols], *loads)))
-      count = 2 if query_first else 3
-      *q_state, k_state, w_state, d_decay = jax.lax.fori_loop(
-          0, value_dim // block_v, accumulate, (*[zeros(chunk, block_k)] * count, d_decay))
-      q_state = None if query_first else q_state[0]
+      q_state, k_state, w_state, d_decay = jax.lax.fori_loop(
+          0, value_dim // block_v, accumulate, (*[zeros(chunk, block_k)] * 3, d_decay))
     k_acc = te[:, None] * k_state - bw[:, None] * mm(t, w_state, trans_a=True)  # T^T (dv_new h^T) = r h^T
-    if not query_first:
-      dq = (scale * fs)[:, None] * q_state + mm(d_qk, k_kb)
-      dq_ref[b, tokens, h, keys] = dq.astype(dq_ref.dtype)
-      d_q_state = d_q_state + jnp.sum(q_state * _f32(q_kb), axis=1)
+    dq = (scale * fs)[:, None] * q_state + mm(d_qk, k_kb)
+    dq_ref[b, tokens, h, keys] = dq.astype(dq_ref.dtype)
     dk = k_acc + mm(d_qk, q_kb, trans_a=True) + mm(d_sym, k_kb)
     dk_ref[b, tokens, h, keys] = dk.astype(dk_ref.dtype)
-    return d_q_state, d_te + te * jnp.sum(k_state * _f32(k_kb), axis=1), d_decay
+    return (d_q_state + jnp.sum(q_state * _f32(q_kb), axis=1), d_te + te * jnp.sum(k_state * _f32(k_kb), axis=1),
+            d_decay)
 
-  d_q_state, d_te, d_decay = jax.lax.fori_loop(0, key_dim // block_k, phase2, (d_q_state, zeros(chunk), zeros()))
+  d_q_state, d_te, d_decay = jax.lax.fori_loop(0, key_dim // block_k, phase2, (zeros(chunk), zeros(chunk), zeros()))
 
   # h_{n+1} = decay h + k^T (te v_new), te = exp(gc_last - gc): d te_i reaches gc_i negated and gc_last summed.
   dgc = dgc + scale * fs * d_q_state - d_te
