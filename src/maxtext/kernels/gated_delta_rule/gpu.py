@@ -82,7 +82,8 @@ class ChunkedLaunch:
   # tiles would need more than the H100's 227 KB of shared memory for more stages.
   walk_stages: int | None = None
   # The reverse walk's pipelining depth (None: walk_stages if set, else as walk_stages' rule but 2 for 64-column
-  # 16-bit blocks). Measured at 1 x 4096 / 1 x 16384 (32 columns): 3 stages 0.136 / 0.52 ms, 2 stages 0.151, 1 stage 0.282.
+  # 16-bit blocks). The reverse walk alone at 1 x 4096 on an H200 (2026-12-02, 32 columns): 3 stages 0.136 ms, 2
+  # stages 0.151, 1 stage 0.282.
   reverse_walk_stages: int | None = None
   # The prep (and unfused parallel forward) kernels' warps. 1 with inverse_block=16 below, since the prep no longer
   # forms w: on an H200 (2026-12-02, docs/benchmarks.md) forward 0.17 / 0.65 / 2.64 / 1.03 ms against 0.20 / 0.74 /
