@@ -4,8 +4,9 @@
 
 Model: the "2.5B bench" config of shared/bench (hidden 2048, 8 layers = 2 x (3 GDN + 1 attention), 16/2 heads of
 256, GDN 16/32 heads of 128, 64 experts top-8, expert and shared MLP 512, vocab 151936, bf16, no MTP), `--batch`
-sequences (default 1) of 4096 tokens per device, AdamW. Each side runs in its own subprocess (PyTorch and JAX never share the GPU); each
-first checks itself on the device (initial loss ~ ln(vocab), finite, falling on a repeated batch), then times
+sequences (default 1) of 4096 tokens per device, AdamW. Each side runs in its own subprocess (PyTorch and JAX never
+share the GPU); each first checks itself on the device (initial loss ~ ln(vocab), finite, falling on a repeated
+batch), then times
 `--steps` steps after `--warmup` steps. Ours runs the real build_training step (gdn_kernel=auto: the GPU kernels)
 with the layers unrolled (scan_layers=false; --scan-layers false,true adds the scanned layout, whose XLA while
 loop copies the stacked per-layer residuals on GPU: measured ~40% slower at this size)
@@ -171,7 +172,8 @@ def run_hf(args) -> dict:
     except Exception:  # noqa: BLE001 - older transformers lack some implementations
       continue
   optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-  ids = torch.randint(0, config.vocab_size, (args.batch, LENGTH + 1), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+  ids = torch.randint(0, config.vocab_size, (args.batch, LENGTH + 1), device="cuda",
+                      generator=torch.Generator("cuda").manual_seed(0))
   inputs, labels = ids[:, :-1], ids[:, :-1]  # HF shifts labels itself
   losses = []
 
@@ -201,7 +203,8 @@ def run_hf(args) -> dict:
 
 def _worker_command(args, side: str, output: str) -> list[str]:
   passthrough = [
-      f"--steps={args.steps}", f"--batch={args.batch}", f"--warmup={args.warmup}", f"--weight-dtype={args.weight_dtype}",
+      f"--steps={args.steps}", f"--batch={args.batch}", f"--warmup={args.warmup}",
+      f"--weight-dtype={args.weight_dtype}",
       f"--remat-policy={args.remat_policy}", f"--gdn-kernel={args.gdn_kernel}", f"--ici={args.ici}",
       f"--scan-layers={args.scan_layers}",
   ] + (["--keep-fla-guard"] if args.keep_fla_guard else []) + (["--trace"] if args.trace else [])

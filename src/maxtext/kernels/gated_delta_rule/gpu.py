@@ -250,7 +250,8 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
         state_grad_kernel, "gdr_state_bwd", (value_dim // block_v, heads, batch),
         (struct(batch, length, heads, value_dim), struct(batch, heads, num_chunks, key_dim, value_dim),
          struct(batch, heads, key_dim, value_dim, dtype=jnp.float32)),
-        TritonParams(num_warps=launch.reverse_walk_warps or launch.walk_warps, num_stages=walk_stages(launch, store, block_v, reverse=True)),
+        TritonParams(num_warps=launch.reverse_walk_warps or launch.walk_warps,
+                     num_stages=walk_stages(launch, store, block_v, reverse=True)),
         (q, k, t, gc, beta, d_out, local, d_final.astype(jnp.float32)), segments, num_chunks=num_chunks,
         block_v=block_v, scale=scale, local_from_scores=bool(scores), **common)
     block_k = min(launch.grad_block_k, key_dim)
