@@ -41,7 +41,7 @@ def launches() -> dict:
   """Named variants of ours: 'api' is the public entry (impl='gpu', its own launch choice); the others call
   gpu.chunk_gated_delta_rule_gpu with an explicit gpu.ChunkedLaunch."""
   from maxtext.kernels.gated_delta_rule.gpu import ChunkedLaunch
-  w2 = dict(inverse_block=16, parallel_warps=2)  # blocked16_w2's forward (the default since 2026-12-01)
+  w2 = dict(inverse_block=16, parallel_warps=2)  # blocked16_w2's forward (the default on 2026-12-01; 1 warp since)
   whole = dict(inverse_block=None, parallel_warps=4)  # the earlier default: the [C, C] inverse by doubling, 4 warps
   return {"api": None, "split": ChunkedLaunch(fused_forward=False, **whole),
           "fused": ChunkedLaunch(fused_forward=True, **whole),

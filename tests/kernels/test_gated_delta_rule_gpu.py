@@ -177,7 +177,7 @@ def test_reverse_walk_with_its_own_value_blocks():
         launch=ChunkedLaunch(block_v=32, reverse_block_v=16, reverse_walk_warps=2))
 
 
-def test_walk_blocks_widen_the_forward_walk_only_when_programs_stay_plenty():
+def test_walk_blocks_widen_both_walks_only_when_programs_stay_plenty():
   default = ChunkedLaunch()
   assert walk_blocks(default, 1, 32, 128) == (32, 32)  # 64 programs of 64 columns: too few for 132 SMs
   assert walk_blocks(default, 8, 32, 128) == (64, 64)  # 512 programs of 64, both walks
