@@ -66,7 +66,8 @@ def kernel_modules(launch_fields: dict, packed: bool) -> dict[str, tuple[str, in
 
 def compile_report(ir: str, warps: int, stages: int, triton_site: str) -> str:
   """Triton's shared memory and ptxas' registers/spills for one kernel's IR."""
-  sys.path.insert(0, triton_site)
+  if triton_site not in sys.path:
+    sys.path.insert(0, triton_site)
   import triton
   from triton.backends.compiler import GPUTarget
 

@@ -212,14 +212,13 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
                       (chunk_matrix, chunk_matrix, *[struct(batch, length, heads, key_dim)] * with_w),
                       parallel_params, (q, k, gc, beta), segments, scale=scale, with_w=with_w,
                       per_key_head=launch.prep_per_key_head, **inv, **common)
-      walk_w = w[:1]
       saved = (struct(batch, heads, num_chunks, key_dim, value_dim), struct(batch, length, heads, value_dim))
       o, final, *history = call(
           gpu_fused.walk_output_kernel, "gdr_walk_fwd", (value_dim // block_v, heads, batch),
           (struct(batch, length, heads, value_dim, dtype=v.dtype),
            struct(batch, heads, key_dim, value_dim, dtype=jnp.float32), *saved[:2 * save]),
-          walk_params, (q, k, v, gc, beta, t, p, h0.astype(jnp.float32), *walk_w), segments, num_chunks=num_chunks,
-          block_v=block_v, scale=scale, save=save, with_w=bool(walk_w), **common)
+          walk_params, (q, k, v, gc, beta, t, p, h0.astype(jnp.float32), *w), segments, num_chunks=num_chunks,
+          block_v=block_v, scale=scale, save=save, with_w=with_w, **common)
       return (o, final), ((t, *history, p) if save else None)
     w, u, t = call(wy_kernel, "gdr_wy_fwd", parallel,
                    (struct(batch, length, heads, key_dim), struct(batch, length, heads, value_dim),
