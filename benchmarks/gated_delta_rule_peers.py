@@ -72,6 +72,8 @@ def launches() -> dict:
           # the prep by key head: k k^T and q k^T once for the key head's value heads; 2 or 4 warps
           "prep_kh": ChunkedLaunch(prep_per_key_head=True),
           "prep_kh_w4": ChunkedLaunch(prep_per_key_head=True, parallel_warps=4),
+          # gpu_mosaic_backward.py: the per-chunk backward as one Mosaic GPU warpgroup (where it applies)
+          "mosaic_bwd": ChunkedLaunch(chunk_grads_mosaic=True),
           "unfusedbwd": ChunkedLaunch(fused_backward=False),  # the two-kernel backward (the default until 2026-12-01)
           # the walks: more warps or other pipelining depths for the [Dk, BV] state's chunk loop
           "walk_w8": ChunkedLaunch(walk_warps=8),

@@ -31,7 +31,9 @@ FUSED = dict(split=dict(fused_forward=False, inverse_block=None, fused_backward=
              fusedbwd=dict(fused_forward=True, inverse_block=16, fused_backward=True),  # gpu_backward.py's kernel
              prep_kh=dict(fused_forward=True, inverse_block=16, prep_per_key_head=True),  # prep by key head
              # what walk_blocks picks for many programs (B x Hv x Dv / 64 >= 512), here forced at a small shape
-             wide_walk=dict(block_v=64))  # both walks 64 columns (the reverse walk's 2 stages)
+             wide_walk=dict(block_v=64),  # both walks 64 columns (the reverse walk's 2 stages)
+             # gpu_mosaic_backward.py where it applies (bf16, unpacked; the Triton kernel for the others)
+             mosaic_bwd=dict(chunk_grads_mosaic=True))
 
 
 def documents(lengths, batch=1):
@@ -196,3 +198,15 @@ def test_walk_stages_fit_the_tiles_in_shared_memory():
   assert walk_stages(ChunkedLaunch(walk_stages=2), jnp.bfloat16, 64, reverse=True) == 2
   assert walk_stages(ChunkedLaunch(walk_stages=2, reverse_walk_stages=1), jnp.bfloat16, 32, reverse=True) == 1
   assert walk_stages(ChunkedLaunch(reverse_walk_stages=1), jnp.bfloat16, 32) == 3  # the forward walk keeps its own
+
+
+def test_mosaic_chunk_backward_only_where_it_applies():
+  """gpu_mosaic_backward covers unsegmented bf16 chunks of 64 with 128-wide heads after the fused forward, compiled;
+  everything else keeps the Triton kernel (its device test: path 'mosaic_bwd' above)."""
+  from maxtext.kernels.gated_delta_rule.gpu_mosaic_backward import applies
+  base = dict(chunk=64, key_dim=128, value_dim=128, store=jnp.bfloat16, segmented=False, with_scores=True,
+              interpret=False)
+  assert applies(**base)
+  for change in (dict(chunk=32), dict(key_dim=64), dict(value_dim=256), dict(store=jnp.float32),
+                 dict(store=jnp.float16), dict(segmented=True), dict(with_scores=False), dict(interpret=True)):
+    assert not applies(**(base | change)), change
