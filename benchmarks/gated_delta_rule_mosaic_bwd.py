@@ -1,7 +1,7 @@
-"""The Mosaic GPU chunk backward (maxtext.kernels.gated_delta_rule.gpu_mosaic_backward) against the Triton kernel it
-replaces (gpu_backward.chunk_grad_kernel, ChunkedLaunch()'s launch) on the same random arrays: errors of the Mosaic
-outputs relative to the Triton ones (max|a-b| / max|b|), then ms of both at 1 x 4096, 1 x 16384, 8 x 4096 (Hk 16,
-Hv 32, d 128, bf16).
+"""The Mosaic GPU chunk backward (maxtext.kernels.gated_delta_rule.gpu_mosaic_backward, one and two warpgroups a
+chunk) against the Triton kernel it replaces (gpu_backward.chunk_grad_kernel, ChunkedLaunch()'s launch) on the same
+random arrays: errors of the Mosaic outputs relative to the Triton ones (max|a-b| / max|b|), then ms of each at
+1 x 4096, 1 x 16384, 8 x 4096 (Hk 16, Hv 32, d 128, bf16).
 
 GPU:  PYTHONPATH=src:benchmarks python3 benchmarks/gated_delta_rule_mosaic_bwd.py
 CPU, lowering for CUDA only (jax-cuda12-plugin of the same version as jax on the path, see kernel_registers.py):
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from maxtext.kernels.gated_delta_rule.gpu_mosaic_backward import C, chunk_grads
+from maxtext.kernels.gated_delta_rule.gpu_mosaic_backward import C, KERNELS as BY_WARPGROUPS
 
 
 def random_inputs(batch=1, length=4096, key_heads=16, heads=32, dim=128, seed=0):
@@ -60,25 +60,37 @@ def triton_chunk_grads(*args, scale, groups):
                         compiler_params=TritonParams(num_warps=launch.grad_warps, num_stages=launch.grad_stages))(*args)
 
 
+KERNELS = {f"mosaic_{n}wg": kernel for n, kernel in BY_WARPGROUPS.items()}
+
+
 def main() -> None:
   scale, groups = 128**-0.5, 2
   if "--lower" in sys.argv:
     args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), random_inputs(length=256, key_heads=2,
                                                                                           heads=4))
-    lowered = jax.jit(functools.partial(chunk_grads, scale=scale, groups=groups)).trace(*args).lower(
-        lowering_platforms=("cuda",))
-    print("lowered:", len(lowered.as_text()), "characters")
+    for name, kernel in KERNELS.items():
+      lowered = jax.jit(functools.partial(kernel, scale=scale, groups=groups)).trace(*args).lower(
+          lowering_platforms=("cuda",))
+      print(f"{name} lowered:", len(lowered.as_text()), "characters", flush=True)
     return
   from gated_delta_rule import errors  # benchmarks/
   from timing import time_jax
   for batch, length in ((1, 4096), (1, 16384), (8, 4096)):
     args = random_inputs(batch, length)
-    ours = jax.jit(functools.partial(chunk_grads, scale=scale, groups=groups))
     triton = jax.jit(functools.partial(triton_chunk_grads, scale=scale, groups=groups))
-    got, want = ours(*args), triton(*args)
-    worst = [errors(a, b)[0] for a, b in zip(got, want)]  # max|a-b| / max|b|
-    print(f"{batch}x{length} error vs triton (dq, dk, dv, dgc, dbeta): " + ", ".join(f"{e:.1e}" for e in worst))
-    print(f"{batch}x{length} ms: mosaic {time_jax(ours, *args):.3f}  triton {time_jax(triton, *args):.3f}", flush=True)
+    want = triton(*args)
+    times = {"triton": time_jax(triton, *args)}
+    for name, kernel in KERNELS.items():
+      fn = jax.jit(functools.partial(kernel, scale=scale, groups=groups))
+      try:
+        got = fn(*args)
+        worst = [errors(a, b)[0] for a, b in zip(got, want)]  # max|a-b| / max|b|
+        print(f"{batch}x{length} {name} error vs triton (dq, dk, dv, dgc, dbeta): "
+              + ", ".join(f"{e:.1e}" for e in worst), flush=True)
+        times[name] = time_jax(fn, *args)
+      except Exception as e:  # pylint: disable=broad-except  # one variant failing must not hide the others
+        print(f"{batch}x{length} {name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    print(f"{batch}x{length} ms: " + "  ".join(f"{k} {v:.3f}" for k, v in times.items()), flush=True)
 
 
 if __name__ == "__main__":

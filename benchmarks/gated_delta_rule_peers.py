@@ -73,7 +73,8 @@ def launches() -> dict:
           "prep_kh": ChunkedLaunch(prep_per_key_head=True),
           "prep_kh_w4": ChunkedLaunch(prep_per_key_head=True, parallel_warps=4),
           # gpu_mosaic_backward.py: the per-chunk backward as one Mosaic GPU warpgroup (where it applies)
-          "mosaic_bwd": ChunkedLaunch(chunk_grads_mosaic=True),
+          "mosaic_bwd": ChunkedLaunch(chunk_grads_mosaic=1),
+          "mosaic_bwd_2wg": ChunkedLaunch(chunk_grads_mosaic=2),
           "unfusedbwd": ChunkedLaunch(fused_backward=False),  # the two-kernel backward (the default until 2026-12-01)
           # the walks: more warps or other pipelining depths for the [Dk, BV] state's chunk loop
           "walk_w8": ChunkedLaunch(walk_warps=8),

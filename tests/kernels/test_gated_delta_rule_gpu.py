@@ -33,7 +33,7 @@ FUSED = dict(split=dict(fused_forward=False, inverse_block=None, fused_backward=
              # what walk_blocks picks for many programs (B x Hv x Dv / 64 >= 512), here forced at a small shape
              wide_walk=dict(block_v=64),  # both walks 64 columns (the reverse walk's 2 stages)
              # gpu_mosaic_backward.py where it applies (bf16, unpacked; the Triton kernel for the others)
-             mosaic_bwd=dict(chunk_grads_mosaic=True))
+             mosaic_bwd=dict(chunk_grads_mosaic=1), mosaic_bwd_2wg=dict(chunk_grads_mosaic=2))
 
 
 def documents(lengths, batch=1):

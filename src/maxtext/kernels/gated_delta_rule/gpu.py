@@ -119,11 +119,12 @@ class ChunkedLaunch:
   # side by side. Measured on an H200 (2026-12-02, docs/benchmarks.md): forward+backward 4.63 against 4.74 ms at
   # 8 x 4096, the same within 0.01 ms at 1 x 4096 / 16384.
   grad_heads_fastest: bool = True
-  # gpu_mosaic_backward.py: the fused backward's per-chunk kernel as one Mosaic GPU warpgroup (TMA, wgmma) where it
-  # applies (no segment ids, the fused forward's P, C = 64, Dk = Dv = 128, bf16; the Triton kernel otherwise).
-  # Measured alone on an H200 (2026-12-02, docs/benchmarks.md): 0.889 / 1.788 ms against 0.990 / 1.970 at 1 x 16384 /
-  # 8 x 4096. Off until its device test (test_gated_delta_rule_gpu.py, path 'mosaic_bwd') has passed inside gpu.py.
-  chunk_grads_mosaic: bool = False
+  # gpu_mosaic_backward.py: the fused backward's per-chunk kernel in Mosaic GPU (TMA, wgmma) with this many
+  # warpgroups per chunk (1 or 2; 0: the Triton kernel) where it applies (no segment ids, the fused forward's P,
+  # C = 64, Dk = Dv = 128, bf16; the Triton kernel otherwise). One warpgroup measured alone on an H200 (2026-12-02,
+  # docs/benchmarks.md): 0.889 / 1.788 ms against 0.990 / 1.970 at 1 x 16384 / 8 x 4096; two not yet run on a GPU.
+  # 0 until the device test (test_gated_delta_rule_gpu.py, paths 'mosaic_bwd*') has passed inside gpu.py.
+  chunk_grads_mosaic: int = 0
 
 
 WIDE_WALK_PROGRAMS = 512
@@ -266,8 +267,9 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
     if launch.fused_backward and launch.chunk_grads_mosaic and gpu_mosaic_backward.applies(
         chunk=chunk, key_dim=key_dim, value_dim=value_dim, store=store, segmented=segments is not None,
         with_scores=bool(scores), interpret=interpret):
-      dq, dk, dv, dgc, dbeta = gpu_mosaic_backward.chunk_grads(
-          q, k, v, gc, beta, t, states, d_states, d_out, v_new, dv_new, *scores, scale=scale, groups=common["groups"])
+      kernel = gpu_mosaic_backward.KERNELS[launch.chunk_grads_mosaic]
+      dq, dk, dv, dgc, dbeta = kernel(q, k, v, gc, beta, t, states, d_states, d_out, v_new, dv_new, *scores,
+                                      scale=scale, groups=common["groups"])
       return finish(q, k, v, h0, dq, dk, dv, dgc, dbeta, dh0)
     if launch.fused_backward:
       dq, dk, dv, dgc, dbeta = call(

@@ -1,11 +1,13 @@
 """gpu_backward.chunk_grad_kernel's math as one Mosaic GPU warpgroup per (value head, chunk, row)
-(ChunkedLaunch(chunk_grads_mosaic=True)): every input tile by TMA into shared memory (192 KB), every product by
-wgmma, independent products issued together with one wait. Same inputs and outputs as the Triton kernel.
+(ChunkedLaunch(chunk_grads_mosaic=1); chunk_grads_two_warpgroups splits each chunk between two): every input tile
+by TMA into shared memory (192 KB), every product by wgmma, independent products issued together with one wait.
+Same inputs and outputs as the Triton kernel.
 
 Scope (`applies`): no segment ids, the fused forward's saved P, C = 64, Dk = Dv = 128, 16-bit storage, compiled
 (Mosaic GPU has no interpret mode for TMA copies, so CI cannot run it; its test is the device test). Measured on an
 H200 (2026-12-02, docs/benchmarks.md, benchmarks/gated_delta_rule_mosaic_bwd.py): 0.235 / 0.889 / 1.788 ms against
-the Triton kernel's 0.255 / 0.990 / 1.970 at 1 x 4096 / 1 x 16384 / 8 x 4096 (Hk 16, Hv 32, d 128, bf16).
+the Triton kernel's 0.255 / 0.990 / 1.970 at 1 x 4096 / 1 x 16384 / 8 x 4096 (Hk 16, Hv 32, d 128, bf16). The two-
+warpgroup form lowers for CUDA (jax 0.10.2 and 0.11.2, on a CPU host) and has not yet run on a GPU.
 
 With the forward's algebra (gpu.py; gpu_backward.py's docstring): x = beta (v - fs (k h)) overwrites v's tile after
 phase 1, and each output tile reuses an input tile whose last reader is done (dq in do's, dk in v_new's, dv in
@@ -14,6 +16,7 @@ dv_new's).
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import jax
@@ -235,3 +238,154 @@ def chunk_grads(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: j
   return kernel(q, k, v, gc, beta, t, states, d_states, d_out, v_new, dv_new, scores)
 
 
+
+
+def chunk_grads_two_warpgroups(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: jax.Array,
+                               t: jax.Array, states: jax.Array, d_states: jax.Array, d_out: jax.Array,
+                               v_new: jax.Array, dv_new: jax.Array, scores: jax.Array, *, scale: float,
+                               groups: int) -> tuple[jax.Array, ...]:
+  """chunk_grads with two warpgroups per chunk, each taking one half of the value columns (phase 1, dv) and of the
+  key columns (dq, dk), and one side of the [C, C] work: warpgroup 0 do v_new^T and P; warpgroup 1 dT, dA and k k^T.
+  They meet at four barriers: x complete, the [C, C] tiles written, every reader of do / dv_new / v_new done (their
+  tiles then take dq / dv / dk), and the vectors' partial sums written. Cross-warp sums (column sums, totals) use
+  Pallas' one reduction scratch of the CTA, so the two warpgroups never take them at the same time: warpgroup 1's
+  column sums wait for warpgroup 0's, and the totals are warpgroup 0's alone at the end."""
+  batch, length, heads, dim = v.shape
+  chunks = length // C
+  bf16, f32 = jnp.bfloat16, jnp.float32
+  half = dim // 2
+  out_shape = (jax.ShapeDtypeStruct((batch, length, heads, dim), q.dtype),
+               jax.ShapeDtypeStruct((batch, length, heads, dim), q.dtype),
+               jax.ShapeDtypeStruct((batch, length, heads, dim), v.dtype),
+               jax.ShapeDtypeStruct((batch, heads, length), f32),
+               jax.ShapeDtypeStruct((batch, heads, length), f32))
+  vec = plgpu.SMEM((C,), f32)
+  per_group = plgpu.SMEM((2, C), f32)
+  meet = lambda arrivals=2: plgpu.Barrier(num_arrivals=arrivals)
+  scratch = dict(
+      q_s=tile((C, dim)), k_s=tile((C, dim)), v_s=tile((C, dim)), do_s=tile((C, dim)), vn_s=tile((C, dim)),
+      dvn_s=tile((C, dim)), h_s=tile((dim, dim)), dh_s=tile((dim, dim)), t_s=tile((C, C)), p_s=tile((C, C)),
+      cc_s=tile((C, C)), dqk_s=tile((C, C)), gc_s=vec, gcc_s=vec, beta_s=vec,
+      cols_p=per_group, dgc_p=per_group, dbeta_p=per_group, dte_p=per_group, hdh_p=per_group, dgc_o=vec,
+      dbeta_o=vec, first=plgpu.Barrier(num_arrivals=8), rest=plgpu.Barrier(num_arrivals=5), x_ready=meet(),
+      cols_0=meet(1), squares=meet(), readers_done=meet(), sums=meet())
+
+  def body(q_ref, k_ref, v_ref, gc_ref, beta_ref, t_ref, h_ref, dh_ref, do_ref, vn_ref, dvn_ref, p_ref,
+           dq_ref, dk_ref, dv_ref, dgc_ref, dbeta_ref, q_s, k_s, v_s, do_s, vn_s, dvn_s, h_s, dh_s, t_s, p_s, cc_s,
+           dqk_s, gc_s, gcc_s, beta_s, cols_p, dgc_p, dbeta_p, dte_p, hdh_p, dgc_o, dbeta_o, first, rest, x_ready,
+           cols_0, squares, readers_done, sums):
+    h, n, b = lax.axis_index("h"), lax.axis_index("n"), lax.axis_index("b")
+    group = lax.axis_index("wg")
+    hk = lax.div(h, groups)
+    tokens = pl.ds(n * C, C)
+
+    @pl.when(group == 0)
+    def _loads():
+      for src, dst in ((k_ref.at[b, tokens, hk], k_s), (h_ref.at[b, h, n], h_s), (t_ref.at[b, h, n], t_s),
+                       (dvn_ref.at[b, tokens, h], dvn_s), (v_ref.at[b, tokens, h], v_s),
+                       (gc_ref.at[b, h, tokens], gc_s), (gc_ref.at[b, h, tokens], gcc_s),
+                       (beta_ref.at[b, h, tokens], beta_s)):
+        plgpu.copy_gmem_to_smem(src, dst, first)
+      for src, dst in ((q_ref.at[b, tokens, hk], q_s), (do_ref.at[b, tokens, h], do_s),
+                       (vn_ref.at[b, tokens, h], vn_s), (p_ref.at[b, h, n], p_s), (dh_ref.at[b, h, n], dh_s)):
+        plgpu.copy_gmem_to_smem(src, dst, rest)
+
+    def work(w: int):
+      square, narrow = (C, C), (C, half)
+      own = pl.ds(w * half, half)  # this warpgroup's value columns, then key columns, then state rows
+      plgpu.barrier_wait(first)
+      gc_row, gc_col = load(gc_s, ROW), load(gcc_s, COL)
+      beta_row = load(beta_s, ROW)
+      gc_last = gc_s[C - 1]
+      fs, te = jnp.exp(gc_row), jnp.exp(gc_last - gc_row)
+      bw = beta_row * fs
+      rows = plgpu.broadcasted_iota(jnp.int32, square, 0, layout=WG)
+      cols = plgpu.broadcasted_iota(jnp.int32, square, 1, layout=WG)
+      gamma = jnp.exp(jnp.where(rows >= cols, rows_of(gc_row, square) - cols_of(gc_col, square), -jnp.inf))
+
+      # Phase 1 on this warpgroup's value columns: k h, r = T^T dv_new; x = beta (v - fs (k h)) replaces v.
+      kh, r = products((k_s, h_s.at[:, own], narrow), (transposed(t_s), dvn_s.at[:, own], narrow))
+      vals = load(v_s.at[:, own], WG).astype(f32)
+      d_beta, d_bw = (r * vals).sum(axis=1), -(r * kh).sum(axis=1)
+      v_s.at[:, own][...] = (rows_of(beta_row, narrow) * (vals - rows_of(fs, narrow) * kh)).astype(bf16)
+      plgpu.commit_smem()
+      plgpu.barrier_arrive(x_ready)
+      plgpu.barrier_wait(x_ready)
+      plgpu.barrier_wait(rest)
+
+      if w == 0:  # dP' = s Gamma * (do v_new^T) into dqk_s; the pair terms d_scores * P
+        d_scores = product(do_s, transposed(vn_s), square)
+        dqk_s[...] = (d_scores * (scale * gamma)).astype(bf16)
+        pairs = d_scores * load(p_s, WG).astype(f32)
+        cols_p.at[0][...] = pairs.sum(axis=0)
+        plgpu.barrier_arrive(cols_0)
+      else:  # dT = dv_new x^T, dA = -T^T dT T^T (strictly lower), k k^T; dA' = beta Gamma * dA into cc_s
+        d_t, kk = products((dvn_s, transposed(v_s), square), (k_s, transposed(k_s), square))
+        cc_s[...] = product(d_t.astype(bf16), transposed(t_s), square).astype(bf16)
+        plgpu.commit_smem()
+        d_a = jnp.where(rows > cols, -product(transposed(t_s), cc_s, square), 0.0)
+        kk_gamma = kk * gamma
+        d_beta = d_beta + (d_a * kk_gamma).sum(axis=1)
+        pairs = d_a * rows_of(beta_row, square) * kk_gamma
+        cc_s[...] = (d_a * rows_of(beta_row, square) * gamma).astype(bf16)
+        plgpu.barrier_wait(cols_0)
+        cols_p.at[1][...] = pairs.sum(axis=0)
+      d_pair_rows = pairs.sum(axis=1)
+      plgpu.commit_smem()
+      plgpu.barrier_arrive(squares)
+      plgpu.barrier_wait(squares)
+
+      # This warpgroup's key columns: dq = s fs (do h^T) + dP' k; dk = te (v_new dh^T) - bw T^T (dv_new h^T)
+      # + dP'^T q + (dA' + dA'^T) k; and its value columns of dv = beta T^T dv_new.
+      q_state, w_state, k_state = products((do_s, transposed(h_s.at[own]), narrow),
+                                           (dvn_s, transposed(h_s.at[own]), narrow),
+                                           (vn_s, transposed(dh_s.at[own]), narrow))
+      plgpu.barrier_arrive(readers_done)  # this warpgroup no longer reads the whole do, dv_new, v_new tiles
+      v_s.at[:, own][...] = w_state.astype(bf16)
+      d_q_state = (q_state * load(q_s.at[:, own], WG).astype(f32)).sum(axis=1)
+      d_te = te * (k_state * load(k_s.at[:, own], WG).astype(f32)).sum(axis=1)
+      plgpu.commit_smem()
+      dq = product(dqk_s, k_s.at[:, own], narrow, init=rows_of(scale * fs, narrow) * q_state)
+      state_part, dv = products((transposed(t_s), v_s.at[:, own], narrow),
+                                (transposed(t_s), dvn_s.at[:, own], narrow))
+      part = rows_of(te, narrow) * k_state - rows_of(bw, narrow) * state_part
+      part = product(transposed(dqk_s), q_s.at[:, own], narrow, init=part)
+      part = product(cc_s, k_s.at[:, own], narrow, init=part)
+      dk = product(transposed(cc_s), k_s.at[:, own], narrow, init=part)
+      plgpu.barrier_wait(readers_done)
+      do_s.at[:, own][...] = dq.astype(bf16)
+      vn_s.at[:, own][...] = dk.astype(bf16)
+      dvn_s.at[:, own][...] = (rows_of(beta_row, narrow) * dv).astype(bf16)
+
+      # The vectors: this warpgroup's partial sums (its value / key columns, its side of the pairs, its state rows).
+      hdh_p.at[w][...] = (load(h_s.at[own], WG).astype(f32) * load(dh_s.at[own], WG).astype(f32)).sum(axis=1)
+      dte_p.at[w][...] = d_te
+      dgc_p.at[w][...] = d_bw * bw + d_pair_rows + scale * fs * d_q_state - d_te
+      dbeta_p.at[w][...] = d_beta + d_bw * fs
+      plgpu.commit_smem()
+      plgpu.barrier_arrive(sums)
+      plgpu.barrier_wait(sums)
+      if w == 0:
+        total = lambda ref: load(ref.at[0], COL).sum() + load(ref.at[1], COL).sum()
+        last_token = total(dte_p) + jnp.exp(gc_last) * total(hdh_p)
+        is_last = plgpu.broadcasted_iota(jnp.int32, (C,), 0, layout=ROW) == C - 1
+        dgc_o[...] = (load(dgc_p.at[0], ROW) + load(dgc_p.at[1], ROW) - load(cols_p.at[0], ROW)
+                      - load(cols_p.at[1], ROW) + jnp.where(is_last, last_token, 0.0))
+        dbeta_o[...] = load(dbeta_p.at[0], ROW) + load(dbeta_p.at[1], ROW)
+        plgpu.commit_smem()
+        for src, dst in ((do_s, dq_ref.at[b, tokens, h]), (vn_s, dk_ref.at[b, tokens, h]),
+                         (dvn_s, dv_ref.at[b, tokens, h]), (dgc_o, dgc_ref.at[b, h, tokens]),
+                         (dbeta_o, dbeta_ref.at[b, h, tokens])):
+          plgpu.copy_smem_to_gmem(src, dst)
+        plgpu.wait_smem_to_gmem(0)
+
+    for w in (0, 1):
+      pl.when(group == w)(functools.partial(work, w))
+
+  kernel = plgpu.kernel(body, out_type=out_shape, scratch_types=scratch, grid=(heads, chunks, batch),
+                        grid_names=("h", "n", "b"), num_threads=2, thread_name="wg",
+                        compiler_params=plgpu.CompilerParams(approx_math=True))
+  return kernel(q, k, v, gc, beta, t, states, d_states, d_out, v_new, dv_new, scores)
+
+
+KERNELS = {1: chunk_grads, 2: chunk_grads_two_warpgroups}  # by warpgroups per chunk (ChunkedLaunch.chunk_grads_mosaic)
