@@ -204,9 +204,13 @@ def test_mosaic_chunk_backward_only_where_it_applies():
   """gpu_mosaic_backward covers unsegmented bf16 chunks of 64 with 128-wide heads after the fused forward, compiled;
   everything else keeps the Triton kernel (its device test: path 'mosaic_bwd' above)."""
   from maxtext.kernels.gated_delta_rule.gpu_mosaic_backward import applies
-  base = dict(chunk=64, key_dim=128, value_dim=128, store=jnp.bfloat16, segmented=False, with_scores=True,
+  bf16 = jnp.bfloat16
+  base = dict(chunk=64, key_dim=128, value_dim=128, dtypes=(bf16, bf16, bf16), segmented=False, with_scores=True,
               interpret=False)
   assert applies(**base)
-  for change in (dict(chunk=32), dict(key_dim=64), dict(value_dim=256), dict(store=jnp.float32),
-                 dict(store=jnp.float16), dict(segmented=True), dict(with_scores=False), dict(interpret=True)):
+  for change in (dict(chunk=32), dict(key_dim=64), dict(value_dim=256), dict(dtypes=(jnp.float32, bf16, bf16)),
+                 dict(dtypes=(jnp.float16,) * 3), dict(dtypes=(bf16, bf16, jnp.float32)), dict(segmented=True),
+                 dict(with_scores=False), dict(interpret=True)):
     assert not applies(**(base | change)), change
+  with pytest.raises(ValueError, match="chunk_grads_mosaic=3 must be 0"):
+    ChunkedLaunch(chunk_grads_mosaic=3)

@@ -126,6 +126,11 @@ class ChunkedLaunch:
   # 0 until the device test (test_gated_delta_rule_gpu.py, paths 'mosaic_bwd*') has passed inside gpu.py.
   chunk_grads_mosaic: int = 0
 
+  def __post_init__(self):
+    if self.chunk_grads_mosaic not in (0, 1, 2):
+      raise ValueError(f"ChunkedLaunch: chunk_grads_mosaic={self.chunk_grads_mosaic} must be 0 (the Triton kernel), "
+                       "1 or 2 (Mosaic GPU warpgroups a chunk)")
+
 
 WIDE_WALK_PROGRAMS = 512
 
@@ -262,15 +267,16 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
     block_k = min(launch.grad_block_k, key_dim)
     check_dims(grad_block_k=block_k)
     key_blocks = key_dim // block_k
-    if launch.chunk_grads_mosaic:  # Mosaic GPU's module only where asked for: TPU and CPU hosts never load it
+    if launch.fused_backward and launch.chunk_grads_mosaic:
+      # Mosaic GPU's module only where asked for: TPU and CPU hosts never load it.
       from maxtext.kernels.gated_delta_rule import gpu_mosaic_backward  # pylint: disable=import-outside-toplevel
-    if launch.fused_backward and launch.chunk_grads_mosaic and gpu_mosaic_backward.applies(
-        chunk=chunk, key_dim=key_dim, value_dim=value_dim, store=store, segmented=segments is not None,
-        with_scores=bool(scores), interpret=interpret):
-      kernel = gpu_mosaic_backward.KERNELS[launch.chunk_grads_mosaic]
-      dq, dk, dv, dgc, dbeta = kernel(q, k, v, gc, beta, t, states, d_states, d_out, v_new, dv_new, *scores,
-                                      scale=scale, groups=common["groups"])
-      return finish(q, k, v, h0, dq, dk, dv, dgc, dbeta, dh0)
+      if gpu_mosaic_backward.applies(chunk=chunk, key_dim=key_dim, value_dim=value_dim,
+                                     dtypes=(store, q.dtype, v.dtype), segmented=segments is not None,
+                                     with_scores=bool(scores), interpret=interpret):
+        kernel = gpu_mosaic_backward.KERNELS[launch.chunk_grads_mosaic]
+        dq, dk, dv, dgc, dbeta = kernel(q, k, v, gc, beta, t, states, d_states, d_out, v_new, dv_new, *scores,
+                                        scale=scale, groups=common["groups"])
+        return finish(q, k, v, h0, dq, dk, dv, dgc, dbeta, dh0)
     if launch.fused_backward:
       dq, dk, dv, dgc, dbeta = call(
           gpu_backward.chunk_grad_kernel, "gdr_chunk_bwd",

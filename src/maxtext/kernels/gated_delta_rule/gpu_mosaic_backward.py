@@ -86,11 +86,12 @@ def cols_of(vec, shape):
   return lax.broadcast_in_dim(vec, shape, [1])
 
 
-def applies(*, chunk: int, key_dim: int, value_dim: int, store, segmented: bool, with_scores: bool,
+def applies(*, chunk: int, key_dim: int, value_dim: int, dtypes, segmented: bool, with_scores: bool,
             interpret: bool) -> bool:
-  """Whether chunk_grads covers this backward (the module docstring's scope); gpu.py runs the Triton kernel else."""
-  return (chunk == C and key_dim == value_dim == 128 and jnp.dtype(store) == jnp.bfloat16 and not segmented
-          and with_scores and not interpret)
+  """Whether chunk_grads covers this backward (the module docstring's scope): dtypes are the storage dtype and
+  q's and v's as the kernels receive them, all bfloat16 (the tiles are). gpu.py runs the Triton kernel else."""
+  return (chunk == C and key_dim == value_dim == 128 and all(jnp.dtype(d) == jnp.bfloat16 for d in dtypes)
+          and not segmented and with_scores and not interpret)
 
 
 def chunk_grads(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: jax.Array, t: jax.Array,
