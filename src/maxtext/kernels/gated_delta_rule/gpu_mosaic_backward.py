@@ -94,47 +94,67 @@ def applies(*, chunk: int, key_dim: int, value_dim: int, dtypes, segmented: bool
           and not segmented and with_scores and not interpret)
 
 
+def _output_types(q: jax.Array, v: jax.Array) -> tuple[jax.ShapeDtypeStruct, ...]:
+  """(dq, dk, dv, dgc, dbeta) as chunk_grad_kernel returns them: dq, dk per value head."""
+  batch, length, heads, dim = v.shape
+  tokens = lambda dtype: jax.ShapeDtypeStruct((batch, length, heads, dim), dtype)
+  per_head = jax.ShapeDtypeStruct((batch, heads, length), jnp.float32)
+  return tokens(q.dtype), tokens(q.dtype), tokens(v.dtype), per_head, per_head
+
+
+def _input_tiles(dim: int) -> dict:
+  """The shared-memory tiles every form loads (gc twice: one load cannot take the row and the column layouts, and
+  Mosaic merges identical loads), plus the two [C, C] work tiles; then each form's own scratch follows."""
+  vec = plgpu.SMEM((C,), jnp.float32)
+  return dict(q_s=tile((C, dim)), k_s=tile((C, dim)), v_s=tile((C, dim)), do_s=tile((C, dim)), vn_s=tile((C, dim)),
+              dvn_s=tile((C, dim)), h_s=tile((dim, dim)), dh_s=tile((dim, dim)), t_s=tile((C, C)), p_s=tile((C, C)),
+              cc_s=tile((C, C)), dqk_s=tile((C, C)), gc_s=vec, gcc_s=vec, beta_s=vec)
+
+
+LOAD_BARRIERS = dict(first=plgpu.Barrier(num_arrivals=8), rest=plgpu.Barrier(num_arrivals=5))
+
+
+def _issue_loads(ins, scratch: dict, *, b, h, n, hk) -> None:
+  """TMA copies of one chunk's inputs: phase 1's tiles behind `first`, the rest behind `rest`, so that phase 1
+  starts while they land. ins: the kernel's input refs in chunk_grads' argument order; scratch: by name."""
+  q_ref, k_ref, v_ref, gc_ref, beta_ref, t_ref, h_ref, dh_ref, do_ref, vn_ref, dvn_ref, p_ref = ins
+  names = ("q_s", "k_s", "v_s", "do_s", "vn_s", "dvn_s", "h_s", "dh_s", "t_s", "p_s", "gc_s", "gcc_s", "beta_s")
+  q_s, k_s, v_s, do_s, vn_s, dvn_s, h_s, dh_s, t_s, p_s, gc_s, gcc_s, beta_s = (scratch[name] for name in names)
+  first, rest = scratch["first"], scratch["rest"]
+  tokens = pl.ds(n * C, C)
+  for src, dst in ((k_ref.at[b, tokens, hk], k_s), (h_ref.at[b, h, n], h_s), (t_ref.at[b, h, n], t_s),
+                   (dvn_ref.at[b, tokens, h], dvn_s), (v_ref.at[b, tokens, h], v_s),
+                   (gc_ref.at[b, h, tokens], gc_s), (gc_ref.at[b, h, tokens], gcc_s),
+                   (beta_ref.at[b, h, tokens], beta_s)):
+    plgpu.copy_gmem_to_smem(src, dst, first)
+  for src, dst in ((q_ref.at[b, tokens, hk], q_s), (do_ref.at[b, tokens, h], do_s), (vn_ref.at[b, tokens, h], vn_s),
+                   (p_ref.at[b, h, n], p_s), (dh_ref.at[b, h, n], dh_s)):
+    plgpu.copy_gmem_to_smem(src, dst, rest)
+
+
 def chunk_grads(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: jax.Array, t: jax.Array,
                 states: jax.Array, d_states: jax.Array, d_out: jax.Array, v_new: jax.Array, dv_new: jax.Array,
                 scores: jax.Array, *, scale: float, groups: int) -> tuple[jax.Array, ...]:
   """Arrays as chunk_grad_kernel's (bf16 but gc and beta, float32 [B, Hv, T]); returns (dq, dk, dv, dgc, dbeta) as
   it does, dq and dk per value head."""
   batch, length, heads, dim = v.shape
-  chunks = length // C
   bf16, f32 = jnp.bfloat16, jnp.float32
   half = dim // 2
-  out_shape = (jax.ShapeDtypeStruct((batch, length, heads, dim), q.dtype),
-               jax.ShapeDtypeStruct((batch, length, heads, dim), q.dtype),
-               jax.ShapeDtypeStruct((batch, length, heads, dim), v.dtype),
-               jax.ShapeDtypeStruct((batch, heads, length), f32),
-               jax.ShapeDtypeStruct((batch, heads, length), f32))
   vec = plgpu.SMEM((C,), f32)
-  scratch = dict(
-      q_s=tile((C, dim)), k_s=tile((C, dim)), v_s=tile((C, dim)), do_s=tile((C, dim)), vn_s=tile((C, dim)),
-      dvn_s=tile((C, dim)), h_s=tile((dim, dim)), dh_s=tile((dim, dim)), t_s=tile((C, C)), p_s=tile((C, C)),
-      cc_s=tile((C, C)), dqk_s=tile((C, C)), gc_s=vec, gcc_s=vec, beta_s=vec, sum_s=vec, dgc_o=vec, dbeta_o=vec,
-      first=plgpu.Barrier(num_arrivals=8), rest=plgpu.Barrier(num_arrivals=5))
+  scratch = _input_tiles(dim) | dict(sum_s=vec, dgc_o=vec, dbeta_o=vec) | LOAD_BARRIERS
 
-  def body(q_ref, k_ref, v_ref, gc_ref, beta_ref, t_ref, h_ref, dh_ref, do_ref, vn_ref, dvn_ref, p_ref,
-           dq_ref, dk_ref, dv_ref, dgc_ref, dbeta_ref, q_s, k_s, v_s, do_s, vn_s, dvn_s, h_s, dh_s, t_s, p_s, cc_s,
-           dqk_s, gc_s, gcc_s, beta_s, sum_s, dgc_o, dbeta_o, first, rest):
+  def body(*refs, **scratch):  # Pallas passes the scratch by name
+    ins, (dq_ref, dk_ref, dv_ref, dgc_ref, dbeta_ref) = refs[:12], refs[12:]
+    q_s, k_s, v_s, do_s, vn_s, dvn_s, h_s, dh_s, t_s, p_s, cc_s, dqk_s, gc_s, gcc_s, beta_s = (
+        scratch[name] for name in _input_tiles(dim))
+    sum_s, dgc_o, dbeta_o, first, rest = (scratch[name] for name in ("sum_s", "dgc_o", "dbeta_o", "first", "rest"))
     h, n, b = lax.axis_index("h"), lax.axis_index("n"), lax.axis_index("b")
-    hk = lax.div(h, groups)
     tokens = pl.ds(n * C, C)
-    # Phase 1's tiles behind one barrier, the rest behind another: phase 1 starts while they land.
-    for src, dst in ((k_ref.at[b, tokens, hk], k_s), (h_ref.at[b, h, n], h_s), (t_ref.at[b, h, n], t_s),
-                     (dvn_ref.at[b, tokens, h], dvn_s), (v_ref.at[b, tokens, h], v_s),
-                     (gc_ref.at[b, h, tokens], gc_s), (gc_ref.at[b, h, tokens], gcc_s),
-                     (beta_ref.at[b, h, tokens], beta_s)):
-      plgpu.copy_gmem_to_smem(src, dst, first)
-    for src, dst in ((q_ref.at[b, tokens, hk], q_s), (do_ref.at[b, tokens, h], do_s), (vn_ref.at[b, tokens, h], vn_s),
-                     (p_ref.at[b, h, n], p_s), (dh_ref.at[b, h, n], dh_s)):
-      plgpu.copy_gmem_to_smem(src, dst, rest)
+    _issue_loads(ins, scratch, b=b, h=h, n=n, hk=lax.div(h, groups))
     plgpu.barrier_wait(first)
 
     square, narrow = (C, C), (C, half)
     blocks = [pl.ds(0, half), pl.ds(half, half)]
-    # Two copies of gc: one load cannot take both layouts (Mosaic merges identical loads).
     gc_row, gc_col = load(gc_s, ROW), load(gcc_s, COL)
     beta_row = load(beta_s, ROW)
     gc_last = gc_s[C - 1]
@@ -234,7 +254,7 @@ def chunk_grads(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: j
     plgpu.copy_smem_to_gmem(dbeta_o, dbeta_ref.at[b, h, tokens])
     plgpu.wait_smem_to_gmem(0)
 
-  kernel = plgpu.kernel(body, out_type=out_shape, scratch_types=scratch, grid=(heads, chunks, batch),
+  kernel = plgpu.kernel(body, out_type=_output_types(q, v), scratch_types=scratch, grid=(heads, length // C, batch),
                         grid_names=("h", "n", "b"), compiler_params=plgpu.CompilerParams(approx_math=True))
   return kernel(q, k, v, gc, beta, t, states, d_states, d_out, v_new, dv_new, scores)
 
@@ -252,44 +272,28 @@ def chunk_grads_two_warpgroups(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax
   Pallas' one reduction scratch of the CTA, so the two warpgroups never take them at the same time: warpgroup 1's
   column sums wait for warpgroup 0's, and the totals are warpgroup 0's alone at the end."""
   batch, length, heads, dim = v.shape
-  chunks = length // C
   bf16, f32 = jnp.bfloat16, jnp.float32
   half = dim // 2
-  out_shape = (jax.ShapeDtypeStruct((batch, length, heads, dim), q.dtype),
-               jax.ShapeDtypeStruct((batch, length, heads, dim), q.dtype),
-               jax.ShapeDtypeStruct((batch, length, heads, dim), v.dtype),
-               jax.ShapeDtypeStruct((batch, heads, length), f32),
-               jax.ShapeDtypeStruct((batch, heads, length), f32))
   vec = plgpu.SMEM((C,), f32)
   per_group = plgpu.SMEM((2, C), f32)
   meet = lambda arrivals=2: plgpu.Barrier(num_arrivals=arrivals)
-  scratch = dict(
-      q_s=tile((C, dim)), k_s=tile((C, dim)), v_s=tile((C, dim)), do_s=tile((C, dim)), vn_s=tile((C, dim)),
-      dvn_s=tile((C, dim)), h_s=tile((dim, dim)), dh_s=tile((dim, dim)), t_s=tile((C, C)), p_s=tile((C, C)),
-      cc_s=tile((C, C)), dqk_s=tile((C, C)), gc_s=vec, gcc_s=vec, beta_s=vec,
+  scratch = _input_tiles(dim) | dict(
       cols_p=per_group, dgc_p=per_group, dbeta_p=per_group, dte_p=per_group, hdh_p=per_group, dgc_o=vec,
-      dbeta_o=vec, first=plgpu.Barrier(num_arrivals=8), rest=plgpu.Barrier(num_arrivals=5), x_ready=meet(),
-      cols_0=meet(1), squares=meet(), readers_done=meet(), sums=meet())
+      dbeta_o=vec) | LOAD_BARRIERS | dict(x_ready=meet(), cols_0=meet(1), squares=meet(), readers_done=meet(),
+                                          sums=meet())
 
-  def body(q_ref, k_ref, v_ref, gc_ref, beta_ref, t_ref, h_ref, dh_ref, do_ref, vn_ref, dvn_ref, p_ref,
-           dq_ref, dk_ref, dv_ref, dgc_ref, dbeta_ref, q_s, k_s, v_s, do_s, vn_s, dvn_s, h_s, dh_s, t_s, p_s, cc_s,
-           dqk_s, gc_s, gcc_s, beta_s, cols_p, dgc_p, dbeta_p, dte_p, hdh_p, dgc_o, dbeta_o, first, rest, x_ready,
-           cols_0, squares, readers_done, sums):
+  def body(*refs, **scratch):  # Pallas passes the scratch by name
+    ins, (dq_ref, dk_ref, dv_ref, dgc_ref, dbeta_ref) = refs[:12], refs[12:]
+    q_s, k_s, v_s, do_s, vn_s, dvn_s, h_s, dh_s, t_s, p_s, cc_s, dqk_s, gc_s, gcc_s, beta_s = (
+        scratch[name] for name in _input_tiles(dim))
+    cols_p, dgc_p, dbeta_p, dte_p, hdh_p, dgc_o, dbeta_o = (
+        scratch[name] for name in ("cols_p", "dgc_p", "dbeta_p", "dte_p", "hdh_p", "dgc_o", "dbeta_o"))
+    first, rest, x_ready, cols_0, squares, readers_done, sums = (
+        scratch[name] for name in ("first", "rest", "x_ready", "cols_0", "squares", "readers_done", "sums"))
     h, n, b = lax.axis_index("h"), lax.axis_index("n"), lax.axis_index("b")
     group = lax.axis_index("wg")
-    hk = lax.div(h, groups)
     tokens = pl.ds(n * C, C)
-
-    @pl.when(group == 0)
-    def _loads():
-      for src, dst in ((k_ref.at[b, tokens, hk], k_s), (h_ref.at[b, h, n], h_s), (t_ref.at[b, h, n], t_s),
-                       (dvn_ref.at[b, tokens, h], dvn_s), (v_ref.at[b, tokens, h], v_s),
-                       (gc_ref.at[b, h, tokens], gc_s), (gc_ref.at[b, h, tokens], gcc_s),
-                       (beta_ref.at[b, h, tokens], beta_s)):
-        plgpu.copy_gmem_to_smem(src, dst, first)
-      for src, dst in ((q_ref.at[b, tokens, hk], q_s), (do_ref.at[b, tokens, h], do_s),
-                       (vn_ref.at[b, tokens, h], vn_s), (p_ref.at[b, h, n], p_s), (dh_ref.at[b, h, n], dh_s)):
-        plgpu.copy_gmem_to_smem(src, dst, rest)
+    pl.when(group == 0)(lambda: _issue_loads(ins, scratch, b=b, h=h, n=n, hk=lax.div(h, groups)))
 
     def work(w: int):
       square, narrow = (C, C), (C, half)
@@ -383,7 +387,7 @@ def chunk_grads_two_warpgroups(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax
     for w in (0, 1):
       pl.when(group == w)(functools.partial(work, w))
 
-  kernel = plgpu.kernel(body, out_type=out_shape, scratch_types=scratch, grid=(heads, chunks, batch),
+  kernel = plgpu.kernel(body, out_type=_output_types(q, v), scratch_types=scratch, grid=(heads, length // C, batch),
                         grid_names=("h", "n", "b"), num_threads=2, thread_name="wg",
                         compiler_params=plgpu.CompilerParams(approx_math=True))
   return kernel(q, k, v, gc, beta, t, states, d_states, d_out, v_new, dv_new, scores)
