@@ -1,0 +1,97 @@
+"""The Mosaic GPU reverse walk (maxtext.kernels.gated_delta_rule.gpu_mosaic_reverse_walk, 64 value columns a
+program: 32 would need a 64-byte swizzle that wgmma cannot pair with the [C, C] tiles' 128, and 128 columns exceed
+the shared memory) against the Triton walk it would replace (gpu_kernels.state_grad_kernel with the fused forward's P, today's
+launch from gpu.walk_blocks / walk_stages) on the same random arrays: errors of dv_new, d_states and dh0 relative to
+the Triton ones (max|a-b| / max|b|), then ms of each at 1 x 4096, 1 x 16384, 8 x 4096 (Hk 16, Hv 32, d 128, bf16).
+
+GPU:  PYTHONPATH=src:benchmarks python3 benchmarks/gated_delta_rule_mosaic_walk.py
+CPU, lowering for CUDA only (jax-cuda12-plugin of the same version as jax on the path, see kernel_registers.py):
+  JAX_PLATFORMS=cpu PYTHONPATH=/tmp/cudasite:src python3 benchmarks/gated_delta_rule_mosaic_walk.py --lower
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from maxtext.kernels.gated_delta_rule.gpu_mosaic_reverse_walk import C, reverse_walk
+
+KERNELS = {"mosaic_bv64": functools.partial(reverse_walk, block_v=64)}
+
+
+def random_inputs(batch=1, length=4096, key_heads=16, heads=32, dim=128, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 8)
+  chunks = length // C
+  bf = jnp.bfloat16
+  normal = lambda key, shape, s=1.0: (s * jax.random.normal(key, shape)).astype(bf)
+  gc = jnp.cumsum(-0.05 * jax.random.uniform(keys[2], (batch, heads, chunks, C)), axis=-1).reshape(batch, heads, -1)
+  beta = jax.random.uniform(keys[3], (batch, heads, length))
+  tri = jnp.tril(jnp.ones((C, C)), -1)
+  t = (jnp.eye(C) + 0.1 * tri * jax.random.normal(keys[4], (batch, heads, chunks, C, C))).astype(bf)
+  p = (0.1 * jnp.tril(jnp.ones((C, C))) * jax.random.normal(keys[5], (batch, heads, chunks, C, C))).astype(bf)
+  keys_shape = (batch, length, key_heads, dim)
+  q, k = normal(keys[0], keys_shape, dim**-0.5), normal(keys[1], keys_shape, dim**-0.5)
+  d_out = normal(keys[6], (batch, length, heads, dim))
+  d_final = 0.1 * jax.random.normal(keys[7], (batch, heads, dim, dim))
+  return q, k, t, gc, beta, d_out, p, d_final
+
+
+def triton_reverse_walk(q, k, t, gc, beta, d_out, p, d_final, *, scale, groups):
+  """gpu.py's reverse walk (state_grad_kernel with P, ChunkedLaunch()'s launch) on the same arrays."""
+  from maxtext.kernels.gated_delta_rule import gpu_kernels
+  from maxtext.kernels.gated_delta_rule.gpu import ChunkedLaunch, walk_blocks, walk_stages
+  from maxtext.kernels.gated_delta_rule.gpu_precision import matmul_mode
+  from maxtext.kernels.triton_compat import TritonParams
+  launch = ChunkedLaunch()
+  batch, length, heads, dim = d_out.shape
+  _, store, mm = matmul_mode((q, d_out), None, False)
+  _, block_v = walk_blocks(launch, batch, heads, dim, store)
+  chunks = length // C
+  kernel = functools.partial(gpu_kernels.state_grad_kernel, chunk=C, groups=groups, num_chunks=chunks,
+                             block_v=block_v, scale=scale, segmented=False, mm=mm, local_from_scores=True)
+  return pl.pallas_call(
+      kernel, grid=(dim // block_v, heads, batch), name="gdr_state_bwd",
+      out_shape=(jax.ShapeDtypeStruct((batch, length, heads, dim), store),
+                 jax.ShapeDtypeStruct((batch, heads, chunks, dim, dim), store),
+                 jax.ShapeDtypeStruct((batch, heads, dim, dim), jnp.float32)),
+      compiler_params=TritonParams(num_warps=launch.reverse_walk_warps or launch.walk_warps,
+                                   num_stages=walk_stages(launch, store, block_v, reverse=True)),
+  )(q, k, t, gc, beta, d_out, p, d_final)
+
+
+def main() -> None:
+  scale, groups = 128**-0.5, 2
+  if "--lower" in sys.argv:
+    args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), random_inputs(length=256, key_heads=2,
+                                                                                          heads=4))
+    for name, kernel in KERNELS.items():
+      lowered = jax.jit(functools.partial(kernel, scale=scale, groups=groups)).trace(*args).lower(
+          lowering_platforms=("cuda",))
+      print(f"{name} lowered:", len(lowered.as_text()), "characters", flush=True)
+    return
+  from gated_delta_rule import errors  # benchmarks/
+  from timing import time_jax
+  for batch, length in ((1, 4096), (1, 16384), (8, 4096)):
+    args = random_inputs(batch, length)
+    triton = jax.jit(functools.partial(triton_reverse_walk, scale=scale, groups=groups))
+    want = triton(*args)
+    times = {"triton": time_jax(triton, *args)}
+    for name, kernel in KERNELS.items():
+      fn = jax.jit(functools.partial(kernel, scale=scale, groups=groups))
+      try:
+        got = fn(*args)
+        worst = [errors(a, b)[0] for a, b in zip(got, want)]  # max|a-b| / max|b|
+        print(f"{batch}x{length} {name} error vs triton (dv_new, d_states, dh0): "
+              + ", ".join(f"{e:.1e}" for e in worst), flush=True)
+        times[name] = time_jax(fn, *args)
+      except Exception as e:  # pylint: disable=broad-except  # one variant failing must not hide the others
+        print(f"{batch}x{length} {name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    print(f"{batch}x{length} ms: " + "  ".join(f"{k} {v:.3f}" for k, v in times.items()), flush=True)
+
+
+if __name__ == "__main__":
+  main()
