@@ -1,9 +1,9 @@
-"""The Mosaic GPU reverse walk (maxtext.kernels.gated_delta_rule.gpu_mosaic_reverse_walk, 64 value columns a
-program: 32 would need a 64-byte swizzle that wgmma cannot pair with the [C, C] tiles' 128, and 128 columns exceed
-the shared memory) against the Triton walk it would replace (gpu_kernels.state_grad_kernel with the fused forward's P, today's
-launch from gpu.walk_blocks / walk_stages) on the same random arrays: errors of dv_new, d_states and dh0 relative to
-the Triton ones (max|a-b| / max|b|), then ms of each at 1 x 4096, 1 x 16384, 8 x 4096 (Hk 16, Hv 32, d 128, bf16).
-
+"""The Mosaic GPU reverse walk (maxtext.kernels.gated_delta_rule.gpu_mosaic_reverse_walk) against the Triton walk it
+would replace (gpu_kernels.state_grad_kernel with the fused forward's P, today's launch from gpu.walk_blocks /
+walk_stages) on the same random arrays: errors of dv_new, d_states and dh0 relative to the Triton ones (max|a-b| /
+max|b|), then ms of each at 1 x 4096, 1 x 16384, 8 x 4096 (Hk 16, Hv 32, d 128, bf16). The Mosaic walk takes 64
+value columns a program: 32 would need a 64-byte swizzle, which wgmma cannot pair with the [C, C] tiles' 128 bytes,
+and 128 columns exceed the shared memory.
 GPU:  PYTHONPATH=src:benchmarks python3 benchmarks/gated_delta_rule_mosaic_walk.py
 CPU, lowering for CUDA only (jax-cuda12-plugin of the same version as jax on the path, see kernel_registers.py):
   JAX_PLATFORMS=cpu PYTHONPATH=/tmp/cudasite:src python3 benchmarks/gated_delta_rule_mosaic_walk.py --lower
