@@ -4,6 +4,7 @@ walk_stages) on the same random arrays: errors of dv_new, d_states and dh0 relat
 max|b|), then ms of each at 1 x 4096, 1 x 16384, 8 x 4096 (Hk 16, Hv 32, d 128, bf16). The Mosaic walk takes 64
 value columns a program: 32 would need a 64-byte swizzle, which wgmma cannot pair with the [C, C] tiles' 128 bytes,
 and 128 columns exceed the shared memory.
+
 GPU:  PYTHONPATH=src:benchmarks python3 benchmarks/gated_delta_rule_mosaic_walk.py
 CPU, lowering for CUDA only (jax-cuda12-plugin of the same version as jax on the path, see kernel_registers.py):
   JAX_PLATFORMS=cpu PYTHONPATH=/tmp/cudasite:src python3 benchmarks/gated_delta_rule_mosaic_walk.py --lower
