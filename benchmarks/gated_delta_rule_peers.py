@@ -75,6 +75,10 @@ def launches() -> dict:
           # gpu_mosaic_backward.py: the per-chunk backward as one Mosaic GPU warpgroup (where it applies)
           "mosaic_bwd": ChunkedLaunch(chunk_grads_mosaic=1),
           "mosaic_bwd_2wg": ChunkedLaunch(chunk_grads_mosaic=2),
+          # gpu_mosaic_walks.py: both walks in Mosaic GPU, alone and with the Mosaic chunk backward
+          "mosaic_walks": ChunkedLaunch(walks_mosaic=True),
+          "mosaic_all": ChunkedLaunch(walks_mosaic=True, chunk_grads_mosaic=1),
+          "mosaic_all_2wg": ChunkedLaunch(walks_mosaic=True, chunk_grads_mosaic=2),
           "unfusedbwd": ChunkedLaunch(fused_backward=False),  # the two-kernel backward (the default until 2026-12-01)
           # the walks: more warps or other pipelining depths for the [Dk, BV] state's chunk loop
           "walk_w8": ChunkedLaunch(walk_warps=8),

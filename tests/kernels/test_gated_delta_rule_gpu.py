@@ -33,7 +33,9 @@ FUSED = dict(split=dict(fused_forward=False, inverse_block=None, fused_backward=
              # what walk_blocks picks for many programs (B x Hv x Dv / 64 >= 512), here forced at a small shape
              wide_walk=dict(block_v=64),  # both walks 64 columns (the reverse walk's 2 stages)
              # gpu_mosaic_backward.py where it applies (bf16, unpacked; the Triton kernel for the others)
-             mosaic_bwd=dict(chunk_grads_mosaic=1), mosaic_bwd_2wg=dict(chunk_grads_mosaic=2))
+             mosaic_bwd=dict(chunk_grads_mosaic=1), mosaic_bwd_2wg=dict(chunk_grads_mosaic=2),
+             # gpu_mosaic_walks.py's walks, alone and with the one-warpgroup chunk backward
+             mosaic_walks=dict(walks_mosaic=True), mosaic_all=dict(walks_mosaic=True, chunk_grads_mosaic=1))
 
 
 def documents(lengths, batch=1):
@@ -214,3 +216,15 @@ def test_mosaic_chunk_backward_only_where_it_applies():
     assert not applies(**(base | change)), change
   with pytest.raises(ValueError, match="chunk_grads_mosaic=3 must be 0"):
     ChunkedLaunch(chunk_grads_mosaic=3)
+
+
+def test_mosaic_walks_only_where_they_apply():
+  """gpu_mosaic_walks covers unsegmented bf16 chunks of 64 with 128-wide keys and 64 | Dv, compiled (device test:
+  paths 'mosaic_walks', 'mosaic_all' above)."""
+  from maxtext.kernels.gated_delta_rule.gpu_mosaic_walks import applies
+  bf16 = jnp.bfloat16
+  base = dict(chunk=64, key_dim=128, value_dim=128, dtypes=(bf16, bf16, bf16), segmented=False, interpret=False)
+  assert applies(**base) and applies(**(base | dict(value_dim=256)))
+  for change in (dict(chunk=32), dict(key_dim=64), dict(value_dim=96), dict(dtypes=(jnp.float32, bf16, bf16)),
+                 dict(dtypes=(bf16, jnp.float32, bf16)), dict(segmented=True), dict(interpret=True)):
+    assert not applies(**(base | change)), change

@@ -125,6 +125,9 @@ class ChunkedLaunch:
   # docs/benchmarks.md): 0.889 / 1.788 ms against 0.990 / 1.970 at 1 x 16384 / 8 x 4096; two not yet run on a GPU.
   # 0 until the device test (test_gated_delta_rule_gpu.py, paths 'mosaic_bwd*') has passed inside gpu.py.
   chunk_grads_mosaic: int = 0
+  # gpu_mosaic_walks.py: the fused forward's walk and the reverse walk in Mosaic GPU (64 value columns a program, two
+  # TMA slots) where they apply (as above, 64 | Dv). Not yet run on a GPU: False until their device test passes.
+  walks_mosaic: bool = False
 
   def __post_init__(self):
     if self.chunk_grads_mosaic not in (0, 1, 2):
@@ -153,6 +156,18 @@ def walk_stages(launch: ChunkedLaunch, store, block_v: int, reverse: bool = Fals
   if jnp.dtype(store).itemsize != 2:
     return 1
   return 2 if reverse and block_v >= 64 else 3
+
+
+def _mosaic_walks(launch: ChunkedLaunch, *, chunk: int, key_dim: int, value_dim: int, dtypes, segmented: bool,
+                  interpret: bool):
+  """gpu_mosaic_walks where the launch asks for it and it applies, else None (the Triton walks). Its module is
+  imported only then: TPU and CPU hosts never load Mosaic GPU."""
+  if not launch.walks_mosaic:
+    return None
+  from maxtext.kernels.gated_delta_rule import gpu_mosaic_walks  # pylint: disable=import-outside-toplevel
+  scope = dict(chunk=chunk, key_dim=key_dim, value_dim=value_dim, dtypes=dtypes, segmented=segmented,
+               interpret=interpret)
+  return gpu_mosaic_walks if gpu_mosaic_walks.applies(**scope) else None
 
 
 def segment_masks(segment_ids: jax.Array, chunk: int) -> Segments:
@@ -224,6 +239,12 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
                       parallel_params, (q, k, gc, beta), segments, scale=scale, with_w=with_w,
                       per_key_head=launch.prep_per_key_head, **inv, **common)
       saved = (struct(batch, heads, num_chunks, key_dim, value_dim), struct(batch, length, heads, value_dim))
+      walks = _mosaic_walks(launch, chunk=chunk, key_dim=key_dim, value_dim=value_dim, dtypes=(store, q.dtype, v.dtype),
+                            segmented=segments is not None, interpret=interpret)
+      if walks is not None and not with_w:
+        o, final, *history = walks.forward_walk(q, k, v, gc, beta, t, p, h0.astype(jnp.float32), scale=scale,
+                                                groups=common["groups"], save=save)
+        return (o, final), ((t, *history, p) if save else None)
       o, final, *history = call(
           gpu_fused.walk_output_kernel, "gdr_walk_fwd", (value_dim // block_v, heads, batch),
           (struct(batch, length, heads, value_dim, dtype=v.dtype),
@@ -256,14 +277,20 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
       local = call(local_dv_kernel, "gdr_local_dv_bwd", parallel, struct(batch, length, heads, value_dim),
                    TritonParams(num_warps=launch.parallel_warps, num_stages=1), (q, k, gc, d_out), segments,
                    scale=scale, **common)
-    dv_new, d_states, dh0 = call(
-        state_grad_kernel, "gdr_state_bwd", (value_dim // block_v, heads, batch),
-        (struct(batch, length, heads, value_dim), struct(batch, heads, num_chunks, key_dim, value_dim),
-         struct(batch, heads, key_dim, value_dim, dtype=jnp.float32)),
-        TritonParams(num_warps=launch.reverse_walk_warps or launch.walk_warps,
-                     num_stages=walk_stages(launch, store, block_v, reverse=True)),
-        (q, k, t, gc, beta, d_out, local, d_final.astype(jnp.float32)), segments, num_chunks=num_chunks,
-        block_v=block_v, scale=scale, local_from_scores=bool(scores), **common)
+    walks = _mosaic_walks(launch, chunk=chunk, key_dim=key_dim, value_dim=value_dim, dtypes=(store, q.dtype, v.dtype),
+                          segmented=segments is not None, interpret=interpret)
+    if scores and walks is not None:
+      dv_new, d_states, dh0 = walks.reverse_walk(q, k, t, gc, beta, d_out, local, d_final.astype(jnp.float32),
+                                                 scale=scale, groups=common["groups"])
+    else:
+      dv_new, d_states, dh0 = call(
+          state_grad_kernel, "gdr_state_bwd", (value_dim // block_v, heads, batch),
+          (struct(batch, length, heads, value_dim), struct(batch, heads, num_chunks, key_dim, value_dim),
+           struct(batch, heads, key_dim, value_dim, dtype=jnp.float32)),
+          TritonParams(num_warps=launch.reverse_walk_warps or launch.walk_warps,
+                       num_stages=walk_stages(launch, store, block_v, reverse=True)),
+          (q, k, t, gc, beta, d_out, local, d_final.astype(jnp.float32)), segments, num_chunks=num_chunks,
+          block_v=block_v, scale=scale, local_from_scores=bool(scores), **common)
     block_k = min(launch.grad_block_k, key_dim)
     check_dims(grad_block_k=block_k)
     key_blocks = key_dim // block_k

@@ -10,8 +10,8 @@ reverse_walk: gpu_kernels.state_grad_kernel with the fused forward's P. Per chun
   dh_n = decay dh_{n+1} + q^T (s fs do) - k^T d_keys
 
 Scope: no segment ids, C = 64, Dk = 128, 64 | Dv, bf16 storage. PROTOTYPES: they lower for CUDA on the CPU (jax
-0.10.2 and 0.11.2), have run on no GPU, and gpu.py does not call them; benchmarks/gated_delta_rule_mosaic_walks.py
-compares them with the Triton walks on the same arrays.
+0.10.2 and 0.11.2) and have run on no GPU; benchmarks/gated_delta_rule_mosaic_walks.py
+compares them with the Triton walks on the same arrays; gpu.py runs them with ChunkedLaunch(walks_mosaic=True).
 """
 
 from __future__ import annotations
@@ -29,6 +29,13 @@ C = 64
 SLOTS = 2  # input buffers: chunk n computes while chunk n - 1 lands
 
 
+def applies(*, chunk: int, key_dim: int, value_dim: int, dtypes, segmented: bool, interpret: bool) -> bool:
+  """The module docstring's scope: dtypes are the storage dtype and q's and v's as the kernels receive them. The
+  reverse walk also needs the fused forward's P (gpu.py checks)."""
+  return (chunk == C and key_dim == 128 and value_dim % 64 == 0
+          and all(jnp.dtype(d) == jnp.bfloat16 for d in dtypes) and not segmented and not interpret)
+
+
 def _slotted(shape, dtype=jnp.bfloat16):
   return tile((SLOTS, *shape), dtype)
 
@@ -39,6 +46,38 @@ def _accumulate(pairs, init):
     for a, b in pairs:
       plgpu.wgmma(acc, a, b)
   return lax.optimization_barrier(pl.run_state(body)(plgpu.ACC.init(init)))
+
+
+def _read_carry(src, staging, landed, halves) -> tuple:
+  """A float32 [Dk, BV] state from HBM into two [64, BV] accumulator tiles, through a swizzled staging tile."""
+  plgpu.copy_gmem_to_smem(src, staging, landed)
+  plgpu.barrier_wait(landed)
+  return tuple(load(staging.at[rows], WG) for rows in halves)
+
+
+def _write_carry(carry, staging, dst, halves) -> None:
+  """The two accumulator tiles back to HBM through the staging tile, after every earlier store has read its tile."""
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+  for rows, part in zip(halves, carry):
+    staging.at[rows][...] = part
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(staging, dst)
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _stage_carry(carry, tile_ref, halves) -> None:
+  """The carry in 16 bits into a swizzled tile (a wgmma operand and the history's store), once the last chunk's
+  stores no longer read the staging tiles."""
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+  for rows, part in zip(halves, carry):
+    tile_ref.at[rows][...] = part.astype(tile_ref.dtype)
+  plgpu.commit_smem()
+
+
+def _launch(body, out_type, scratch, *, value_dim: int, block_v: int, heads: int, batch: int):
+  """One warpgroup per (value block, value head, row)."""
+  return plgpu.kernel(body, out_type=out_type, scratch_types=scratch, grid=(value_dim // block_v, heads, batch),
+                      grid_names=("v", "h", "b"), compiler_params=plgpu.CompilerParams(approx_math=True))
 
 
 def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: jax.Array, t: jax.Array,
@@ -81,9 +120,7 @@ def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: 
         plgpu.copy_gmem_to_smem(src, dst.at[slot], landed.at[slot])
 
     issue(0, 0)
-    plgpu.copy_gmem_to_smem(h0_ref.at[b, h, :, cols], h32_s, initial)
-    plgpu.barrier_wait(initial)
-    start = tuple(load(h32_s.at[rows], WG) for rows in key_halves)
+    start = _read_carry(h0_ref.at[b, h, :, cols], h32_s, initial, key_halves)
 
     def step(n, state):
       slot = lax.rem(n, SLOTS)
@@ -93,10 +130,7 @@ def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: 
       def _prefetch():  # the other slot held chunk n - 1, whose last reader (a waited wgmma) is done
         issue(n + 1, SLOTS - 1 - slot)
 
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's stores no longer read h_s, vn_s, o_s
-      for rows, part in zip(key_halves, state):
-        h_s.at[rows][...] = part.astype(bf16)
-      plgpu.commit_smem()
+      _stage_carry(state, h_s, key_halves)
       if save:
         plgpu.copy_smem_to_gmem(h_s, saved[0].at[b, h, n, :, cols])
       plgpu.barrier_wait(landed.at[slot])
@@ -121,16 +155,9 @@ def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: 
       return tuple(_accumulate([(transposed(k_s.at[slot].at[:, rows]), x_s)], decay * part)
                    for rows, part in zip(key_halves, state))
 
-    final = lax.fori_loop(0, chunks, step, start)
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    for rows, part in zip(key_halves, final):
-      h32_s.at[rows][...] = part
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(h32_s, final_ref.at[b, h, :, cols])
-    plgpu.wait_smem_to_gmem(0)
+    _write_carry(lax.fori_loop(0, chunks, step, start), h32_s, final_ref.at[b, h, :, cols], key_halves)
 
-  kernel = plgpu.kernel(body, out_type=out_type, scratch_types=scratch, grid=(value_dim // block_v, heads, batch),
-                        grid_names=("v", "h", "b"), compiler_params=plgpu.CompilerParams(approx_math=True))
+  kernel = _launch(body, out_type, scratch, value_dim=value_dim, block_v=block_v, heads=heads, batch=batch)
   return kernel(q, k, v, gc, beta, t, scores, h0)
 
 
@@ -171,9 +198,7 @@ def reverse_walk(q: jax.Array, k: jax.Array, t: jax.Array, gc: jax.Array, beta: 
         plgpu.copy_gmem_to_smem(src, dst.at[slot], landed.at[slot])
 
     issue(chunks - 1, 0)
-    plgpu.copy_gmem_to_smem(dfinal_ref.at[b, h, :, cols], dh32_s, initial)
-    plgpu.barrier_wait(initial)
-    start = tuple(load(dh32_s.at[rows], WG) for rows in key_halves)  # dh as two [64, BV] accumulator tiles
+    start = _read_carry(dfinal_ref.at[b, h, :, cols], dh32_s, initial, key_halves)
 
     def step(i, dh):
       n = chunks - 1 - i
@@ -184,10 +209,7 @@ def reverse_walk(q: jax.Array, k: jax.Array, t: jax.Array, gc: jax.Array, beta: 
       def _prefetch():  # the other slot held chunk n + 1, whose last reader (a waited wgmma) is done
         issue(n - 1, SLOTS - 1 - slot)
 
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's stores no longer read dh_s, dvn_s
-      for rows, dh_half in zip(key_halves, dh):
-        dh_s.at[rows][...] = dh_half.astype(bf16)
-      plgpu.commit_smem()
+      _stage_carry(dh, dh_s, key_halves)
       plgpu.copy_smem_to_gmem(dh_s, dstates_ref.at[b, h, n, :, cols])
       plgpu.barrier_wait(landed.at[slot])
 
@@ -208,14 +230,7 @@ def reverse_walk(q: jax.Array, k: jax.Array, t: jax.Array, gc: jax.Array, beta: 
                                 (transposed(k_s.at[slot].at[:, rows]), dkeys_s)], decay * part)
                    for rows, part in zip(key_halves, dh))
 
-    final = lax.fori_loop(0, chunks, step, start)
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    for rows, dh_half in zip(key_halves, final):
-      dh32_s.at[rows][...] = dh_half
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(dh32_s, dh0_ref.at[b, h, :, cols])
-    plgpu.wait_smem_to_gmem(0)
+    _write_carry(lax.fori_loop(0, chunks, step, start), dh32_s, dh0_ref.at[b, h, :, cols], key_halves)
 
-  kernel = plgpu.kernel(body, out_type=out_type, scratch_types=scratch, grid=(value_dim // block_v, heads, batch),
-                        grid_names=("v", "h", "b"), compiler_params=plgpu.CompilerParams(approx_math=True))
+  kernel = _launch(body, out_type, scratch, value_dim=value_dim, block_v=block_v, heads=heads, batch=batch)
   return kernel(q, k, t, gc, beta, d_out, scores, d_final)
