@@ -174,6 +174,7 @@ def test_mismatch_metrics_match_float64():
   d = (b["old"] - b["rollout"])[m]
   np.testing.assert_allclose(got["abs_sum"], np.abs(d).sum(), rtol=1e-5)
   np.testing.assert_allclose(got["abs_max"], np.abs(d).max(), rtol=1e-6)
+  np.testing.assert_allclose(got["rel_max"], (np.abs(d) / np.maximum(1.0, np.abs(b["rollout"][m]))).max(), rtol=1e-6)
   np.testing.assert_allclose(got["k3_sum"], (np.exp(d) - d - 1).sum(), rtol=1e-5)
 
 

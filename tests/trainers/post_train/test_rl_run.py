@@ -104,21 +104,26 @@ def _assert_float32_consistent(stdout: str, replay: bool) -> None:
   are the engine's own computation (prefill + recurrent decode steps, KV cache, at the rollout's shapes): the
   mismatch is exactly 0. The packed forward (chunked delta rule over packed rows), which the gradient flows through
   and which the default trains on, equals them to float32 rounding: the same logits through differently shaped
-  and ordered sums (docs/rl.md), a few units in the last place of logits that grow as the policy sharpens. Seen
-  over 60 steps: mean <= 1.4e-7, max 1.7e-6 (GRPO) and 5.1e-6 (GSPO), k3 <= 3.5e-14; bf16 is ~1e-2."""
+  and ordered sums (docs/rl.md), a few units in the last place of logits that grow as the policy sharpens. So the
+  max is bounded relative to max(1, |log-prob|) of its token, not absolutely: seen over 60 steps (2026-12-02,
+  the packages a fresh install took then): mean <= 1.7e-7, max 1.1e-5 at a log-prob of about -3.5, i.e. 3.1e-6
+  relative (GRPO; 1.7e-6 absolute in an earlier environment), GSPO 4.4e-6 / 2.6e-6, k3 <= 3.5e-14; bf16 is ~1e-2."""
   lines = [line for line in stdout.splitlines() if line.startswith("rl step")]
   assert lines and all(" r-1 0.0e+00 " in line for line in lines), lines[:1]
-  mismatch = [tuple(map(float, re.search(r"mismatch (\S+)/(\S+) k3 (\S+)", line).groups())) for line in lines]
-  gap = [tuple(map(float, m.groups())) for m in (re.search(r"packed-replay (\S+)/(\S+) ", l) for l in lines) if m]
+  # (mean, max, max relative to max(1, |logp|)) of |log-prob difference|, and the mismatch's k3
+  mismatch = [tuple(map(float, re.search(r"mismatch (\S+)/(\S+) \((\S+)\) k3", line).groups())) for line in lines]
+  k3 = [float(re.search(r" k3 (\S+)", line).group(1)) for line in lines]
+  gap = [tuple(map(float, m.groups())) for m in (re.search(r"packed-replay (\S+)/(\S+) \((\S+)\)", l) for l in lines)
+         if m]
   if replay:
-    assert all(m == (0.0, 0.0, 0.0) for m in mismatch), mismatch
+    assert all(m == (0.0, 0.0, 0.0) for m in mismatch) and not any(k3), (mismatch, k3)
     assert len(gap) == len(lines), lines[:1]
     packed = gap
   else:
     assert not gap, lines[:1]
     packed = mismatch
-    assert max(abs(m[2]) for m in mismatch) < 1e-12, mismatch
-  assert max(m[0] for m in packed) < 3e-7 and max(m[1] for m in packed) < 1e-5, packed
+    assert max(abs(k) for k in k3) < 1e-12, k3
+  assert max(m[0] for m in packed) < 3e-7 and max(m[2] for m in packed) < 1e-5, packed
 
 
 def test_speculative_sampled_rollouts_through_the_cli(cli_runs):

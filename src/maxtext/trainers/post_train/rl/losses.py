@@ -151,12 +151,15 @@ def policy_loss(
 
 
 def mismatch_sums(train_logp: jax.Array, rollout_logp: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
-  """Train/rollout mismatch over response tokens: sum and max of |logp_train - logp_rollout| and the sum of k3
-  KL(rollout || train) = e^(train - rollout) - (train - rollout) - 1 (samples come from the rollout)."""
+  """Train/rollout mismatch over response tokens: sum and max of |logp_train - logp_rollout|, its max relative to
+  max(1, |logp_rollout|) (float32 rounding grows with the log-prob's magnitude: an unlikely token's -40 carries 32x
+  the rounding of a likely one's -1) and the sum of k3 KL(rollout || train) = e^(train - rollout) - (train - rollout)
+  - 1 (samples come from the rollout)."""
   mask = mask.astype(jnp.float32)
   delta = train_logp - rollout_logp
   return {
       "abs_sum": jnp.sum(jnp.abs(delta) * mask),
       "abs_max": jnp.max(jnp.abs(delta) * mask),
+      "rel_max": jnp.max(jnp.abs(delta) * mask / jnp.maximum(1.0, jnp.abs(rollout_logp))),
       "k3_sum": jnp.sum((jnp.expm1(delta) - delta) * mask),
   }

@@ -19,9 +19,11 @@ def format_rl_line(step: int, total: int, m: dict[str, float]) -> str:
     parts.append(f"kl {m['kl']:.2e}" if "kl" in m else "kl off")
     if "mtp_loss" in m:
       parts.append(f"mtp {m['mtp_loss']:.3f}")
-    parts.append(f"mismatch {m['mismatch_mean']:.2e}/{m['mismatch_max']:.2e} k3 {m['mismatch_k3']:.2e}")
+    # mean/max |difference| of the log-probs, (max relative to max(1, |log-prob|))
+    parts.append(f"mismatch {m['mismatch_mean']:.2e}/{m['mismatch_max']:.2e} ({m['mismatch_rel_max']:.2e}) "
+                 f"k3 {m['mismatch_k3']:.2e}")
     if "replay_gap_mean" in m:  # rl_replay_logprobs: how far the packed forward (the gradient's path) is from it
-      parts.append(f"packed-replay {m['replay_gap_mean']:.2e}/{m['replay_gap_max']:.2e}")
+      parts.append(f"packed-replay {m['replay_gap_mean']:.2e}/{m['replay_gap_max']:.2e} ({m['replay_gap_rel_max']:.2e})")
   else:
     parts.append("no group with signal: update skipped")
   accepted = f" (mtp drafts accepted {m['draft_acceptance']:.2f})" if "draft_acceptance" in m else ""

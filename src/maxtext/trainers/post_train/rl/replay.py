@@ -47,6 +47,8 @@ def straight_through(replayed: jax.Array, logp: jax.Array) -> jax.Array:
 
 
 def gap_sums(packed: jax.Array, replayed: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
-  """Sum and max over response tokens of |packed forward's log-prob - replayed one|."""
+  """Sum and max over response tokens of |packed forward's log-prob - replayed one|, and that max relative to
+  max(1, |replayed|) (losses.mismatch_sums says why)."""
   delta = jnp.abs(packed - replayed) * mask.astype(jnp.float32)
-  return {"replay_gap_abs_sum": jnp.sum(delta), "replay_gap_abs_max": jnp.max(delta)}
+  return {"replay_gap_abs_sum": jnp.sum(delta), "replay_gap_abs_max": jnp.max(delta),
+          "replay_gap_rel_max": jnp.max(delta / jnp.maximum(1.0, jnp.abs(replayed)))}

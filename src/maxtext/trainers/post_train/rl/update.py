@@ -26,7 +26,8 @@ from maxtext.trainers.post_train.rl.rollout import Rollout
 from maxtext.trainers.post_train.rl.step import RLStep, on_mesh
 from maxtext.trainers.train_step import Training
 
-_MISMATCH = ("mismatch_abs_sum", "mismatch_abs_max", "mismatch_k3_sum", "replay_gap_abs_sum", "replay_gap_abs_max")
+_MISMATCH = ("mismatch_abs_sum", "mismatch_abs_max", "mismatch_rel_max", "mismatch_k3_sum", "replay_gap_abs_sum",
+             "replay_gap_abs_max", "replay_gap_rel_max")
 
 
 def _chunks(rollout: Rollout, config: Config) -> list[np.ndarray]:
@@ -137,10 +138,12 @@ def train_on_rollout(config: Config, training: Training, rl_step: RLStep, state:
   seconds = time.perf_counter() - began
   metrics.update(
       mismatch_mean=float(mismatch["mismatch_abs_sum"]) / tokens, mismatch_max=float(mismatch["mismatch_abs_max"]),
+      mismatch_rel_max=float(mismatch["mismatch_rel_max"]),
       mismatch_k3=float(mismatch["mismatch_k3_sum"]) / tokens, train_s=seconds, train_tokens=trained,
       train_tokens_per_s=trained / seconds, optimizer_steps=len(steps),
   )
   if "replay_gap_abs_sum" in mismatch:  # every response is in one optimizer step: a mean over all tokens
     metrics.update(replay_gap_mean=float(mismatch["replay_gap_abs_sum"]) / tokens,
-                   replay_gap_max=float(mismatch["replay_gap_abs_max"]))
+                   replay_gap_max=float(mismatch["replay_gap_abs_max"]),
+                   replay_gap_rel_max=float(mismatch["replay_gap_rel_max"]))
   return state, metrics
