@@ -52,19 +52,18 @@ def tile(shape, dtype=jnp.bfloat16):
   return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle)))
 
 
+def accumulate(pairs, init):
+  """init + the sum of a @ b over pairs in float32, by wgmma into one accumulator (a: shared-memory ref or 16-bit
+  registers in the wgmma layout; b: shared memory). The barrier keeps reads of the result after the wgmma wait."""
+  def body(acc):
+    for a, b in pairs:
+      plgpu.wgmma(acc, a, b)
+  return lax.optimization_barrier(pl.run_state(body)(plgpu.ACC.init(init)))
+
+
 def product(a, b, shape, init=None):
-  """init + a @ b in float32 (a: shared-memory ref or 16-bit registers in the wgmma layout; b: shared memory).
-  The barrier keeps reads of the result after the wgmma wait."""
-  if init is None:
-    def scoped(acc):
-      plgpu.wgmma(acc, a, b)
-      return acc[...]
-    out = pl.run_scoped(scoped, plgpu.ACC(shape, jnp.float32))
-  else:
-    def body(acc):
-      plgpu.wgmma(acc, a, b)
-    out = pl.run_state(body)(plgpu.ACC.init(init))
-  return lax.optimization_barrier(out)
+  """init + a @ b in float32 (operands as accumulate's)."""
+  return products((a, b, shape))[0] if init is None else accumulate([(a, b)], init)
 
 
 def products(*specs):

@@ -22,8 +22,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from maxtext.kernels.gated_delta_rule.gpu_mosaic_backward import (ROW, WG, load, product, products, rows_of, tile,
-                                                                transposed)
+from maxtext.kernels.gated_delta_rule.gpu_mosaic_backward import (ROW, WG, accumulate, load, product, products,
+                                                                rows_of, tile, transposed)
 
 C = 64
 SLOTS = 2  # input buffers: chunk n computes while chunk n - 1 lands
@@ -38,14 +38,6 @@ def applies(*, chunk: int, key_dim: int, value_dim: int, dtypes, segmented: bool
 
 def _slotted(shape, dtype=jnp.bfloat16):
   return tile((SLOTS, *shape), dtype)
-
-
-def _accumulate(pairs, init):
-  """init + sum of a @ b over pairs, by wgmma into one accumulator (read after the wait)."""
-  def body(acc):
-    for a, b in pairs:
-      plgpu.wgmma(acc, a, b)
-  return lax.optimization_barrier(pl.run_state(body)(plgpu.ACC.init(init)))
 
 
 def _read_carry(src, staging, landed, halves) -> tuple:
@@ -152,7 +144,7 @@ def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: 
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(o_s, o_ref.at[b, tokens, h, cols])
       decay = jnp.exp(gc_last)
-      return tuple(_accumulate([(transposed(k_s.at[slot].at[:, rows]), x_s)], decay * part)
+      return tuple(accumulate([(transposed(k_s.at[slot].at[:, rows]), x_s)], decay * part)
                    for rows, part in zip(key_halves, state))
 
     _write_carry(lax.fori_loop(0, chunks, step, start), h32_s, final_ref.at[b, h, :, cols], key_halves)
@@ -226,8 +218,8 @@ def reverse_walk(q: jax.Array, k: jax.Array, t: jax.Array, gc: jax.Array, beta: 
       plgpu.commit_smem()
       decay = jnp.exp(gc_last)
       # dh_n = decay dh + q^T (s fs do) - k^T d_keys, 64 key rows per accumulator
-      return tuple(_accumulate([(transposed(q_s.at[slot].at[:, rows]), dout_s),
-                                (transposed(k_s.at[slot].at[:, rows]), dkeys_s)], decay * part)
+      return tuple(accumulate([(transposed(q_s.at[slot].at[:, rows]), dout_s),
+                               (transposed(k_s.at[slot].at[:, rows]), dkeys_s)], decay * part)
                    for rows, part in zip(key_halves, dh))
 
     _write_carry(lax.fori_loop(0, chunks, step, start), dh32_s, dh0_ref.at[b, h, :, cols], key_halves)
