@@ -114,16 +114,21 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(real, greedy_comple
     return c.completions.create(model=real.model_id, prompt=prompt, max_tokens=6, temperature=0, logprobs=2)
 
   joined = "admitted 3 prompt(s) into the running batch"  # continuous batching: all three start in one step
-  before = real.process.log().count(joined)
-  with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
-    together = list(pool.map(ask, prompts))
-  assert real.process.log().count(joined) == before + 1
   alone = greedy_completion.choices[0].logprobs
-  batched = together[0].choices[0].logprobs
-  # Batched with other prompts (padding, another batch shape), the same prompt gets the same answer.
-  assert batched.tokens == alone.tokens
-  np.testing.assert_allclose(batched.token_logprobs, alone.token_logprobs, atol=LOGPROB_ATOL)
-  assert all(o.choices[0].finish_reason == "length" and o.usage.completion_tokens == 6 for o in together)
+  # A loaded 2-core CI machine once delivered the three requests more than the 500 ms gather window apart, so
+  # they started in two steps: send them again then, at most three times. Every try's answers are checked.
+  for _ in range(3):
+    before = real.process.log().count(joined)
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+      together = list(pool.map(ask, prompts))
+    batched = together[0].choices[0].logprobs
+    # Batched with other prompts (padding, another batch shape), the same prompt gets the same answer.
+    assert batched.tokens == alone.tokens
+    np.testing.assert_allclose(batched.token_logprobs, alone.token_logprobs, atol=LOGPROB_ATOL)
+    assert all(o.choices[0].finish_reason == "length" and o.usage.completion_tokens == 6 for o in together)
+    if real.process.log().count(joined) == before + 1:
+      break
+  assert real.process.log().count(joined) == before + 1, "three requests sent together never started in one step"
 
 
 @pytest.mark.parametrize("body,status,code", [
