@@ -1,5 +1,6 @@
 """The training loss with MTP against a float64 numpy computation from its definition, and rematerialisation
-('full', 'minimal') against storing everything ('none'): the same loss and gradients."""
+('full', 'minimal') against storing everything ('none'): the same loss and gradients; scanned 'none', which
+recomputes elementwise values in the backward, against the unscanned model."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from maxtext.checkpoint_conversion.scan_layout import unscan_layers
 from maxtext.configs import load_config
 from maxtext.models import params as model_params
 from maxtext.models.qwen3_next import Qwen3NextForCausalLM
@@ -79,8 +81,9 @@ def test_mtp_loss_matches_float64_definition():
   assert float(output.mtp_aux_loss) > 0 and abs(mtp_loss - lm_loss) > 1e-3  # a distinct head and its own router
 
 
-def _loss_and_grads(remat_policy: str, params, batch):
-  config = _config(remat_policy=remat_policy, mtp_num_layers=0)  # the MTP layer is never rematerialised
+def _loss_and_grads(remat_policy: str, params, batch, scan_layers: bool = True):
+  # the MTP layer is never rematerialised
+  config = _config(remat_policy=remat_policy, mtp_num_layers=0, scan_layers=scan_layers)
   model = Qwen3NextForCausalLM(ModelSpec.from_config(config))
 
   def loss(params):
@@ -104,6 +107,26 @@ def test_remat_policy_keeps_loss_and_gradients(policy, params_batch_and_referenc
   # Recomputing runs the same float32 ops on the same inputs; only XLA's fusion of the recomputed parts may differ,
   # by a few ulps (seen: bitwise equal).
   np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-6)
+  for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(want_grads), jax.tree.leaves(got_grads)):
+    scale = float(jnp.max(jnp.abs(want)))
+    assert scale > 0, jax.tree_util.keystr(path)
+    error = float(jnp.max(jnp.abs(got - want))) / scale
+    assert error < 1e-5, (jax.tree_util.keystr(path), error)
+
+
+def _unscanned(params, spec: ModelSpec):
+  return {"params": unscan_layers(params["params"], spec.num_layers, spec.block_length)}
+
+
+def test_scanned_none_matches_the_unscanned_model(params_batch_and_reference):
+  # Scanned 'none' recomputes the blocks' elementwise values in the backward (models/remat.py); unscanned 'none'
+  # is plain autodiff over the same layers: the loss and every layer's gradient agree.
+  params, batch, (want_loss, want_grads) = params_batch_and_reference
+  spec = ModelSpec.from_config(_config(remat_policy="none", mtp_num_layers=0))
+  got_loss, got_grads = _loss_and_grads("none", _unscanned(params, spec), batch, scan_layers=False)
+  np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-6)
+  want_grads = _unscanned(want_grads, spec)
+  assert jax.tree.structure(got_grads) == jax.tree.structure(want_grads)
   for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(want_grads), jax.tree.leaves(got_grads)):
     scale = float(jnp.max(jnp.abs(want)))
     assert scale > 0, jax.tree_util.keystr(path)

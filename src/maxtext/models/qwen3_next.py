@@ -18,6 +18,7 @@ from maxtext.layers.moe import load_balancing_loss
 from maxtext.layers.mtp import MultiTokenPredictor
 from maxtext.layers.norms import RMSNorm
 from maxtext.layers.rotary import rotary_cos_sin
+from maxtext.models import remat
 from maxtext.models.spec import ModelSpec
 
 # Parameter collection names of the two layouts (see checkpoint_conversion/scan_layout.py).
@@ -84,20 +85,6 @@ def _note_unrepeated_pattern(spec: ModelSpec) -> None:
         " (compiled like scan_layers=false)", spec.num_layers)
 
 
-# What the backward pass keeps of a rematerialised block: 'minimal' keeps every matmul output, 'full' nothing.
-_REMAT_POLICIES = {
-    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "full": jax.checkpoint_policies.nothing_saveable,
-}
-
-
-def _rematerialised(module_cls, policy: str, prevent_cse: bool):
-  """`module_cls` recomputed in the backward pass under `policy` (the `remat_policy` key); 'none' stores all."""
-  if policy == "none":
-    return module_cls
-  return nn.remat(module_cls, policy=_REMAT_POLICIES[policy], prevent_cse=prevent_cse)
-
-
 class Decoder(nn.Module):
   spec: ModelSpec
 
@@ -109,12 +96,12 @@ class Decoder(nn.Module):
     blocks; unscanned, a tuple over layers. Decoding has no backward pass, so it skips rematerialisation.
     """
     spec = self.spec
-    remat_policy = spec.remat_policy if decode is None else "none"
+    remat_policy = spec.remat_policy if decode is None else None
     if spec.scan_layers:
       if not self.is_initializing():  # shape-only inits (checkpoint layouts) are not runs worth a note
         _note_unrepeated_pattern(spec)
       blocks = nn.scan(
-          _rematerialised(DecoderBlock, remat_policy, prevent_cse=False),
+          remat.rematerialised(DecoderBlock, remat_policy, scanned=True, prevent_cse=False),
           variable_axes={"params": 0},
           split_rngs={"params": True},
           in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
@@ -124,7 +111,7 @@ class Decoder(nn.Module):
       x, (stacked, new_cache) = blocks(x, cos, sin, segment_ids, cache, decode)
       return x, jax.tree.map(lambda s: jnp.sum(s, axis=0), stacked), new_cache
     stats, new_caches = None, []
-    layer_cls = _rematerialised(DecoderLayer, remat_policy, prevent_cse=True)
+    layer_cls = remat.rematerialised(DecoderLayer, remat_policy, scanned=False, prevent_cse=True)
     for index, layer_type in enumerate(spec.layer_types):
       layer = _decoder_layer(spec, layer_type, unscanned_layer_name(index), layer_cls)
       x, layer_stats, layer_cache = _run_layer(
