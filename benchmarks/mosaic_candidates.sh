@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The device calls (each under 10 minutes on an H200) for the Mosaic GPU kernels of the gated delta rule and the
+# scanned-layers change, all written without a GPU. Each step has its own time limit, so one that hangs (a Mosaic
+# barrier that never completes) or fails does not cost the others; every step's output goes to $OUT/<step>.txt.
+#
+#   benchmarks/mosaic_candidates.sh kernels   # ~6 min: each Mosaic kernel against its Triton kernel, device tests
+#   benchmarks/mosaic_candidates.sh peers     # ~8 min: the four shapes with jax-linear-attention and fla (.jla/, .fla/)
+#   benchmarks/mosaic_candidates.sh train     # ~8 min: the bench train step at 8 x 4096, unscanned and scanned, and HF
+#
+# (from the repository root, with .jla/ and .fla/ carried). The kernels call decides which variants the peers call
+# times: a kernel whose device test fails is left out of VARIANTS.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/mosaic_candidates}
+mkdir -p "$OUT"
+SITE=/tmp/site
+for wheels in .jla .fla; do
+  if ls "$wheels"/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$wheels"/*.whl
+  fi
+done
+export PYTHONUNBUFFERED=1 PYTHONPATH="$SITE:$PWD/src:$PWD:$PWD/benchmarks"
+FAST_XLA='--xla_gpu_autotune_level=0 --xla_gpu_enable_triton_gemm=false'
+VARIANTS=${VARIANTS:-api,mosaic_bwd,mosaic_bwd_2wg,mosaic_walks,mosaic_all}
+
+step() {  # name, seconds, command...
+  local name=$1 seconds=$2
+  shift 2
+  echo "=== $name (limit ${seconds} s)"
+  local start=$SECONDS
+  timeout "$seconds" "$@" > "$OUT/$name.txt" 2>&1
+  echo "exit $? after $((SECONDS - start)) s"
+  grep -E "passed|failed|error|Error|^\|" "$OUT/$name.txt" | tail -30
+}
+
+case "${1:-}" in
+  kernels)
+    step mosaic_bwd 100 python3 benchmarks/gated_delta_rule_mosaic_bwd.py
+    step mosaic_walks 100 python3 benchmarks/gated_delta_rule_mosaic_walks.py
+    step device_tests 240 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider -m device \
+      tests/kernels/test_gated_delta_rule_gpu.py -k "compiled and mosaic"
+    ;;
+  peers)
+    (cd benchmarks && XLA_FLAGS="$FAST_XLA" step gdn_peers 470 python3 gated_delta_rule_peers.py \
+      --variants "$VARIANTS" --peer-timeout 370 --markdown "$OUT/gdn_peers.md" --json "$OUT/gdn_peers.json")
+    ;;
+  train)
+    (cd benchmarks && step train_b8 540 python3 train_step.py --batch 8 --scan-layers false,true --steps 6 \
+      --warmup 2)
+    ;;
+  *)
+    echo "usage: $0 kernels|peers|train" >&2
+    exit 2
+    ;;
+esac
