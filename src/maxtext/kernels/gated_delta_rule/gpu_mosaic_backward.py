@@ -6,8 +6,10 @@ Same inputs and outputs as the Triton kernel.
 Scope (`applies`): no segment ids, the fused forward's saved P, C = 64, Dk = Dv = 128, 16-bit storage, compiled
 (Mosaic GPU has no interpret mode for TMA copies, so CI cannot run it; its test is the device test). Measured on an
 H200 (2026-12-02, docs/benchmarks.md, benchmarks/gated_delta_rule_mosaic_bwd.py): 0.235 / 0.889 / 1.788 ms against
-the Triton kernel's 0.255 / 0.990 / 1.970 at 1 x 4096 / 1 x 16384 / 8 x 4096 (Hk 16, Hv 32, d 128, bf16). The two-
-warpgroup form lowers for CUDA (jax 0.10.2 and 0.11.2, on a CPU host) and has not yet run on a GPU.
+the Triton kernel's 0.255 / 0.990 / 1.970 at 1 x 4096 / 1 x 16384 / 8 x 4096 (Hk 16, Hv 32, d 128, bf16), in a form
+that spilled 668 bytes (ptxas); dQK and dKK now go through shared memory (504 bytes, benchmarks/mosaic_registers.py),
+not yet timed. The two-warpgroup form (no spills) compiles for an H200 on a CPU host (jax 0.10.2 and 0.11.2) and has
+not yet run on a GPU.
 
 With the forward's algebra (gpu.py; gpu_backward.py's docstring): x = beta (v - fs (k h)) overwrites v's tile after
 phase 1, and each output tile reuses an input tile whose last reader is done (dq in do's, dk in v_new's, dv in
@@ -160,9 +162,6 @@ def chunk_grads(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: j
     fs, te = jnp.exp(gc_row), jnp.exp(gc_last - gc_row)
     decay = jnp.exp(gc_last)
     bw = beta_row * fs
-    rows = plgpu.broadcasted_iota(jnp.int32, square, 0, layout=WG)
-    cols = plgpu.broadcasted_iota(jnp.int32, square, 1, layout=WG)
-    gamma = jnp.exp(jnp.where(rows >= cols, rows_of(gc_row, square) - cols_of(gc_col, square), -jnp.inf))
 
     # Phase 1, by value halves: k h, r = T^T dv_new and their row sums; x = beta (v - fs (k h)) replaces v.
     d_beta = d_bw = None
@@ -181,16 +180,19 @@ def chunk_grads(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: j
                                  (k_s, transposed(k_s), square))
     cc_s[...] = product(d_t.astype(bf16), transposed(t_s), square).astype(bf16)  # dT T^T
     plgpu.commit_smem()
+    # The [C, C] masks and decays only now: live through the products above they would spill (ptxas, sm_90a).
+    rows = plgpu.broadcasted_iota(jnp.int32, square, 0, layout=WG)
+    cols = plgpu.broadcasted_iota(jnp.int32, square, 1, layout=WG)
     d_a = jnp.where(rows > cols, -product(transposed(t_s), cc_s, square), 0.0)
+    gamma = jnp.exp(jnp.where(rows >= cols, rows_of(gc_row, square) - cols_of(gc_col, square), -jnp.inf))
     kk_gamma = kk * gamma
     dbeta_o[...] = d_beta + d_bw * fs + (d_a * kk_gamma).sum(axis=1)
-    d_a_pairs = d_a * rows_of(beta_row, square) * kk_gamma
-    d_kk = (d_a * rows_of(beta_row, square) * gamma).astype(bf16)
-    d_qk = (d_scores * (scale * gamma)).astype(bf16)
-    d_pairs = d_scores * load(p_s, WG).astype(f32) + d_a_pairs
+    d_a = d_a * rows_of(beta_row, square)
+    cc_s[...] = (d_a * gamma).astype(bf16)  # dKK: each [C, C] value goes to shared memory as soon as it is whole
+    d_pairs = d_a * kk_gamma
+    dqk_s[...] = (d_scores * (scale * gamma)).astype(bf16)  # dQK
+    d_pairs = d_pairs + d_scores * load(p_s, WG).astype(f32)
     sum_s[...] = d_pairs.sum(axis=0)  # column sums, read back one per row
-    cc_s[...] = d_kk
-    dqk_s[...] = d_qk
     plgpu.commit_smem()
     dgc = d_bw * bw + d_pairs.sum(axis=1) - load(sum_s, ROW)
 
@@ -200,7 +202,7 @@ def chunk_grads(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: j
     for kb, q_state in zip(blocks, q_states):
       part = (q_state * load(q_s.at[:, kb], WG).astype(f32)).sum(axis=1)
       d_q_state = part if d_q_state is None else d_q_state + part
-      dq.append(product(d_qk, k_s.at[:, kb], narrow, init=rows_of(scale * fs, narrow) * q_state).astype(bf16))
+      dq.append(product(dqk_s, k_s.at[:, kb], narrow, init=rows_of(scale * fs, narrow) * q_state).astype(bf16))
     for kb, dq_half in zip(blocks, dq):
       do_s.at[:, kb][...] = dq_half
     # w_state = dv_new h^T replaces x in v's tile.
@@ -218,7 +220,7 @@ def chunk_grads(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: j
       d_te = d_te_part if d_te is None else d_te + d_te_part
       part = part - rows_of(bw, narrow) * product(transposed(t_s), v_s.at[:, kb], narrow)
       part = product(transposed(dqk_s), q_s.at[:, kb], narrow, init=part)
-      part = product(d_kk, k_s.at[:, kb], narrow, init=part)
+      part = product(cc_s, k_s.at[:, kb], narrow, init=part)
       dk.append(product(transposed(cc_s), k_s.at[:, kb], narrow, init=part).astype(bf16))
     for kb, dk_half in zip(blocks, dk):
       vn_s.at[:, kb][...] = dk_half

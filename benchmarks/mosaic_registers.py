@@ -1,0 +1,103 @@
+"""Registers, spills and shared memory of the GDN's Mosaic GPU kernels for an H200, found on a CPU host: XLA:GPU
+compiles jax.grad of chunk_gated_delta_rule_gpu ahead of time for a described H200 (train_step_memory.py's
+target), and Mosaic GPU's own ptxas run reports each kernel (MOSAIC_GPU_DUMP_PTXAS). Exact for the installed jax,
+unlike kernel_registers.py's Triton wheel: screen Mosaic kernel changes for spills before a device call.
+
+  JAX_PLATFORMS=cpu PYTHONPATH=/tmp/cudasite python3 benchmarks/mosaic_registers.py [--variants mosaic_all,...]
+
+Setup as train_step_memory.py's docstring (jax-cuda12-plugin and the nvcc wheel's ptxas on the path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import importlib.metadata
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+VARIANTS = {"mosaic_bwd": dict(chunk_grads_mosaic=1), "mosaic_bwd_2wg": dict(chunk_grads_mosaic=2),
+            "mosaic_walks": dict(walks_mosaic=True), "mosaic_all": dict(walks_mosaic=True, chunk_grads_mosaic=1)}
+SHAPE = dict(batch=1, length=4096, key_heads=16, value_heads=32, dim=128)
+
+
+def compile_variant(name: str) -> None:
+  """Compile forward + backward with VARIANTS[name] (in this process; the dumps go to MOSAIC_GPU_DUMP_TO)."""
+  os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
+  import jax  # noqa: PLC0415 - after the environment
+  import jax.numpy as jnp  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  from jax.experimental import topologies  # noqa: PLC0415
+
+  from maxtext.kernels.gated_delta_rule.gpu import ChunkedLaunch, chunk_gated_delta_rule_gpu  # noqa: PLC0415
+  from train_step_memory import H200_TARGET  # noqa: PLC0415
+
+  topology = topologies.get_topology_desc(platform="cuda", target_config=H200_TARGET, topology="1x1x1")
+  mesh = jax.sharding.Mesh(np.array(topology.devices).reshape(1), ("x",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  b, t, hk, hv, d = (SHAPE[key] for key in ("batch", "length", "key_heads", "value_heads", "dim"))
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
+  args = (spec((b, t, hk, d), jnp.bfloat16), spec((b, t, hk, d), jnp.bfloat16), spec((b, t, hv, d), jnp.bfloat16),
+          spec((b, t, hv), jnp.float32), spec((b, t, hv), jnp.float32))
+  launch = ChunkedLaunch(**VARIANTS[name])
+
+  def loss(q, k, v, g, beta):
+    out, _ = chunk_gated_delta_rule_gpu(q, k, v, g, beta, None, launch=launch)
+    return jnp.sum(out.astype(jnp.float32) ** 2)
+
+  # jax >= 0.11 lowers Pallas kernels for the device kind of the mesh in context (none is local).
+  with jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else contextlib.nullcontext():
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).lower(*args)
+  lowered.compile()
+
+
+def kernel_rows(dump: str) -> list[dict]:
+  """One row per Mosaic kernel compiled into `dump`: grid, threads, registers, spills, shared memory."""
+  rows = []
+  for ptxas in sorted(glob.glob(os.path.join(dump, "*.ptxas"))):
+    text = open(ptxas, encoding="utf-8").read()
+    mlir = open(ptxas[: -len(".ptxas")] + ".before_layout_inference.txt", encoding="utf-8").read()
+    launch = re.search(r"blocks\([^)]*\) in \(([^)]*)\) threads\([^)]*\) in \(%\w+ = %c(\d+)", mlir)
+    grid = "x".join(re.findall(r"%c(\d+)", launch.group(1))) if launch else "?"
+    smem = re.search(r"dynamic_shared_memory_size %c(\d+)", mlir)
+    registers = re.search(r"Used (\d+) registers", text)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    rows.append({"kernel": os.path.basename(ptxas)[: -len(".ptxas")], "grid": grid,
+                 "threads": int(launch.group(2)) if launch else 0,
+                 "registers": int(registers.group(1)) if registers else -1,
+                 "spill_stores": int(spills.group(1)) if spills else 0, "spill_loads": int(spills.group(2)) if spills else 0,
+                 "smem_kb": int(smem.group(1)) / 1024 if smem else 0.0})
+  return rows
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--variants", default="mosaic_bwd,mosaic_bwd_2wg,mosaic_walks")
+  parser.add_argument("--one", help=argparse.SUPPRESS)  # worker: compile this variant
+  args = parser.parse_args()
+  if args.one:
+    compile_variant(args.one)
+    return
+  print("| variant | kernel | grid | threads | registers | spill stores / loads (bytes) | shared memory (KB) |")
+  print("|---|---|---|---|---|---|---|")
+  for name in args.variants.split(","):
+    with tempfile.TemporaryDirectory() as dump:
+      env = dict(os.environ, JAX_PLATFORMS="cpu", MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_TO=dump)
+      result = subprocess.run([sys.executable, __file__, "--one", name], env=env, capture_output=True, text=True,
+                              check=False)
+      if result.returncode != 0:
+        print(f"| {name} | compile failed: {(result.stderr.strip().splitlines() or ['?'])[-1][:200]} |||||")
+        continue
+      for row in kernel_rows(dump):
+        print(f"| {name} | {row['kernel']} | {row['grid']} | {row['threads']} | {row['registers']} |"
+              f" {row['spill_stores']} / {row['spill_loads']} | {row['smem_kb']:.1f} |")
+  print(f"deviceless H200 (sm_90a), jax {importlib.metadata.version('jax')}; B {SHAPE['batch']} T {SHAPE['length']} Hk"
+        f" {SHAPE['key_heads']} Hv {SHAPE['value_heads']} d {SHAPE['dim']} bf16")
+
+
+if __name__ == "__main__":
+  main()
