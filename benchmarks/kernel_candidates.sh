@@ -20,15 +20,7 @@ fi
 export PYTHONUNBUFFERED=1 PYTHONPATH="$SITE:$PWD/src:$PWD"
 VARIANTS=${VARIANTS:-api,bv16,bv16_w2,gk128_w8,gv32,wyg8,prep_kh,prep_kh_w4,fusedbwd_w2}
 
-step() {  # name, seconds, command...
-  local name=$1 seconds=$2
-  shift 2
-  echo "=== $name (limit ${seconds} s)"
-  local start=$SECONDS
-  timeout "$seconds" "$@" > "$OUT/$name.txt" 2>&1
-  echo "exit $? after $((SECONDS - start)) s"
-  grep -E "passed|failed|error|^\|" "$OUT/$name.txt" | tail -30
-}
+source benchmarks/device_step.sh
 
 step device_tests 150 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider -m device \
   tests/kernels/test_causal_conv.py tests/kernels/test_gated_delta_rule_gpu.py -k "compiled and (conv or prep_kh)"

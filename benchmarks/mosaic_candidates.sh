@@ -23,15 +23,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$SITE:$PWD/src:$PWD:$PWD/benchmarks"
 FAST_XLA='--xla_gpu_autotune_level=0 --xla_gpu_enable_triton_gemm=false'
 VARIANTS=${VARIANTS:-api,mosaic_bwd,mosaic_bwd_2wg,mosaic_walks,mosaic_all}
 
-step() {  # name, seconds, command...
-  local name=$1 seconds=$2
-  shift 2
-  echo "=== $name (limit ${seconds} s)"
-  local start=$SECONDS
-  timeout "$seconds" "$@" > "$OUT/$name.txt" 2>&1
-  echo "exit $? after $((SECONDS - start)) s"
-  grep -E "passed|failed|error|Error|^\|" "$OUT/$name.txt" | tail -30
-}
+source benchmarks/device_step.sh
 
 case "${1:-}" in
   kernels)
