@@ -132,3 +132,15 @@ def test_scanned_none_matches_the_unscanned_model(params_batch_and_reference):
     assert scale > 0, jax.tree_util.keystr(path)
     error = float(jnp.max(jnp.abs(got - want))) / scale
     assert error < 1e-5, (jax.tree_util.keystr(path), error)
+
+
+def test_elementwise_primitives_are_named_as_jax_names_them():
+  # The policy compares primitive names: a name jax does not use (a typo, a rename) would silently keep that
+  # primitive's outputs stacked.
+  from jax import lax  # noqa: PLC0415
+
+  from maxtext.models.remat import ELEMENTWISE_PRIMITIVES  # noqa: PLC0415
+
+  names = {value.name for value in vars(lax).values() if isinstance(value, jax.extend.core.Primitive)}
+  assert ELEMENTWISE_PRIMITIVES <= names, sorted(ELEMENTWISE_PRIMITIVES - names)
+  assert not {"dot_general", "cumsum", "reduce_sum", "gather"} & ELEMENTWISE_PRIMITIVES

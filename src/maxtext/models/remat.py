@@ -21,10 +21,12 @@ from flax import linen as nn
 # Primitives whose outputs are cheap to recompute from their inputs: elementwise arithmetic, comparisons, dtype
 # conversions and pure data movement. Named, not imported, so that the set reads the same on every jax version.
 ELEMENTWISE_PRIMITIVES = frozenset({
-    "abs", "add", "and", "broadcast_in_dim", "concatenate", "convert_element_type", "copy", "copy_p", "div", "eq",
-    "erf", "exp", "exp2", "expand_dims", "ge", "gt", "integer_pow", "iota", "le", "log", "log1p", "logistic", "lt",
-    "max", "min", "mul", "ne", "neg", "not", "or", "pad", "pow", "reshape", "rsqrt", "select_n", "sign", "slice",
-    "sqrt", "square", "squeeze", "sub", "tanh", "transpose",
+    "abs", "add", "and", "atan2", "bitcast_convert_type", "broadcast_in_dim", "cbrt", "ceil", "clamp", "concatenate",
+    "convert_element_type", "copy", "cos", "div", "eq", "erf", "erf_inv", "erfc", "exp", "exp2",
+    "expm1", "floor", "ge", "gt", "integer_pow", "iota", "is_finite", "le", "log", "log1p",
+    "logistic", "lt", "max", "min", "mul", "ne", "neg", "not", "or", "pad", "pow", "reduce_precision", "rem",
+    "reshape", "round", "rsqrt", "select_n", "sign", "sin", "slice", "sqrt", "square", "squeeze", "sub", "tan",
+    "tanh", "transpose", "xor",
 })
 
 
