@@ -8,7 +8,7 @@
   `[num_blocks, ...]` buffer, float32 upcasts included. So scanned 'none' keeps what unscanned XLA keeps, every
   output of a non-elementwise op (matmuls, kernels, gathers, reductions), and recomputes the elementwise ones
   inside the backward loop. On the 2.5B bench config this took the scanned step's temporaries (deviceless H200
-  compile, 4 x 4096 tokens) from 56.8 GB to 36.1 GB, against 35.1 GB unscanned (docs/benchmarks.md).
+  compile, jax 0.11.2, 4 x 4096 tokens) from 61.1 GB to 39.4 GB, against 35.2 GB unscanned (docs/benchmarks.md).
 """
 
 from __future__ import annotations
