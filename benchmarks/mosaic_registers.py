@@ -1,5 +1,5 @@
 """Registers, spills and shared memory of the GDN's Mosaic GPU kernels for an H200, found on a CPU host: XLA:GPU
-compiles jax.grad of chunk_gated_delta_rule_gpu ahead of time for a described H200 (train_step_memory.py's
+compiles jax.grad of chunk_gated_delta_rule_gpu ahead of time for a described H200 (deviceless_gpu.py's
 target), and Mosaic GPU's own ptxas run reports each kernel (MOSAIC_GPU_DUMP_PTXAS). Exact for the installed jax,
 unlike kernel_registers.py's Triton wheel: screen Mosaic kernel changes for spills before a device call.
 
@@ -11,7 +11,6 @@ Setup as train_step_memory.py's docstring (jax-cuda12-plugin and the nvcc wheel'
 from __future__ import annotations
 
 import argparse
-import contextlib
 import glob
 import importlib.metadata
 import os
@@ -27,17 +26,14 @@ SHAPE = dict(batch=1, length=4096, key_heads=16, value_heads=32, dim=128)
 
 def compile_variant(name: str) -> None:
   """Compile forward + backward with VARIANTS[name] (in this process; the dumps go to MOSAIC_GPU_DUMP_TO)."""
-  os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
-  import jax  # noqa: PLC0415 - after the environment
+  from deviceless_gpu import h200_mesh, lowering_context  # noqa: PLC0415 - before jax starts
+
+  mesh = h200_mesh(("x",))
+  import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
-  import numpy as np  # noqa: PLC0415
-  from jax.experimental import topologies  # noqa: PLC0415
 
   from maxtext.kernels.gated_delta_rule.gpu import ChunkedLaunch, chunk_gated_delta_rule_gpu  # noqa: PLC0415
-  from train_step_memory import H200_TARGET  # noqa: PLC0415
 
-  topology = topologies.get_topology_desc(platform="cuda", target_config=H200_TARGET, topology="1x1x1")
-  mesh = jax.sharding.Mesh(np.array(topology.devices).reshape(1), ("x",))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   b, t, hk, hv, d = (SHAPE[key] for key in ("batch", "length", "key_heads", "value_heads", "dim"))
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
@@ -49,8 +45,7 @@ def compile_variant(name: str) -> None:
     out, _ = chunk_gated_delta_rule_gpu(q, k, v, g, beta, None, launch=launch)
     return jnp.sum(out.astype(jnp.float32) ** 2)
 
-  # jax >= 0.11 lowers Pallas kernels for the device kind of the mesh in context (none is local).
-  with jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else contextlib.nullcontext():
+  with lowering_context(mesh):
     lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).lower(*args)
   lowered.compile()
 

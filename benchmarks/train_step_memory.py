@@ -13,7 +13,8 @@ The step is the one train_step.py times on the device (bf16 weights and compute,
 kernels, cuDNN attention), compiled by the same XLA:GPU passes and buffer assignment. What it cannot see: the
 allocator's own overhead and cuBLAS/cuDNN workspaces (the device's peak ran about 4 GB above arguments +
 temporaries here: 54.2 against 50.2 GB unscanned at 4 x 4096), and jax's version on the device. jax asks the local
-GPU whether it is a Hopper before it lets cuDNN take head_dim 256; with none, the answer is the described H200's.
+GPU whether it is a Hopper before it lets cuDNN take head_dim 256; with none, the answer is the described H200's
+(deviceless_gpu.py).
 Each compile runs in its own process (~20 s). `--dump DIR` keeps XLA's buffer assignment and live ranges
 (DIR/<layout>_b<batch>/*buffer-assignment.txt, *live-range.txt) for reading what is live at the peak.
 """
@@ -21,7 +22,6 @@ Each compile runs in its own process (~20 s). `--dump DIR` keeps XLA's buffer as
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
@@ -32,62 +32,26 @@ from bench_model import BENCH_MODEL
 LENGTH = 4096
 GB = 1e9
 
-# What XLA:GPU needs to know of the device (xla GpuTargetConfig, text proto): an H200 SXM, CUDA 12.8, cuDNN 9.8.
-H200_TARGET = """
-gpu_device_info {
-  threads_per_block_limit: 1024
-  threads_per_warp: 32
-  shared_memory_per_block: 49152
-  shared_memory_per_core: 233472
-  threads_per_core_limit: 2048
-  core_count: 132
-  fpus_per_core: 128
-  block_dim_limit_x: 2147483647
-  block_dim_limit_y: 65535
-  block_dim_limit_z: 65535
-  memory_bandwidth: 4800000000000
-  l2_cache_size: 52428800
-  clock_rate_ghz: 1.98
-  device_memory_size: 150754820096
-  shared_memory_per_block_optin: 232448
-  cuda_compute_capability { major: 9 }
-  registers_per_core_limit: 65536
-  registers_per_block_limit: 65536
-}
-platform_name: "CUDA"
-dnn_version_info { major: 9 minor: 8 }
-runtime_version { major: 12 minor: 8 patch: 0 }
-device_description_str: "NVIDIA H200"
-"""
-COMPUTE_CAPABILITY = (9, 0)
 
 
 def compile_one(batch: int, scanned: bool) -> dict:
   """Compile the step for one deviceless H200 in this process; its memory analysis in GB."""
-  os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
-  import jax  # noqa: PLC0415 - after the environment
-  import numpy as np  # noqa: PLC0415
-  from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention  # noqa: PLC0415
-  from jax.experimental import topologies  # noqa: PLC0415
+  from deviceless_gpu import h200_mesh, lowering_context  # noqa: PLC0415 - before jax starts
 
   from maxtext import sharding  # noqa: PLC0415
+
+  mesh = h200_mesh(sharding.MESH_AXES)
+  import jax  # noqa: PLC0415
+
   from maxtext.configs import load_config  # noqa: PLC0415
   from maxtext.trainers.train_step import build_training  # noqa: PLC0415
 
-  # jax reads the compute capability off a local GPU; there is none, so answer for the described one.
-  at_least = lambda capability: tuple(map(int, capability.split("."))) <= COMPUTE_CAPABILITY
-  cudnn_attention.check_compute_capability = at_least
-  cudnn_attention.is_cuda_compute_capability_equal = lambda c: tuple(map(int, c.split("."))) == COMPUTE_CAPABILITY
-
-  topology = topologies.get_topology_desc(platform="cuda", target_config=H200_TARGET, topology="1x1x1")
-  mesh = jax.sharding.Mesh(np.array(topology.devices).reshape((1,) * len(sharding.MESH_AXES)), sharding.MESH_AXES)
   config = load_config(overrides={
       **BENCH_MODEL, "max_target_length": LENGTH, "per_device_batch_size": batch, "dtype": "bfloat16",
       "weight_dtype": "bfloat16", "remat_policy": "none", "scan_layers": scanned, "steps": 1000,
   })
   training = build_training(config, mesh)
-  # jax >= 0.11 lowers Pallas Triton kernels for the device kind of the mesh in context (none is local).
-  with jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else contextlib.nullcontext():
+  with lowering_context(mesh):
     lowered = training.train_step.lower(training.abstract_state, training.abstract_batch)
   memory = lowered.compile().memory_analysis()
   return {"batch": batch, "scanned": scanned, "arguments": memory.argument_size_in_bytes / GB,

@@ -162,6 +162,9 @@ def chunk_grads(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: j
     fs, te = jnp.exp(gc_row), jnp.exp(gc_last - gc_row)
     decay = jnp.exp(gc_last)
     bw = beta_row * fs
+    rows = plgpu.broadcasted_iota(jnp.int32, square, 0, layout=WG)
+    cols = plgpu.broadcasted_iota(jnp.int32, square, 1, layout=WG)
+    gamma = jnp.exp(jnp.where(rows >= cols, rows_of(gc_row, square) - cols_of(gc_col, square), -jnp.inf))
 
     # Phase 1, by value halves: k h, r = T^T dv_new and their row sums; x = beta (v - fs (k h)) replaces v.
     d_beta = d_bw = None
@@ -180,11 +183,7 @@ def chunk_grads(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: j
                                  (k_s, transposed(k_s), square))
     cc_s[...] = product(d_t.astype(bf16), transposed(t_s), square).astype(bf16)  # dT T^T
     plgpu.commit_smem()
-    # The [C, C] masks and decays only now: live through the products above they would spill (ptxas, sm_90a).
-    rows = plgpu.broadcasted_iota(jnp.int32, square, 0, layout=WG)
-    cols = plgpu.broadcasted_iota(jnp.int32, square, 1, layout=WG)
     d_a = jnp.where(rows > cols, -product(transposed(t_s), cc_s, square), 0.0)
-    gamma = jnp.exp(jnp.where(rows >= cols, rows_of(gc_row, square) - cols_of(gc_col, square), -jnp.inf))
     kk_gamma = kk * gamma
     dbeta_o[...] = d_beta + d_bw * fs + (d_a * kk_gamma).sum(axis=1)
     d_a = d_a * rows_of(beta_row, square)
