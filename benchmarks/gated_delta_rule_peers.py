@@ -72,13 +72,14 @@ def launches() -> dict:
           # the prep by key head: k k^T and q k^T once for the key head's value heads; 2 or 4 warps
           "prep_kh": ChunkedLaunch(prep_per_key_head=True),
           "prep_kh_w4": ChunkedLaunch(prep_per_key_head=True, parallel_warps=4),
-          # gpu_mosaic_backward.py: the per-chunk backward as one Mosaic GPU warpgroup (where it applies)
+          # gpu_mosaic_backward.py's per-chunk backward (one or two Mosaic GPU warpgroups a chunk, 2 the default)
+          # and gpu_mosaic_walks.py's walks (the reverse one the default); 'triton': none of them
+          "triton": ChunkedLaunch(chunk_grads_mosaic=0, reverse_walk_mosaic=False),
           "mosaic_bwd": ChunkedLaunch(chunk_grads_mosaic=1),
-          "mosaic_bwd_2wg": ChunkedLaunch(chunk_grads_mosaic=2),
-          # gpu_mosaic_walks.py: both walks in Mosaic GPU, alone and with the Mosaic chunk backward
-          "mosaic_walks": ChunkedLaunch(walks_mosaic=True),
-          "mosaic_all": ChunkedLaunch(walks_mosaic=True, chunk_grads_mosaic=1),
-          "mosaic_all_2wg": ChunkedLaunch(walks_mosaic=True, chunk_grads_mosaic=2),
+          "mosaic_fwd_walk": ChunkedLaunch(forward_walk_mosaic=True),
+          # the blocked inverse by 32-wide blocks at the prep's 1 or 2 warps (measured at 4 warps only)
+          "blocked32_w1": ChunkedLaunch(inverse_block=32, parallel_warps=1),
+          "blocked32_w2": ChunkedLaunch(inverse_block=32, parallel_warps=2),
           "unfusedbwd": ChunkedLaunch(fused_backward=False),  # the two-kernel backward (the default until 2026-12-01)
           # the walks: more warps or other pipelining depths for the [Dk, BV] state's chunk loop
           "walk_w8": ChunkedLaunch(walk_warps=8),

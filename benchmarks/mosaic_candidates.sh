@@ -4,7 +4,7 @@
 # barrier that never completes) or fails does not cost the others; every step's output goes to $OUT/<step>.txt.
 #
 #   benchmarks/mosaic_candidates.sh kernels   # ~6 min: each Mosaic kernel against its Triton kernel, device tests
-#   benchmarks/mosaic_candidates.sh peers     # ~8 min: the four shapes with jax-linear-attention and fla (.jla/, .fla/)
+#   benchmarks/mosaic_candidates.sh peers     # ~9 min: the default launch's device tests; the four shapes with jax-linear-attention and fla (.jla/, .fla/)
 #   benchmarks/mosaic_candidates.sh train     # ~8 min: the bench train step at 8 x 4096, unscanned and scanned, and HF
 #
 # (from the repository root, with .jla/ and .fla/ carried). The kernels call decides which variants the peers call
@@ -21,7 +21,7 @@ for wheels in .jla .fla; do
 done
 export PYTHONUNBUFFERED=1 PYTHONPATH="$SITE:$PWD/src:$PWD:$PWD/benchmarks"
 FAST_XLA='--xla_gpu_autotune_level=0 --xla_gpu_enable_triton_gemm=false'
-VARIANTS=${VARIANTS:-api,mosaic_bwd,mosaic_bwd_2wg,mosaic_walks,mosaic_all}
+VARIANTS=${VARIANTS:-api,triton,mosaic_fwd_walk,blocked32_w1}
 
 source benchmarks/device_step.sh
 
@@ -30,9 +30,11 @@ case "${1:-}" in
     step mosaic_bwd 100 python3 benchmarks/gated_delta_rule_mosaic_bwd.py
     step mosaic_walks 100 python3 benchmarks/gated_delta_rule_mosaic_walks.py
     step device_tests 240 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider -m device \
-      tests/kernels/test_gated_delta_rule_gpu.py -k "compiled and mosaic"
+      tests/kernels/test_gated_delta_rule_gpu.py -k "compiled and (default or mosaic)"
     ;;
   peers)
+    step default_tests 120 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider -m device \
+      tests/kernels/test_gated_delta_rule_gpu.py -k "compiled and default"
     (cd benchmarks && XLA_FLAGS="$FAST_XLA" step gdn_peers 470 python3 gated_delta_rule_peers.py \
       --variants "$VARIANTS" --peer-timeout 370 --markdown "$OUT/gdn_peers.md" --json "$OUT/gdn_peers.json")
     ;;

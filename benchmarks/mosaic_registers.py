@@ -19,8 +19,9 @@ import subprocess
 import sys
 import tempfile
 
-VARIANTS = {"mosaic_bwd": dict(chunk_grads_mosaic=1), "mosaic_bwd_2wg": dict(chunk_grads_mosaic=2),
-            "mosaic_walks": dict(walks_mosaic=True), "mosaic_all": dict(walks_mosaic=True, chunk_grads_mosaic=1)}
+VARIANTS = {"mosaic_bwd": dict(chunk_grads_mosaic=1, reverse_walk_mosaic=False),
+            "mosaic_bwd_2wg": dict(chunk_grads_mosaic=2, reverse_walk_mosaic=False),
+            "mosaic_walks": dict(forward_walk_mosaic=True, chunk_grads_mosaic=0)}
 SHAPE = dict(batch=1, length=4096, key_heads=16, value_heads=32, dim=128)
 
 

@@ -24,19 +24,22 @@ from tests.kernels.test_gated_delta_rule import random_inputs, relative_error, v
 TOLERANCE = {"ieee": 1e-5, "tf32": 2e-3, "bf16": 1e-2}
 # several key and value blocks; the two-kernel backward (fused_backward has its own tests below)
 SMALL_TILES = ChunkedLaunch(block_v=16, grad_block_k=16, grad_block_v=16, fused_backward=False)
+# The Triton kernels throughout (on a Hopper the default launch runs gpu_mosaic_*.py where they apply)
+TRITON = dict(chunk_grads_mosaic=0, reverse_walk_mosaic=False)
 # gpu_fused.py's forward or not, the whole-tile WY inverse or the blocked one (gpu_inverse.py, the default)
-FUSED = dict(split=dict(fused_forward=False, inverse_block=None, fused_backward=False),
-             fused=dict(fused_forward=True, inverse_block=None, fused_backward=False),
-             blocked16=dict(fused_forward=True, inverse_block=16, fused_backward=False),
-             fusedbwd=dict(fused_forward=True, inverse_block=16, fused_backward=True),  # gpu_backward.py's kernel
-             prep_kh=dict(fused_forward=True, inverse_block=16, prep_per_key_head=True),  # prep by key head
+FUSED = dict(split=dict(fused_forward=False, inverse_block=None, fused_backward=False, **TRITON),
+             fused=dict(fused_forward=True, inverse_block=None, fused_backward=False, **TRITON),
+             blocked16=dict(fused_forward=True, inverse_block=16, fused_backward=False, **TRITON),
+             fusedbwd=dict(fused_forward=True, inverse_block=16, fused_backward=True, **TRITON),  # gpu_backward.py
+             prep_kh=dict(fused_forward=True, inverse_block=16, prep_per_key_head=True, **TRITON),  # prep by key head
              # what walk_blocks picks for many programs (B x Hv x Dv / 64 >= 512), here forced at a small shape
-             wide_walk=dict(block_v=64),  # both walks 64 columns (the reverse walk's 2 stages)
-             # gpu_mosaic_backward.py where it applies (bf16, unpacked; the Triton kernel for the others)
-             mosaic_bwd=dict(chunk_grads_mosaic=1), mosaic_bwd_2wg=dict(chunk_grads_mosaic=2),
-             # gpu_mosaic_walks.py's walks, alone and with the one-warpgroup chunk backward
-             mosaic_walks=dict(walks_mosaic=True), mosaic_all=dict(walks_mosaic=True, chunk_grads_mosaic=1))
-
+             wide_walk=dict(block_v=64, **TRITON),  # both walks 64 columns (the reverse walk's 2 stages)
+             # the default launch: gpu_mosaic_backward.py's two-warpgroup chunk backward and gpu_mosaic_walks.py's
+             # reverse walk where they apply (bf16, unpacked; the Triton kernels for the others)
+             default=dict(),
+             mosaic_bwd=dict(chunk_grads_mosaic=1, reverse_walk_mosaic=False),  # one warpgroup a chunk
+             # both of gpu_mosaic_walks.py's walks, with the Triton chunk backward
+             mosaic_walks=dict(forward_walk_mosaic=True, reverse_walk_mosaic=True, chunk_grads_mosaic=0))
 
 def documents(lengths, batch=1):
   return jnp.asarray(np.repeat(np.arange(len(lengths)), lengths)[None].repeat(batch, 0), jnp.int32)
@@ -220,7 +223,7 @@ def test_mosaic_chunk_backward_only_where_it_applies():
 
 def test_mosaic_walks_only_where_they_apply():
   """gpu_mosaic_walks covers unsegmented bf16 chunks of 64 with 128-wide keys and 64 | Dv, compiled (device test:
-  paths 'mosaic_walks', 'mosaic_all' above)."""
+  paths 'default', 'mosaic_walks' above)."""
   from maxtext.kernels.gated_delta_rule.gpu_mosaic_walks import applies
   bf16 = jnp.bfloat16
   base = dict(chunk=64, key_dim=128, value_dim=128, dtypes=(bf16, bf16, bf16), segmented=False, interpret=False)
@@ -228,3 +231,21 @@ def test_mosaic_walks_only_where_they_apply():
   for change in (dict(chunk=32), dict(key_dim=64), dict(value_dim=96), dict(dtypes=(jnp.float32, bf16, bf16)),
                  dict(dtypes=(bf16, jnp.float32, bf16)), dict(segmented=True), dict(interpret=True)):
     assert not applies(**(base | change)), change
+
+
+def test_mosaic_kernels_only_on_a_hopper(monkeypatch):
+  """wgmma needs compute capability 9.x: another GPU keeps the Triton kernels; no GPU (a deviceless compile for
+  the described H200) counts as one."""
+  from maxtext.kernels.gated_delta_rule import gpu
+  fake = lambda capability: lambda backend=None: [type("Gpu", (), {"compute_capability": capability})()]
+  for capability, expected in (("9.0", True), ("8.0", False), ("10.0", False)):
+    gpu.wgmma_device.cache_clear()
+    monkeypatch.setattr(gpu.jax, "devices", fake(capability))
+    assert gpu.wgmma_device() is expected, capability
+
+  def no_gpu(backend=None):
+    raise RuntimeError("Unknown backend gpu")
+  gpu.wgmma_device.cache_clear()
+  monkeypatch.setattr(gpu.jax, "devices", no_gpu)
+  assert gpu.wgmma_device()
+  gpu.wgmma_device.cache_clear()

@@ -121,13 +121,17 @@ class ChunkedLaunch:
   grad_heads_fastest: bool = True
   # gpu_mosaic_backward.py: the fused backward's per-chunk kernel in Mosaic GPU (TMA, wgmma) with this many
   # warpgroups per chunk (1 or 2; 0: the Triton kernel) where it applies (no segment ids, the fused forward's P,
-  # C = 64, Dk = Dv = 128, bf16; the Triton kernel otherwise). One warpgroup measured alone on an H200 (2026-12-02,
-  # docs/benchmarks.md): 0.889 / 1.788 ms against 0.990 / 1.970 at 1 x 16384 / 8 x 4096; two not yet run on a GPU.
-  # 0 until the device test (test_gated_delta_rule_gpu.py, paths 'mosaic_bwd*') has passed inside gpu.py.
-  chunk_grads_mosaic: int = 0
-  # gpu_mosaic_walks.py: the fused forward's walk and the reverse walk in Mosaic GPU (64 value columns a program, two
-  # TMA slots) where they apply (as above, 64 | Dv). Not yet run on a GPU: False until their device test passes.
-  walks_mosaic: bool = False
+  # C = 64, Dk = Dv = 128, bf16; the Triton kernel otherwise). Measured alone on an H200 (2026-12-03,
+  # benchmarks/gated_delta_rule_mosaic_bwd.py, Hk 16, Hv 32): two warpgroups 0.181 / 0.674 / 1.337 ms, one 0.216 /
+  # 0.815 / 1.698, Triton 0.255 / 0.989 / 1.969 at 1 x 4096 / 1 x 16384 / 8 x 4096; device tests passed.
+  chunk_grads_mosaic: int = 2
+  # gpu_mosaic_walks.py: the fused forward's walk and the reverse walk in Mosaic GPU (64 value columns a program,
+  # two TMA slots) where they apply (as above, 64 | Dv). Measured alone on an H200 (2026-12-03,
+  # benchmarks/gated_delta_rule_mosaic_walks.py): the reverse walk 0.123 / 0.467 / 0.609 ms against Triton's 0.143 /
+  # 0.546 / 0.804 at the shapes above, the forward walk 0.130 / 0.495 / 0.730 against 0.123 / 0.469 / 0.638; so
+  # only the reverse walk is Mosaic by default. Device tests of both passed.
+  forward_walk_mosaic: bool = False
+  reverse_walk_mosaic: bool = True
 
   def __post_init__(self):
     if self.chunk_grads_mosaic not in (0, 1, 2):
@@ -158,11 +162,23 @@ def walk_stages(launch: ChunkedLaunch, store, block_v: int, reverse: bool = Fals
   return 2 if reverse and block_v >= 64 else 3
 
 
-def _mosaic_walks(launch: ChunkedLaunch, *, chunk: int, key_dim: int, value_dim: int, dtypes, segmented: bool,
+@functools.cache
+def wgmma_device() -> bool:
+  """Whether the GPU is a Hopper (compute capability 9.x), the only one the Mosaic GPU kernels' wgmma runs on; True
+  with no GPU attached (a deviceless compile describes one, benchmarks/deviceless_gpu.py)."""
+  try:
+    gpus = jax.devices("gpu")
+  except RuntimeError:
+    return True
+  return all(str(getattr(d, "compute_capability", "9.0")).split(".")[0] == "9" for d in gpus)
+
+
+def _mosaic_walks(wanted: bool, *, chunk: int, key_dim: int, value_dim: int, dtypes, segmented: bool,
                   interpret: bool):
-  """gpu_mosaic_walks where the launch asks for it and it applies, else None (the Triton walks). Its module is
-  imported only then: TPU and CPU hosts never load Mosaic GPU."""
-  if not launch.walks_mosaic:
+  """gpu_mosaic_walks where the launch asks for that walk in Mosaic GPU (ChunkedLaunch.forward_walk_mosaic,
+  reverse_walk_mosaic) and it applies, else None (the Triton walk). Its module is imported only then: TPU and CPU
+  hosts never load Mosaic GPU."""
+  if not wanted or interpret or not wgmma_device():
     return None
   from maxtext.kernels.gated_delta_rule import gpu_mosaic_walks  # pylint: disable=import-outside-toplevel
   scope = dict(chunk=chunk, key_dim=key_dim, value_dim=value_dim, dtypes=dtypes, segmented=segmented,
@@ -239,8 +255,8 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
                       parallel_params, (q, k, gc, beta), segments, scale=scale, with_w=with_w,
                       per_key_head=launch.prep_per_key_head, **inv, **common)
       saved = (struct(batch, heads, num_chunks, key_dim, value_dim), struct(batch, length, heads, value_dim))
-      walks = _mosaic_walks(launch, chunk=chunk, key_dim=key_dim, value_dim=value_dim, dtypes=(store, q.dtype, v.dtype),
-                            segmented=segments is not None, interpret=interpret)
+      walks = _mosaic_walks(launch.forward_walk_mosaic, chunk=chunk, key_dim=key_dim, value_dim=value_dim,
+                            dtypes=(store, q.dtype, v.dtype), segmented=segments is not None, interpret=interpret)
       if walks is not None and not with_w:
         o, final, *history = walks.forward_walk(q, k, v, gc, beta, t, p, h0.astype(jnp.float32), scale=scale,
                                                 groups=common["groups"], save=save)
@@ -277,8 +293,8 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
       local = call(local_dv_kernel, "gdr_local_dv_bwd", parallel, struct(batch, length, heads, value_dim),
                    TritonParams(num_warps=launch.parallel_warps, num_stages=1), (q, k, gc, d_out), segments,
                    scale=scale, **common)
-    walks = _mosaic_walks(launch, chunk=chunk, key_dim=key_dim, value_dim=value_dim, dtypes=(store, q.dtype, v.dtype),
-                          segmented=segments is not None, interpret=interpret)
+    walks = _mosaic_walks(launch.reverse_walk_mosaic, chunk=chunk, key_dim=key_dim, value_dim=value_dim,
+                          dtypes=(store, q.dtype, v.dtype), segmented=segments is not None, interpret=interpret)
     if scores and walks is not None:
       dv_new, d_states, dh0 = walks.reverse_walk(q, k, t, gc, beta, d_out, local, d_final.astype(jnp.float32),
                                                  scale=scale, groups=common["groups"])
@@ -294,7 +310,7 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
     block_k = min(launch.grad_block_k, key_dim)
     check_dims(grad_block_k=block_k)
     key_blocks = key_dim // block_k
-    if launch.fused_backward and launch.chunk_grads_mosaic:
+    if launch.fused_backward and launch.chunk_grads_mosaic and not interpret and wgmma_device():
       # Mosaic GPU's module only where asked for: TPU and CPU hosts never load it.
       from maxtext.kernels.gated_delta_rule import gpu_mosaic_backward  # pylint: disable=import-outside-toplevel
       if gpu_mosaic_backward.applies(chunk=chunk, key_dim=key_dim, value_dim=value_dim,
