@@ -9,6 +9,7 @@ docs/benchmarks.md).
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +72,26 @@ def test_packed_documents_with_small_tiles():
   """Documents of 30, 50 and 20 tokens in chunks of 32: boundaries inside chunks, one chunk holding three."""
   check((1, 100, 1, 2, 32, 32), 32, jnp.float32, "ieee", segment_ids=documents([30, 3, 47, 20]),
         launch=SMALL_TILES)
+
+
+@pytest.mark.parametrize("launch", [ChunkedLaunch(norm_grads_kernel=False), ChunkedLaunch(norm_grads_kernel=True)],
+                         ids=["xla_norm", "norm_kernel"])
+@pytest.mark.parametrize("use_qk_l2norm", [True, False], ids=["l2norm", "no_l2norm"])
+def test_qk_gradients_with_or_without_the_norm(launch, use_qk_l2norm):
+  """dq, dk by gpu_norm_grads.py's kernel or by XLA autodiff, through the l2 norm or not (then q, k are the
+  operands as given: small values keep the reference's state bounded)."""
+  inputs = random_inputs(3, 1, 70, 2, 4, 32, 32, jnp.float32, True)
+  if not use_qk_l2norm:
+    inputs = (inputs[0] * 0.1, inputs[1] * 0.1, *inputs[2:])
+  expected = values_and_grads(
+      functools.partial(chunk_gated_delta_rule_reference, use_qk_l2norm=use_qk_l2norm), *inputs, None, 32)
+  kernel = functools.partial(chunk_gated_delta_rule_gpu, precision="ieee", launch=launch, interpret=True,
+                             use_qk_l2norm=use_qk_l2norm)
+  got = values_and_grads(kernel, *inputs, None, 32)
+  for name, a, b in zip(["o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dh0"], jax.tree.leaves(got),
+                        jax.tree.leaves(expected)):
+    assert a.dtype == b.dtype, name
+    assert relative_error(a, b) < TOLERANCE["ieee"], name
 
 
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])

@@ -1,7 +1,7 @@
 """The whole chunked gated delta rule on GPU: seven Pallas-Triton kernels over the model's layout, with a custom vjp.
 
-The kernels read q and k [B, T, Hk, Dk] (already l2-normalised: the caller does that under autodiff, so its
-gradient is JAX's), v [B, T, Hv, Dv], the chunk-local cumulative log decays gc and the betas [B, Hv, T] in float32,
+The kernels read q and k [B, T, Hk, Dk] (l2-normalised by XLA in the custom vjp; gpu_norm_grads.py's kernel takes
+their gradients back through the norm), v [B, T, Hv, Dv], the chunk-local cumulative log decays gc and the betas [B, Hv, T] in float32,
 and per-token segment masks. Value head h reads key head h // G (G = Hv / Hk) in place: nothing is repeated.
 T is a multiple of the chunk size C (the caller pads). Per batch row, value head and chunk, with q, k the chunk's
 rows of its key head and s the 1/sqrt(Dk) scale:
@@ -25,7 +25,7 @@ gpu_backward.py's one kernel for the parallel part, else `output_grad_kernel` (t
 state update) and `wy_grad_kernel` (through the WY system); the fused kernel never forms dw and takes the [C, Dk]
 gradients by key blocks in loops, so few tiles are live (an earlier single kernel that kept them all measured 5.8
 ms at B=1, T=16384, 32 heads on an H100: it spilled). The per-value-head dq, dk are summed over each key head's
-group by XLA afterwards.
+group and taken through the l2 norm by gpu_norm_grads.py's kernel.
 
 Precision (gpu_precision.py's modes): 'bf16' (the default for 16-bit inputs) rounds every dot operand to bf16, as
 fla does, and stores the intermediates (w, u, T, states, v_new and the gradients between kernels) in the inputs'
@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from maxtext.kernels.gated_delta_rule import gpu_backward, gpu_fused
+from maxtext.kernels.gated_delta_rule import gpu_backward, gpu_fused, gpu_norm_grads
 from maxtext.kernels.gated_delta_rule.chunking import l2_normalize, token_segment_masks
 from maxtext.kernels.gated_delta_rule.gpu_kernels import (
     Segments,
@@ -132,6 +132,9 @@ class ChunkedLaunch:
   # only the reverse walk is Mosaic by default. Device tests of both passed.
   forward_walk_mosaic: bool = False
   reverse_walk_mosaic: bool = True
+  # gpu_norm_grads.py: the per-value-head dq, dk to the raw q, k's gradients (group sum and the l2 norm's backward) in
+  # one kernel; False: under XLA autodiff, the l2 norm outside the custom vjp.
+  norm_grads_kernel: bool = True
 
   def __post_init__(self):
     if self.chunk_grads_mosaic not in (0, 1, 2):
@@ -208,10 +211,19 @@ def supports(chunk_size: int, key_dim: int, value_dim: int) -> bool:
 
 @functools.cache
 def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret: bool,
-                     launch: ChunkedLaunch = ChunkedLaunch()) -> Callable:
+                     launch: ChunkedLaunch = ChunkedLaunch(), normalize: bool = False) -> Callable:
   """(q, k, v, gc, beta, h0, segments) -> (o [B, T, Hv, Dv] in v's dtype, final state f32), differentiable in all
-  but segments. Layouts in the module docstring; q, k normalised and T a multiple of chunk.
+  but segments. Layouts in the module docstring; T a multiple of chunk. q, k are the kernels' operands as given, or
+  with `normalize` the raw ones, l2-normalised here (their gradient by gpu_norm_grads.py; only the raw q, k are kept
+  for the backward, which normalises them again).
   """
+
+  def operands(q, k):
+    """The kernels' q, k: l2-normalised in float32 (normalize), in the precision mode's operand dtype."""
+    operand = q.dtype if precision == "bf16" else jnp.float32
+    if normalize:
+      q, k = l2_normalize(q.astype(jnp.float32)), l2_normalize(k.astype(jnp.float32))
+    return q.astype(operand), k.astype(operand)
 
   def setup(q, v):
     batch, length, key_heads, key_dim = q.shape
@@ -282,7 +294,8 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
              parallel_params, (q, k, gc, states, v_new), segments, scale=scale, **common)
     return (o, final), (t, states, v_new)
 
-  def backward(q, k, v, gc, beta, h0, segments, t, states, v_new, *scores, d_out, d_final):
+  def backward(q, k, v, gc, beta, h0, segments, t, states, v_new, *scores, d_out, d_final, raw):
+    """q, k: the kernels' operands; raw: the q, k given to `run` (finish's gradients are theirs)."""
     (batch, length, heads, key_dim, value_dim, num_chunks), store, common, _, (_, block_v), grad_block_v = setup(q, v)
     struct = lambda *shape, dtype=store: jax.ShapeDtypeStruct(shape, dtype)
     parallel = (num_chunks, heads, batch)
@@ -319,7 +332,7 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
         kernel = gpu_mosaic_backward.KERNELS[launch.chunk_grads_mosaic]
         dq, dk, dv, dgc, dbeta = kernel(q, k, v, gc, beta, t, states, d_states, d_out, v_new, dv_new, *scores,
                                         scale=scale, groups=common["groups"])
-        return finish(q, k, v, h0, dq, dk, dv, dgc, dbeta, dh0)
+        return finish(*raw, v, h0, dq, dk, dv, dgc, dbeta, dh0)
     if launch.fused_backward:
       dq, dk, dv, dgc, dbeta = call(
           gpu_backward.chunk_grad_kernel, "gdr_chunk_bwd",
@@ -331,7 +344,7 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
           (q, k, v, gc, beta, t, states, d_states, d_out, v_new, dv_new, *scores), segments, block_k=block_k,
           block_v=grad_block_v, scale=scale, with_scores=bool(scores), heads_fastest=launch.grad_heads_fastest,
           **common)
-      return finish(q, k, v, h0, dq, dk, dv, dgc, dbeta, dh0)
+      return finish(*raw, v, h0, dq, dk, dv, dgc, dbeta, dh0)
     dq, dk, dw, dgc = call(
         output_grad_kernel, "gdr_output_bwd", (key_blocks, num_chunks, batch * heads),
         (struct(batch, length, heads, key_dim), struct(batch, length, heads, key_dim),
@@ -345,28 +358,36 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
          struct(batch, heads, length, dtype=jnp.float32), struct(batch, heads, length, dtype=jnp.float32)),
         TritonParams(num_warps=launch.wy_grad_warps, num_stages=1),
         (k, v, gc, beta, t, dw, dv_new, dk, dgc), segments, key_blocks=key_blocks, **common)
-    return finish(q, k, v, h0, dq, dk, dv, dgc, dbeta, dh0)
+    return finish(*raw, v, h0, dq, dk, dv, dgc, dbeta, dh0)
 
   def finish(q, k, v, h0, dq, dk, dv, dgc, dbeta, dh0):
-    """The kernels' per-value-head dq, dk summed over each key head's group; every gradient in its input's dtype."""
-    batch, length, key_heads, key_dim = q.shape
-    groups = dq.shape[2] // key_heads
-    by_key_head = lambda x: x.astype(jnp.float32).reshape(batch, length, key_heads, groups, key_dim).sum(3)
-    return (by_key_head(dq).astype(q.dtype), by_key_head(dk).astype(k.dtype), dv.astype(v.dtype), dgc, dbeta,
-            dh0.astype(h0.dtype))
+    """The kernels' per-value-head dq, dk summed over each key head's group (and through the l2 norm with
+    normalize) as gradients of the q, k given to `run`; every gradient in its input's dtype."""
+    if launch.norm_grads_kernel:
+      grads = functools.partial(gpu_norm_grads.key_head_grads, block=chunk, normalized=normalize, interpret=interpret)
+      dq, dk = grads(q, dq), grads(k, dk)
+    else:
+      batch, length, key_heads, key_dim = q.shape
+      groups = dq.shape[2] // key_heads
+      by_key_head = lambda x: x.astype(jnp.float32).reshape(batch, length, key_heads, groups, key_dim).sum(3)
+      dq, dk = by_key_head(dq), by_key_head(dk)
+      if normalize:
+        dq, dk = (jax.vjp(lambda x: l2_normalize(x.astype(jnp.float32)), raw)[1](d)[0] for raw, d in ((q, dq), (k, dk)))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dgc, dbeta, dh0.astype(h0.dtype)
 
   @jax.custom_vjp
   def run(q, k, v, gc, beta, h0, segments):
-    return forward(q, k, v, gc, beta, h0, segments, save=False)[0]
+    return forward(*operands(q, k), v, gc, beta, h0, segments, save=False)[0]
 
   def run_forward(q, k, v, gc, beta, h0, segments):
-    outputs, saved = forward(q, k, v, gc, beta, h0, segments)
+    outputs, saved = forward(*operands(q, k), v, gc, beta, h0, segments)
     return outputs, (q, k, v, gc, beta, h0, segments, *saved)
 
   def run_backward(residuals, cotangents):
-    *saved, segments = residuals[:7]
+    q, k, v, gc, beta, h0, segments = residuals[:7]
     d_out, d_final = cotangents
-    grads = backward(*saved, segments, *residuals[7:], d_out=d_out, d_final=d_final)
+    grads = backward(*operands(q, k), v, gc, beta, h0, segments, *residuals[7:], d_out=d_out, d_final=d_final,
+                     raw=(q, k))
     return (*grads, None)
 
   run.defvjp(run_forward, run_backward)
@@ -379,8 +400,9 @@ def chunk_gated_delta_rule_gpu(q, k, v, g, beta, initial_state, *, segment_ids=N
                                launch: ChunkedLaunch = ChunkedLaunch()) -> tuple[jax.Array, jax.Array]:
   """Model layouts (reference.py) -> (o [B, T, Hv, Dv] in v's dtype, final state [B, Hv, Dk, Dv] float32).
 
-  The l2 norm, the chunk-local cumulative sum of g, the padding to whole chunks and the sum of dq, dk over each
-  key head's value heads run under XLA (autodiff); everything else is this module's kernels. precision:
+  The l2 norm's forward, the chunk-local cumulative sum of g and the padding to whole chunks run under XLA
+  (autodiff); everything else is this module's kernels (the l2 norm's backward with the sum of dq, dk over each key
+  head's value heads: gpu_norm_grads.py). precision:
   gpu_precision.py's modes, None for the inputs' dtype's default ('bf16' for 16-bit inputs, 'ieee' for float32).
   """
   batch, length, _, key_dim = q.shape
@@ -390,14 +412,16 @@ def chunk_gated_delta_rule_gpu(q, k, v, g, beta, initial_state, *, segment_ids=N
   padded = length + pad
   pad_time = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
   mode = matmul_mode((q, k, v), precision, interpret)[0]
-  operand = q.dtype if mode == "bf16" else jnp.float32
-  if use_qk_l2norm:
-    q, k = l2_normalize(q.astype(jnp.float32)), l2_normalize(k.astype(jnp.float32))
-  q, k, v = pad_time(q.astype(operand)), pad_time(k.astype(operand)), pad_time(v)  # o, dv take v's dtype
+  normalize = use_qk_l2norm and launch.norm_grads_kernel  # else the l2 norm under autodiff, here
+  if use_qk_l2norm and not normalize:
+    operand = q.dtype if mode == "bf16" else jnp.float32
+    q, k = l2_normalize(q.astype(jnp.float32)).astype(operand), l2_normalize(k.astype(jnp.float32)).astype(operand)
+  q, k, v = pad_time(q), pad_time(k), pad_time(v)  # o, dv take v's dtype
   per_head = lambda x: jnp.swapaxes(pad_time(x).astype(jnp.float32), 1, 2)  # [B, T, Hv] -> [B, Hv, T]
   gc = jnp.cumsum(per_head(g).reshape(batch, value_heads, padded // chunk_size, chunk_size), axis=-1)
   gc = gc.reshape(batch, value_heads, padded)
   segments = None if segment_ids is None else segment_masks(segment_ids, chunk_size)
-  run = chunked_with_vjp(chunk_size, float(key_dim**-0.5 if scale is None else scale), mode, interpret, launch)
+  run = chunked_with_vjp(chunk_size, float(key_dim**-0.5 if scale is None else scale), mode, interpret, launch,
+                         normalize)
   out, final = run(q, k, v, gc, per_head(beta), initial_state, segments)
   return out[:, :length], final
