@@ -77,8 +77,8 @@ def launches() -> dict:
           "triton": ChunkedLaunch(chunk_grads_mosaic=0, reverse_walk_mosaic=False),
           "mosaic_bwd": ChunkedLaunch(chunk_grads_mosaic=1),
           "mosaic_fwd_walk": ChunkedLaunch(forward_walk_mosaic=True),
-          # dq, dk's group sum and the l2 norm's backward under XLA autodiff instead of gpu_norm_grads.py's kernel
-          "xla_norm": ChunkedLaunch(norm_grads_kernel=False),
+          # dq, dk's group sum and the l2 norm's backward in gpu_norm_grads.py's kernel instead of XLA autodiff
+          "norm_kernel": ChunkedLaunch(norm_grads_kernel=True),
           # the blocked inverse by 32-wide blocks at the prep's 1 or 2 warps (measured at 4 warps only)
           "blocked32_w1": ChunkedLaunch(inverse_block=32, parallel_warps=1),
           "blocked32_w2": ChunkedLaunch(inverse_block=32, parallel_warps=2),

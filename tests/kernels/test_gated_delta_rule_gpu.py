@@ -40,7 +40,9 @@ FUSED = dict(split=dict(fused_forward=False, inverse_block=None, fused_backward=
              default=dict(),
              mosaic_bwd=dict(chunk_grads_mosaic=1, reverse_walk_mosaic=False),  # one warpgroup a chunk
              # both of gpu_mosaic_walks.py's walks, with the Triton chunk backward
-             mosaic_walks=dict(forward_walk_mosaic=True, reverse_walk_mosaic=True, chunk_grads_mosaic=0))
+             mosaic_walks=dict(forward_walk_mosaic=True, reverse_walk_mosaic=True, chunk_grads_mosaic=0),
+             # gpu_norm_grads.py's kernel for dq, dk through the group sum and the l2 norm, on the default launch
+             norm_kernel=dict(norm_grads_kernel=True))
 
 def documents(lengths, batch=1):
   return jnp.asarray(np.repeat(np.arange(len(lengths)), lengths)[None].repeat(batch, 0), jnp.int32)

@@ -1,7 +1,8 @@
 """The whole chunked gated delta rule on GPU: seven Pallas-Triton kernels over the model's layout, with a custom vjp.
 
-The kernels read q and k [B, T, Hk, Dk] (l2-normalised by XLA in the custom vjp; gpu_norm_grads.py's kernel takes
-their gradients back through the norm), v [B, T, Hv, Dv], the chunk-local cumulative log decays gc and the betas [B, Hv, T] in float32,
+The kernels read q and k [B, T, Hk, Dk] (l2-normalised by XLA: under autodiff before the custom vjp, or with
+ChunkedLaunch.norm_grads_kernel inside it, gpu_norm_grads.py's kernel then taking the gradients back through the
+norm), v [B, T, Hv, Dv], the chunk-local cumulative log decays gc and the betas [B, Hv, T] in float32,
 and per-token segment masks. Value head h reads key head h // G (G = Hv / Hk) in place: nothing is repeated.
 T is a multiple of the chunk size C (the caller pads). Per batch row, value head and chunk, with q, k the chunk's
 rows of its key head and s the 1/sqrt(Dk) scale:
@@ -25,7 +26,7 @@ gpu_backward.py's one kernel for the parallel part, else `output_grad_kernel` (t
 state update) and `wy_grad_kernel` (through the WY system); the fused kernel never forms dw and takes the [C, Dk]
 gradients by key blocks in loops, so few tiles are live (an earlier single kernel that kept them all measured 5.8
 ms at B=1, T=16384, 32 heads on an H100: it spilled). The per-value-head dq, dk are summed over each key head's
-group and taken through the l2 norm by gpu_norm_grads.py's kernel.
+group by XLA (or, with ChunkedLaunch.norm_grads_kernel, by gpu_norm_grads.py's kernel with the norm's backward).
 
 Precision (gpu_precision.py's modes): 'bf16' (the default for 16-bit inputs) rounds every dot operand to bf16, as
 fla does, and stores the intermediates (w, u, T, states, v_new and the gradients between kernels) in the inputs'
@@ -133,8 +134,10 @@ class ChunkedLaunch:
   forward_walk_mosaic: bool = False
   reverse_walk_mosaic: bool = True
   # gpu_norm_grads.py: the per-value-head dq, dk to the raw q, k's gradients (group sum and the l2 norm's backward) in
-  # one kernel; False: under XLA autodiff, the l2 norm outside the custom vjp.
-  norm_grads_kernel: bool = True
+  # one kernel, the l2 norm inside the custom vjp; False: both under XLA autodiff, the norm outside. Off until timed:
+  # tested in interpret mode and compiled for a described H200 (jax 0.10.2 and 0.11.2), never run on a GPU. What it
+  # would save is an estimate: the XLA fusions it replaces took 0.34 ms of 2.30 at 1 x 16384 (H200, 2026-12-02).
+  norm_grads_kernel: bool = False
 
   def __post_init__(self):
     if self.chunk_grads_mosaic not in (0, 1, 2):
@@ -400,9 +403,9 @@ def chunk_gated_delta_rule_gpu(q, k, v, g, beta, initial_state, *, segment_ids=N
                                launch: ChunkedLaunch = ChunkedLaunch()) -> tuple[jax.Array, jax.Array]:
   """Model layouts (reference.py) -> (o [B, T, Hv, Dv] in v's dtype, final state [B, Hv, Dk, Dv] float32).
 
-  The l2 norm's forward, the chunk-local cumulative sum of g and the padding to whole chunks run under XLA
-  (autodiff); everything else is this module's kernels (the l2 norm's backward with the sum of dq, dk over each key
-  head's value heads: gpu_norm_grads.py). precision:
+  The l2 norm, the chunk-local cumulative sum of g, the padding to whole chunks and the sum of dq, dk over each
+  key head's value heads run under XLA (autodiff; with launch.norm_grads_kernel the norm's and the sum's backward is
+  gpu_norm_grads.py's kernel); everything else is this module's kernels. precision:
   gpu_precision.py's modes, None for the inputs' dtype's default ('bf16' for 16-bit inputs, 'ieee' for float32).
   """
   batch, length, _, key_dim = q.shape
