@@ -4,12 +4,11 @@ by TMA into shared memory (192 KB), every product by wgmma, independent products
 Same inputs and outputs as the Triton kernel.
 
 Scope (`applies`): no segment ids, the fused forward's saved P, C = 64, Dk = Dv = 128, 16-bit storage, compiled
-(Mosaic GPU has no interpret mode for TMA copies, so CI cannot run it; its test is the device test). Measured on an
-H200 (2026-12-02, docs/benchmarks.md, benchmarks/gated_delta_rule_mosaic_bwd.py): 0.235 / 0.889 / 1.788 ms against
-the Triton kernel's 0.255 / 0.990 / 1.970 at 1 x 4096 / 1 x 16384 / 8 x 4096 (Hk 16, Hv 32, d 128, bf16), in a form
-that spilled 668 bytes (ptxas); dQK and dKK now go through shared memory (504 bytes, benchmarks/mosaic_registers.py),
-not yet timed. The two-warpgroup form (no spills) compiles for an H200 on a CPU host (jax 0.10.2 and 0.11.2) and has
-not yet run on a GPU.
+(Mosaic GPU has no interpret mode for TMA copies, so CI cannot run it; its test is the device test, passed on an
+H200 on 2026-12-02). Measured alone on an H200 (2026-12-02, docs/benchmarks.md, eighth session,
+benchmarks/gated_delta_rule_mosaic_bwd.py; Hk 16, Hv 32, d 128, bf16) at 1 x 4096 / 1 x 16384 / 8 x 4096: two
+warpgroups 0.181 / 0.674 / 1.337 ms (no spills; gpu.py's default), one 0.216 / 0.815 / 1.698 (504 bytes of spills,
+benchmarks/mosaic_registers.py), the Triton kernel 0.255 / 0.989 / 1.969.
 
 With the forward's algebra (gpu.py; gpu_backward.py's docstring): x = beta (v - fs (k h)) overwrites v's tile after
 phase 1, and each output tile reuses an input tile whose last reader is done (dq in do's, dk in v_new's, dv in
