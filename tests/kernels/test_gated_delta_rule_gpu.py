@@ -96,6 +96,13 @@ def test_qk_gradients_with_or_without_the_norm(launch, use_qk_l2norm):
     assert relative_error(a, b) < TOLERANCE["ieee"], name
 
 
+def test_norm_grads_kernel_bf16_packed():
+  """gpu_norm_grads.py's kernel on bf16 with documents inside and across chunks, a ragged tail and an initial
+  state: values and every gradient against the reference."""
+  check((1, 150, 2, 4, 32, 32), 32, jnp.bfloat16, "bf16", segment_ids=documents([40, 3, 77, 30]),
+        launch=ChunkedLaunch(norm_grads_kernel=True))
+
+
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
 def test_bf16_inputs_in_each_precision(precision):
   check((1, 130, 1, 2, 32, 32), 64, jnp.bfloat16, precision)
