@@ -77,6 +77,10 @@ def launches() -> dict:
           "triton": ChunkedLaunch(chunk_grads_mosaic=0, reverse_walk_mosaic=False),
           "mosaic_bwd": ChunkedLaunch(chunk_grads_mosaic=1),
           "mosaic_fwd_walk": ChunkedLaunch(forward_walk_mosaic=True),
+          # the prep's T and P by separate launches (ptxas, sm_90a: T 255 registers and 120 bytes of spills, P 254 and
+          # none, against 255 and 236 for both in one program; at 2 warps 52 bytes and none)
+          "prep_split": ChunkedLaunch(prep_split=True),
+          "prep_split_w2": ChunkedLaunch(prep_split=True, parallel_warps=2),
           # dq, dk's group sum and the l2 norm's backward in gpu_norm_grads.py's kernel instead of XLA autodiff
           "norm_kernel": ChunkedLaunch(norm_grads_kernel=True),
           # the blocked inverse by 32-wide blocks at the prep's 1 or 2 warps (measured at 4 warps only)

@@ -33,6 +33,7 @@ FUSED = dict(split=dict(fused_forward=False, inverse_block=None, fused_backward=
              blocked16=dict(fused_forward=True, inverse_block=16, fused_backward=False, **TRITON),
              fusedbwd=dict(fused_forward=True, inverse_block=16, fused_backward=True, **TRITON),  # gpu_backward.py
              prep_kh=dict(fused_forward=True, inverse_block=16, prep_per_key_head=True, **TRITON),  # prep by key head
+             prep_split=dict(prep_split=True),  # T and P by separate launches, on the default launch
              # what walk_blocks picks for many programs (B x Hv x Dv / 64 >= 512), here forced at a small shape
              wide_walk=dict(block_v=64, **TRITON),  # both walks 64 columns (the reverse walk's 2 stages)
              # the default launch: gpu_mosaic_backward.py's two-warpgroup chunk backward and gpu_mosaic_walks.py's
@@ -150,11 +151,27 @@ def test_prep_per_key_head_groups(packed):
         launch=ChunkedLaunch(inverse_block=16, prep_per_key_head=True))
 
 
-def test_prep_per_key_head_needs_the_blocked_inverse():
+@pytest.mark.parametrize("launch", [dict(prep_per_key_head=True), dict(prep_split=True)], ids=str)
+def test_prep_forms_need_the_blocked_inverse(launch):
   q, k, v, g, beta, _ = random_inputs(0, 1, 32, 1, 2, 16, 16, jnp.float32, False)
-  with pytest.raises(ValueError, match="prep_per_key_head needs inverse_block"):
+  with pytest.raises(ValueError, match="prep_per_key_head and prep_split need inverse_block"):
     chunk_gated_delta_rule_gpu(q, k, v, g, beta, None, chunk_size=16, interpret=True,
-                               launch=ChunkedLaunch(inverse_block=None, prep_per_key_head=True))
+                               launch=ChunkedLaunch(inverse_block=None, **launch))
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+@pytest.mark.parametrize("dtype, precision", [(jnp.float32, "ieee"), (jnp.bfloat16, "bf16")], ids=["f32", "bf16"])
+def test_prep_split_groups(packed, dtype, precision):
+  """T and P by separate launches (ChunkedLaunch.prep_split): B = 2, two key heads of two value heads, blocks of
+  16 in chunks of 32, a ragged tail, an initial state; values and every gradient."""
+  segment_ids = documents([30, 3, 17, 20], batch=2) if packed else None
+  check((2, 70, 2, 4, 32, 16), 32, dtype, precision, segment_ids=segment_ids,
+        launch=ChunkedLaunch(inverse_block=16, prep_split=True))
+
+
+def test_prep_split_with_the_walk_reading_w():
+  """prep_split's T launch also writes w for the walk that reads it (fused_walk_reads_w)."""
+  check((1, 70, 1, 2, 32, 16), 32, jnp.float32, "ieee", launch=ChunkedLaunch(prep_split=True, fused_walk_reads_w=True))
 
 
 @pytest.mark.parametrize("reads_w", [False, True], ids=["kh", "w"])

@@ -110,6 +110,10 @@ class ChunkedLaunch:
   # (needs inverse_block). Slower on an H200 (2026-12-01, docs/benchmarks.md): the prep kernel 0.64 ms against 0.31
   # at 1 x 16384 (each program does its group's value heads in turn), forward+backward 0.92 / 3.59 against 0.86 / 3.26.
   prep_per_key_head: bool = False
+  # The fused forward's prep as two launches (needs inverse_block): T (k k^T and the inverse) and P (q k^T) by
+  # separate programs, each holding half the tiles: one program forming both needs 255 registers and spills 236
+  # bytes (ptxas, sm_90a), so only eight 1-warp programs share an SM. Not yet timed.
+  prep_split: bool = False
   # gpu_backward.py: one kernel per (chunk, value head, row) for the backward's parallel part instead of the
   # output-gradient and WY-gradient kernels (grad_warps, grad_block_k and grad_block_v are then its launch). Its loop
   # form measured on an H200 (2026-12-01, docs/benchmarks.md): forward+backward 0.75 / 2.84 ms against 0.86 / 3.26
@@ -242,8 +246,8 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
     block = None if launch.inverse_block is None else min(launch.inverse_block, chunk)
     if block is not None:
       check_dims(inverse_block=block)
-    elif launch.prep_per_key_head:
-      raise ValueError("gated delta rule GPU kernels: prep_per_key_head needs inverse_block (16 or 32)")
+    elif launch.prep_per_key_head or launch.prep_split:
+      raise ValueError("gated delta rule GPU kernels: prep_per_key_head and prep_split need inverse_block (16 or 32)")
     inv = dict(inv_mm=functools.partial(dot, precision=inverse, interpret=interpret), inverse_block=block)
     common = dict(chunk=chunk, groups=value_heads // key_heads, mm=mm)
     dims = (batch, length, value_heads, key_dim, value_dim, length // chunk)
@@ -265,10 +269,15 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
       chunk_matrix = struct(batch, heads, num_chunks, chunk, chunk)
       with_w = launch.fused_walk_reads_w  # the backward reads T, not w (gpu_kernels.state_grad_kernel)
       prep_grid = (num_chunks, q.shape[2], batch) if launch.prep_per_key_head else parallel
-      t, p, *w = call(gpu_fused.prep_kernel, "gdr_prep_fwd", prep_grid,
-                      (chunk_matrix, chunk_matrix, *[struct(batch, length, heads, key_dim)] * with_w),
-                      parallel_params, (q, k, gc, beta), segments, scale=scale, with_w=with_w,
-                      per_key_head=launch.prep_per_key_head, **inv, **common)
+      w_out = [struct(batch, length, heads, key_dim)] * with_w
+      prep = functools.partial(call, gpu_fused.prep_kernel, grid=prep_grid, params=parallel_params,
+                               args=(q, k, gc, beta), segments=segments, scale=scale, with_w=with_w,
+                               per_key_head=launch.prep_per_key_head, **inv, **common)
+      if launch.prep_split:
+        t, *w = prep(name="gdr_prep_t_fwd", out_shape=(chunk_matrix, *w_out), outputs="t")
+        p, = prep(name="gdr_prep_p_fwd", out_shape=(chunk_matrix,), outputs="p", with_w=False)
+      else:
+        t, p, *w = prep(name="gdr_prep_fwd", out_shape=(chunk_matrix, chunk_matrix, *w_out))
       saved = (struct(batch, heads, num_chunks, key_dim, value_dim), struct(batch, length, heads, value_dim))
       walks = _mosaic_walks(launch.forward_walk_mosaic, chunk=chunk, key_dim=key_dim, value_dim=value_dim,
                             dtypes=(store, q.dtype, v.dtype), segmented=segments is not None, interpret=interpret)

@@ -19,27 +19,37 @@ from maxtext.kernels.gated_delta_rule.gpu_kernels import _f32, _gates, _split_re
 
 
 def prep_kernel(*refs, chunk: int, groups: int, scale: float, segmented: bool, with_w: bool, mm, inv_mm,
-                inverse_block: int | None = None, per_key_head: bool = False):
+                inverse_block: int | None = None, per_key_head: bool = False, outputs: str = "tp"):
   """One (chunk, value head, row): T, P and (with_w) w; inverse_block: T and P by blocks (gpu_inverse.py).
 
   per_key_head (with inverse_block): one program per (chunk, key head, row) forms the gate-free k k^T and q k^T
   blocks once and serves the key head's `groups` value heads from them, instead of each value head forming them.
+  outputs (with inverse_block): "tp" both; "t" T (and w) alone, "p" P alone: two launches of lighter programs
+  (ChunkedLaunch.prep_split), whose outputs are then T (and w), or P.
   """
   (q_ref, k_ref, gc_ref, beta_ref), seg_refs, outs = _split_refs(refs, 4, segmented)
-  t_ref, p_ref = outs[:2]
   n, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   if inverse_block is not None:
+    want_t, want_p = "t" in outputs, "p" in outputs
+    t_ref, p_ref = (outs[0] if want_t else None), (outs[int(want_t)] if want_p else None)
+    w_ref = outs[int(want_t) + int(want_p)] if with_w else None
     key_head = h if per_key_head else h // groups  # per_key_head: program axis 1 counts key heads
-    products = key_head_products(q_ref, k_ref, b, key_head, n, chunk=chunk, block=inverse_block, mm=mm)
+    products = key_head_products(q_ref if want_p else None, k_ref, b, key_head, n, chunk=chunk,
+                                 block=inverse_block, mm=mm, with_kk=want_t)
     for head in [h * groups + g for g in range(groups)] if per_key_head else [h]:
       c = gated_chunk(products, gc_ref, beta_ref, seg_refs, b, head, inv_mm=inv_mm, scale=scale)
-      c.store(t_ref, (b, head, n), c.t)
-      c.store(p_ref, (b, head, n), c.p)
-      if with_w:
+      if want_t:
+        c.store(t_ref, (b, head, n), c.t)
+      if want_p:
+        c.store(p_ref, (b, head, n), c.p)
+      if with_w and want_t:
         w = c.apply([(beta * fs)[:, None] * _f32(k) for beta, fs, k in zip(c.beta, c.from_start, c.k)], mm)
         for span, w_i in zip(c.tokens, w):
-          outs[2][b, span, head, :] = w_i.astype(outs[2].dtype)
+          w_ref[b, span, head, :] = w_i.astype(w_ref.dtype)
     return
+  if outputs != "tp":
+    raise ValueError("prep_kernel: T and P in separate launches need inverse_block")
+  t_ref, p_ref = outs[:2]
   tokens = pl.ds(n * chunk, chunk)
   k, beta, gates, t = chunk_inverse(k_ref, gc_ref, beta_ref, seg_refs, chunk=chunk, groups=groups, mm=mm,
                                     inv_mm=inv_mm)

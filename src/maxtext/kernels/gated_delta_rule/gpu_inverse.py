@@ -61,7 +61,7 @@ class BlockedChunk(NamedTuple):
   k: list  # [b, Dk] keys, as stored
   beta: list  # [b] float32
   from_start: list  # [b] fs = exp(gc) carried
-  t: list  # t[i][j], j <= i: [b, b] float32 blocks of T (the rest are zero)
+  t: list | None  # t[i][j], j <= i: [b, b] float32 blocks of T (the rest are zero), when k k^T was formed
   p: list | None  # p[i][j], j <= i: [b, b] blocks of P = s Gamma * (q k^T), when asked for
 
   def apply(self, rhs: list, mm) -> list:
@@ -82,16 +82,18 @@ class KeyHeadProducts(NamedTuple):
 
   tokens: list  # pl.ds of each row block's tokens
   k: list  # [b, Dk] keys, as stored
-  kk: list  # kk[i][j], j <= i: k_i k_j^T [b, b] float32
+  kk: list | None  # kk[i][j], j <= i: k_i k_j^T [b, b] float32, unless only the scores are asked for
   qk: list | None  # qk[i][j], j <= i: q_i k_j^T, when q_ref is given
 
 
-def key_head_products(q_ref, k_ref, b, hk, n, *, chunk: int, block: int, mm) -> KeyHeadProducts:
-  """Row b's chunk n of key head hk: its keys and the lower blocks of k k^T (and q k^T), no gates."""
+def key_head_products(q_ref, k_ref, b, hk, n, *, chunk: int, block: int, mm,
+                      with_kk: bool = True) -> KeyHeadProducts:
+  """Row b's chunk n of key head hk: its keys and the lower blocks of k k^T (with_kk; for T) and q k^T (when q_ref
+  is given; for P), no gates."""
   count = chunk // block
   tokens = [pl.ds(n * chunk + i * block, block) for i in range(count)]
   k = [k_ref[b, span, hk, :] for span in tokens]
-  kk = [[mm(k[i], k[j], trans_b=True) for j in range(i + 1)] for i in range(count)]
+  kk = [[mm(k[i], k[j], trans_b=True) for j in range(i + 1)] for i in range(count)] if with_kk else None
   qk = None
   if q_ref is not None:
     q = [q_ref[b, span, hk, :] for span in tokens]
@@ -101,7 +103,8 @@ def key_head_products(q_ref, k_ref, b, hk, n, *, chunk: int, block: int, mm) -> 
 
 def gated_chunk(products: KeyHeadProducts, gc_ref, beta_ref, seg_refs, b, h, *, inv_mm,
                 scale: float | None = None) -> BlockedChunk:
-  """Value head h's BlockedChunk from its key head's products: pair decays, betas, A, P and the inverse T.
+  """Value head h's BlockedChunk from its key head's products: pair decays, betas, A and the inverse T (when the
+  products hold k k^T), P (when they hold q k^T).
 
   Pair decays per block pair as gpu_kernels._gates forms them for the whole chunk: exp(gc_i - gc_j) on causal
   same-segment pairs, masked before exp.
@@ -115,7 +118,7 @@ def gated_chunk(products: KeyHeadProducts, gc_ref, beta_ref, seg_refs, b, h, *, 
     seg = [seg_refs.ids[b, span] for span in tokens]
     from_start = [fs * seg_refs.carried[b, span] for fs, span in zip(from_start, tokens)]
   rows, cols = iotas(products.k[0].shape[0])
-  a = [[None] * count for _ in range(count)]
+  a = [[None] * count for _ in range(count)] if products.kk is not None else None
   p = [[None] * count for _ in range(count)] if products.qk is not None else None
   for i in range(count):
     for j in range(i + 1):
@@ -125,10 +128,12 @@ def gated_chunk(products: KeyHeadProducts, gc_ref, beta_ref, seg_refs, b, h, *, 
         mask = same if mask is None else mask & same
       log_gamma = gc[i][:, None] - gc[j][None, :]
       gamma = jnp.exp(log_gamma if mask is None else jnp.where(mask, log_gamma, -jnp.inf))
-      a[i][j] = beta[i][:, None] * products.kk[i][j] * gamma  # diagonal blocks: only below is read
+      if a is not None:
+        a[i][j] = beta[i][:, None] * products.kk[i][j] * gamma  # diagonal blocks: only below is read
       if p is not None:
         p[i][j] = products.qk[i][j] * (scale * gamma)
-  return BlockedChunk(tokens, products.k, beta, from_start, block_lower_inverse(a, inv_mm), p)
+  t = None if a is None else block_lower_inverse(a, inv_mm)
+  return BlockedChunk(tokens, products.k, beta, from_start, t, p)
 
 
 def blocked_chunk(q_ref, k_ref, gc_ref, beta_ref, seg_refs, *, chunk: int, groups: int, block: int, mm, inv_mm,
