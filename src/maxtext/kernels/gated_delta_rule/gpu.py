@@ -126,12 +126,12 @@ class ChunkedLaunch:
   grad_heads_fastest: bool = True
   # gpu_mosaic_backward.py: the fused backward's per-chunk kernel in Mosaic GPU (TMA, wgmma) with this many
   # warpgroups per chunk (1 or 2; 0: the Triton kernel) where it applies (no segment ids, the fused forward's P,
-  # C = 64, Dk = Dv = 128, bf16; the Triton kernel otherwise). Measured alone on an H200 (2026-12-03,
+  # C = 64, Dk = Dv = 128, bf16; the Triton kernel otherwise). Measured alone on an H200 (2026-12-02,
   # benchmarks/gated_delta_rule_mosaic_bwd.py, Hk 16, Hv 32): two warpgroups 0.181 / 0.674 / 1.337 ms, one 0.216 /
   # 0.815 / 1.698, Triton 0.255 / 0.989 / 1.969 at 1 x 4096 / 1 x 16384 / 8 x 4096; device tests passed.
   chunk_grads_mosaic: int = 2
   # gpu_mosaic_walks.py: the fused forward's walk and the reverse walk in Mosaic GPU (64 value columns a program,
-  # two TMA slots) where they apply (as above, 64 | Dv). Measured alone on an H200 (2026-12-03,
+  # two TMA slots) where they apply (as above, 64 | Dv). Measured alone on an H200 (2026-12-02,
   # benchmarks/gated_delta_rule_mosaic_walks.py): the reverse walk 0.123 / 0.467 / 0.609 ms against Triton's 0.143 /
   # 0.546 / 0.804 at the shapes above, the forward walk 0.130 / 0.495 / 0.730 against 0.123 / 0.469 / 0.638; so
   # only the reverse walk is Mosaic by default. Device tests of both passed.
