@@ -140,7 +140,8 @@ class ChunkedLaunch:
   # gpu_norm_grads.py: the per-value-head dq, dk to the raw q, k's gradients (group sum and the l2 norm's backward) in
   # one kernel, the l2 norm inside the custom vjp; False: both under XLA autodiff, the norm outside. Off until timed:
   # tested in interpret mode and compiled for a described H200 (jax 0.10.2 and 0.11.2), never run on a GPU. What it
-  # would save is an estimate: the XLA fusions it replaces took 0.34 ms of 2.30 at 1 x 16384 (H200, 2026-12-02).
+  # would save is an estimate: the XLA fusions it replaces most likely took 0.34 ms of 2.30 at 1 x 16384 (H200,
+  # 2026-12-02, docs/benchmarks.md).
   norm_grads_kernel: bool = False
 
   def __post_init__(self):
