@@ -7,8 +7,9 @@ the gradient of the raw x is
   dx = r (g - y (y . g)),   g = sum over the group of dy
 Under XLA autodiff (gpu.py's default) that is a row reduction and an elementwise fusion per tensor, each reading the
 [B, T, Hv, D] gradients (by their sizes, the four took 0.34 ms of a 2.30 ms forward+backward at 1 x 16384, Hk 16,
-Hv 32, d 128 on an H200, 2026-12-02); here one program per (chunk of tokens, key head, row) reads x and its group's dy once and writes
-dx. The norm is recomputed from the raw x in float32, as autodiff does, so nothing but x is kept for it.
+Hv 32, d 128 on an H200, 2026-12-02); here one program per (chunk of tokens, key head, row) reads x and its group's
+dy once and writes dx. The norm is recomputed from the raw x in float32, as autodiff does, so nothing but x is kept
+for it.
 ChunkedLaunch(norm_grads_kernel=True) runs it. Tested in interpret mode; compiled for a described H200 but not yet
 run on a GPU, so not yet the default.
 """
