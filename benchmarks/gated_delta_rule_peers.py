@@ -81,6 +81,10 @@ def launches() -> dict:
           # none, against 255 and 236 for both in one program; at 2 warps 52 bytes and none)
           "prep_split": ChunkedLaunch(prep_split=True),
           "prep_split_w2": ChunkedLaunch(prep_split=True, parallel_warps=2),
+          # the blocked inverse's products in bf16 rather than TF32 (ptxas: 164 bytes of spills, 4 with prep_split;
+          # end to end on the CPU, interpret mode, 1 x 1024, worst error vs float32 5.4e-3 either way)
+          "bf16_inv": ChunkedLaunch(inverse_precision="bf16"),
+          "bf16_inv_split": ChunkedLaunch(inverse_precision="bf16", prep_split=True),
           # dq, dk's group sum and the l2 norm's backward in gpu_norm_grads.py's kernel instead of XLA autodiff
           "norm_kernel": ChunkedLaunch(norm_grads_kernel=True),
           # the blocked inverse by 32-wide blocks at the prep's 1 or 2 warps (measured at 4 warps only)

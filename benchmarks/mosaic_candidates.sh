@@ -5,8 +5,8 @@
 #
 #   benchmarks/mosaic_candidates.sh kernels   # ~6 min: each Mosaic kernel against its Triton kernel, device tests
 #   benchmarks/mosaic_candidates.sh peers     # ~9 min: the default launch's device tests; the four shapes with jax-linear-attention and fla (.jla/, .fla/)
-#   benchmarks/mosaic_candidates.sh norm      # ~10 min: gpu_norm_grads.py's kernel and the split prep: device tests,
-#                                             #   then the four shapes with jla and fla
+#   benchmarks/mosaic_candidates.sh norm      # ~9 min: gpu_norm_grads.py's kernel, the split prep, the bf16 inverse:
+#                                             #   device tests, then the four shapes with jla (screening: no fla)
 #   benchmarks/mosaic_candidates.sh train     # ~8 min: the bench train step at 8 x 4096, unscanned and scanned, and HF
 #
 # (from the repository root, with .jla/ and .fla/ carried). The kernels call decides which variants the peers call
@@ -41,10 +41,11 @@ case "${1:-}" in
       --variants "$VARIANTS" --peer-timeout 370 --markdown "$OUT/gdn_peers.md" --json "$OUT/gdn_peers.json")
     ;;
   norm)
-    step norm_tests 170 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider -m device \
+    step norm_tests 150 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider -m device \
       tests/kernels/test_gated_delta_rule_gpu.py -k "compiled and (norm_kernel or prep_split)"
     (cd benchmarks && XLA_FLAGS="$FAST_XLA" step gdn_norm 420 python3 gated_delta_rule_peers.py \
-      --variants api,norm_kernel,prep_split,prep_split_w2 --peer-timeout 330 --markdown "$OUT/gdn_norm.md" --json "$OUT/gdn_norm.json")
+      --variants api,norm_kernel,prep_split,bf16_inv,bf16_inv_split --no-fla --markdown "$OUT/gdn_norm.md" \
+      --json "$OUT/gdn_norm.json")
     ;;
   train)
     (cd benchmarks && step train_b8 540 python3 train_step.py --batch 8 --scan-layers false,true --steps 6 \
