@@ -284,11 +284,13 @@ def test_mosaic_kernels_only_on_a_hopper(monkeypatch):
   """wgmma needs compute capability 9.x: another GPU keeps the Triton kernels; no GPU (a deviceless compile for
   the described H200) counts as one."""
   from maxtext.kernels.gated_delta_rule import gpu
-  fake = lambda capability: lambda backend=None: [type("Gpu", (), {"compute_capability": capability})()]
-  for capability, expected in (("9.0", True), ("8.0", False), ("10.0", False)):
+  fake = lambda fields: lambda backend=None: [type("Gpu", (), fields)()]
+  for fields, expected in (({"compute_capability": "9.0"}, True), ({"compute_capability": "8.0"}, False),
+                           ({"compute_capability": "10.0"}, False), ({"compute_capability": "gfx942"}, False),
+                           ({}, False)):
     gpu.wgmma_device.cache_clear()
-    monkeypatch.setattr(gpu.jax, "devices", fake(capability))
-    assert gpu.wgmma_device() is expected, capability
+    monkeypatch.setattr(gpu.jax, "devices", fake(fields))
+    assert gpu.wgmma_device() is expected, fields
 
   def no_gpu(backend=None):
     raise RuntimeError("Unknown backend gpu")

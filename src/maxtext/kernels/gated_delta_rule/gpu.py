@@ -175,13 +175,14 @@ def walk_stages(launch: ChunkedLaunch, store, block_v: int, reverse: bool = Fals
 
 @functools.cache
 def wgmma_device() -> bool:
-  """Whether the GPU is a Hopper (compute capability 9.x), the only one the Mosaic GPU kernels' wgmma runs on; True
-  with no GPU attached (a deviceless compile describes one, benchmarks/deviceless_gpu.py)."""
+  """Whether the GPU is a Hopper (CUDA compute capability 9.x), the only one the Mosaic GPU kernels' wgmma runs on;
+  False for a device that reports none (not CUDA); True with no GPU attached (a deviceless compile describes one,
+  benchmarks/deviceless_gpu.py)."""
   try:
     gpus = jax.devices("gpu")
   except RuntimeError:
     return True
-  return all(str(getattr(d, "compute_capability", "9.0")).split(".")[0] == "9" for d in gpus)
+  return all(str(getattr(d, "compute_capability", "")).startswith("9.") for d in gpus)
 
 
 def _mosaic_walks(wanted: bool, *, chunk: int, key_dim: int, value_dim: int, dtypes, segmented: bool,
