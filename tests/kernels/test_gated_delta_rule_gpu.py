@@ -224,6 +224,17 @@ def test_compiled_on_gpu_matches_reference(precision, packed, path, monkeypatch)
         launch=ChunkedLaunch(**FUSED[path]))
 
 
+@pytest.mark.device
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (run with JAX_PLATFORMS=cuda)")
+@pytest.mark.parametrize("length", [64, 100, 200], ids=["one_chunk", "two_chunks_ragged", "four_chunks_ragged"])
+@pytest.mark.parametrize("path", ["default", "mosaic_walks", "mosaic_bwd"])
+def test_compiled_on_gpu_short_sequences(length, path, monkeypatch):
+  """The Mosaic kernels' chunk loops at one to four chunks (their double-buffered loads: the first chunk is the last
+  one), bf16, an initial state; values and every gradient against the reference."""
+  monkeypatch.setitem(TOLERANCE, "bf16", DEVICE_TOLERANCE["bf16"])
+  check((2, length, 2, 4, 128, 128), 64, jnp.bfloat16, "bf16", interpret=False, launch=ChunkedLaunch(**FUSED[path]))
+
+
 def test_reverse_walk_with_its_own_value_blocks():
   """The forward walk over whole 32-column value blocks, the reverse walk over 16-column ones (reverse_block_v):
   documents inside and across chunks, a ragged tail, an initial state; values and every gradient."""
