@@ -41,9 +41,9 @@ case "${1:-}" in
       --variants "$VARIANTS" --peer-timeout 370 --markdown "$OUT/gdn_peers.md" --json "$OUT/gdn_peers.json")
     ;;
   norm)
-    step norm_tests 150 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider -m device \
+    step norm_tests 190 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider -m device \
       tests/kernels/test_gated_delta_rule_gpu.py -k "compiled and (norm_kernel or prep_split or short_sequences)"
-    (cd benchmarks && XLA_FLAGS="$FAST_XLA" step gdn_norm 420 python3 gated_delta_rule_peers.py \
+    (cd benchmarks && XLA_FLAGS="$FAST_XLA" step gdn_norm 380 python3 gated_delta_rule_peers.py \
       --variants api,norm_kernel,prep_split,bf16_inv,bf16_inv_split --no-fla --markdown "$OUT/gdn_norm.md" \
       --json "$OUT/gdn_norm.json")
     ;;
