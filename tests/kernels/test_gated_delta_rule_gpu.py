@@ -50,11 +50,16 @@ def documents(lengths, batch=1):
 
 
 def check(dims, chunk, dtype, precision, segment_ids=None, with_state=True, launch=ChunkedLaunch(),
-          interpret=True, seed=0):
+          interpret=True, seed=0, use_qk_l2norm=True):
+  """Values and every gradient against the reference. Without the l2 norm q, k are the operands as given: they
+  are scaled by 0.1 so that the state stays bounded."""
   inputs = random_inputs(seed, *dims, dtype, with_state)
-  expected = values_and_grads(chunk_gated_delta_rule_reference, *inputs, segment_ids, chunk)
+  if not use_qk_l2norm:
+    inputs = (inputs[0] * 0.1, inputs[1] * 0.1, *inputs[2:])
+  expected = values_and_grads(functools.partial(chunk_gated_delta_rule_reference, use_qk_l2norm=use_qk_l2norm),
+                              *inputs, segment_ids, chunk)
   kernel = lambda *a, **kw: chunk_gated_delta_rule_gpu(*a, precision=precision, launch=launch,
-                                                       interpret=interpret, **kw)
+                                                       interpret=interpret, use_qk_l2norm=use_qk_l2norm, **kw)
   got = values_and_grads(kernel, *inputs, segment_ids, chunk)
   names = ["o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dh0"][: 8 if with_state else 7]
   for name, a, b in zip(names, jax.tree.leaves(got), jax.tree.leaves(expected)):
@@ -81,20 +86,8 @@ def test_packed_documents_with_small_tiles():
                          ids=["xla_norm", "norm_kernel"])
 @pytest.mark.parametrize("use_qk_l2norm", [True, False], ids=["l2norm", "no_l2norm"])
 def test_qk_gradients_with_or_without_the_norm(launch, use_qk_l2norm):
-  """dq, dk by gpu_norm_grads.py's kernel or by XLA autodiff, through the l2 norm or not (then q, k are the
-  operands as given: small values keep the reference's state bounded)."""
-  inputs = random_inputs(3, 1, 70, 2, 4, 32, 32, jnp.float32, True)
-  if not use_qk_l2norm:
-    inputs = (inputs[0] * 0.1, inputs[1] * 0.1, *inputs[2:])
-  expected = values_and_grads(
-      functools.partial(chunk_gated_delta_rule_reference, use_qk_l2norm=use_qk_l2norm), *inputs, None, 32)
-  kernel = functools.partial(chunk_gated_delta_rule_gpu, precision="ieee", launch=launch, interpret=True,
-                             use_qk_l2norm=use_qk_l2norm)
-  got = values_and_grads(kernel, *inputs, None, 32)
-  for name, a, b in zip(["o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dh0"], jax.tree.leaves(got),
-                        jax.tree.leaves(expected)):
-    assert a.dtype == b.dtype, name
-    assert relative_error(a, b) < TOLERANCE["ieee"], name
+  """dq, dk by gpu_norm_grads.py's kernel or by XLA autodiff, through the l2 norm or not."""
+  check((1, 70, 2, 4, 32, 32), 32, jnp.float32, "ieee", launch=launch, seed=3, use_qk_l2norm=use_qk_l2norm)
 
 
 def test_norm_grads_kernel_bf16_packed():

@@ -218,21 +218,25 @@ def supports(chunk_size: int, key_dim: int, value_dim: int) -> bool:
 # ------------------------------------------------------------------------------------------------ wrappers
 
 
+def kernel_qk(q: jax.Array, k: jax.Array, *, mode: str, normalize: bool) -> tuple[jax.Array, jax.Array]:
+  """The kernels' q, k: l2-normalised in float32 (normalize), in the precision mode's operand dtype (q's in 'bf16'
+  mode, else float32)."""
+  operand = q.dtype if mode == "bf16" else jnp.float32
+  if normalize:
+    q, k = l2_normalize(q.astype(jnp.float32)), l2_normalize(k.astype(jnp.float32))
+  return q.astype(operand), k.astype(operand)
+
+
 @functools.cache
 def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret: bool,
                      launch: ChunkedLaunch = ChunkedLaunch(), normalize: bool = False) -> Callable:
   """(q, k, v, gc, beta, h0, segments) -> (o [B, T, Hv, Dv] in v's dtype, final state f32), differentiable in all
   but segments. Layouts in the module docstring; T a multiple of chunk. q, k are the kernels' operands as given, or
-  with `normalize` the raw ones, l2-normalised here (their gradient by gpu_norm_grads.py; only the raw q, k are kept
-  for the backward, which normalises them again).
+  with `normalize` the raw ones, l2-normalised here (their gradient by gpu_norm_grads.py; the residuals are the raw
+  q, k, and the backward normalises them again unless XLA keeps the forward's).
   """
 
-  def operands(q, k):
-    """The kernels' q, k: l2-normalised in float32 (normalize), in the precision mode's operand dtype."""
-    operand = q.dtype if precision == "bf16" else jnp.float32
-    if normalize:
-      q, k = l2_normalize(q.astype(jnp.float32)), l2_normalize(k.astype(jnp.float32))
-    return q.astype(operand), k.astype(operand)
+  operands = functools.partial(kernel_qk, mode=precision, normalize=normalize)
 
   def setup(q, v):
     batch, length, key_heads, key_dim = q.shape
@@ -384,9 +388,7 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
       batch, length, key_heads, key_dim = q.shape
       groups = dq.shape[2] // key_heads
       by_key_head = lambda x: x.astype(jnp.float32).reshape(batch, length, key_heads, groups, key_dim).sum(3)
-      dq, dk = by_key_head(dq), by_key_head(dk)
-      if normalize:
-        dq, dk = (jax.vjp(lambda x: l2_normalize(x.astype(jnp.float32)), raw)[1](d)[0] for raw, d in ((q, dq), (k, dk)))
+      dq, dk = by_key_head(dq), by_key_head(dk)  # normalize is off here: the norm, if any, is outside the vjp
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dgc, dbeta, dh0.astype(h0.dtype)
 
   @jax.custom_vjp
@@ -428,8 +430,7 @@ def chunk_gated_delta_rule_gpu(q, k, v, g, beta, initial_state, *, segment_ids=N
   mode = matmul_mode((q, k, v), precision, interpret)[0]
   normalize = use_qk_l2norm and launch.norm_grads_kernel  # else the l2 norm under autodiff, here
   if use_qk_l2norm and not normalize:
-    operand = q.dtype if mode == "bf16" else jnp.float32
-    q, k = l2_normalize(q.astype(jnp.float32)).astype(operand), l2_normalize(k.astype(jnp.float32)).astype(operand)
+    q, k = kernel_qk(q, k, mode=mode, normalize=True)
   q, k, v = pad_time(q), pad_time(k), pad_time(v)  # o, dv take v's dtype
   per_head = lambda x: jnp.swapaxes(pad_time(x).astype(jnp.float32), 1, 2)  # [B, T, Hv] -> [B, Hv, T]
   gc = jnp.cumsum(per_head(g).reshape(batch, value_heads, padded // chunk_size, chunk_size), axis=-1)
