@@ -2,8 +2,9 @@
 replace (gpu_fused.walk_output_kernel without w, saving the history; gpu_kernels.state_grad_kernel with the fused
 forward's P; today's launches from gpu.walk_blocks / walk_stages) on the same random arrays: errors of every output
 relative to the Triton ones (max|a-b| / max|b|), then ms of each at 1 x 4096, 1 x 16384, 8 x 4096 (Hk 16, Hv 32,
-d 128, bf16). The Mosaic walks take 64 value columns a program: 32 would need a 64-byte swizzle, which wgmma cannot
-pair with the [C, C] tiles' 128 bytes, and 128 columns exceed the shared memory.
+d 128, bf16), the Mosaic walks with one and with two warpgroups a program. Each warpgroup takes 64 value columns: 32
+would need a 64-byte swizzle, which wgmma cannot pair with the [C, C] tiles' 128 bytes, and one warpgroup's 128
+columns exceed the shared memory.
 
 GPU:  PYTHONPATH=src:benchmarks python3 benchmarks/gated_delta_rule_mosaic_walks.py
 CPU, lowering for CUDA only (jax-cuda12-plugin of the same version as jax on the path, see kernel_registers.py):
@@ -101,9 +102,10 @@ def main() -> None:
   if "--lower" in sys.argv:
     for name, (ours, _, inputs, _) in WALKS.items():
       args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), inputs(length=256, key_heads=2, heads=4))
-      lowered = jax.jit(functools.partial(ours, scale=scale, groups=groups)).trace(*args).lower(
-          lowering_platforms=("cuda",))
-      print(f"{name} walk lowered:", len(lowered.as_text()), "characters", flush=True)
+      for warpgroups in (1, 2):
+        lowered = jax.jit(functools.partial(ours, scale=scale, groups=groups, warpgroups=warpgroups)).trace(
+            *args).lower(lowering_platforms=("cuda",))
+        print(f"{name} walk, {warpgroups} warpgroups, lowered:", len(lowered.as_text()), "characters", flush=True)
     return
   from gated_delta_rule import errors  # benchmarks/
   from timing import time_jax
@@ -113,15 +115,17 @@ def main() -> None:
       theirs = jax.jit(functools.partial(triton, scale=scale, groups=groups))
       want = theirs(*args)
       times = {"triton": time_jax(theirs, *args)}
-      fn = jax.jit(functools.partial(ours, scale=scale, groups=groups))
-      try:
-        got = fn(*args)
-        worst = [errors(a, b)[0] for a, b in zip(got, want)]  # max|a-b| / max|b|
-        print(f"{batch}x{length} {name} walk error vs triton ({', '.join(outputs)}): "
-              + ", ".join(f"{e:.1e}" for e in worst), flush=True)
-        times["mosaic"] = time_jax(fn, *args)
-      except Exception as e:  # pylint: disable=broad-except  # one walk failing must not hide the other
-        print(f"{batch}x{length} {name} walk failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+      for warpgroups in (1, 2):
+        fn = jax.jit(functools.partial(ours, scale=scale, groups=groups, warpgroups=warpgroups))
+        label = f"mosaic_{warpgroups}wg"
+        try:
+          got = fn(*args)
+          worst = [errors(a, b)[0] for a, b in zip(got, want)]  # max|a-b| / max|b|
+          print(f"{batch}x{length} {name} walk {label} error vs triton ({', '.join(outputs)}): "
+                + ", ".join(f"{e:.1e}" for e in worst), flush=True)
+          times[label] = time_jax(fn, *args)
+        except Exception as e:  # pylint: disable=broad-except  # one walk failing must not hide the other
+          print(f"{batch}x{length} {name} walk {label} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
       print(f"{batch}x{length} {name} walk ms: " + "  ".join(f"{k} {v:.3f}" for k, v in times.items()), flush=True)
 
 

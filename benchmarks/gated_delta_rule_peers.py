@@ -74,9 +74,14 @@ def launches() -> dict:
           "prep_kh_w4": ChunkedLaunch(prep_per_key_head=True, parallel_warps=4),
           # gpu_mosaic_backward.py's per-chunk backward (one or two Mosaic GPU warpgroups a chunk, 2 the default)
           # and gpu_mosaic_walks.py's walks (the reverse one the default); 'triton': none of them
-          "triton": ChunkedLaunch(chunk_grads_mosaic=0, reverse_walk_mosaic=False),
+          "triton": ChunkedLaunch(chunk_grads_mosaic=0, reverse_walk_mosaic=0),
           "mosaic_bwd": ChunkedLaunch(chunk_grads_mosaic=1),
-          "mosaic_fwd_walk": ChunkedLaunch(forward_walk_mosaic=True),
+          "mosaic_fwd_walk": ChunkedLaunch(forward_walk_mosaic=1),
+          # gpu_mosaic_walks.py with two warpgroups a program (one CTA per value head for Dv = 128, sharing the q, k,
+          # T, P loads): both walks, or one of them
+          "walks_2wg": ChunkedLaunch(forward_walk_mosaic=2, reverse_walk_mosaic=2),
+          "fwd_walk_2wg": ChunkedLaunch(forward_walk_mosaic=2),
+          "rev_walk_2wg": ChunkedLaunch(reverse_walk_mosaic=2),
           # the prep's T and P by separate launches (ptxas, sm_90a: T 255 registers and 120 bytes of spills, P 254 and
           # none, against 255 and 236 for both in one program; at 2 warps 52 bytes and none)
           "prep_split": ChunkedLaunch(prep_split=True),

@@ -7,6 +7,9 @@
 #   benchmarks/mosaic_candidates.sh peers     # ~9 min: the default launch's device tests; the four shapes with jax-linear-attention and fla (.jla/, .fla/)
 #   benchmarks/mosaic_candidates.sh norm      # ~9 min: gpu_norm_grads.py's kernel, the split prep, the bf16 inverse:
 #                                             #   device tests, then the four shapes with jla (screening: no fla)
+#   benchmarks/mosaic_candidates.sh screen    # ~9.5 min: device tests of the off-by-default kernels (norm kernel,
+#                                             #   split prep, two-warpgroup walks, short sequences, Dv 256); the walks
+#                                             #   alone; the four shapes with jla (no fla) for the candidates
 #   benchmarks/mosaic_candidates.sh train     # ~8 min: the bench train step at 8 x 4096, unscanned and scanned, and HF
 #
 # (from the repository root, with .jla/ and .fla/ carried). The kernels call decides which variants the peers call
@@ -47,12 +50,29 @@ case "${1:-}" in
       --variants api,norm_kernel,prep_split,bf16_inv,bf16_inv_split --no-fla --markdown "$OUT/gdn_norm.md" \
       --json "$OUT/gdn_norm.json")
     ;;
+  screen)
+    # The two-warpgroup walks first, alone: a barrier that never completes hangs only this step, and the timing
+    # below then leaves them out.
+    screen=${VARIANTS_SCREEN:-api,walks_2wg,prep_split,bf16_inv_split,norm_kernel}
+    if ! step walks_2wg_tests 100 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider -m device \
+        tests/kernels/test_gated_delta_rule_gpu.py -k "compiled and (walks_2wg or wide_value)"; then
+      screen=$(echo "$screen" | tr ',' '\n' | grep -v 2wg | paste -sd, -)
+      echo "two-warpgroup walks left out: $screen"
+    else
+      step walks_alone 100 python3 benchmarks/gated_delta_rule_mosaic_walks.py
+    fi
+    step screen_tests 130 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider -m device \
+      tests/kernels/test_gated_delta_rule_gpu.py \
+      -k "compiled and (norm_kernel or prep_split or (short_sequences and not walks_2wg))"
+    (cd benchmarks && XLA_FLAGS="$FAST_XLA" step gdn_screen 240 python3 gated_delta_rule_peers.py \
+      --variants "$screen" --no-fla --trace 8x4096 --markdown "$OUT/gdn_screen.md" --json "$OUT/gdn_screen.json")
+    ;;
   train)
     (cd benchmarks && step train_b8 540 python3 train_step.py --batch 8 --scan-layers false,true --steps 6 \
       --warmup 2)
     ;;
   *)
-    echo "usage: $0 kernels|peers|norm|train" >&2
+    echo "usage: $0 kernels|peers|norm|screen|train" >&2
     exit 2
     ;;
 esac

@@ -19,9 +19,10 @@ import subprocess
 import sys
 import tempfile
 
-VARIANTS = {"mosaic_bwd": dict(chunk_grads_mosaic=1, reverse_walk_mosaic=False),
-            "mosaic_bwd_2wg": dict(chunk_grads_mosaic=2, reverse_walk_mosaic=False),
-            "mosaic_walks": dict(forward_walk_mosaic=True, chunk_grads_mosaic=0)}
+VARIANTS = {"mosaic_bwd": dict(chunk_grads_mosaic=1, reverse_walk_mosaic=0),
+            "mosaic_bwd_2wg": dict(chunk_grads_mosaic=2, reverse_walk_mosaic=0),
+            "mosaic_walks": dict(forward_walk_mosaic=1, chunk_grads_mosaic=0),
+            "mosaic_walks_2wg": dict(forward_walk_mosaic=2, reverse_walk_mosaic=2, chunk_grads_mosaic=0)}
 SHAPE = dict(batch=1, length=4096, key_heads=16, value_heads=32, dim=128)
 
 
@@ -56,7 +57,10 @@ def kernel_rows(dump: str) -> list[dict]:
   rows = []
   for ptxas in sorted(glob.glob(os.path.join(dump, "*.ptxas"))):
     text = open(ptxas, encoding="utf-8").read()
-    mlir = open(ptxas[: -len(".ptxas")] + ".before_layout_inference.txt", encoding="utf-8").read()
+    stem = ptxas[: -len(".ptxas")]
+    mlir_dump = next((stem + ext for ext in (".before_layout_inference.txt", ".mlir-passes.log")
+                      if os.path.exists(stem + ext)), None)  # the name differs between jax versions
+    mlir = open(mlir_dump, encoding="utf-8").read() if mlir_dump else ""
     launch = re.search(r"blocks\([^)]*\) in \(([^)]*)\) threads\([^)]*\) in \(%\w+ = %c(\d+)", mlir)
     grid = "x".join(re.findall(r"%c(\d+)", launch.group(1))) if launch else "?"
     smem = re.search(r"dynamic_shared_memory_size %c(\d+)", mlir)

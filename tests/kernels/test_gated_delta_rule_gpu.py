@@ -26,7 +26,7 @@ TOLERANCE = {"ieee": 1e-5, "tf32": 2e-3, "bf16": 1e-2}
 # several key and value blocks; the two-kernel backward (fused_backward has its own tests below)
 SMALL_TILES = ChunkedLaunch(block_v=16, grad_block_k=16, grad_block_v=16, fused_backward=False)
 # The Triton kernels throughout (on a Hopper the default launch runs gpu_mosaic_*.py where they apply)
-TRITON = dict(chunk_grads_mosaic=0, reverse_walk_mosaic=False)
+TRITON = dict(chunk_grads_mosaic=0, reverse_walk_mosaic=0)
 # gpu_fused.py's forward or not, the whole-tile WY inverse or the blocked one (gpu_inverse.py, the default)
 FUSED = dict(split=dict(fused_forward=False, inverse_block=None, fused_backward=False, **TRITON),
              fused=dict(fused_forward=True, inverse_block=None, fused_backward=False, **TRITON),
@@ -39,9 +39,11 @@ FUSED = dict(split=dict(fused_forward=False, inverse_block=None, fused_backward=
              # the default launch: gpu_mosaic_backward.py's two-warpgroup chunk backward and gpu_mosaic_walks.py's
              # reverse walk where they apply (bf16, unpacked; the Triton kernels for the others)
              default=dict(),
-             mosaic_bwd=dict(chunk_grads_mosaic=1, reverse_walk_mosaic=False),  # one warpgroup a chunk
-             # both of gpu_mosaic_walks.py's walks, with the Triton chunk backward
-             mosaic_walks=dict(forward_walk_mosaic=True, reverse_walk_mosaic=True, chunk_grads_mosaic=0),
+             mosaic_bwd=dict(chunk_grads_mosaic=1, reverse_walk_mosaic=0),  # one warpgroup a chunk
+             # both of gpu_mosaic_walks.py's walks, one warpgroup a program, with the Triton chunk backward
+             mosaic_walks=dict(forward_walk_mosaic=1, reverse_walk_mosaic=1, chunk_grads_mosaic=0),
+             # both walks with two warpgroups a program (sharing the loads), with the Mosaic chunk backward
+             walks_2wg=dict(forward_walk_mosaic=2, reverse_walk_mosaic=2),
              # gpu_norm_grads.py's kernel for dq, dk through the group sum and the l2 norm, on the default launch
              norm_kernel=dict(norm_grads_kernel=True))
 
@@ -220,12 +222,22 @@ def test_compiled_on_gpu_matches_reference(precision, packed, path, monkeypatch)
 @pytest.mark.device
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (run with JAX_PLATFORMS=cuda)")
 @pytest.mark.parametrize("length", [64, 100, 200], ids=["one_chunk", "two_chunks_ragged", "four_chunks_ragged"])
-@pytest.mark.parametrize("path", ["default", "mosaic_walks", "mosaic_bwd"])
+@pytest.mark.parametrize("path", ["default", "mosaic_walks", "mosaic_bwd", "walks_2wg"])
 def test_compiled_on_gpu_short_sequences(length, path, monkeypatch):
   """The Mosaic kernels' chunk loops at one to four chunks (their double-buffered loads: the first chunk is the last
   one), bf16, an initial state; values and every gradient against the reference."""
   monkeypatch.setitem(TOLERANCE, "bf16", DEVICE_TOLERANCE["bf16"])
   check((2, length, 2, 4, 128, 128), 64, jnp.bfloat16, "bf16", interpret=False, launch=ChunkedLaunch(**FUSED[path]))
+
+
+@pytest.mark.device
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (run with JAX_PLATFORMS=cuda)")
+@pytest.mark.parametrize("path", ["mosaic_walks", "walks_2wg"])
+def test_compiled_on_gpu_wide_value_heads(path, monkeypatch):
+  """Dv = 256: two programs per value head in the Mosaic walks (the second one's columns start at 64 x warpgroups);
+  bf16, an initial state, a ragged tail; values and every gradient against the reference."""
+  monkeypatch.setitem(TOLERANCE, "bf16", DEVICE_TOLERANCE["bf16"])
+  check((1, 300, 1, 2, 128, 256), 64, jnp.bfloat16, "bf16", interpret=False, launch=ChunkedLaunch(**FUSED[path]))
 
 
 def test_reverse_walk_with_its_own_value_blocks():
@@ -273,15 +285,35 @@ def test_mosaic_chunk_backward_only_where_it_applies():
 
 
 def test_mosaic_walks_only_where_they_apply():
-  """gpu_mosaic_walks covers unsegmented bf16 chunks of 64 with 128-wide keys and 64 | Dv, compiled (device test:
-  paths 'default', 'mosaic_walks' above)."""
+  """gpu_mosaic_walks covers unsegmented bf16 chunks of 64 with 128-wide keys and 64 | Dv (128 | Dv for two
+  warpgroups a program), compiled (device test: paths 'default', 'mosaic_walks', 'walks_2wg' above)."""
   from maxtext.kernels.gated_delta_rule.gpu_mosaic_walks import applies
   bf16 = jnp.bfloat16
   base = dict(chunk=64, key_dim=128, value_dim=128, dtypes=(bf16, bf16, bf16), segmented=False, interpret=False)
   assert applies(**base) and applies(**(base | dict(value_dim=256)))
+  assert applies(**base, warpgroups=2) and applies(**(base | dict(value_dim=256)), warpgroups=2)
+  assert applies(**(base | dict(value_dim=64))) and not applies(**(base | dict(value_dim=64)), warpgroups=2)
   for change in (dict(chunk=32), dict(key_dim=64), dict(value_dim=96), dict(dtypes=(jnp.float32, bf16, bf16)),
                  dict(dtypes=(bf16, jnp.float32, bf16)), dict(segmented=True), dict(interpret=True)):
     assert not applies(**(base | change)), change
+
+
+def test_mosaic_walks_take_the_most_warpgroups_that_apply(monkeypatch):
+  """The launch's warpgroups per walk program where 64 x warpgroups divides Dv, else fewer; none (the Triton walk)
+  when asked for none, in interpret mode, or where no form applies."""
+  from maxtext.kernels.gated_delta_rule import gpu
+  monkeypatch.setattr(gpu, "wgmma_device", lambda: True)
+  bf16 = jnp.bfloat16
+  scope = dict(chunk=64, key_dim=128, dtypes=(bf16, bf16, bf16), segmented=False, interpret=False)
+  assert gpu._mosaic_walks(2, value_dim=128, **scope) == 2
+  assert gpu._mosaic_walks(2, value_dim=64, **scope) == 1
+  assert gpu._mosaic_walks(1, value_dim=256, **scope) == 1
+  assert gpu._mosaic_walks(0, value_dim=128, **scope) == 0
+  assert gpu._mosaic_walks(2, value_dim=96, **scope) == 0
+  assert gpu._mosaic_walks(2, value_dim=128, **(scope | dict(interpret=True))) == 0
+  for name in ("forward_walk_mosaic", "reverse_walk_mosaic"):
+    with pytest.raises(ValueError, match=f"{name}=3 must be 0"):
+      ChunkedLaunch(**{name: 3})
 
 
 def test_mosaic_kernels_only_on_a_hopper(monkeypatch):

@@ -130,13 +130,13 @@ class ChunkedLaunch:
   # benchmarks/gated_delta_rule_mosaic_bwd.py, Hk 16, Hv 32): two warpgroups 0.181 / 0.674 / 1.337 ms, one 0.216 /
   # 0.815 / 1.698, Triton 0.255 / 0.989 / 1.969 at 1 x 4096 / 1 x 16384 / 8 x 4096; device tests passed.
   chunk_grads_mosaic: int = 2
-  # gpu_mosaic_walks.py: the fused forward's walk and the reverse walk in Mosaic GPU (64 value columns a program,
-  # two TMA slots) where they apply (as above, 64 | Dv). Measured alone on an H200 (2026-12-02,
+  # gpu_mosaic_walks.py: the fused forward's walk and the reverse walk in Mosaic GPU with this many warpgroups per
+  # program (0: the Triton walk; each warpgroup 64 value columns, two sharing every load but v / do; two TMA slots) where they apply (as above, 64 | Dv). Measured alone on an H200 (2026-12-02,
   # benchmarks/gated_delta_rule_mosaic_walks.py): the reverse walk 0.123 / 0.467 / 0.609 ms against Triton's 0.143 /
   # 0.546 / 0.804 at the shapes above, the forward walk 0.130 / 0.495 / 0.730 against 0.123 / 0.469 / 0.638; so
   # only the reverse walk is Mosaic by default. Device tests of both passed.
-  forward_walk_mosaic: bool = False
-  reverse_walk_mosaic: bool = True
+  forward_walk_mosaic: int = 0
+  reverse_walk_mosaic: int = 1
   # gpu_norm_grads.py: the per-value-head dq, dk to the raw q, k's gradients (group sum and the l2 norm's backward) in
   # one kernel, the l2 norm inside the custom vjp; False: both under XLA autodiff, the norm outside. Off until timed:
   # tested in interpret mode and compiled for a described H200 (jax 0.10.2 and 0.11.2), never run on a GPU. What it
@@ -148,6 +148,10 @@ class ChunkedLaunch:
     if self.chunk_grads_mosaic not in (0, 1, 2):
       raise ValueError(f"ChunkedLaunch: chunk_grads_mosaic={self.chunk_grads_mosaic} must be 0 (the Triton kernel), "
                        "1 or 2 (Mosaic GPU warpgroups a chunk)")
+    for name in ("forward_walk_mosaic", "reverse_walk_mosaic"):
+      if getattr(self, name) not in (0, 1, 2):
+        raise ValueError(f"ChunkedLaunch: {name}={getattr(self, name)} must be 0 (the Triton walk), 1 or 2 (Mosaic "
+                         "GPU warpgroups a program)")
 
 
 WIDE_WALK_PROGRAMS = 512
@@ -185,17 +189,20 @@ def wgmma_device() -> bool:
   return all(str(getattr(d, "compute_capability", "")).startswith("9.") for d in gpus)
 
 
-def _mosaic_walks(wanted: bool, *, chunk: int, key_dim: int, value_dim: int, dtypes, segmented: bool,
-                  interpret: bool):
-  """gpu_mosaic_walks where the launch asks for that walk in Mosaic GPU (ChunkedLaunch.forward_walk_mosaic,
-  reverse_walk_mosaic) and it applies, else None (the Triton walk). Its module is imported only then: TPU and CPU
-  hosts never load Mosaic GPU."""
-  if not wanted or interpret or not wgmma_device():
-    return None
+def _mosaic_walks(warpgroups: int, *, chunk: int, key_dim: int, value_dim: int, dtypes, segmented: bool,
+                  interpret: bool) -> int:
+  """The warpgroups per program of the Mosaic GPU walk the launch asks for (ChunkedLaunch.forward_walk_mosaic,
+  reverse_walk_mosaic) where it applies (two where 128 | Dv, else one), or 0: the Triton walk. gpu_mosaic_walks is
+  imported only for a Mosaic walk: TPU and CPU hosts never load Mosaic GPU."""
+  if not warpgroups or interpret or not wgmma_device():
+    return 0
   from maxtext.kernels.gated_delta_rule import gpu_mosaic_walks  # pylint: disable=import-outside-toplevel
   scope = dict(chunk=chunk, key_dim=key_dim, value_dim=value_dim, dtypes=dtypes, segmented=segmented,
                interpret=interpret)
-  return gpu_mosaic_walks if gpu_mosaic_walks.applies(**scope) else None
+  for count in range(warpgroups, 0, -1):
+    if gpu_mosaic_walks.applies(**scope, warpgroups=count):
+      return count
+  return 0
 
 
 def segment_masks(segment_ids: jax.Array, chunk: int) -> Segments:
@@ -287,9 +294,11 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
       saved = (struct(batch, heads, num_chunks, key_dim, value_dim), struct(batch, length, heads, value_dim))
       walks = _mosaic_walks(launch.forward_walk_mosaic, chunk=chunk, key_dim=key_dim, value_dim=value_dim,
                             dtypes=(store, q.dtype, v.dtype), segmented=segments is not None, interpret=interpret)
-      if walks is not None and not with_w:
-        o, final, *history = walks.forward_walk(q, k, v, gc, beta, t, p, h0.astype(jnp.float32), scale=scale,
-                                                groups=common["groups"], save=save)
+      if walks and not with_w:
+        from maxtext.kernels.gated_delta_rule import gpu_mosaic_walks  # pylint: disable=import-outside-toplevel
+        o, final, *history = gpu_mosaic_walks.forward_walk(q, k, v, gc, beta, t, p, h0.astype(jnp.float32),
+                                                           scale=scale, groups=common["groups"], save=save,
+                                                           warpgroups=walks)
         return (o, final), ((t, *history, p) if save else None)
       o, final, *history = call(
           gpu_fused.walk_output_kernel, "gdr_walk_fwd", (value_dim // block_v, heads, batch),
@@ -326,9 +335,11 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
                    scale=scale, **common)
     walks = _mosaic_walks(launch.reverse_walk_mosaic, chunk=chunk, key_dim=key_dim, value_dim=value_dim,
                           dtypes=(store, q.dtype, v.dtype), segmented=segments is not None, interpret=interpret)
-    if scores and walks is not None:
-      dv_new, d_states, dh0 = walks.reverse_walk(q, k, t, gc, beta, d_out, local, d_final.astype(jnp.float32),
-                                                 scale=scale, groups=common["groups"])
+    if scores and walks:
+      from maxtext.kernels.gated_delta_rule import gpu_mosaic_walks  # pylint: disable=import-outside-toplevel
+      dv_new, d_states, dh0 = gpu_mosaic_walks.reverse_walk(q, k, t, gc, beta, d_out, local,
+                                                            d_final.astype(jnp.float32), scale=scale,
+                                                            groups=common["groups"], warpgroups=walks)
     else:
       dv_new, d_states, dh0 = call(
           state_grad_kernel, "gdr_state_bwd", (value_dim // block_v, heads, batch),

@@ -1,6 +1,10 @@
-"""The chunk walks as Mosaic GPU kernels, one warpgroup per (64 value columns, value head, row): the state (or its
-gradient) [Dk, BV] carried in float32 registers as two [64, BV] wgmma accumulators, every product by wgmma, and the
-next chunk's inputs loaded by TMA into the other of two shared-memory slots while this chunk computes.
+"""The chunk walks as Mosaic GPU kernels, one or two warpgroups per CTA, each warpgroup carrying the state (or its
+gradient) for 64 value columns of one value head and row: [Dk, 64] in float32 registers as two [64, 64] wgmma
+accumulators, every product by wgmma, and the next chunk's inputs loaded by TMA into the other of two shared-memory
+slots while this chunk computes. Two warpgroups (ChunkedLaunch.forward_walk_mosaic / reverse_walk_mosaic = 2; one
+CTA per value head for Dv = 128) share every load but v's / do's columns: q, k, T and P reach shared memory once
+per chunk instead of once per 64 columns; warpgroup 0 issues them, and a barrier per slot tells it that both are
+done reading the slot it refills.
 
 forward_walk: gpu_fused.walk_output_kernel without w. Per chunk n, with the state h entering it:
   h -> states[n];  x = beta (v - fs (k h));  v_new = T x;  o = s fs (q h) + P v_new
@@ -9,14 +13,16 @@ reverse_walk: gpu_kernels.state_grad_kernel with the fused forward's P. Per chun
   dh_{n+1} -> d_states[n];  dv_new = P^T do + te (k dh);  d_keys = beta fs (T^T dv_new)
   dh_n = decay dh_{n+1} + q^T (s fs do) - k^T d_keys
 
-Scope: no segment ids, C = 64, Dk = 128, 64 | Dv, bf16 storage, compiled (no interpret mode; device tests passed on an
-H200 on 2026-12-02). Measured alone there (benchmarks/gated_delta_rule_mosaic_walks.py, docs/benchmarks.md) at 1 x
+Scope: no segment ids, C = 64, Dk = 128, 64 | Dv (128 | Dv for two warpgroups), bf16 storage, compiled (no interpret
+mode; the one-warpgroup walks' device tests passed on an H200 on 2026-12-02). Measured alone there (benchmarks/gated_delta_rule_mosaic_walks.py, docs/benchmarks.md) at 1 x
 4096 / 1 x 16384 / 8 x 4096: the reverse walk 0.123 / 0.467 / 0.609 ms against the Triton walk's 0.143 / 0.546 /
 0.804 (gpu.py's default: ChunkedLaunch.reverse_walk_mosaic), the forward walk 0.130 / 0.495 / 0.730 against 0.123 /
 0.469 / 0.638 (ChunkedLaunch.forward_walk_mosaic, off).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -29,12 +35,14 @@ from maxtext.kernels.gated_delta_rule.gpu_mosaic_backward import (ROW, WG, accum
 
 C = 64
 SLOTS = 2  # input buffers: chunk n computes while chunk n - 1 lands
+COLUMNS = 64  # value columns of one warpgroup's state
 
 
-def applies(*, chunk: int, key_dim: int, value_dim: int, dtypes, segmented: bool, interpret: bool) -> bool:
+def applies(*, chunk: int, key_dim: int, value_dim: int, dtypes, segmented: bool, interpret: bool,
+            warpgroups: int = 1) -> bool:
   """The module docstring's scope: dtypes are the storage dtype and q's and v's as the kernels receive them. The
   reverse walk also needs the fused forward's P (gpu.py checks)."""
-  return (chunk == C and key_dim == 128 and value_dim % 64 == 0
+  return (chunk == C and key_dim == 128 and value_dim % (COLUMNS * warpgroups) == 0
           and all(jnp.dtype(d) == jnp.bfloat16 for d in dtypes) and not segmented and not interpret)
 
 
@@ -42,21 +50,45 @@ def _slotted(shape, dtype=jnp.bfloat16):
   return tile((SLOTS, *shape), dtype)
 
 
-def _read_carry(src, staging, landed, halves) -> tuple:
-  """A float32 [Dk, BV] state from HBM into two [64, BV] accumulator tiles, through a swizzled staging tile."""
-  plgpu.copy_gmem_to_smem(src, staging, landed)
-  plgpu.barrier_wait(landed)
-  return tuple(load(staging.at[rows], WG) for rows in halves)
+class _Carry:
+  """The float32 [Dk, 64] state of each warpgroup between HBM and two [64, 64] accumulator tiles, through one [64,
+  64] staging tile a key half at a time. With two warpgroups they take the staging tile in turn (three barriers
+  hand it over: after warpgroup 0's read, after warpgroup 1's read, after warpgroup 0's write)."""
 
+  def __init__(self, staging, initial, handover, warpgroups: int, key_dim: int):
+    self.staging, self.initial, self.handover, self.warpgroups = staging, initial, handover, warpgroups
+    self.halves = [pl.ds(0, key_dim // 2), pl.ds(key_dim // 2, key_dim // 2)]
 
-def _write_carry(carry, staging, dst, halves) -> None:
-  """The two accumulator tiles back to HBM through the staging tile, after every earlier store has read its tile."""
-  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-  for rows, part in zip(halves, carry):
-    staging.at[rows][...] = part
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(staging, dst)
-  plgpu.wait_smem_to_gmem(0)
+  @staticmethod
+  def scratch(warpgroups: int) -> dict:
+    handover = {} if warpgroups == 1 else dict(handover=plgpu.Barrier(num_arrivals=1, num_barriers=3))
+    return dict(staging=tile((C, COLUMNS), jnp.float32),
+                initial=plgpu.Barrier(num_arrivals=1, num_barriers=warpgroups)) | handover
+
+  def read(self, src, w: int) -> tuple:
+    if w == 1:
+      plgpu.barrier_wait(self.handover.at[0])
+    parts = []
+    for rows in self.halves:
+      plgpu.copy_gmem_to_smem(src.at[rows], self.staging, self.initial.at[w])
+      plgpu.barrier_wait(self.initial.at[w])
+      parts.append(load(self.staging, WG))
+      plgpu.commit_smem()  # every thread has read the staging tile before the next copy lands in it
+    if self.warpgroups == 2:
+      plgpu.barrier_arrive(self.handover.at[w])
+    return tuple(parts)
+
+  def write(self, carry, dst, w: int) -> None:
+    if self.warpgroups == 2:
+      plgpu.barrier_wait(self.handover.at[1 if w == 0 else 2])
+    for rows, part in zip(self.halves, carry):
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the staging tile's previous store has read it
+      self.staging[...] = part
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(self.staging, dst.at[rows])
+    plgpu.wait_smem_to_gmem(0)
+    if self.warpgroups == 2 and w == 0:
+      plgpu.barrier_arrive(self.handover.at[2])
 
 
 def _stage_carry(carry, tile_ref, halves) -> None:
@@ -68,63 +100,100 @@ def _stage_carry(carry, tile_ref, halves) -> None:
   plgpu.commit_smem()
 
 
-def _launch(body, out_type, scratch, *, value_dim: int, block_v: int, heads: int, batch: int):
-  """One warpgroup per (value block, value head, row)."""
-  return plgpu.kernel(body, out_type=out_type, scratch_types=scratch, grid=(value_dim // block_v, heads, batch),
-                      grid_names=("v", "h", "b"), compiler_params=plgpu.CompilerParams(approx_math=True))
+def _launch(body, out_type, scratch, *, name: str, value_dim: int, warpgroups: int, heads: int, batch: int):
+  """A CTA of `warpgroups` warpgroups per (64 x warpgroups value columns, value head, row); body(w) is warpgroup
+  w's program; name names the kernel (profiles, dumps)."""
+  grid = dict(grid=(value_dim // (COLUMNS * warpgroups), heads, batch), grid_names=("v", "h", "b"))
+  if warpgroups == 1:
+    def kernel_body(*refs, **scratch_refs):
+      body(0, *refs, **scratch_refs)
+    threads = {}
+  else:
+    def kernel_body(*refs, **scratch_refs):
+      group = lax.axis_index("wg")
+      for w in range(warpgroups):
+        pl.when(group == w)(functools.partial(body, w, *refs, **scratch_refs))
+    threads = dict(num_threads=warpgroups, thread_name="wg")
+  kernel_body.__name__ = kernel_body.__qualname__ = f"{name}_{warpgroups}wg"
+  return plgpu.kernel(kernel_body, out_type=out_type, scratch_types=scratch, **grid, **threads,
+                      compiler_params=plgpu.CompilerParams(approx_math=True))
+
+
+def _slot_handover(warpgroups: int) -> dict:
+  """With two warpgroups, `consumed[s]`: both are done reading slot s, so warpgroup 0 (which issues every load) may
+  fill it again."""
+  return {} if warpgroups == 1 else dict(consumed=plgpu.Barrier(num_arrivals=warpgroups, num_barriers=SLOTS))
+
+
+def _prefetch(n, slot, *, chunks: int, w: int, warpgroups: int, issue, consumed, forward: bool) -> None:
+  """Warpgroup 0 issues chunk n's successor (n + 1 forward, n - 1 in reverse) into the other slot, which held the
+  chunk before n: its readers are done (one warpgroup: its own waited wgmma; two: `consumed`)."""
+  if w != 0:
+    return
+  following = n + 1 if forward else n - 1
+  has_following = following < chunks if forward else following >= 0
+  other = SLOTS - 1 - slot
+
+  @pl.when(has_following)
+  def _issue():
+    if warpgroups == 2:
+      pl.when(n != (0 if forward else chunks - 1))(lambda: plgpu.barrier_wait(consumed.at[other]))
+    issue(following, other)
 
 
 def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: jax.Array, t: jax.Array,
                  scores: jax.Array, h0: jax.Array, *, scale: float, groups: int, save: bool = True,
-                 block_v: int = 64) -> tuple[jax.Array, ...]:
+                 warpgroups: int = 1) -> tuple[jax.Array, ...]:
   """Arrays as walk_output_kernel's without w (q, k [B, T, Hk, Dk]; v [B, T, Hv, Dv]; gc, beta float32 [B, Hv, T];
   t, scores [B, Hv, N, C, C]; h0 float32 [B, Hv, Dk, Dv]) -> (o [B, T, Hv, Dv] in v's dtype, final state float32,
-  and with save the state entering each chunk [B, Hv, N, Dk, Dv] and v_new [B, T, Hv, Dv], in v's dtype)."""
+  and with save the state entering each chunk [B, Hv, N, Dk, Dv] and v_new [B, T, Hv, Dv], in v's dtype).
+  warpgroups: 1 or 2 per CTA, each carrying 64 value columns; two share every load but v's."""
   batch, length, heads, value_dim = v.shape
   key_dim = q.shape[-1]
   chunks = length // C
   bf16, f32 = jnp.bfloat16, jnp.float32
-  half = key_dim // 2
+  block = COLUMNS * warpgroups
   out_type = (jax.ShapeDtypeStruct((batch, length, heads, value_dim), v.dtype),
               jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), f32))
   if save:
     out_type += (jax.ShapeDtypeStruct((batch, heads, chunks, key_dim, value_dim), v.dtype),
                  jax.ShapeDtypeStruct((batch, length, heads, value_dim), v.dtype))
   vecs = plgpu.SMEM((SLOTS, C), f32)
+  own = lambda shape: tuple(tile(shape) for _ in range(warpgroups))  # one per warpgroup (separate refs: no index)
   scratch = dict(
-      q_s=_slotted((C, key_dim)), k_s=_slotted((C, key_dim)), v_s=_slotted((C, block_v)), t_s=_slotted((C, C)),
-      p_s=_slotted((C, C)), gc_s=vecs, beta_s=vecs, h_s=tile((key_dim, block_v)), x_s=tile((C, block_v)),
-      vn_s=tile((C, block_v)), o_s=tile((C, block_v)), h32_s=tile((key_dim, block_v), f32),
-      landed=plgpu.Barrier(num_arrivals=7, num_barriers=SLOTS), initial=plgpu.Barrier(num_arrivals=1))
+      q_s=_slotted((C, key_dim)), k_s=_slotted((C, key_dim)), v_s=_slotted((C, block)), t_s=_slotted((C, C)),
+      p_s=_slotted((C, C)), gc_s=vecs, beta_s=vecs, h_s=own((key_dim, COLUMNS)), x_s=own((C, COLUMNS)),
+      vn_s=own((C, COLUMNS)), landed=plgpu.Barrier(num_arrivals=7, num_barriers=SLOTS),
+  ) | _Carry.scratch(warpgroups) | _slot_handover(warpgroups)
 
-  def body(*refs, q_s, k_s, v_s, t_s, p_s, gc_s, beta_s, h_s, x_s, vn_s, o_s, h32_s, landed, initial):
+  def body(w, *refs, q_s, k_s, v_s, t_s, p_s, gc_s, beta_s, h_s, x_s, vn_s, landed, staging, initial,
+           handover=None, consumed=None):
     q_ref, k_ref, v_ref, gc_ref, beta_ref, t_ref, p_ref, h0_ref = refs[:8]
     o_ref, final_ref, *saved = refs[8:]
     vb, h, b = lax.axis_index("v"), lax.axis_index("h"), lax.axis_index("b")
     hk = lax.div(h, groups)
-    cols = pl.ds(vb * block_v, block_v)
-    key_halves = [pl.ds(0, half), pl.ds(half, half)]
-    wide = (C, block_v)
+    mine = pl.ds(w * COLUMNS, COLUMNS)  # this warpgroup's columns of the CTA's v tile
+    cols = pl.ds(vb * block + w * COLUMNS, COLUMNS)  # and of the value head
+    h_s, x_s, vn_s = h_s[w], x_s[w], vn_s[w]
+    carry = _Carry(staging, initial, handover, warpgroups, key_dim)
+    narrow = (C, COLUMNS)
 
     def issue(n, slot):
       tokens = pl.ds(n * C, C)
       for src, dst in ((q_ref.at[b, tokens, hk], q_s), (k_ref.at[b, tokens, hk], k_s),
-                       (v_ref.at[b, tokens, h, cols], v_s), (t_ref.at[b, h, n], t_s), (p_ref.at[b, h, n], p_s),
-                       (gc_ref.at[b, h, tokens], gc_s), (beta_ref.at[b, h, tokens], beta_s)):
+                       (v_ref.at[b, tokens, h, pl.ds(vb * block, block)], v_s), (t_ref.at[b, h, n], t_s),
+                       (p_ref.at[b, h, n], p_s), (gc_ref.at[b, h, tokens], gc_s), (beta_ref.at[b, h, tokens], beta_s)):
         plgpu.copy_gmem_to_smem(src, dst.at[slot], landed.at[slot])
 
-    issue(0, 0)
-    start = _read_carry(h0_ref.at[b, h, :, cols], h32_s, initial, key_halves)
+    if w == 0:
+      issue(0, 0)
+    start = carry.read(h0_ref.at[b, h, :, cols], w)
 
     def step(n, state):
       slot = lax.rem(n, SLOTS)
       tokens = pl.ds(n * C, C)
-
-      @pl.when(n + 1 < chunks)
-      def _prefetch():  # the other slot held chunk n - 1, whose last reader (a waited wgmma) is done
-        issue(n + 1, SLOTS - 1 - slot)
-
-      _stage_carry(state, h_s, key_halves)
+      _prefetch(n, slot, chunks=chunks, w=w, warpgroups=warpgroups, issue=issue, consumed=consumed, forward=True)
+      _stage_carry(state, h_s, carry.halves)
       if save:
         plgpu.copy_smem_to_gmem(h_s, saved[0].at[b, h, n, :, cols])
       plgpu.barrier_wait(landed.at[slot])
@@ -132,99 +201,113 @@ def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: 
       gc_row, beta_row = load(gc_s.at[slot], ROW), load(beta_s.at[slot], ROW)
       gc_last = gc_s[slot, C - 1]
       fs, te = jnp.exp(gc_row), jnp.exp(gc_last - gc_row)
-      k_h, q_h = products((k_s.at[slot], h_s, wide), (q_s.at[slot], h_s, wide))
-      values = load(v_s.at[slot], WG).astype(f32)
-      x_s[...] = (rows_of(beta_row, wide) * (values - rows_of(fs, wide) * k_h)).astype(bf16)
+      k_h, q_h = products((k_s.at[slot], h_s, narrow), (q_s.at[slot], h_s, narrow))
+      values = load(v_s.at[slot].at[:, mine], WG).astype(f32)
+      x_s[...] = (rows_of(beta_row, narrow) * (values - rows_of(fs, narrow) * k_h)).astype(bf16)
       plgpu.commit_smem()
-      v_new = product(t_s.at[slot], x_s, wide)
+      v_new = product(t_s.at[slot], x_s, narrow)
       vn_s[...] = v_new.astype(bf16)
       plgpu.commit_smem()
       if save:
         plgpu.copy_smem_to_gmem(vn_s, saved[1].at[b, tokens, h, cols])
-      o_s[...] = product(p_s.at[slot], vn_s, wide, init=rows_of(scale * fs, wide) * q_h).astype(o_s.dtype)
-      x_s[...] = (rows_of(te, wide) * v_new).astype(bf16)  # te v_new, for the state's update
+      out = product(p_s.at[slot], vn_s, narrow, init=rows_of(scale * fs, narrow) * q_h)
+      if save:
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # v_new's store has read the tile o now takes
+      vn_s[...] = out.astype(vn_s.dtype)
+      x_s[...] = (rows_of(te, narrow) * v_new).astype(bf16)  # te v_new, for the state's update
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_s, o_ref.at[b, tokens, h, cols])
+      plgpu.copy_smem_to_gmem(vn_s, o_ref.at[b, tokens, h, cols])
       decay = jnp.exp(gc_last)
-      return tuple(accumulate([(transposed(k_s.at[slot].at[:, rows]), x_s)], decay * part)
-                   for rows, part in zip(key_halves, state))
+      state = tuple(accumulate([(transposed(k_s.at[slot].at[:, rows]), x_s)], decay * part)
+                    for rows, part in zip(carry.halves, state))
+      if warpgroups == 2:
+        plgpu.barrier_arrive(consumed.at[slot])
+      return state
 
-    _write_carry(lax.fori_loop(0, chunks, step, start), h32_s, final_ref.at[b, h, :, cols], key_halves)
+    carry.write(lax.fori_loop(0, chunks, step, start), final_ref.at[b, h, :, cols], w)
 
-  kernel = _launch(body, out_type, scratch, value_dim=value_dim, block_v=block_v, heads=heads, batch=batch)
+  kernel = _launch(body, out_type, scratch, name="gdr_forward_walk", value_dim=value_dim, warpgroups=warpgroups,
+                   heads=heads, batch=batch)
   return kernel(q, k, v, gc, beta, t, scores, h0)
 
 
 def reverse_walk(q: jax.Array, k: jax.Array, t: jax.Array, gc: jax.Array, beta: jax.Array, d_out: jax.Array,
                  scores: jax.Array, d_final: jax.Array, *, scale: float, groups: int,
-                 block_v: int = 64) -> tuple[jax.Array, jax.Array, jax.Array]:
+                 warpgroups: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Arrays as state_grad_kernel's with local_from_scores (q, k [B, T, Hk, Dk]; t, scores [B, Hv, N, C, C]; gc, beta
   float32 [B, Hv, T]; d_out [B, T, Hv, Dv]; d_final float32 [B, Hv, Dk, Dv]) -> (dv_new [B, T, Hv, Dv],
-  d_states [B, Hv, N, Dk, Dv] in d_out's dtype, dh0 float32 [B, Hv, Dk, Dv])."""
+  d_states [B, Hv, N, Dk, Dv] in d_out's dtype, dh0 float32 [B, Hv, Dk, Dv]). warpgroups as forward_walk's."""
   batch, length, heads, value_dim = d_out.shape
   key_dim = q.shape[-1]
   chunks = length // C
   bf16, f32 = jnp.bfloat16, jnp.float32
-  half = key_dim // 2
+  block = COLUMNS * warpgroups
   out_type = (jax.ShapeDtypeStruct((batch, length, heads, value_dim), d_out.dtype),
               jax.ShapeDtypeStruct((batch, heads, chunks, key_dim, value_dim), d_out.dtype),
               jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), f32))
   vecs = plgpu.SMEM((SLOTS, C), f32)
+  own = lambda shape: tuple(tile(shape) for _ in range(warpgroups))
   scratch = dict(
       q_s=_slotted((C, key_dim)), k_s=_slotted((C, key_dim)), t_s=_slotted((C, C)), p_s=_slotted((C, C)),
-      do_s=_slotted((C, block_v)), gc_s=vecs, beta_s=vecs, dh_s=tile((key_dim, block_v)), dvn_s=tile((C, block_v)),
-      dkeys_s=tile((C, block_v)), dout_s=tile((C, block_v)), dh32_s=tile((key_dim, block_v), f32),
-      landed=plgpu.Barrier(num_arrivals=7, num_barriers=SLOTS), initial=plgpu.Barrier(num_arrivals=1))
+      do_s=_slotted((C, block)), gc_s=vecs, beta_s=vecs, dh_s=own((key_dim, COLUMNS)), dvn_s=own((C, COLUMNS)),
+      dkeys_s=own((C, COLUMNS)), landed=plgpu.Barrier(num_arrivals=7, num_barriers=SLOTS),
+  ) | _Carry.scratch(warpgroups) | _slot_handover(warpgroups)
 
-  def body(q_ref, k_ref, t_ref, gc_ref, beta_ref, do_ref, p_ref, dfinal_ref, dvn_ref, dstates_ref, dh0_ref,
-           q_s, k_s, t_s, p_s, do_s, gc_s, beta_s, dh_s, dvn_s, dkeys_s, dout_s, dh32_s, landed, initial):
+  def body(w, q_ref, k_ref, t_ref, gc_ref, beta_ref, do_ref, p_ref, dfinal_ref, dvn_ref, dstates_ref, dh0_ref, *,
+           q_s, k_s, t_s, p_s, do_s, gc_s, beta_s, dh_s, dvn_s, dkeys_s, landed, staging, initial, handover=None,
+           consumed=None):
     vb, h, b = lax.axis_index("v"), lax.axis_index("h"), lax.axis_index("b")
     hk = lax.div(h, groups)
-    cols = pl.ds(vb * block_v, block_v)
-    key_halves = [pl.ds(0, half), pl.ds(half, half)]
-    wide = (C, block_v)
+    mine = pl.ds(w * COLUMNS, COLUMNS)
+    cols = pl.ds(vb * block + w * COLUMNS, COLUMNS)
+    dh_s, dvn_s, dkeys_s = dh_s[w], dvn_s[w], dkeys_s[w]
+    carry = _Carry(staging, initial, handover, warpgroups, key_dim)
+    narrow = (C, COLUMNS)
 
     def issue(n, slot):
       tokens = pl.ds(n * C, C)
       for src, dst in ((q_ref.at[b, tokens, hk], q_s), (k_ref.at[b, tokens, hk], k_s), (t_ref.at[b, h, n], t_s),
-                       (p_ref.at[b, h, n], p_s), (do_ref.at[b, tokens, h, cols], do_s),
+                       (p_ref.at[b, h, n], p_s), (do_ref.at[b, tokens, h, pl.ds(vb * block, block)], do_s),
                        (gc_ref.at[b, h, tokens], gc_s), (beta_ref.at[b, h, tokens], beta_s)):
         plgpu.copy_gmem_to_smem(src, dst.at[slot], landed.at[slot])
 
-    issue(chunks - 1, 0)
-    start = _read_carry(dfinal_ref.at[b, h, :, cols], dh32_s, initial, key_halves)
+    if w == 0:
+      issue(chunks - 1, 0)
+    start = carry.read(dfinal_ref.at[b, h, :, cols], w)
 
     def step(i, dh):
       n = chunks - 1 - i
       slot = lax.rem(i, SLOTS)
       tokens = pl.ds(n * C, C)
-
-      @pl.when(n > 0)
-      def _prefetch():  # the other slot held chunk n + 1, whose last reader (a waited wgmma) is done
-        issue(n - 1, SLOTS - 1 - slot)
-
-      _stage_carry(dh, dh_s, key_halves)
+      _prefetch(n, slot, chunks=chunks, w=w, warpgroups=warpgroups, issue=issue, consumed=consumed, forward=False)
+      _stage_carry(dh, dh_s, carry.halves)
       plgpu.copy_smem_to_gmem(dh_s, dstates_ref.at[b, h, n, :, cols])
       plgpu.barrier_wait(landed.at[slot])
 
       gc_row, beta_row = load(gc_s.at[slot], ROW), load(beta_s.at[slot], ROW)
       gc_last = gc_s[slot, C - 1]
       fs, te = jnp.exp(gc_row), jnp.exp(gc_last - gc_row)
-      local, k_dh = products((transposed(p_s.at[slot]), do_s.at[slot], wide), (k_s.at[slot], dh_s, wide))
-      dvn_s[...] = (local + rows_of(te, wide) * k_dh).astype(bf16)
-      dout_s[...] = (rows_of(scale * fs, wide) * load(do_s.at[slot], WG).astype(f32)).astype(bf16)
+      d_out_mine = do_s.at[slot].at[:, mine]
+      local, k_dh = products((transposed(p_s.at[slot]), d_out_mine, narrow), (k_s.at[slot], dh_s, narrow))
+      dvn_s[...] = (local + rows_of(te, narrow) * k_dh).astype(bf16)
+      # s fs do, for the state's product, over this warpgroup's columns of do (their last reader is done)
+      d_out_mine[...] = (rows_of(scale * fs, narrow) * load(d_out_mine, WG).astype(f32)).astype(bf16)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(dvn_s, dvn_ref.at[b, tokens, h, cols])
       # -d_keys = -beta fs (T^T dv_new), negated so that both state products accumulate
-      dkeys_s[...] = (rows_of(-beta_row * fs, wide) * product(transposed(t_s.at[slot]), dvn_s, wide)).astype(bf16)
+      dkeys_s[...] = (rows_of(-beta_row * fs, narrow) * product(transposed(t_s.at[slot]), dvn_s, narrow)).astype(bf16)
       plgpu.commit_smem()
       decay = jnp.exp(gc_last)
       # dh_n = decay dh + q^T (s fs do) - k^T d_keys, 64 key rows per accumulator
-      return tuple(accumulate([(transposed(q_s.at[slot].at[:, rows]), dout_s),
-                               (transposed(k_s.at[slot].at[:, rows]), dkeys_s)], decay * part)
-                   for rows, part in zip(key_halves, dh))
+      dh = tuple(accumulate([(transposed(q_s.at[slot].at[:, rows]), d_out_mine),
+                             (transposed(k_s.at[slot].at[:, rows]), dkeys_s)], decay * part)
+                 for rows, part in zip(carry.halves, dh))
+      if warpgroups == 2:
+        plgpu.barrier_arrive(consumed.at[slot])
+      return dh
 
-    _write_carry(lax.fori_loop(0, chunks, step, start), dh32_s, dh0_ref.at[b, h, :, cols], key_halves)
+    carry.write(lax.fori_loop(0, chunks, step, start), dh0_ref.at[b, h, :, cols], w)
 
-  kernel = _launch(body, out_type, scratch, value_dim=value_dim, block_v=block_v, heads=heads, batch=batch)
+  kernel = _launch(body, out_type, scratch, name="gdr_reverse_walk", value_dim=value_dim, warpgroups=warpgroups,
+                   heads=heads, batch=batch)
   return kernel(q, k, t, gc, beta, d_out, scores, d_final)
