@@ -74,7 +74,10 @@ def launches() -> dict:
           "prep_kh_w4": ChunkedLaunch(prep_per_key_head=True, parallel_warps=4),
           # gpu_mosaic_backward.py's per-chunk backward (one or two Mosaic GPU warpgroups a chunk, 2 the default)
           # and gpu_mosaic_walks.py's walks (the reverse one the default); 'triton': none of them
-          "triton": ChunkedLaunch(chunk_grads_mosaic=0, reverse_walk_mosaic=0),
+          "triton": ChunkedLaunch(chunk_grads_mosaic=0, reverse_walk_mosaic=0, norm_grads_kernel=False,
+                                  inverse_precision="tf32", prep_split=False),
+          # the default launch of the eighth session (2026-12-02): XLA's norm backward, the TF32 inverse, one prep
+          "eighth": ChunkedLaunch(norm_grads_kernel=False, inverse_precision="tf32", prep_split=False),
           "mosaic_bwd": ChunkedLaunch(chunk_grads_mosaic=1),
           "mosaic_fwd_walk": ChunkedLaunch(forward_walk_mosaic=1),
           # gpu_mosaic_walks.py with two warpgroups a program (one CTA per value head for Dv = 128, sharing the q, k,

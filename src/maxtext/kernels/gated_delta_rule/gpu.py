@@ -100,8 +100,10 @@ class ChunkedLaunch:
   # 0.85 / 3.40 ms against 0.28 / 1.07 / 4.36 at 1 x 4k / 16k / 64k, forward+backward 1-3% faster.
   fused_forward: bool = True
   fused_walk_reads_w: bool = False  # the fused walk forms v_new = u - w h_n from a stored w (gpu_fused.py)
-  # The dots of the WY inverse (gpu_precision.py's modes). None: 'ieee' in 'ieee' mode, else 'tf32'. 'bf16' is a
-  # speed experiment (the inverse's ten dependent products are most of the forward's parallel kernel).
+  # The dots of the WY inverse (gpu_precision.py's modes). None: the products' mode ('bf16' for 16-bit inputs; until
+  # 2026-12-02 'tf32' there). On an H200 (2026-12-02, docs/benchmarks.md, with prep_split) forward 0.17 / 0.63 / 2.49
+  # / 0.99 ms against 0.17 / 0.65 / 2.65 / 1.03 with TF32 at 1 x 4k / 16k / 64k and 8 x 4k; the f32-reference errors
+  # unchanged (o 3.0e-3, worst 5.0e-3 at 1 x 4096).
   inverse_precision: str | None = None
   # gpu_inverse.py: None inverts the whole [C, C] tile by doubling (ten dependent C^3 products for C = 64); 16 or 32
   # builds A, P and T by [b, b] blocks (diagonal blocks by doubling, the rest by block forward substitution).
@@ -110,10 +112,12 @@ class ChunkedLaunch:
   # (needs inverse_block). Slower on an H200 (2026-12-01, docs/benchmarks.md): the prep kernel 0.64 ms against 0.31
   # at 1 x 16384 (each program does its group's value heads in turn), forward+backward 0.92 / 3.59 against 0.86 / 3.26.
   prep_per_key_head: bool = False
-  # The fused forward's prep as two launches (needs inverse_block): T (k k^T and the inverse) and P (q k^T) by
-  # separate programs, each holding half the tiles: one program forming both needs 255 registers and spills 236
-  # bytes (ptxas, sm_90a), so only eight 1-warp programs share an SM. Not yet timed.
-  prep_split: bool = False
+  # The fused forward's prep as two launches: T (k k^T and the inverse) and P (q k^T) by separate programs, each
+  # holding half the tiles: one program forming both needs 255 registers and spills 236 bytes (ptxas, sm_90a). None:
+  # split with the blocked inverse (inverse_block), not with the whole-tile one; True needs inverse_block. Alone it
+  # is slower on an H200 (2026-12-02: forward 0.68 against 0.65 ms at 1 x 16384); with the bf16 inverse it is the
+  # faster form above.
+  prep_split: bool | None = None
   # gpu_backward.py: one kernel per (chunk, value head, row) for the backward's parallel part instead of the
   # output-gradient and WY-gradient kernels (grad_warps, grad_block_k and grad_block_v are then its launch). Its loop
   # form measured on an H200 (2026-12-01, docs/benchmarks.md): forward+backward 0.75 / 2.84 ms against 0.86 / 3.26
@@ -138,11 +142,10 @@ class ChunkedLaunch:
   forward_walk_mosaic: int = 0
   reverse_walk_mosaic: int = 1
   # gpu_norm_grads.py: the per-value-head dq, dk to the raw q, k's gradients (group sum and the l2 norm's backward) in
-  # one kernel, the l2 norm inside the custom vjp; False: both under XLA autodiff, the norm outside. Off until timed:
-  # tested in interpret mode and compiled for a described H200 (jax 0.10.2 and 0.11.2), never run on a GPU. What it
-  # would save is an estimate: the XLA fusions it replaces most likely took 0.34 ms of 2.30 at 1 x 16384 (H200,
-  # 2026-12-02, docs/benchmarks.md).
-  norm_grads_kernel: bool = False
+  # one kernel, the l2 norm inside the custom vjp; False: both under XLA autodiff, the norm outside. On an H200
+  # (2026-12-02, docs/benchmarks.md, ninth session) forward+backward 0.58 / 2.16 / 8.53 / 3.69 ms against 0.63 / 2.32 /
+  # 9.16 / 3.99 at 1 x 4k / 16k / 64k and 8 x 4k; errors unchanged; device tests passed.
+  norm_grads_kernel: bool = True
 
   def __post_init__(self):
     if self.chunk_grads_mosaic not in (0, 1, 2):
@@ -255,13 +258,15 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
                reverse_block_v=reverse_block_v, grad_block_v=grad_block_v)
     if length % chunk:
       raise ValueError(f"gated delta rule GPU kernels: length {length} must be a multiple of the chunk {chunk}")
-    inverse = launch.inverse_precision or ("ieee" if mode == "ieee" else "tf32")
+    inverse = launch.inverse_precision or mode
     block = None if launch.inverse_block is None else min(launch.inverse_block, chunk)
     if block is not None:
       check_dims(inverse_block=block)
     elif launch.prep_per_key_head or launch.prep_split:
       raise ValueError("gated delta rule GPU kernels: prep_per_key_head and prep_split need inverse_block (16 or 32)")
-    inv = dict(inv_mm=functools.partial(dot, precision=inverse, interpret=interpret), inverse_block=block)
+    split = block is not None if launch.prep_split is None else launch.prep_split
+    inv = dict(inv_mm=functools.partial(dot, precision=inverse, interpret=interpret), inverse_block=block,
+               split=split)
     common = dict(chunk=chunk, groups=value_heads // key_heads, mm=mm)
     dims = (batch, length, value_heads, key_dim, value_dim, length // chunk)
     return dims, store, common, inv, (block_v, reverse_block_v), grad_block_v
@@ -274,6 +279,7 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
 
   def forward(q, k, v, gc, beta, h0, segments, save: bool = True):
     (batch, length, heads, key_dim, value_dim, num_chunks), store, common, inv, (block_v, _), _ = setup(q, v)
+    split = inv.pop("split")
     struct = lambda *shape, dtype=store: jax.ShapeDtypeStruct(shape, dtype)
     parallel = (num_chunks, heads, batch)
     parallel_params = TritonParams(num_warps=launch.parallel_warps, num_stages=1)
@@ -286,7 +292,7 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
       prep = functools.partial(call, gpu_fused.prep_kernel, grid=prep_grid, params=parallel_params,
                                args=(q, k, gc, beta), segments=segments, scale=scale, with_w=with_w,
                                per_key_head=launch.prep_per_key_head, **inv, **common)
-      if launch.prep_split:
+      if split:
         t, *w = prep(name="gdr_prep_t_fwd", out_shape=(chunk_matrix, *w_out), outputs="t")
         p, = prep(name="gdr_prep_p_fwd", out_shape=(chunk_matrix,), outputs="p", with_w=False)
       else:
