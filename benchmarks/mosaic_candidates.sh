@@ -13,6 +13,8 @@
 #   benchmarks/mosaic_candidates.sh final     # ~9 min: the default's and the two-warpgroup walks' device tests, then
 #                                             #   the four shapes: the default, walks_2wg, the eighth session's default,
 #                                             #   jla and fla (set VARIANTS_FINAL to change ours)
+#   benchmarks/mosaic_candidates.sh batches   # ~6 min: walk_warpgroups' rule against either form forced at B = 2, 4, 8
+#                                             #   (T 4096, with jla), then the train step at 4 x 4096 with HF + fla
 #   benchmarks/mosaic_candidates.sh train     # ~8 min: the bench train step at 8 x 4096, unscanned and scanned, and HF
 #
 # (from the repository root, with .jla/ and .fla/ carried). The kernels call decides which variants the peers call
@@ -89,12 +91,18 @@ case "${1:-}" in
     (cd benchmarks && XLA_FLAGS="$FAST_XLA" step gdn_final 400 python3 gated_delta_rule_peers.py \
       --variants "$final" --peer-timeout 330 --trace 8x4096 --markdown "$OUT/gdn_final.md" --json "$OUT/gdn_final.json")
     ;;
+  batches)
+    (cd benchmarks && XLA_FLAGS="$FAST_XLA" step gdn_batches 150 python3 gated_delta_rule_peers.py \
+      --variants api,walks_2wg,walks_1wg --no-fla --shapes 2x4096,4x4096,8x4096 --check-shapes "" --trace "" \
+      --markdown "$OUT/gdn_batches.md" --json "$OUT/gdn_batches.json")
+    (cd benchmarks && step train_b4 330 python3 train_step.py --batch 4 --scan-layers false,true --steps 6 --warmup 2)
+    ;;
   train)
     (cd benchmarks && step train_b8 540 python3 train_step.py --batch 8 --scan-layers false,true --steps 6 \
       --warmup 2)
     ;;
   *)
-    echo "usage: $0 kernels|peers|norm|screen|final|train" >&2
+    echo "usage: $0 kernels|peers|norm|screen|final|batches|train" >&2
     exit 2
     ;;
 esac

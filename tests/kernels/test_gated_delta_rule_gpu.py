@@ -18,7 +18,8 @@ import pytest
 
 from maxtext.kernels import dispatch
 from maxtext.kernels.gated_delta_rule import chunk_gated_delta_rule, chunk_gated_delta_rule_reference
-from maxtext.kernels.gated_delta_rule.gpu import ChunkedLaunch, chunk_gated_delta_rule_gpu, walk_blocks, walk_stages
+from maxtext.kernels.gated_delta_rule.gpu import (ChunkedLaunch, chunk_gated_delta_rule_gpu, walk_blocks, walk_stages,
+                                                 walk_warpgroups)
 
 from tests.kernels.test_gated_delta_rule import random_inputs, relative_error, values_and_grads
 
@@ -255,6 +256,14 @@ def test_walk_blocks_widen_both_walks_only_when_programs_stay_plenty():
   assert walk_blocks(default, 8, 32, 16) == (16, 16)  # capped at Dv
   assert walk_blocks(ChunkedLaunch(block_v=16), 8, 32, 128) == (16, 16)  # an explicit block_v sets both walks
   assert walk_blocks(ChunkedLaunch(block_v=64, reverse_block_v=16), 1, 32, 128) == (64, 16)
+
+
+def test_walk_warpgroups_two_only_with_many_programs():
+  default = ChunkedLaunch()
+  assert walk_warpgroups(default, 1, 32, 128) == (0, 1)  # 32 CTAs of two would leave most of 132 SMs idle
+  assert walk_warpgroups(default, 8, 32, 128) == (2, 2)  # 512 blocks of 64 columns
+  assert walk_warpgroups(default, 8, 32, 64) == (0, 1)
+  assert walk_warpgroups(ChunkedLaunch(forward_walk_mosaic=1, reverse_walk_mosaic=0), 8, 32, 128) == (1, 0)
 
 
 def test_walk_stages_fit_the_tiles_in_shared_memory():

@@ -135,12 +135,16 @@ class ChunkedLaunch:
   # 0.815 / 1.698, Triton 0.255 / 0.989 / 1.969 at 1 x 4096 / 1 x 16384 / 8 x 4096; device tests passed.
   chunk_grads_mosaic: int = 2
   # gpu_mosaic_walks.py: the fused forward's walk and the reverse walk in Mosaic GPU with this many warpgroups per
-  # program (0: the Triton walk; each warpgroup 64 value columns, two sharing every load but v / do; two TMA slots) where they apply (as above, 64 | Dv). Measured alone on an H200 (2026-12-02,
-  # benchmarks/gated_delta_rule_mosaic_walks.py): the reverse walk 0.123 / 0.467 / 0.609 ms against Triton's 0.143 /
-  # 0.546 / 0.804 at the shapes above, the forward walk 0.130 / 0.495 / 0.730 against 0.123 / 0.469 / 0.638; so
-  # only the reverse walk is Mosaic by default. Device tests of both passed.
-  forward_walk_mosaic: int = 0
-  reverse_walk_mosaic: int = 1
+  # program (0: the Triton walk; each warpgroup 64 value columns, two sharing every load but v / do; two TMA slots)
+  # where they apply (as above, 64 | Dv). None: walk_warpgroups' choice by the number of programs. One warpgroup,
+  # alone on an H200 (2026-12-02, benchmarks/gated_delta_rule_mosaic_walks.py): the reverse walk 0.123 / 0.467 /
+  # 0.609 ms against Triton's 0.143 / 0.546 / 0.804 at the shapes above, the forward walk 0.130 / 0.495 / 0.730
+  # against 0.123 / 0.469 / 0.638. Two warpgroups, in the op (ninth session, docs/benchmarks.md), at 8 x 4096:
+  # forward walk 0.562 ms against Triton's 0.681, reverse walk 0.475 against one warpgroup's 0.607 (forward 0.84
+  # against 0.99 ms, forward+backward 3.38 against 3.59); at B = 1 (32 programs for 132 SMs) they lose: forward
+  # 0.25 / 0.93 / 3.63 against 0.17 / 0.63 / 2.48 at 1 x 4k / 16k / 64k. Device tests of all forms passed.
+  forward_walk_mosaic: int | None = None
+  reverse_walk_mosaic: int | None = None
   # gpu_norm_grads.py: the per-value-head dq, dk to the raw q, k's gradients (group sum and the l2 norm's backward) in
   # one kernel, the l2 norm inside the custom vjp; False: both under XLA autodiff, the norm outside. On an H200
   # (2026-12-02, docs/benchmarks.md, ninth session) forward+backward 0.58 / 2.16 / 8.53 / 3.69 ms against 0.63 / 2.32 /
@@ -152,7 +156,7 @@ class ChunkedLaunch:
       raise ValueError(f"ChunkedLaunch: chunk_grads_mosaic={self.chunk_grads_mosaic} must be 0 (the Triton kernel), "
                        "1 or 2 (Mosaic GPU warpgroups a chunk)")
     for name in ("forward_walk_mosaic", "reverse_walk_mosaic"):
-      if getattr(self, name) not in (0, 1, 2):
+      if getattr(self, name) not in (None, 0, 1, 2):
         raise ValueError(f"ChunkedLaunch: {name}={getattr(self, name)} must be 0 (the Triton walk), 1 or 2 (Mosaic "
                          "GPU warpgroups a program)")
 
@@ -167,6 +171,17 @@ def walk_blocks(launch: ChunkedLaunch, batch: int, heads: int, value_dim: int, s
   forward = launch.block_v or (64 if wide else 32)
   reverse = launch.reverse_block_v or launch.block_v or (64 if wide else 32)
   return min(forward, value_dim), min(reverse, value_dim)
+
+
+def walk_warpgroups(launch: ChunkedLaunch, batch: int, heads: int, value_dim: int) -> tuple[int, int]:
+  """(forward, reverse) walks' Mosaic GPU warpgroups per program (ChunkedLaunch.forward_walk_mosaic /
+  reverse_walk_mosaic; 0: Triton). By default two for both walks where the 64-column blocks are as many as
+  walk_blocks widens for (WIDE_WALK_PROGRAMS: enough CTAs of two for the SMs, and the shared loads then matter),
+  else the Triton forward walk and a one-warpgroup reverse walk, as measured (ChunkedLaunch's comment)."""
+  wide = batch * heads * value_dim // 64 >= WIDE_WALK_PROGRAMS
+  forward = launch.forward_walk_mosaic if launch.forward_walk_mosaic is not None else (2 if wide else 0)
+  reverse = launch.reverse_walk_mosaic if launch.reverse_walk_mosaic is not None else (2 if wide else 1)
+  return forward, reverse
 
 
 def walk_stages(launch: ChunkedLaunch, store, block_v: int, reverse: bool = False) -> int:
@@ -298,8 +313,9 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
       else:
         t, p, *w = prep(name="gdr_prep_fwd", out_shape=(chunk_matrix, chunk_matrix, *w_out))
       saved = (struct(batch, heads, num_chunks, key_dim, value_dim), struct(batch, length, heads, value_dim))
-      walks = _mosaic_walks(launch.forward_walk_mosaic, chunk=chunk, key_dim=key_dim, value_dim=value_dim,
-                            dtypes=(store, q.dtype, v.dtype), segmented=segments is not None, interpret=interpret)
+      walks = _mosaic_walks(walk_warpgroups(launch, batch, heads, value_dim)[0], chunk=chunk, key_dim=key_dim,
+                            value_dim=value_dim, dtypes=(store, q.dtype, v.dtype), segmented=segments is not None,
+                            interpret=interpret)
       if walks and not with_w:
         from maxtext.kernels.gated_delta_rule import gpu_mosaic_walks  # pylint: disable=import-outside-toplevel
         o, final, *history = gpu_mosaic_walks.forward_walk(q, k, v, gc, beta, t, p, h0.astype(jnp.float32),
@@ -339,8 +355,9 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
       local = call(local_dv_kernel, "gdr_local_dv_bwd", parallel, struct(batch, length, heads, value_dim),
                    TritonParams(num_warps=launch.parallel_warps, num_stages=1), (q, k, gc, d_out), segments,
                    scale=scale, **common)
-    walks = _mosaic_walks(launch.reverse_walk_mosaic, chunk=chunk, key_dim=key_dim, value_dim=value_dim,
-                          dtypes=(store, q.dtype, v.dtype), segmented=segments is not None, interpret=interpret)
+    walks = _mosaic_walks(walk_warpgroups(launch, batch, heads, value_dim)[1], chunk=chunk, key_dim=key_dim,
+                          value_dim=value_dim, dtypes=(store, q.dtype, v.dtype), segmented=segments is not None,
+                          interpret=interpret)
     if scores and walks:
       from maxtext.kernels.gated_delta_rule import gpu_mosaic_walks  # pylint: disable=import-outside-toplevel
       dv_new, d_states, dh0 = gpu_mosaic_walks.reverse_walk(q, k, t, gc, beta, d_out, local,
