@@ -14,10 +14,11 @@ reverse_walk: gpu_kernels.state_grad_kernel with the fused forward's P. Per chun
   dh_n = decay dh_{n+1} + q^T (s fs do) - k^T d_keys
 
 Scope: no segment ids, C = 64, Dk = 128, 64 | Dv (128 | Dv for two warpgroups), bf16 storage, compiled (no interpret
-mode; the one-warpgroup walks' device tests passed on an H200 on 2026-12-02). Measured alone there (benchmarks/gated_delta_rule_mosaic_walks.py, docs/benchmarks.md) at 1 x
-4096 / 1 x 16384 / 8 x 4096: the reverse walk 0.123 / 0.467 / 0.609 ms against the Triton walk's 0.143 / 0.546 /
-0.804 (gpu.py's default: ChunkedLaunch.reverse_walk_mosaic), the forward walk 0.130 / 0.495 / 0.730 against 0.123 /
-0.469 / 0.638 (ChunkedLaunch.forward_walk_mosaic, off).
+mode; device tests of both forms passed on an H200 on 2026-12-02). One warpgroup, alone there
+(benchmarks/gated_delta_rule_mosaic_walks.py) at 1 x 4096 / 1 x 16384 / 8 x 4096: the reverse walk 0.123 / 0.467 /
+0.609 ms against the Triton walk's 0.143 / 0.546 / 0.804, the forward walk 0.130 / 0.495 / 0.730 against 0.123 /
+0.469 / 0.638. Two warpgroups, in the op at 8 x 4096: forward walk 0.562 ms (Triton 0.681), reverse walk 0.475 (one
+warpgroup 0.607); at B = 1 (32 CTAs) they lose. gpu.walk_warpgroups picks the form (docs/benchmarks.md).
 """
 
 from __future__ import annotations
