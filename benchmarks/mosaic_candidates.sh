@@ -92,10 +92,10 @@ case "${1:-}" in
       --variants "$final" --peer-timeout 330 --trace 8x4096 --markdown "$OUT/gdn_final.md" --json "$OUT/gdn_final.json")
     ;;
   batches)
-    (cd benchmarks && XLA_FLAGS="$FAST_XLA" step gdn_batches 150 python3 gated_delta_rule_peers.py \
+    (cd benchmarks && XLA_FLAGS="$FAST_XLA" step gdn_batches 120 python3 gated_delta_rule_peers.py \
       --variants api,walks_2wg,walks_1wg --no-fla --shapes 2x4096,4x4096,8x4096 --check-shapes "" --trace "" \
       --markdown "$OUT/gdn_batches.md" --json "$OUT/gdn_batches.json")
-    (cd benchmarks && step train_b4 330 python3 train_step.py --batch 4 --scan-layers false,true --steps 6 --warmup 2)
+    (cd benchmarks && step train_b4 300 python3 train_step.py --batch 4 --scan-layers false,true --steps 6 --warmup 2)
     ;;
   train)
     (cd benchmarks && step train_b8 540 python3 train_step.py --batch 8 --scan-layers false,true --steps 6 \
