@@ -151,6 +151,21 @@ def errors(ours, reference) -> tuple[float, float]:
           float(jnp.linalg.norm((a - b).ravel()) / jnp.linalg.norm(b.ravel())))
 
 
+def time_against(label: str, reference: Callable, candidates: dict[str, Callable], args, outputs: str) -> None:
+  """Prints each candidate's error per output against the reference's (max|a-b| / max|b|), then every time (ms), one
+  line each; a candidate that fails is reported and the others still run. Functions jitted by the caller."""
+  want = reference(*args)
+  times = {"triton": time_jax(reference, *args)}
+  for name, fn in candidates.items():
+    try:
+      worst = [errors(a, b)[0] for a, b in zip(fn(*args), want)]
+      print(f"{label} {name} error vs triton ({outputs}): " + ", ".join(f"{e:.1e}" for e in worst), flush=True)
+      times[name] = time_jax(fn, *args)
+    except Exception as e:  # pylint: disable=broad-except  # one candidate failing must not hide the others
+      print(f"{label} {name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+  print(f"{label} ms: " + "  ".join(f"{k} {v:.3f}" for k, v in times.items()), flush=True)
+
+
 def check(bench: Bench, name: str = "api", fla_check: dict | None = None) -> list[dict]:
   """Ours against the reference, per output and gradient (max|a-b| / max|b| unless marked norm):
 

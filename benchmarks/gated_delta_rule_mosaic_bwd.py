@@ -73,25 +73,12 @@ def main() -> None:
           lowering_platforms=("cuda",))
       print(f"{name} lowered:", len(lowered.as_text()), "characters", flush=True)
     return
-  from gated_delta_rule import errors  # benchmarks/
-  from timing import time_jax
+  from gated_delta_rule import time_against  # benchmarks/
   for batch, length in ((1, 4096), (1, 16384), (8, 4096)):
-    args = random_inputs(batch, length)
-    triton = jax.jit(functools.partial(triton_chunk_grads, scale=scale, groups=groups))
-    want = triton(*args)
-    times = {"triton": time_jax(triton, *args)}
-    for name, kernel in KERNELS.items():
-      fn = jax.jit(functools.partial(kernel, scale=scale, groups=groups))
-      try:
-        got = fn(*args)
-        worst = [errors(a, b)[0] for a, b in zip(got, want)]  # max|a-b| / max|b|
-        print(f"{batch}x{length} {name} error vs triton (dq, dk, dv, dgc, dbeta): "
-              + ", ".join(f"{e:.1e}" for e in worst), flush=True)
-        times[name] = time_jax(fn, *args)
-      except Exception as e:  # pylint: disable=broad-except  # one variant failing must not hide the others
-        print(f"{batch}x{length} {name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-    print(f"{batch}x{length} ms: " + "  ".join(f"{k} {v:.3f}" for k, v in times.items()), flush=True)
-
+    candidates = {name: jax.jit(functools.partial(kernel, scale=scale, groups=groups))
+                  for name, kernel in KERNELS.items()}
+    time_against(f"{batch}x{length}", jax.jit(functools.partial(triton_chunk_grads, scale=scale, groups=groups)),
+                 candidates, random_inputs(batch, length), "dq, dk, dv, dgc, dbeta")
 
 if __name__ == "__main__":
   main()

@@ -107,27 +107,13 @@ def main() -> None:
             *args).lower(lowering_platforms=("cuda",))
         print(f"{name} walk, {warpgroups} warpgroups, lowered:", len(lowered.as_text()), "characters", flush=True)
     return
-  from gated_delta_rule import errors  # benchmarks/
-  from timing import time_jax
+  from gated_delta_rule import time_against  # benchmarks/
   for batch, length in ((1, 4096), (1, 16384), (8, 4096)):
     for name, (ours, triton, inputs, outputs) in WALKS.items():
-      args = inputs(batch, length)
-      theirs = jax.jit(functools.partial(triton, scale=scale, groups=groups))
-      want = theirs(*args)
-      times = {"triton": time_jax(theirs, *args)}
-      for warpgroups in (1, 2):
-        fn = jax.jit(functools.partial(ours, scale=scale, groups=groups, warpgroups=warpgroups))
-        label = f"mosaic_{warpgroups}wg"
-        try:
-          got = fn(*args)
-          worst = [errors(a, b)[0] for a, b in zip(got, want)]  # max|a-b| / max|b|
-          print(f"{batch}x{length} {name} walk {label} error vs triton ({', '.join(outputs)}): "
-                + ", ".join(f"{e:.1e}" for e in worst), flush=True)
-          times[label] = time_jax(fn, *args)
-        except Exception as e:  # pylint: disable=broad-except  # one walk failing must not hide the other
-          print(f"{batch}x{length} {name} walk {label} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-      print(f"{batch}x{length} {name} walk ms: " + "  ".join(f"{k} {v:.3f}" for k, v in times.items()), flush=True)
-
+      candidates = {f"mosaic_{n}wg": jax.jit(functools.partial(ours, scale=scale, groups=groups, warpgroups=n))
+                    for n in (1, 2)}
+      time_against(f"{batch}x{length} {name} walk", jax.jit(functools.partial(triton, scale=scale, groups=groups)),
+                   candidates, inputs(batch, length), ", ".join(outputs))
 
 if __name__ == "__main__":
   main()

@@ -101,6 +101,15 @@ def _stage_carry(carry, tile_ref, halves) -> None:
   plgpu.commit_smem()
 
 
+def _next_carry(carry, pairs_of_rows, decay, halves, consumed=None) -> tuple:
+  """decay x carry + the products pairs_of_rows(rows) gives for each 64-row half (one accumulator each); then, with
+  two warpgroups, `consumed` (this chunk's slot) learns that this warpgroup no longer reads the slot."""
+  carry = tuple(accumulate(pairs_of_rows(rows), decay * part) for rows, part in zip(halves, carry))
+  if consumed is not None:
+    plgpu.barrier_arrive(consumed)
+  return carry
+
+
 def _launch(body, out_type, scratch, *, name: str, value_dim: int, warpgroups: int, heads: int, batch: int):
   """A CTA of `warpgroups` warpgroups per (64 x warpgroups value columns, value head, row); body(w) is warpgroup
   w's program; name names the kernel (profiles, dumps)."""
@@ -218,12 +227,8 @@ def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: 
       x_s[...] = (rows_of(te, narrow) * v_new).astype(bf16)  # te v_new, for the state's update
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(vn_s, o_ref.at[b, tokens, h, cols])
-      decay = jnp.exp(gc_last)
-      state = tuple(accumulate([(transposed(k_s.at[slot].at[:, rows]), x_s)], decay * part)
-                    for rows, part in zip(carry.halves, state))
-      if warpgroups == 2:
-        plgpu.barrier_arrive(consumed.at[slot])
-      return state
+      return _next_carry(state, lambda rows: [(transposed(k_s.at[slot].at[:, rows]), x_s)], jnp.exp(gc_last),
+                         carry.halves, consumed.at[slot] if consumed is not None else None)
 
     carry.write(lax.fori_loop(0, chunks, step, start), final_ref.at[b, h, :, cols], w)
 
@@ -298,14 +303,10 @@ def reverse_walk(q: jax.Array, k: jax.Array, t: jax.Array, gc: jax.Array, beta: 
       # -d_keys = -beta fs (T^T dv_new), negated so that both state products accumulate
       dkeys_s[...] = (rows_of(-beta_row * fs, narrow) * product(transposed(t_s.at[slot]), dvn_s, narrow)).astype(bf16)
       plgpu.commit_smem()
-      decay = jnp.exp(gc_last)
-      # dh_n = decay dh + q^T (s fs do) - k^T d_keys, 64 key rows per accumulator
-      dh = tuple(accumulate([(transposed(q_s.at[slot].at[:, rows]), d_out_mine),
-                             (transposed(k_s.at[slot].at[:, rows]), dkeys_s)], decay * part)
-                 for rows, part in zip(carry.halves, dh))
-      if warpgroups == 2:
-        plgpu.barrier_arrive(consumed.at[slot])
-      return dh
+      # dh_n = decay dh + q^T (s fs do) - k^T d_keys
+      return _next_carry(dh, lambda rows: [(transposed(q_s.at[slot].at[:, rows]), d_out_mine),
+                                           (transposed(k_s.at[slot].at[:, rows]), dkeys_s)], jnp.exp(gc_last),
+                         carry.halves, consumed.at[slot] if consumed is not None else None)
 
     carry.write(lax.fori_loop(0, chunks, step, start), dh0_ref.at[b, h, :, cols], w)
 
