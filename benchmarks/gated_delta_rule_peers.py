@@ -86,6 +86,8 @@ def launches() -> dict:
           "fwd_walk_2wg": ChunkedLaunch(forward_walk_mosaic=2),
           "rev_walk_2wg": ChunkedLaunch(reverse_walk_mosaic=2),
           "walks_1wg": ChunkedLaunch(forward_walk_mosaic=0, reverse_walk_mosaic=1),  # Triton forward, 1-wg reverse
+          # a forward alone forms P in the Triton walk (no P launch; the walk 161 -> 247 registers, sm_90a)
+          "prefill_p": ChunkedLaunch(prefill_scores_in_walk=True),
           # the prep's T and P by separate launches (ptxas, sm_90a: T 255 registers and 120 bytes of spills, P 254 and
           # none, against 255 and 236 for both in one program; at 2 warps 52 bytes and none)
           "prep_split": ChunkedLaunch(prep_split=True),

@@ -15,6 +15,8 @@
 #                                             #   jla and fla (set VARIANTS_FINAL to change ours)
 #   benchmarks/mosaic_candidates.sh batches   # ~6 min: walk_warpgroups' rule against either form forced at B = 2, 4, 8
 #                                             #   (T 4096, with jla), then the train step at 4 x 4096 with HF + fla
+#   benchmarks/mosaic_candidates.sh prefill   # ~6 min: P formed in the prefill walk: device tests, then the four
+#                                             #   shapes and 2 / 4 x 4096 with jla (no fla); the forward columns matter
 #   benchmarks/mosaic_candidates.sh train     # ~8 min: the bench train step at 8 x 4096, unscanned and scanned, and HF
 #
 # (from the repository root, with .jla/ and .fla/ carried). The kernels call decides which variants the peers call
@@ -97,12 +99,19 @@ case "${1:-}" in
       --markdown "$OUT/gdn_batches.md" --json "$OUT/gdn_batches.json")
     (cd benchmarks && step train_b4 300 python3 train_step.py --batch 4 --scan-layers false,true --steps 6 --warmup 2)
     ;;
+  prefill)
+    step prefill_tests 150 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" -m device \
+      tests/kernels/test_gated_delta_rule_gpu.py -k "compiled and prefill"
+    (cd benchmarks && XLA_FLAGS="$FAST_XLA" step gdn_prefill 240 python3 gated_delta_rule_peers.py \
+      --variants api,prefill_p --no-fla --shapes 1x4096,1x16384,1x65536,2x4096,4x4096,8x4096 --check-shapes "" \
+      --trace 1x16384 --markdown "$OUT/gdn_prefill.md" --json "$OUT/gdn_prefill.json")
+    ;;
   train)
     (cd benchmarks && step train_b8 540 python3 train_step.py --batch 8 --scan-layers false,true --steps 6 \
       --warmup 2)
     ;;
   *)
-    echo "usage: $0 kernels|peers|norm|screen|final|batches|train" >&2
+    echo "usage: $0 kernels|peers|norm|screen|final|batches|prefill|train" >&2
     exit 2
     ;;
 esac

@@ -100,6 +100,33 @@ def test_norm_grads_kernel_bf16_packed():
         launch=ChunkedLaunch(norm_grads_kernel=True))
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+@pytest.mark.parametrize("dtype, precision", [(jnp.float32, "ieee"), (jnp.bfloat16, "bf16")], ids=["f32", "bf16"])
+def test_prefill_scores_formed_in_the_walk(packed, dtype, precision, reads_w=False, dims=(1, 150, 2, 4, 32, 32),
+                                          chunk=32, interpret=True):
+  """A forward alone with ChunkedLaunch(prefill_scores_in_walk=True): the walk forms P itself and the prep's P launch
+  is gone; o and the final state against the reference (documents inside and across chunks, a ragged tail, an
+  initial state, two value heads per key head). With a backward, P is still the prep's (saved for it)."""
+  segment_ids = documents([40, 3, 57, dims[1] - 100], batch=dims[0]) if packed else None
+  q, k, v, g, beta, h0 = random_inputs(5, *dims, dtype, True)
+  launch = ChunkedLaunch(prefill_scores_in_walk=True, fused_walk_reads_w=reads_w)
+  run = lambda *a: chunk_gated_delta_rule_gpu(*a, segment_ids=segment_ids, chunk_size=chunk, precision=precision,
+                                              interpret=interpret, launch=launch)
+  expected = chunk_gated_delta_rule_reference(q, k, v, g, beta, h0, segment_ids=segment_ids, chunk_size=chunk)
+  got = jax.jit(run)(q, k, v, g, beta, h0)
+  for name, a, b in zip(("o", "final_state"), got, expected):
+    assert relative_error(a, b) < TOLERANCE[precision], name
+  forward_text = str(jax.make_jaxpr(run)(q, k, v, g, beta, h0))
+  assert "gdr_walk_fwd" in forward_text and "gdr_prep_t_fwd" in forward_text
+  assert "gdr_prep_p_fwd" not in forward_text
+  grad_text = str(jax.make_jaxpr(jax.grad(lambda *a: run(*a)[0].astype(jnp.float32).sum()))(q, k, v, g, beta, h0))
+  assert "gdr_prep_p_fwd" in grad_text
+
+
+def test_prefill_scores_formed_in_the_walk_that_reads_w():
+  test_prefill_scores_formed_in_the_walk(True, jnp.float32, "ieee", reads_w=True)
+
+
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
 def test_bf16_inputs_in_each_precision(precision):
   check((1, 130, 1, 2, 32, 32), 64, jnp.bfloat16, precision)
@@ -239,6 +266,16 @@ def test_compiled_on_gpu_wide_value_heads(path, monkeypatch):
   bf16, an initial state, a ragged tail; values and every gradient against the reference."""
   monkeypatch.setitem(TOLERANCE, "bf16", DEVICE_TOLERANCE["bf16"])
   check((1, 300, 1, 2, 128, 256), 64, jnp.bfloat16, "bf16", interpret=False, launch=ChunkedLaunch(**FUSED[path]))
+
+
+@pytest.mark.device
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (run with JAX_PLATFORMS=cuda)")
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+def test_compiled_on_gpu_prefill_scores_in_walk(packed, monkeypatch):
+  """ChunkedLaunch(prefill_scores_in_walk=True) compiled: a forward alone at B = 2, T = 1000, d 128, bf16."""
+  monkeypatch.setitem(TOLERANCE, "bf16", DEVICE_TOLERANCE["bf16"])
+  test_prefill_scores_formed_in_the_walk(packed, jnp.bfloat16, "bf16", dims=(2, 1000, 2, 4, 128, 128), chunk=64,
+                                         interpret=False)
 
 
 def test_reverse_walk_with_its_own_value_blocks():

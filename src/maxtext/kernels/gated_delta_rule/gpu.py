@@ -150,6 +150,11 @@ class ChunkedLaunch:
   # (2026-12-02, docs/benchmarks.md, ninth session) forward+backward 0.58 / 2.16 / 8.53 / 3.69 ms against 0.63 / 2.32 /
   # 9.16 / 3.99 at 1 x 4k / 16k / 64k and 8 x 4k; errors unchanged; device tests passed.
   norm_grads_kernel: bool = True
+  # A forward alone (prefill: no backward, so P need not be saved) with the Triton forward walk and the blocked
+  # inverse: the walk forms P = s Gamma * (q k^T) from the q, k tiles it loads anyway, and the prep's P launch is
+  # skipped (at 1 x 16384 it took ~0.08 of the forward's 0.63 ms on an H200, 2026-12-02, for an extra 64 x 64 x Dk
+  # product per chunk in each walk program, off the state's path). Off until timed: tested in interpret mode only.
+  prefill_scores_in_walk: bool = False
 
   def __post_init__(self):
     if self.chunk_grads_mosaic not in (0, 1, 2):
@@ -307,28 +312,33 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
       prep = functools.partial(call, gpu_fused.prep_kernel, grid=prep_grid, params=parallel_params,
                                args=(q, k, gc, beta), segments=segments, scale=scale, with_w=with_w,
                                per_key_head=launch.prep_per_key_head, **inv, **common)
-      if split:
-        t, *w = prep(name="gdr_prep_t_fwd", out_shape=(chunk_matrix, *w_out), outputs="t")
-        p, = prep(name="gdr_prep_p_fwd", out_shape=(chunk_matrix,), outputs="p", with_w=False)
-      else:
-        t, p, *w = prep(name="gdr_prep_fwd", out_shape=(chunk_matrix, chunk_matrix, *w_out))
-      saved = (struct(batch, heads, num_chunks, key_dim, value_dim), struct(batch, length, heads, value_dim))
       walks = _mosaic_walks(walk_warpgroups(launch, batch, heads, value_dim)[0], chunk=chunk, key_dim=key_dim,
                             value_dim=value_dim, dtypes=(store, q.dtype, v.dtype), segmented=segments is not None,
                             interpret=interpret)
-      if walks and not with_w:
+      mosaic_walk = bool(walks) and not with_w
+      # a forward alone with the Triton walk may form P in the walk (ChunkedLaunch.prefill_scores_in_walk)
+      scores_inside = launch.prefill_scores_in_walk and not save and not mosaic_walk and inv["inverse_block"]
+      if split or scores_inside:
+        t, *w = prep(name="gdr_prep_t_fwd", out_shape=(chunk_matrix, *w_out), outputs="t")
+        p = [] if scores_inside else prep(name="gdr_prep_p_fwd", out_shape=(chunk_matrix,), outputs="p",
+                                         with_w=False)
+      else:
+        t, *p_w = prep(name="gdr_prep_fwd", out_shape=(chunk_matrix, chunk_matrix, *w_out))
+        p, w = p_w[:1], p_w[1:]
+      saved = (struct(batch, heads, num_chunks, key_dim, value_dim), struct(batch, length, heads, value_dim))
+      if mosaic_walk:
         from maxtext.kernels.gated_delta_rule import gpu_mosaic_walks  # pylint: disable=import-outside-toplevel
-        o, final, *history = gpu_mosaic_walks.forward_walk(q, k, v, gc, beta, t, p, h0.astype(jnp.float32),
+        o, final, *history = gpu_mosaic_walks.forward_walk(q, k, v, gc, beta, t, *p, h0.astype(jnp.float32),
                                                            scale=scale, groups=common["groups"], save=save,
                                                            warpgroups=walks)
-        return (o, final), ((t, *history, p) if save else None)
+        return (o, final), ((t, *history, *p) if save else None)
       o, final, *history = call(
           gpu_fused.walk_output_kernel, "gdr_walk_fwd", (value_dim // block_v, heads, batch),
           (struct(batch, length, heads, value_dim, dtype=v.dtype),
            struct(batch, heads, key_dim, value_dim, dtype=jnp.float32), *saved[:2 * save]),
-          walk_params, (q, k, v, gc, beta, t, p, h0.astype(jnp.float32), *w), segments, num_chunks=num_chunks,
-          block_v=block_v, scale=scale, save=save, with_w=with_w, **common)
-      return (o, final), ((t, *history, p) if save else None)
+          walk_params, (q, k, v, gc, beta, t, *p, h0.astype(jnp.float32), *w), segments, num_chunks=num_chunks,
+          block_v=block_v, scale=scale, save=save, with_w=with_w, scores_inside=bool(scores_inside), **common)
+      return (o, final), ((t, *history, *p) if save else None)
     w, u, t = call(wy_kernel, "gdr_wy_fwd", parallel,
                    (struct(batch, length, heads, key_dim), struct(batch, length, heads, value_dim),
                     struct(batch, heads, num_chunks, chunk, chunk)),

@@ -60,16 +60,19 @@ def prep_kernel(*refs, chunk: int, groups: int, scale: float, segmented: bool, w
 
 
 def walk_output_kernel(*refs, chunk: int, groups: int, num_chunks: int, block_v: int, scale: float,
-                       segmented: bool, save: bool, with_w: bool, mm):
+                       segmented: bool, save: bool, with_w: bool, mm, scores_inside: bool = False):
   """One (value block, value head, row): walks the chunks carrying its [Dk, BV] float32 state; writes o, the
   final state and (save) the state entering each chunk and v_new, for the backward.
 
   with_w: v_new = T (beta v) - w h_n from prep_kernel's w (two dependent products per chunk on the state's path,
   w h_n and k^T v_new, as gpu_kernels.state_kernel) rather than T (beta (v - fs (k h_n))) (three).
+  scores_inside: P = s Gamma * (q k^T) formed here from the chunk's q, k tiles (off the state's path) instead of
+  read from prep_kernel (no P input then: a forward alone, whose backward would need P saved, skips its launch).
   """
-  count = 9 if with_w else 8
-  ins, seg_refs, outs = _split_refs(refs, count, segmented)
-  q_ref, k_ref, v_ref, gc_ref, beta_ref, t_ref, p_ref, h0_ref = ins[:8]
+  ins, seg_refs, outs = _split_refs(refs, 8 + with_w - scores_inside, segmented)
+  q_ref, k_ref, v_ref, gc_ref, beta_ref, t_ref = ins[:6]
+  p_ref, h0_ref = (None, ins[6]) if scores_inside else ins[6:8]
+  w_ref = ins[-1] if with_w else None
   o_ref, final_ref = outs[:2]
   vb, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   cols = pl.ds(vb * block_v, block_v)
@@ -79,17 +82,19 @@ def walk_output_kernel(*refs, chunk: int, groups: int, num_chunks: int, block_v:
     tokens = pl.ds(n * chunk, chunk)
     if save:
       outs[2][b, h, n, :, cols] = state.astype(outs[2].dtype)
-    gates = _gates(gc_ref, seg_refs, b, h, tokens, chunk, pairs=False)
+    gates = _gates(gc_ref, seg_refs, b, h, tokens, chunk, pairs=scores_inside)
     k = k_ref[b, tokens, hk, :]
+    q = q_ref[b, tokens, hk, :]
     beta = beta_ref[b, h, tokens]
     if with_w:
-      v_new = mm(t_ref[b, h, n], beta[:, None] * _f32(v_ref[b, tokens, h, cols])) - mm(ins[8][b, tokens, h, :], state)
+      v_new = mm(t_ref[b, h, n], beta[:, None] * _f32(v_ref[b, tokens, h, cols])) - mm(w_ref[b, tokens, h, :], state)
     else:
       x = beta[:, None] * (_f32(v_ref[b, tokens, h, cols]) - gates.from_start[:, None] * mm(k, state))
       v_new = mm(t_ref[b, h, n], x)  # [C, BV]
     if save:
       outs[3][b, tokens, h, cols] = v_new.astype(outs[3].dtype)
-    out = (scale * gates.from_start)[:, None] * mm(q_ref[b, tokens, hk, :], state) + mm(p_ref[b, h, n], v_new)
+    scores = mm(q, k, trans_b=True) * (scale * gates.gamma) if scores_inside else p_ref[b, h, n]
+    out = (scale * gates.from_start)[:, None] * mm(q, state) + mm(scores, v_new)
     o_ref[b, tokens, h, cols] = out.astype(o_ref.dtype)
     return gates.decay * state + mm(k, gates.to_end[:, None] * v_new, trans_a=True)
 
