@@ -1,8 +1,8 @@
 """The whole chunked gated delta rule on GPU: seven Pallas-Triton kernels over the model's layout, with a custom vjp.
 
-The kernels read q and k [B, T, Hk, Dk] (l2-normalised by XLA: under autodiff before the custom vjp, or with
-ChunkedLaunch.norm_grads_kernel inside it, gpu_norm_grads.py's kernel then taking the gradients back through the
-norm), v [B, T, Hv, Dv], the chunk-local cumulative log decays gc and the betas [B, Hv, T] in float32,
+The kernels read q and k [B, T, Hk, Dk] (l2-normalised by XLA inside the custom vjp, gpu_norm_grads.py's kernel
+taking the gradients back through the norm (ChunkedLaunch.norm_grads_kernel, the default), or before it under
+autodiff), v [B, T, Hv, Dv], the chunk-local cumulative log decays gc and the betas [B, Hv, T] in float32,
 and per-token segment masks. Value head h reads key head h // G (G = Hv / Hk) in place: nothing is repeated.
 T is a multiple of the chunk size C (the caller pads). Per batch row, value head and chunk, with q, k the chunk's
 rows of its key head and s the 1/sqrt(Dk) scale:
@@ -26,12 +26,15 @@ gpu_backward.py's one kernel for the parallel part, else `output_grad_kernel` (t
 state update) and `wy_grad_kernel` (through the WY system); the fused kernel never forms dw and takes the [C, Dk]
 gradients by key blocks in loops, so few tiles are live (an earlier single kernel that kept them all measured 5.8
 ms at B=1, T=16384, 32 heads on an H100: it spilled). The per-value-head dq, dk are summed over each key head's
-group by XLA (or, with ChunkedLaunch.norm_grads_kernel, by gpu_norm_grads.py's kernel with the norm's backward).
+group by gpu_norm_grads.py's kernel with the norm's backward (or by XLA: norm_grads_kernel=False). On a Hopper the
+chunk backward and the walks run gpu_mosaic_backward.py's and gpu_mosaic_walks.py's Mosaic GPU kernels where they
+apply (ChunkedLaunch, walk_warpgroups).
 
 Precision (gpu_precision.py's modes): 'bf16' (the default for 16-bit inputs) rounds every dot operand to bf16, as
 fla does, and stores the intermediates (w, u, T, states, v_new and the gradients between kernels) in the inputs'
 16-bit dtype; 'tf32'/'tf32x3'/'ieee' store float32 ('tf32': ~4x slower on an H100, ~7x more accurate). The
-inverse T always comes from float32 products ('ieee' with float32 inputs, else 'tf32'); ChunkedLaunch.inverse_block
+inverse T comes from products in the same mode (ChunkedLaunch.inverse_precision; bf16 operands for 16-bit inputs,
+float32 accumulation; TF32 until 2026-12-02); ChunkedLaunch.inverse_block
 forms it (and P) by 16- or 32-wide blocks instead of whole [C, C] tiles (gpu_inverse.py). The backward reads the
 saved T and never inverts again.
 """
