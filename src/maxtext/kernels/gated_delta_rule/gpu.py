@@ -172,10 +172,15 @@ class ChunkedLaunch:
 WIDE_WALK_PROGRAMS = 512
 
 
+def _many_walk_programs(batch: int, heads: int, value_dim: int) -> bool:
+  """Whether the walks' 64-column blocks number WIDE_WALK_PROGRAMS or more (enough programs for the SMs)."""
+  return batch * heads * value_dim // 64 >= WIDE_WALK_PROGRAMS
+
+
 def walk_blocks(launch: ChunkedLaunch, batch: int, heads: int, value_dim: int, store=jnp.bfloat16) -> tuple[int, int]:
   """(forward, reverse) walks' value columns per program for this launch and problem (ChunkedLaunch.block_v). Only
   16-bit storage widens by default: the float32 walks' wider tiles have not been compiled on a GPU."""
-  wide = jnp.dtype(store).itemsize == 2 and batch * heads * value_dim // 64 >= WIDE_WALK_PROGRAMS
+  wide = jnp.dtype(store).itemsize == 2 and _many_walk_programs(batch, heads, value_dim)
   forward = launch.block_v or (64 if wide else 32)
   reverse = launch.reverse_block_v or launch.block_v or (64 if wide else 32)
   return min(forward, value_dim), min(reverse, value_dim)
@@ -186,7 +191,7 @@ def walk_warpgroups(launch: ChunkedLaunch, batch: int, heads: int, value_dim: in
   reverse_walk_mosaic; 0: Triton). By default two for both walks where the 64-column blocks are as many as
   walk_blocks widens for (WIDE_WALK_PROGRAMS: enough CTAs of two for the SMs, and the shared loads then matter),
   else the Triton forward walk and a one-warpgroup reverse walk, as measured (ChunkedLaunch's comment)."""
-  wide = batch * heads * value_dim // 64 >= WIDE_WALK_PROGRAMS
+  wide = _many_walk_programs(batch, heads, value_dim)
   forward = launch.forward_walk_mosaic if launch.forward_walk_mosaic is not None else (2 if wide else 0)
   reverse = launch.reverse_walk_mosaic if launch.reverse_walk_mosaic is not None else (2 if wide else 1)
   return forward, reverse
@@ -287,9 +292,7 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
       check_dims(inverse_block=block)
     elif launch.prep_per_key_head or launch.prep_split:
       raise ValueError("gated delta rule GPU kernels: prep_per_key_head and prep_split need inverse_block (16 or 32)")
-    split = block is not None if launch.prep_split is None else launch.prep_split
-    inv = dict(inv_mm=functools.partial(dot, precision=inverse, interpret=interpret), inverse_block=block,
-               split=split)
+    inv = dict(inv_mm=functools.partial(dot, precision=inverse, interpret=interpret), inverse_block=block)
     common = dict(chunk=chunk, groups=value_heads // key_heads, mm=mm)
     dims = (batch, length, value_heads, key_dim, value_dim, length // chunk)
     return dims, store, common, inv, (block_v, reverse_block_v), grad_block_v
@@ -302,7 +305,6 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
 
   def forward(q, k, v, gc, beta, h0, segments, save: bool = True):
     (batch, length, heads, key_dim, value_dim, num_chunks), store, common, inv, (block_v, _), _ = setup(q, v)
-    split = inv.pop("split")
     struct = lambda *shape, dtype=store: jax.ShapeDtypeStruct(shape, dtype)
     parallel = (num_chunks, heads, batch)
     parallel_params = TritonParams(num_warps=launch.parallel_warps, num_stages=1)
@@ -320,7 +322,9 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
                             interpret=interpret)
       mosaic_walk = bool(walks) and not with_w
       # a forward alone with the Triton walk may form P in the walk (ChunkedLaunch.prefill_scores_in_walk)
-      scores_inside = launch.prefill_scores_in_walk and not save and not mosaic_walk and inv["inverse_block"]
+      blocked = inv["inverse_block"] is not None
+      split = blocked if launch.prep_split is None else launch.prep_split
+      scores_inside = launch.prefill_scores_in_walk and not save and not mosaic_walk and blocked
       if split or scores_inside:
         t, *w = prep(name="gdr_prep_t_fwd", out_shape=(chunk_matrix, *w_out), outputs="t")
         p = [] if scores_inside else prep(name="gdr_prep_p_fwd", out_shape=(chunk_matrix,), outputs="p",
@@ -340,7 +344,7 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
           (struct(batch, length, heads, value_dim, dtype=v.dtype),
            struct(batch, heads, key_dim, value_dim, dtype=jnp.float32), *saved[:2 * save]),
           walk_params, (q, k, v, gc, beta, t, *p, h0.astype(jnp.float32), *w), segments, num_chunks=num_chunks,
-          block_v=block_v, scale=scale, save=save, with_w=with_w, scores_inside=bool(scores_inside), **common)
+          block_v=block_v, scale=scale, save=save, with_w=with_w, scores_inside=scores_inside, **common)
       return (o, final), ((t, *history, *p) if save else None)
     w, u, t = call(wy_kernel, "gdr_wy_fwd", parallel,
                    (struct(batch, length, heads, key_dim), struct(batch, length, heads, value_dim),

@@ -129,15 +129,21 @@ def _launch(body, out_type, scratch, *, name: str, value_dim: int, warpgroups: i
                       compiler_params=plgpu.CompilerParams(approx_math=True))
 
 
+def _per_warpgroup(shape, warpgroups: int) -> tuple:
+  """One swizzled bf16 tile per warpgroup, as separate refs (a static index into one ref does not lower in jax
+  0.11)."""
+  return tuple(tile(shape) for _ in range(warpgroups))
+
+
 def _slot_handover(warpgroups: int) -> dict:
   """With two warpgroups, `consumed[s]`: both are done reading slot s, so warpgroup 0 (which issues every load) may
   fill it again."""
   return {} if warpgroups == 1 else dict(consumed=plgpu.Barrier(num_arrivals=warpgroups, num_barriers=SLOTS))
 
 
-def _prefetch(n, slot, *, chunks: int, w: int, warpgroups: int, issue, consumed, forward: bool) -> None:
+def _prefetch(n, slot, *, chunks: int, w: int, issue, consumed, forward: bool) -> None:
   """Warpgroup 0 issues chunk n's successor (n + 1 forward, n - 1 in reverse) into the other slot, which held the
-  chunk before n: its readers are done (one warpgroup: its own waited wgmma; two: `consumed`)."""
+  chunk before n: its readers are done (one warpgroup, consumed None: its own waited wgmma; two: `consumed`)."""
   if w != 0:
     return
   following = n + 1 if forward else n - 1
@@ -146,7 +152,7 @@ def _prefetch(n, slot, *, chunks: int, w: int, warpgroups: int, issue, consumed,
 
   @pl.when(has_following)
   def _issue():
-    if warpgroups == 2:
+    if consumed is not None:
       pl.when(n != (0 if forward else chunks - 1))(lambda: plgpu.barrier_wait(consumed.at[other]))
     issue(following, other)
 
@@ -169,7 +175,7 @@ def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: 
     out_type += (jax.ShapeDtypeStruct((batch, heads, chunks, key_dim, value_dim), v.dtype),
                  jax.ShapeDtypeStruct((batch, length, heads, value_dim), v.dtype))
   vecs = plgpu.SMEM((SLOTS, C), f32)
-  own = lambda shape: tuple(tile(shape) for _ in range(warpgroups))  # one per warpgroup (separate refs: no index)
+  own = lambda shape: _per_warpgroup(shape, warpgroups)
   scratch = dict(
       q_s=_slotted((C, key_dim)), k_s=_slotted((C, key_dim)), v_s=_slotted((C, block)), t_s=_slotted((C, C)),
       p_s=_slotted((C, C)), gc_s=vecs, beta_s=vecs, h_s=own((key_dim, COLUMNS)), x_s=own((C, COLUMNS)),
@@ -202,7 +208,7 @@ def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: 
     def step(n, state):
       slot = lax.rem(n, SLOTS)
       tokens = pl.ds(n * C, C)
-      _prefetch(n, slot, chunks=chunks, w=w, warpgroups=warpgroups, issue=issue, consumed=consumed, forward=True)
+      _prefetch(n, slot, chunks=chunks, w=w, issue=issue, consumed=consumed, forward=True)
       _stage_carry(state, h_s, carry.halves)
       if save:
         plgpu.copy_smem_to_gmem(h_s, saved[0].at[b, h, n, :, cols])
@@ -252,7 +258,7 @@ def reverse_walk(q: jax.Array, k: jax.Array, t: jax.Array, gc: jax.Array, beta: 
               jax.ShapeDtypeStruct((batch, heads, chunks, key_dim, value_dim), d_out.dtype),
               jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), f32))
   vecs = plgpu.SMEM((SLOTS, C), f32)
-  own = lambda shape: tuple(tile(shape) for _ in range(warpgroups))
+  own = lambda shape: _per_warpgroup(shape, warpgroups)
   scratch = dict(
       q_s=_slotted((C, key_dim)), k_s=_slotted((C, key_dim)), t_s=_slotted((C, C)), p_s=_slotted((C, C)),
       do_s=_slotted((C, block)), gc_s=vecs, beta_s=vecs, dh_s=own((key_dim, COLUMNS)), dvn_s=own((C, COLUMNS)),
@@ -285,7 +291,7 @@ def reverse_walk(q: jax.Array, k: jax.Array, t: jax.Array, gc: jax.Array, beta: 
       n = chunks - 1 - i
       slot = lax.rem(i, SLOTS)
       tokens = pl.ds(n * C, C)
-      _prefetch(n, slot, chunks=chunks, w=w, warpgroups=warpgroups, issue=issue, consumed=consumed, forward=False)
+      _prefetch(n, slot, chunks=chunks, w=w, issue=issue, consumed=consumed, forward=False)
       _stage_carry(dh, dh_s, carry.halves)
       plgpu.copy_smem_to_gmem(dh_s, dstates_ref.at[b, h, n, :, cols])
       plgpu.barrier_wait(landed.at[slot])
