@@ -2,14 +2,17 @@
 jax-linear-attention (`jla`, Pallas Mosaic GPU) and fla (PyTorch + Triton), all in one run on the same inputs.
 
 Usage: python benchmarks/gated_delta_rule_peers.py [--shapes 1x4096,1x16384,1x65536,8x4096]
-           [--variants api,split,fused] [--no-jla] [--no-fla] [--trace 1x16384] [--check-shapes 1x4096]
+           [--variants api,split,fused] [--forward-only split] [--no-jla] [--no-fla] [--trace 1x16384]
+           [--check-shapes 1x4096]
            [--markdown out.md] [--json out.json] [--docs docs/benchmarks.md]
 1. Times forward and forward+backward (gradients w.r.t. q, k, v, g, beta and the initial state, with cotangents
    for the output and the final state) of every variant of ours, of jla and of fla (a subprocess started first,
    alone on the GPU while JAX compiles: gated_delta_rule_fla.py). Median of time_jax (benchmarks/timing.py).
+   --forward-only variants (prefill forms, whose backward is another variant's) are timed and checked forward alone.
 2. At --check-shapes: each one's output and gradients (bf16 inputs) against the jnp reference run in float32 on
    the same bf16-rounded values, max|a-b| / max|b| (o, and the worst over the final state and the gradients).
-3. At --trace: ms per kernel of one forward+backward of each JAX implementation (profiler device time).
+3. At --trace: ms per kernel of one forward+backward and of one forward of each JAX implementation (profiler device
+   time).
 Shapes: 16 key heads, 32 value heads, head dim 128, chunk 64; q, k, v, beta bf16, g float32.
 On a CPU the Pallas kernels run in interpret mode (a smoke test of this script, not a benchmark), e.g.
   --shapes 1x128 --check-shapes 1x128 --trace '' --no-fla --no-jla --key-heads 1 --value-heads 2 --dim 16 --chunk 16
@@ -88,6 +91,10 @@ def launches() -> dict:
           "walks_1wg": ChunkedLaunch(forward_walk_mosaic=0, reverse_walk_mosaic=1),  # Triton forward, 1-wg reverse
           # a forward alone forms P in the Triton walk (no P launch; the walk 161 -> 247 registers, sm_90a)
           "prefill_p": ChunkedLaunch(prefill_scores_in_walk=True),
+          # a forward alone l2-normalises q, k in its kernels (no XLA pass writing normalised copies); with P in the
+          # Triton walk too. Their forward+backward is api's: time them with --forward-only
+          "prefill_norm": ChunkedLaunch(prefill_norm_in_kernels=True),
+          "prefill_norm_p": ChunkedLaunch(prefill_norm_in_kernels=True, prefill_scores_in_walk=True),
           # the prep's T and P by separate launches (ptxas, sm_90a: T 255 registers and 120 bytes of spills, P 254 and
           # none, against 255 and 236 for both in one program; at 2 warps 52 bytes and none)
           "prep_split": ChunkedLaunch(prep_split=True),
@@ -234,7 +241,7 @@ def markdown(meta: dict, rows: list[dict], checks: dict, traces: dict, names: li
               for impl, e in per.items()]
   for shape, per in traces.items():
     for impl, table in per.items():
-      lines += ["", f"Kernels of one forward+backward, {impl} at {shape} (ms, profiler device time):", "",
+      lines += ["", f"Kernels of {impl} at {shape} (ms, profiler device time; fwd: a forward alone):", "",
                 "| kernel | ms |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in table.items()]
   return "\n".join(lines) + "\n"
 
@@ -249,6 +256,7 @@ def main() -> None:
   parser.add_argument("--value-heads", type=int, default=32)
   parser.add_argument("--dim", type=int, default=128)
   parser.add_argument("--chunk", type=int, default=64)
+  parser.add_argument("--forward-only", default="", help="variants timed and checked as a forward alone (prefill)")
   parser.add_argument("--no-jla", action="store_true")
   parser.add_argument("--no-fla", action="store_true")
   parser.add_argument("--peer-timeout", type=float, default=300, help="seconds for fla, its autotuning included")
@@ -265,6 +273,7 @@ def main() -> None:
   import jax
   interpret = jax.default_backend() == "cpu"
   names = args.variants.split(",")
+  forward_only = set(filter(None, args.forward_only.split(",")))
   impls = names + ([] if args.no_jla else ["jla"])
   shapes = [parse_shape(s) for s in args.shapes.split(",")]
   checked = [parse_shape(s) for s in args.check_shapes.split(",") if s]
@@ -276,9 +285,10 @@ def main() -> None:
     for impl in impls + (["reference"] if shape in checked else []):
       forward, grads = functions(implementation(impl, args.chunk, interpret))
       up = impl == "reference"
-      if shape in shapes and not up:
+      if (shape in shapes or impl in forward_only) and not up:
         jobs.append(((shape, impl, "fwd"), forward, specs[up][:2]))
-      jobs.append(((shape, impl, "fwd_bwd"), grads, specs[up]))
+      if impl not in forward_only:
+        jobs.append(((shape, impl, "fwd_bwd"), grads, specs[up]))
 
   def build(job):
     key, fn, spec = job
@@ -319,6 +329,9 @@ def main() -> None:
         expected = compiled[(shape, "reference", "fwd_bwd")](*device_inputs(hosts[shape], True))
         checks[label] = {impl: accuracy(compiled[(shape, impl, "fwd_bwd")](*arrays), expected)
                          for impl in impls if (shape, impl, "fwd_bwd") in compiled}
+        for impl in forward_only & {i for (s, i, kind) in compiled if s == shape and kind == "fwd"}:
+          o, final = compiled[(shape, impl, "fwd")](*arrays[:2])  # a forward alone: o and the final state
+          checks[label][impl] = dict(o=errors(o, expected[0][0])[0], worst=errors(final, expected[0][1])[0])
         if shape == checked[0] and os.path.exists(check_path):
           fla = dict(np.load(check_path))
           (o_ref, final_ref), grads_ref = expected
@@ -345,9 +358,10 @@ def main() -> None:
     if label == args.trace:
       traces[label] = {}
       for impl in impls:
-        if (shape, impl, "fwd_bwd") in compiled:
-          traces[label][impl] = kernel_table(compiled[(shape, impl, "fwd_bwd")], arrays)
-          print(impl, traces[label][impl], flush=True)
+        for kind, inputs in (("fwd_bwd", arrays), ("fwd", arrays[:2])):
+          if (shape, impl, kind) in compiled:
+            traces[label][f"{impl} {kind}"] = kernel_table(compiled[(shape, impl, kind)], inputs)
+            print(impl, kind, traces[label][f"{impl} {kind}"], flush=True)
     save()
   section = save()
   print(section, flush=True)

@@ -17,6 +17,10 @@
 #                                             #   (T 4096, with jla), then the train step at 4 x 4096 with HF + fla
 #   benchmarks/mosaic_candidates.sh prefill   # ~6 min: P formed in the prefill walk: device tests, then the four
 #                                             #   shapes and 2 / 4 x 4096 with jla (no fla); the forward columns matter
+#   benchmarks/mosaic_candidates.sh prenorm   # ~9.5 min: the l2 norm inside the prefill kernels: device tests of the
+#                                             #   prefill forms, then the four shapes with jla and fla (the prefill
+#                                             #   variants forward alone)
+#   benchmarks/mosaic_candidates.sh train4    # ~9 min: the bench train step at 4 x 4096, unscanned and scanned, and HF
 #   benchmarks/mosaic_candidates.sh train     # ~8 min: the bench train step at 8 x 4096, unscanned and scanned, and HF
 #
 # (from the repository root, with .jla/ and .fla/ carried). The kernels call decides which variants the peers call
@@ -106,12 +110,22 @@ case "${1:-}" in
       --variants api,prefill_p --no-fla --shapes 1x4096,1x16384,1x65536,2x4096,4x4096,8x4096 --check-shapes "" \
       --trace 1x16384 --markdown "$OUT/gdn_prefill.md" --json "$OUT/gdn_prefill.json")
     ;;
+  prenorm)
+    step prenorm_tests 150 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" -m device \
+      tests/kernels/test_gated_delta_rule_gpu.py -k "compiled and prefill"
+    (cd benchmarks && XLA_FLAGS="$FAST_XLA" step gdn_prenorm 400 python3 gated_delta_rule_peers.py \
+      --variants api,prefill_norm,prefill_norm_p,prefill_p --forward-only prefill_norm,prefill_norm_p,prefill_p \
+      --peer-timeout 330 --trace 8x4096 --markdown "$OUT/gdn_prenorm.md" --json "$OUT/gdn_prenorm.json")
+    ;;
+  train4)
+    (cd benchmarks && step train_b4 560 python3 train_step.py --batch 4 --scan-layers false,true --steps 6 --warmup 2)
+    ;;
   train)
     (cd benchmarks && step train_b8 540 python3 train_step.py --batch 8 --scan-layers false,true --steps 6 \
       --warmup 2)
     ;;
   *)
-    echo "usage: $0 kernels|peers|norm|screen|final|batches|prefill|train" >&2
+    echo "usage: $0 kernels|peers|norm|screen|final|batches|prefill|prenorm|train4|train" >&2
     exit 2
     ;;
 esac

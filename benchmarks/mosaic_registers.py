@@ -23,6 +23,9 @@ VARIANTS = {"mosaic_bwd": dict(chunk_grads_mosaic=1, reverse_walk_mosaic=0),
             "mosaic_bwd_2wg": dict(chunk_grads_mosaic=2, reverse_walk_mosaic=0),
             "mosaic_walks": dict(forward_walk_mosaic=1, chunk_grads_mosaic=0),
             "mosaic_walks_2wg": dict(forward_walk_mosaic=2, reverse_walk_mosaic=2, chunk_grads_mosaic=0)}
+# compiled as a forward alone (prefill): the walk reading the raw q, k's inverse norms
+PREFILL_VARIANTS = {"prefill_norm_walks": dict(forward_walk_mosaic=1, prefill_norm_in_kernels=True),
+                    "prefill_norm_walks_2wg": dict(forward_walk_mosaic=2, prefill_norm_in_kernels=True)}
 SHAPE = dict(batch=1, length=4096, key_heads=16, value_heads=32, dim=128)
 
 
@@ -41,14 +44,16 @@ def compile_variant(name: str) -> None:
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
   args = (spec((b, t, hk, d), jnp.bfloat16), spec((b, t, hk, d), jnp.bfloat16), spec((b, t, hv, d), jnp.bfloat16),
           spec((b, t, hv), jnp.float32), spec((b, t, hv), jnp.float32))
-  launch = ChunkedLaunch(**VARIANTS[name])
+  launch = ChunkedLaunch(**(VARIANTS | PREFILL_VARIANTS)[name])
 
   def loss(q, k, v, g, beta):
     out, _ = chunk_gated_delta_rule_gpu(q, k, v, g, beta, None, launch=launch)
     return jnp.sum(out.astype(jnp.float32) ** 2)
 
+  prefill = lambda *a: chunk_gated_delta_rule_gpu(*a, None, launch=launch)
   with lowering_context(mesh):
-    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).lower(*args)
+    step = jax.jit(prefill) if name in PREFILL_VARIANTS else jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+    lowered = step.lower(*args)
   lowered.compile()
 
 

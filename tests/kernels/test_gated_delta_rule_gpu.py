@@ -127,6 +127,51 @@ def test_prefill_scores_formed_in_the_walk_that_reads_w():
   test_prefill_scores_formed_in_the_walk(True, jnp.float32, "ieee", reads_w=True)
 
 
+def _xla_primitives(jaxpr) -> set:
+  """The primitives a jaxpr runs under XLA: nested jaxprs followed, pallas_call's kernel body not."""
+  names = set()
+  for eqn in jaxpr.eqns:
+    names.add(eqn.primitive.name)
+    if eqn.primitive.name == "pallas_call":
+      continue
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          names |= _xla_primitives(inner)
+  return names
+
+
+# ChunkedLaunch fields of the prefill norm's forms: the prep as one or two launches, P in the walk or not
+PREFILL_NORM = dict(split=dict(), one_prep=dict(prep_split=False), scores_in_walk=dict(prefill_scores_in_walk=True),
+                    per_key_head=dict(prep_per_key_head=True))
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+@pytest.mark.parametrize("dtype, precision", [(jnp.float32, "ieee"), (jnp.bfloat16, "bf16")], ids=["f32", "bf16"])
+@pytest.mark.parametrize("form", list(PREFILL_NORM))
+def test_prefill_norm_in_kernels(form, dtype, precision, packed, dims=(1, 150, 2, 4, 32, 32), chunk=32,
+                                 interpret=True, walks=None):
+  """A forward alone with ChunkedLaunch(prefill_norm_in_kernels=True): raw q, k reach the kernels (no l2 norm under
+  XLA: no rsqrt outside the kernels), the prep normalises its tiles and the walk scales by the inverse norms; o and
+  the final state against the reference (documents inside and across chunks, a ragged tail, an initial state, two
+  value heads per key head). With a backward the norm is XLA's again."""
+  segment_ids = documents([40, 3, 57, dims[1] - 100], batch=dims[0]) if packed else None
+  q, k, v, g, beta, h0 = random_inputs(7, *dims, dtype, True)
+  q, k = q * 3.0, k * 0.5  # norms far from 1, so that a missing normalisation shows
+  walk = {} if walks is None else dict(forward_walk_mosaic=walks)
+  launch = ChunkedLaunch(prefill_norm_in_kernels=True, **PREFILL_NORM[form], **walk)
+  run = lambda *a: chunk_gated_delta_rule_gpu(*a, segment_ids=segment_ids, chunk_size=chunk, precision=precision,
+                                              interpret=interpret, launch=launch)
+  expected = chunk_gated_delta_rule_reference(q, k, v, g, beta, h0, segment_ids=segment_ids, chunk_size=chunk)
+  got = jax.jit(run)(q, k, v, g, beta, h0)
+  for name, a, b in zip(("o", "final_state"), got, expected):
+    assert relative_error(a, b) < TOLERANCE[precision], name
+  assert "rsqrt" not in _xla_primitives(jax.make_jaxpr(run)(q, k, v, g, beta, h0).jaxpr)
+  loss = lambda *a: run(*a)[0].astype(jnp.float32).sum()
+  assert "rsqrt" in _xla_primitives(jax.make_jaxpr(jax.grad(loss))(q, k, v, g, beta, h0).jaxpr)
+
+
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
 def test_bf16_inputs_in_each_precision(precision):
   check((1, 130, 1, 2, 32, 32), 64, jnp.bfloat16, precision)
@@ -276,6 +321,20 @@ def test_compiled_on_gpu_prefill_scores_in_walk(packed, monkeypatch):
   monkeypatch.setitem(TOLERANCE, "bf16", DEVICE_TOLERANCE["bf16"])
   test_prefill_scores_formed_in_the_walk(packed, jnp.bfloat16, "bf16", dims=(2, 1000, 2, 4, 128, 128), chunk=64,
                                          interpret=False)
+
+
+@pytest.mark.device
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (run with JAX_PLATFORMS=cuda)")
+@pytest.mark.parametrize("form, walks, packed", [
+    ("split", None, False), ("split", None, True), ("scores_in_walk", None, True),
+    ("split", 1, False), ("split", 2, False),  # gpu_mosaic_walks.py's forward walk (no segment ids)
+], ids=["triton_walk", "triton_walk_packed", "scores_in_walk_packed", "mosaic_walk_1wg", "mosaic_walk_2wg"])
+def test_compiled_on_gpu_prefill_norm_in_kernels(form, walks, packed, monkeypatch):
+  """ChunkedLaunch(prefill_norm_in_kernels=True) compiled: a forward alone at B = 2, T = 1000, d 128, bf16, through
+  the Triton walk (P from the prep or formed in the walk) and the Mosaic walks."""
+  monkeypatch.setitem(TOLERANCE, "bf16", DEVICE_TOLERANCE["bf16"])
+  test_prefill_norm_in_kernels(form, jnp.bfloat16, "bf16", packed, dims=(2, 1000, 2, 4, 128, 128), chunk=64,
+                               interpret=False, walks=walks)
 
 
 def test_reverse_walk_with_its_own_value_blocks():

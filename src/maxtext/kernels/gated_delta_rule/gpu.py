@@ -158,6 +158,13 @@ class ChunkedLaunch:
   # skipped (at 1 x 16384 it took ~0.08 of the forward's 0.63 ms on an H200, 2026-12-02, for an extra 64 x 64 x Dk
   # product per chunk in each walk program, off the state's path). Off until timed: tested in interpret mode only.
   prefill_scores_in_walk: bool = False
+  # A forward alone (prefill) with the fused forward, the blocked inverse and the walk not reading w: the l2 norm of
+  # q and k inside the kernels instead of an XLA pass that reads the raw q, k and writes normalised copies (at 8 x
+  # 4096, Hk 16, d 128, bf16: 268 MB read and 268 MB written before the first kernel). The prep normalises its tiles
+  # as they load and writes 1 / |q_t|, 1 / |k_t| per value head ([B, Hv, T] float32, 1/64 of q's bytes); the walks
+  # scale their products with the raw q, k by those rows. The forward with a backward keeps the XLA norm (its
+  # kernels read the normalised q, k again).
+  prefill_norm_in_kernels: bool = False
 
   def __post_init__(self):
     if self.chunk_grads_mosaic not in (0, 1, 2):
@@ -170,6 +177,12 @@ class ChunkedLaunch:
 
 
 WIDE_WALK_PROGRAMS = 512
+
+
+def norm_in_prefill_kernels(launch: ChunkedLaunch) -> bool:
+  """Whether a forward alone l2-normalises q, k in its kernels (ChunkedLaunch.prefill_norm_in_kernels' scope)."""
+  return (launch.prefill_norm_in_kernels and launch.fused_forward and launch.inverse_block is not None
+          and not launch.fused_walk_reads_w)
 
 
 def _many_walk_programs(batch: int, heads: int, value_dim: int) -> bool:
@@ -303,7 +316,8 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
         grid=grid, out_shape=out_shape, compiler_params=params, interpret=interpret, name=name,
     )(*args, *(segments or ()))
 
-  def forward(q, k, v, gc, beta, h0, segments, save: bool = True):
+  def forward(q, k, v, gc, beta, h0, segments, save: bool = True, raw_qk: bool = False):
+    """raw_qk (a forward alone, norm_in_prefill_kernels): q, k are raw, l2-normalised by the kernels."""
     (batch, length, heads, key_dim, value_dim, num_chunks), store, common, inv, (block_v, _), _ = setup(q, v)
     struct = lambda *shape, dtype=store: jax.ShapeDtypeStruct(shape, dtype)
     parallel = (num_chunks, heads, batch)
@@ -316,7 +330,9 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
       w_out = [struct(batch, length, heads, key_dim)] * with_w
       prep = functools.partial(call, gpu_fused.prep_kernel, grid=prep_grid, params=parallel_params,
                                args=(q, k, gc, beta), segments=segments, scale=scale, with_w=with_w,
-                               per_key_head=launch.prep_per_key_head, **inv, **common)
+                               per_key_head=launch.prep_per_key_head, normalize=raw_qk, **inv, **common)
+      norms = lambda names: dict(norms_out=names if raw_qk else "")
+      norm_out = lambda names: (struct(batch, heads, length, dtype=jnp.float32),) * (len(names) * raw_qk)
       walks = _mosaic_walks(walk_warpgroups(launch, batch, heads, value_dim)[0], chunk=chunk, key_dim=key_dim,
                             value_dim=value_dim, dtypes=(store, q.dtype, v.dtype), segmented=segments is not None,
                             interpret=interpret)
@@ -325,26 +341,36 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
       blocked = inv["inverse_block"] is not None
       split = blocked if launch.prep_split is None else launch.prep_split
       scores_inside = launch.prefill_scores_in_walk and not save and not mosaic_walk and blocked
+      # with raw_qk the launch forming T writes 1 / |k_t|, the one forming P 1 / |q_t| (T's too without a P launch)
       if split or scores_inside:
-        t, *w = prep(name="gdr_prep_t_fwd", out_shape=(chunk_matrix, *w_out), outputs="t")
-        p = [] if scores_inside else prep(name="gdr_prep_p_fwd", out_shape=(chunk_matrix,), outputs="p",
-                                         with_w=False)
+        t_norms = "qk" if scores_inside else "k"
+        t, *w_rows = prep(name="gdr_prep_t_fwd", out_shape=(chunk_matrix, *w_out, *norm_out(t_norms)), outputs="t",
+                          **norms(t_norms))
+        w, rows = w_rows[:with_w], w_rows[with_w:]
+        if not scores_inside:
+          p, *q_rows = prep(name="gdr_prep_p_fwd", out_shape=(chunk_matrix, *norm_out("q")), outputs="p",
+                            with_w=False, **norms("q"))
+          p, rows = [p], [*q_rows, *rows]
+        else:
+          p = []
       else:
-        t, *p_w = prep(name="gdr_prep_fwd", out_shape=(chunk_matrix, chunk_matrix, *w_out))
-        p, w = p_w[:1], p_w[1:]
+        t, p, *w_rows = prep(name="gdr_prep_fwd", out_shape=(chunk_matrix, chunk_matrix, *w_out, *norm_out("qk")),
+                             **norms("qk"))
+        p, w, rows = [p], w_rows[:with_w], w_rows[with_w:]
       saved = (struct(batch, heads, num_chunks, key_dim, value_dim), struct(batch, length, heads, value_dim))
       if mosaic_walk:
         from maxtext.kernels.gated_delta_rule import gpu_mosaic_walks  # pylint: disable=import-outside-toplevel
         o, final, *history = gpu_mosaic_walks.forward_walk(q, k, v, gc, beta, t, *p, h0.astype(jnp.float32),
                                                            scale=scale, groups=common["groups"], save=save,
-                                                           warpgroups=walks)
+                                                           warpgroups=walks, inverse_norms=tuple(rows) or None)
         return (o, final), ((t, *history, *p) if save else None)
       o, final, *history = call(
           gpu_fused.walk_output_kernel, "gdr_walk_fwd", (value_dim // block_v, heads, batch),
           (struct(batch, length, heads, value_dim, dtype=v.dtype),
            struct(batch, heads, key_dim, value_dim, dtype=jnp.float32), *saved[:2 * save]),
-          walk_params, (q, k, v, gc, beta, t, *p, h0.astype(jnp.float32), *w), segments, num_chunks=num_chunks,
-          block_v=block_v, scale=scale, save=save, with_w=with_w, scores_inside=scores_inside, **common)
+          walk_params, (q, k, v, gc, beta, t, *p, h0.astype(jnp.float32), *w, *rows), segments,
+          num_chunks=num_chunks, block_v=block_v, scale=scale, save=save, with_w=with_w, scores_inside=scores_inside,
+          inverse_norms=raw_qk, **common)
       return (o, final), ((t, *history, *p) if save else None)
     w, u, t = call(wy_kernel, "gdr_wy_fwd", parallel,
                    (struct(batch, length, heads, key_dim), struct(batch, length, heads, value_dim),
@@ -444,7 +470,9 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
 
   @jax.custom_vjp
   def run(q, k, v, gc, beta, h0, segments):
-    return forward(*operands(q, k), v, gc, beta, h0, segments, save=False)[0]
+    inside = normalize and norm_in_prefill_kernels(launch)
+    qk = kernel_qk(q, k, mode=precision, normalize=normalize and not inside)
+    return forward(*qk, v, gc, beta, h0, segments, save=False, raw_qk=inside)[0]
 
   def run_forward(q, k, v, gc, beta, h0, segments):
     outputs, saved = forward(*operands(q, k), v, gc, beta, h0, segments)

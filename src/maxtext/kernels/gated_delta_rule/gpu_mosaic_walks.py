@@ -159,11 +159,13 @@ def _prefetch(n, slot, *, chunks: int, w: int, issue, consumed, forward: bool) -
 
 def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: jax.Array, t: jax.Array,
                  scores: jax.Array, h0: jax.Array, *, scale: float, groups: int, save: bool = True,
-                 warpgroups: int = 1) -> tuple[jax.Array, ...]:
+                 warpgroups: int = 1, inverse_norms: tuple[jax.Array, jax.Array] | None = None
+                 ) -> tuple[jax.Array, ...]:
   """Arrays as walk_output_kernel's without w (q, k [B, T, Hk, Dk]; v [B, T, Hv, Dv]; gc, beta float32 [B, Hv, T];
   t, scores [B, Hv, N, C, C]; h0 float32 [B, Hv, Dk, Dv]) -> (o [B, T, Hv, Dv] in v's dtype, final state float32,
   and with save the state entering each chunk [B, Hv, N, Dk, Dv] and v_new [B, T, Hv, Dv], in v's dtype).
-  warpgroups: 1 or 2 per CTA, each carrying 64 value columns; two share every load but v's."""
+  warpgroups: 1 or 2 per CTA, each carrying 64 value columns; two share every load but v's. inverse_norms: q and k
+  are raw and (1 / |q_t|, 1 / |k_t|) float32 [B, Hv, T] scale the rows of their products (as walk_output_kernel's)."""
   batch, length, heads, value_dim = v.shape
   key_dim = q.shape[-1]
   chunks = length // C
@@ -176,16 +178,18 @@ def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: 
                  jax.ShapeDtypeStruct((batch, length, heads, value_dim), v.dtype))
   vecs = plgpu.SMEM((SLOTS, C), f32)
   own = lambda shape: _per_warpgroup(shape, warpgroups)
+  norms = inverse_norms is not None
   scratch = dict(
       q_s=_slotted((C, key_dim)), k_s=_slotted((C, key_dim)), v_s=_slotted((C, block)), t_s=_slotted((C, C)),
       p_s=_slotted((C, C)), gc_s=vecs, beta_s=vecs, h_s=own((key_dim, COLUMNS)), x_s=own((C, COLUMNS)),
-      vn_s=own((C, COLUMNS)), landed=plgpu.Barrier(num_arrivals=7, num_barriers=SLOTS),
-  ) | _Carry.scratch(warpgroups) | _slot_handover(warpgroups)
+      vn_s=own((C, COLUMNS)), landed=plgpu.Barrier(num_arrivals=7 + 2 * norms, num_barriers=SLOTS),
+  ) | (dict(rq_s=vecs, rk_s=vecs) if norms else {}) | _Carry.scratch(warpgroups) | _slot_handover(warpgroups)
 
   def body(w, *refs, q_s, k_s, v_s, t_s, p_s, gc_s, beta_s, h_s, x_s, vn_s, landed, staging, initial,
-           handover=None, consumed=None):
+           handover=None, consumed=None, rq_s=None, rk_s=None):
     q_ref, k_ref, v_ref, gc_ref, beta_ref, t_ref, p_ref, h0_ref = refs[:8]
-    o_ref, final_ref, *saved = refs[8:]
+    rq_ref, rk_ref = refs[8:10] if norms else (None, None)
+    o_ref, final_ref, *saved = refs[8 + 2 * norms:]
     vb, h, b = lax.axis_index("v"), lax.axis_index("h"), lax.axis_index("b")
     hk = lax.div(h, groups)
     mine = pl.ds(w * COLUMNS, COLUMNS)  # this warpgroup's columns of the CTA's v tile
@@ -198,7 +202,8 @@ def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: 
       tokens = pl.ds(n * C, C)
       for src, dst in ((q_ref.at[b, tokens, hk], q_s), (k_ref.at[b, tokens, hk], k_s),
                        (v_ref.at[b, tokens, h, pl.ds(vb * block, block)], v_s), (t_ref.at[b, h, n], t_s),
-                       (p_ref.at[b, h, n], p_s), (gc_ref.at[b, h, tokens], gc_s), (beta_ref.at[b, h, tokens], beta_s)):
+                       (p_ref.at[b, h, n], p_s), (gc_ref.at[b, h, tokens], gc_s), (beta_ref.at[b, h, tokens], beta_s),
+                       *(((rq_ref.at[b, h, tokens], rq_s), (rk_ref.at[b, h, tokens], rk_s)) if norms else ())):
         plgpu.copy_gmem_to_smem(src, dst.at[slot], landed.at[slot])
 
     if w == 0:
@@ -217,20 +222,22 @@ def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: 
       gc_row, beta_row = load(gc_s.at[slot], ROW), load(beta_s.at[slot], ROW)
       gc_last = gc_s[slot, C - 1]
       fs, te = jnp.exp(gc_row), jnp.exp(gc_last - gc_row)
+      # the raw q, k's inverse norms (inverse_norms) folded into the row scales of their products
+      q_rows, k_rows = (load(rq_s.at[slot], ROW), load(rk_s.at[slot], ROW)) if norms else (1.0, 1.0)
       k_h, q_h = products((k_s.at[slot], h_s, narrow), (q_s.at[slot], h_s, narrow))
       values = load(v_s.at[slot].at[:, mine], WG).astype(f32)
-      x_s[...] = (rows_of(beta_row, narrow) * (values - rows_of(fs, narrow) * k_h)).astype(bf16)
+      x_s[...] = (rows_of(beta_row, narrow) * (values - rows_of(fs * k_rows, narrow) * k_h)).astype(bf16)
       plgpu.commit_smem()
       v_new = product(t_s.at[slot], x_s, narrow)
       vn_s[...] = v_new.astype(bf16)
       plgpu.commit_smem()
       if save:
         plgpu.copy_smem_to_gmem(vn_s, saved[1].at[b, tokens, h, cols])
-      out = product(p_s.at[slot], vn_s, narrow, init=rows_of(scale * fs, narrow) * q_h)
+      out = product(p_s.at[slot], vn_s, narrow, init=rows_of(scale * fs * q_rows, narrow) * q_h)
       if save:
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # v_new's store has read the tile o now takes
       vn_s[...] = out.astype(vn_s.dtype)
-      x_s[...] = (rows_of(te, narrow) * v_new).astype(bf16)  # te v_new, for the state's update
+      x_s[...] = (rows_of(te * k_rows, narrow) * v_new).astype(bf16)  # te v_new, for the state's update
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(vn_s, o_ref.at[b, tokens, h, cols])
       return _next_carry(state, lambda rows: [(transposed(k_s.at[slot].at[:, rows]), x_s)], jnp.exp(gc_last),
@@ -240,7 +247,7 @@ def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: 
 
   kernel = _launch(body, out_type, scratch, name="gdr_forward_walk", value_dim=value_dim, warpgroups=warpgroups,
                    heads=heads, batch=batch)
-  return kernel(q, k, v, gc, beta, t, scores, h0)
+  return kernel(q, k, v, gc, beta, t, scores, h0, *(inverse_norms or ()))
 
 
 def reverse_walk(q: jax.Array, k: jax.Array, t: jax.Array, gc: jax.Array, beta: jax.Array, d_out: jax.Array,
