@@ -89,8 +89,10 @@ def launches() -> dict:
           "fwd_walk_2wg": ChunkedLaunch(forward_walk_mosaic=2),
           "rev_walk_2wg": ChunkedLaunch(reverse_walk_mosaic=2),
           "walks_1wg": ChunkedLaunch(forward_walk_mosaic=0, reverse_walk_mosaic=1),  # Triton forward, 1-wg reverse
-          # a forward alone forms P in the Triton walk (no P launch; the walk 161 -> 247 registers, sm_90a)
+          # a forward alone forms P in the walk (no P launch): the Triton walk's 161 -> 247 registers (sm_90a), the
+          # two-warpgroup Mosaic walk's (walk_warpgroups' choice at 8 x 4096) 188 -> 255; or the one-warpgroup one
           "prefill_p": ChunkedLaunch(prefill_scores_in_walk=True),
+          "prefill_p_1wg": ChunkedLaunch(prefill_scores_in_walk=True, forward_walk_mosaic=1),
           # a forward alone l2-normalises q, k in its kernels (no XLA pass writing normalised copies); with P in the
           # Triton walk too. Their forward+backward is api's: time them with --forward-only
           "prefill_norm": ChunkedLaunch(prefill_norm_in_kernels=True),

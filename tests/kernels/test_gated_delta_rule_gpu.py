@@ -103,13 +103,14 @@ def test_norm_grads_kernel_bf16_packed():
 @pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
 @pytest.mark.parametrize("dtype, precision", [(jnp.float32, "ieee"), (jnp.bfloat16, "bf16")], ids=["f32", "bf16"])
 def test_prefill_scores_formed_in_the_walk(packed, dtype, precision, reads_w=False, dims=(1, 150, 2, 4, 32, 32),
-                                          chunk=32, interpret=True):
+                                          chunk=32, interpret=True, walks=None):
   """A forward alone with ChunkedLaunch(prefill_scores_in_walk=True): the walk forms P itself and the prep's P launch
   is gone; o and the final state against the reference (documents inside and across chunks, a ragged tail, an
   initial state, two value heads per key head). With a backward, P is still the prep's (saved for it)."""
   segment_ids = documents([40, 3, 57, dims[1] - 100], batch=dims[0]) if packed else None
   q, k, v, g, beta, h0 = random_inputs(5, *dims, dtype, True)
-  launch = ChunkedLaunch(prefill_scores_in_walk=True, fused_walk_reads_w=reads_w)
+  walk = {} if walks is None else dict(forward_walk_mosaic=walks)
+  launch = ChunkedLaunch(prefill_scores_in_walk=True, fused_walk_reads_w=reads_w, **walk)
   run = lambda *a: chunk_gated_delta_rule_gpu(*a, segment_ids=segment_ids, chunk_size=chunk, precision=precision,
                                               interpret=interpret, launch=launch)
   expected = chunk_gated_delta_rule_reference(q, k, v, g, beta, h0, segment_ids=segment_ids, chunk_size=chunk)
@@ -117,7 +118,8 @@ def test_prefill_scores_formed_in_the_walk(packed, dtype, precision, reads_w=Fal
   for name, a, b in zip(("o", "final_state"), got, expected):
     assert relative_error(a, b) < TOLERANCE[precision], name
   forward_text = str(jax.make_jaxpr(run)(q, k, v, g, beta, h0))
-  assert "gdr_walk_fwd" in forward_text and "gdr_prep_t_fwd" in forward_text
+  walk_name = "gdr_walk_fwd" if not walks else f"gdr_forward_walk_{walks}wg"
+  assert walk_name in forward_text and "gdr_prep_t_fwd" in forward_text
   assert "gdr_prep_p_fwd" not in forward_text
   grad_text = str(jax.make_jaxpr(jax.grad(lambda *a: run(*a)[0].astype(jnp.float32).sum()))(q, k, v, g, beta, h0))
   assert "gdr_prep_p_fwd" in grad_text
@@ -315,12 +317,14 @@ def test_compiled_on_gpu_wide_value_heads(path, monkeypatch):
 
 @pytest.mark.device
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (run with JAX_PLATFORMS=cuda)")
-@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
-def test_compiled_on_gpu_prefill_scores_in_walk(packed, monkeypatch):
-  """ChunkedLaunch(prefill_scores_in_walk=True) compiled: a forward alone at B = 2, T = 1000, d 128, bf16."""
+@pytest.mark.parametrize("packed, walks", [(False, None), (True, None), (False, 1), (False, 2)],
+                         ids=["triton_walk", "triton_walk_packed", "mosaic_walk_1wg", "mosaic_walk_2wg"])
+def test_compiled_on_gpu_prefill_scores_in_walk(packed, walks, monkeypatch):
+  """ChunkedLaunch(prefill_scores_in_walk=True) compiled: a forward alone at B = 2, T = 1000, d 128, bf16, P formed
+  in the Triton walk or in gpu_mosaic_walks.py's (one or two warpgroups, each forming its own)."""
   monkeypatch.setitem(TOLERANCE, "bf16", DEVICE_TOLERANCE["bf16"])
   test_prefill_scores_formed_in_the_walk(packed, jnp.bfloat16, "bf16", dims=(2, 1000, 2, 4, 128, 128), chunk=64,
-                                         interpret=False)
+                                         interpret=False, walks=walks)
 
 
 @pytest.mark.device
@@ -328,7 +332,9 @@ def test_compiled_on_gpu_prefill_scores_in_walk(packed, monkeypatch):
 @pytest.mark.parametrize("form, walks, packed", [
     ("split", None, False), ("split", None, True), ("scores_in_walk", None, True),
     ("split", 1, False), ("split", 2, False),  # gpu_mosaic_walks.py's forward walk (no segment ids)
-], ids=["triton_walk", "triton_walk_packed", "scores_in_walk_packed", "mosaic_walk_1wg", "mosaic_walk_2wg"])
+    ("scores_in_walk", 2, False),
+], ids=["triton_walk", "triton_walk_packed", "scores_in_walk_packed", "mosaic_walk_1wg", "mosaic_walk_2wg",
+        "scores_in_mosaic_walk_2wg"])
 def test_compiled_on_gpu_prefill_norm_in_kernels(form, walks, packed, monkeypatch):
   """ChunkedLaunch(prefill_norm_in_kernels=True) compiled: a forward alone at B = 2, T = 1000, d 128, bf16, through
   the Triton walk (P from the prep or formed in the walk) and the Mosaic walks."""

@@ -337,10 +337,10 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
                             value_dim=value_dim, dtypes=(store, q.dtype, v.dtype), segmented=segments is not None,
                             interpret=interpret)
       mosaic_walk = bool(walks) and not with_w
-      # a forward alone with the Triton walk may form P in the walk (ChunkedLaunch.prefill_scores_in_walk)
+      # a forward alone may form P in the walk (ChunkedLaunch.prefill_scores_in_walk)
       blocked = inv["inverse_block"] is not None
       split = blocked if launch.prep_split is None else launch.prep_split
-      scores_inside = launch.prefill_scores_in_walk and not save and not mosaic_walk and blocked
+      scores_inside = launch.prefill_scores_in_walk and not save and blocked
       # with raw_qk the launch forming T writes 1 / |k_t|, the one forming P 1 / |q_t| (T's too without a P launch)
       if split or scores_inside:
         t_norms = "qk" if scores_inside else "k"
@@ -360,7 +360,8 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
       saved = (struct(batch, heads, num_chunks, key_dim, value_dim), struct(batch, length, heads, value_dim))
       if mosaic_walk:
         from maxtext.kernels.gated_delta_rule import gpu_mosaic_walks  # pylint: disable=import-outside-toplevel
-        o, final, *history = gpu_mosaic_walks.forward_walk(q, k, v, gc, beta, t, *p, h0.astype(jnp.float32),
+        o, final, *history = gpu_mosaic_walks.forward_walk(q, k, v, gc, beta, t, p[0] if p else None,
+                                                           h0.astype(jnp.float32),
                                                            scale=scale, groups=common["groups"], save=save,
                                                            warpgroups=walks, inverse_norms=tuple(rows) or None)
         return (o, final), ((t, *history, *p) if save else None)

@@ -31,8 +31,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from maxtext.kernels.gated_delta_rule.gpu_mosaic_backward import (ROW, WG, accumulate, load, product, products,
-                                                                rows_of, tile, transposed)
+from maxtext.kernels.gated_delta_rule.gpu_mosaic_backward import (COL, ROW, WG, accumulate, cols_of, load, product,
+                                                                products, rows_of, tile, transposed)
 
 C = 64
 SLOTS = 2  # input buffers: chunk n computes while chunk n - 1 lands
@@ -158,14 +158,16 @@ def _prefetch(n, slot, *, chunks: int, w: int, issue, consumed, forward: bool) -
 
 
 def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: jax.Array, t: jax.Array,
-                 scores: jax.Array, h0: jax.Array, *, scale: float, groups: int, save: bool = True,
+                 scores: jax.Array | None, h0: jax.Array, *, scale: float, groups: int, save: bool = True,
                  warpgroups: int = 1, inverse_norms: tuple[jax.Array, jax.Array] | None = None
                  ) -> tuple[jax.Array, ...]:
   """Arrays as walk_output_kernel's without w (q, k [B, T, Hk, Dk]; v [B, T, Hv, Dv]; gc, beta float32 [B, Hv, T];
   t, scores [B, Hv, N, C, C]; h0 float32 [B, Hv, Dk, Dv]) -> (o [B, T, Hv, Dv] in v's dtype, final state float32,
   and with save the state entering each chunk [B, Hv, N, Dk, Dv] and v_new [B, T, Hv, Dv], in v's dtype).
-  warpgroups: 1 or 2 per CTA, each carrying 64 value columns; two share every load but v's. inverse_norms: q and k
-  are raw and (1 / |q_t|, 1 / |k_t|) float32 [B, Hv, T] scale the rows of their products (as walk_output_kernel's)."""
+  warpgroups: 1 or 2 per CTA, each carrying 64 value columns; two share every load but v's. scores None: each
+  warpgroup forms P = s Gamma * (q k^T) from the q, k tiles it has (one more wgmma a chunk, off the state's path)
+  instead of loading the prep's. inverse_norms: q and k are raw and (1 / |q_t|, 1 / |k_t|) float32 [B, Hv, T] scale
+  the rows of their products (and P's columns), as walk_output_kernel's."""
   batch, length, heads, value_dim = v.shape
   key_dim = q.shape[-1]
   chunks = length // C
@@ -178,37 +180,44 @@ def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: 
                  jax.ShapeDtypeStruct((batch, length, heads, value_dim), v.dtype))
   vecs = plgpu.SMEM((SLOTS, C), f32)
   own = lambda shape: _per_warpgroup(shape, warpgroups)
-  norms = inverse_norms is not None
+  norms, inside = inverse_norms is not None, scores is None
+  # the vectors each chunk loads: a column layout needs its own copy (gc's, and 1 / |k_t| for P's columns)
+  vectors = ["gc", "beta"] + ["rq", "rk"] * norms + ["gc_col"] * inside + ["rk_col"] * (inside and norms)
   scratch = dict(
       q_s=_slotted((C, key_dim)), k_s=_slotted((C, key_dim)), v_s=_slotted((C, block)), t_s=_slotted((C, C)),
-      p_s=_slotted((C, C)), gc_s=vecs, beta_s=vecs, h_s=own((key_dim, COLUMNS)), x_s=own((C, COLUMNS)),
-      vn_s=own((C, COLUMNS)), landed=plgpu.Barrier(num_arrivals=7 + 2 * norms, num_barriers=SLOTS),
-  ) | (dict(rq_s=vecs, rk_s=vecs) if norms else {}) | _Carry.scratch(warpgroups) | _slot_handover(warpgroups)
+      h_s=own((key_dim, COLUMNS)), x_s=own((C, COLUMNS)), vn_s=own((C, COLUMNS)),
+      **{f"{name}_s": vecs for name in vectors},
+      landed=plgpu.Barrier(num_arrivals=4 + (not inside) + len(vectors), num_barriers=SLOTS),
+  ) | (dict(pw_s=own((C, C))) if inside else dict(p_s=_slotted((C, C)))) | _Carry.scratch(warpgroups) \
+    | _slot_handover(warpgroups)
+  in_names = ["q", "k", "v", "gc", "beta", "t"] + ["p"] * (not inside) + ["h0"] + ["rq", "rk"] * norms
 
-  def body(w, *refs, q_s, k_s, v_s, t_s, p_s, gc_s, beta_s, h_s, x_s, vn_s, landed, staging, initial,
-           handover=None, consumed=None, rq_s=None, rk_s=None):
-    q_ref, k_ref, v_ref, gc_ref, beta_ref, t_ref, p_ref, h0_ref = refs[:8]
-    rq_ref, rk_ref = refs[8:10] if norms else (None, None)
-    o_ref, final_ref, *saved = refs[8 + 2 * norms:]
+  def body(w, *refs, q_s, k_s, v_s, t_s, h_s, x_s, vn_s, landed, staging, initial, handover=None, consumed=None,
+           p_s=None, pw_s=None, **vector_s):
+    ins = dict(zip(in_names, refs))
+    o_ref, final_ref, *saved = refs[len(in_names):]
     vb, h, b = lax.axis_index("v"), lax.axis_index("h"), lax.axis_index("b")
     hk = lax.div(h, groups)
     mine = pl.ds(w * COLUMNS, COLUMNS)  # this warpgroup's columns of the CTA's v tile
     cols = pl.ds(vb * block + w * COLUMNS, COLUMNS)  # and of the value head
     h_s, x_s, vn_s = h_s[w], x_s[w], vn_s[w]
+    pw_s = pw_s[w] if inside else None
     carry = _Carry(staging, initial, handover, warpgroups, key_dim)
-    narrow = (C, COLUMNS)
+    narrow, square = (C, COLUMNS), (C, C)
+    source = dict(gc="gc", beta="beta", rq="rq", rk="rk", gc_col="gc", rk_col="rk")
 
     def issue(n, slot):
       tokens = pl.ds(n * C, C)
-      for src, dst in ((q_ref.at[b, tokens, hk], q_s), (k_ref.at[b, tokens, hk], k_s),
-                       (v_ref.at[b, tokens, h, pl.ds(vb * block, block)], v_s), (t_ref.at[b, h, n], t_s),
-                       (p_ref.at[b, h, n], p_s), (gc_ref.at[b, h, tokens], gc_s), (beta_ref.at[b, h, tokens], beta_s),
-                       *(((rq_ref.at[b, h, tokens], rq_s), (rk_ref.at[b, h, tokens], rk_s)) if norms else ())):
+      tiles = [(ins["q"].at[b, tokens, hk], q_s), (ins["k"].at[b, tokens, hk], k_s),
+               (ins["v"].at[b, tokens, h, pl.ds(vb * block, block)], v_s), (ins["t"].at[b, h, n], t_s)]
+      tiles += [] if inside else [(ins["p"].at[b, h, n], p_s)]
+      tiles += [(ins[source[name]].at[b, h, tokens], vector_s[f"{name}_s"]) for name in vectors]
+      for src, dst in tiles:
         plgpu.copy_gmem_to_smem(src, dst.at[slot], landed.at[slot])
 
     if w == 0:
       issue(0, 0)
-    start = carry.read(h0_ref.at[b, h, :, cols], w)
+    start = carry.read(ins["h0"].at[b, h, :, cols], w)
 
     def step(n, state):
       slot = lax.rem(n, SLOTS)
@@ -219,21 +228,34 @@ def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: 
         plgpu.copy_smem_to_gmem(h_s, saved[0].at[b, h, n, :, cols])
       plgpu.barrier_wait(landed.at[slot])
 
-      gc_row, beta_row = load(gc_s.at[slot], ROW), load(beta_s.at[slot], ROW)
-      gc_last = gc_s[slot, C - 1]
+      row = lambda name: load(vector_s[f"{name}_s"].at[slot], ROW)
+      gc_row, beta_row = row("gc"), row("beta")
+      gc_last = vector_s["gc_s"][slot, C - 1]
       fs, te = jnp.exp(gc_row), jnp.exp(gc_last - gc_row)
       # the raw q, k's inverse norms (inverse_norms) folded into the row scales of their products
-      q_rows, k_rows = (load(rq_s.at[slot], ROW), load(rk_s.at[slot], ROW)) if norms else (1.0, 1.0)
-      k_h, q_h = products((k_s.at[slot], h_s, narrow), (q_s.at[slot], h_s, narrow))
+      q_rows, k_rows = (row("rq"), row("rk")) if norms else (1.0, 1.0)
+      pairs = [(k_s.at[slot], h_s, narrow), (q_s.at[slot], h_s, narrow)]
+      pairs += [(q_s.at[slot], transposed(k_s.at[slot]), square)] if inside else []
+      k_h, q_h, *qk = products(*pairs)
       values = load(v_s.at[slot].at[:, mine], WG).astype(f32)
       x_s[...] = (rows_of(beta_row, narrow) * (values - rows_of(fs * k_rows, narrow) * k_h)).astype(bf16)
+      if inside:  # P = s Gamma * (q k^T), this warpgroup's own copy
+        gc_col = load(vector_s["gc_col_s"].at[slot], COL)
+        # the causal mask from two index vectors (whole [C, C] iotas would stay live across the loop)
+        causal = (rows_of(plgpu.broadcasted_iota(jnp.int32, (C,), 0, layout=ROW), square)
+                  >= cols_of(plgpu.broadcasted_iota(jnp.int32, (C,), 0, layout=COL), square))
+        gamma = jnp.exp(jnp.where(causal, rows_of(gc_row, square) - cols_of(gc_col, square), -jnp.inf))
+        p = qk[0] * (scale * gamma)
+        if norms:
+          p = p * rows_of(q_rows, square) * cols_of(load(vector_s["rk_col_s"].at[slot], COL), square)
+        pw_s[...] = p.astype(bf16)
       plgpu.commit_smem()
       v_new = product(t_s.at[slot], x_s, narrow)
       vn_s[...] = v_new.astype(bf16)
       plgpu.commit_smem()
       if save:
         plgpu.copy_smem_to_gmem(vn_s, saved[1].at[b, tokens, h, cols])
-      out = product(p_s.at[slot], vn_s, narrow, init=rows_of(scale * fs * q_rows, narrow) * q_h)
+      out = product(pw_s if inside else p_s.at[slot], vn_s, narrow, init=rows_of(scale * fs * q_rows, narrow) * q_h)
       if save:
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # v_new's store has read the tile o now takes
       vn_s[...] = out.astype(vn_s.dtype)
@@ -247,7 +269,7 @@ def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: 
 
   kernel = _launch(body, out_type, scratch, name="gdr_forward_walk", value_dim=value_dim, warpgroups=warpgroups,
                    heads=heads, batch=batch)
-  return kernel(q, k, v, gc, beta, t, scores, h0, *(inverse_norms or ()))
+  return kernel(q, k, v, gc, beta, t, *([] if inside else [scores]), h0, *(inverse_norms or ()))
 
 
 def reverse_walk(q: jax.Array, k: jax.Array, t: jax.Array, gc: jax.Array, beta: jax.Array, d_out: jax.Array,
