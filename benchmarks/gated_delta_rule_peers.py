@@ -97,6 +97,12 @@ def launches() -> dict:
           # Triton walk too. Their forward+backward is api's: time them with --forward-only
           "prefill_norm": ChunkedLaunch(prefill_norm_in_kernels=True),
           "prefill_norm_p": ChunkedLaunch(prefill_norm_in_kernels=True, prefill_scores_in_walk=True),
+          # the prep over a (head, chunk, row) grid (a key head's value heads side by side, sharing q, k in L2)
+          "prep_hf": ChunkedLaunch(prep_heads_fastest=True),
+          "prefill_p_hf": ChunkedLaunch(prefill_scores_in_walk=True, prep_heads_fastest=True),
+          "prefill_norm_hf": ChunkedLaunch(prefill_norm_in_kernels=True, prep_heads_fastest=True),
+          "prefill_norm_p_hf": ChunkedLaunch(prefill_norm_in_kernels=True, prefill_scores_in_walk=True,
+                                             prep_heads_fastest=True),
           # the prep's T and P by separate launches (ptxas, sm_90a: T 255 registers and 120 bytes of spills, P 254 and
           # none, against 255 and 236 for both in one program; at 2 warps 52 bytes and none)
           "prep_split": ChunkedLaunch(prep_split=True),

@@ -22,6 +22,9 @@
 #                                             #   variants forward alone)
 #   benchmarks/mosaic_candidates.sh prescores # ~9 min: P formed in the Mosaic walks too: the prefill device tests, then
 #                                             #   the four shapes with jla and fla, prefill variants forward alone
+#   benchmarks/mosaic_candidates.sh prefinal  # ~8 min: device tests of the prefill forms and the heads-fastest prep, then
+#                                             #   the four shapes with jla and fla: the default, the heads-fastest prep,
+#                                             #   the prefill forms (forward alone)
 #   benchmarks/mosaic_candidates.sh train4    # ~9 min: the bench train step at 4 x 4096, unscanned and scanned, and HF
 #   benchmarks/mosaic_candidates.sh train     # ~8 min: the bench train step at 8 x 4096, unscanned and scanned, and HF
 #
@@ -126,6 +129,14 @@ case "${1:-}" in
       --variants api,prefill_p,prefill_p_1wg,prefill_norm_p --forward-only prefill_p,prefill_p_1wg,prefill_norm_p \
       --peer-timeout 330 --trace 1x16384 --markdown "$OUT/gdn_prescores.md" --json "$OUT/gdn_prescores.json")
     ;;
+  prefinal)
+    step prefinal_tests 120 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" \
+      -m device tests/kernels/test_gated_delta_rule_gpu.py -k "compiled and (prefill or prep_hf)"
+    prefill=prefill_p,prefill_norm,prefill_p_hf,prefill_norm_hf,prefill_norm_p_hf
+    (cd benchmarks && XLA_FLAGS="$FAST_XLA" step gdn_prefinal 420 python3 gated_delta_rule_peers.py \
+      --variants "api,prep_hf,$prefill" --forward-only "$prefill" --peer-timeout 330 --trace 1x16384 \
+      --markdown "$OUT/gdn_prefinal.md" --json "$OUT/gdn_prefinal.json")
+    ;;
   train4)
     (cd benchmarks && step train_b4 560 python3 train_step.py --batch 4 --scan-layers false,true --steps 6 --warmup 2)
     ;;
@@ -134,7 +145,7 @@ case "${1:-}" in
       --warmup 2)
     ;;
   *)
-    echo "usage: $0 kernels|peers|norm|screen|final|batches|prefill|prenorm|prescores|train4|train" >&2
+    echo "usage: $0 kernels|peers|norm|screen|final|batches|prefill|prenorm|prescores|prefinal|train4|train" >&2
     exit 2
     ;;
 esac

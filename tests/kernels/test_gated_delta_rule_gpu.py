@@ -46,7 +46,9 @@ FUSED = dict(split=dict(fused_forward=False, inverse_block=None, fused_backward=
              # both walks with two warpgroups a program (sharing the loads), with the Mosaic chunk backward
              walks_2wg=dict(forward_walk_mosaic=2, reverse_walk_mosaic=2),
              # gpu_norm_grads.py's kernel for dq, dk through the group sum and the l2 norm, on the default launch
-             norm_kernel=dict(norm_grads_kernel=True))
+             norm_kernel=dict(norm_grads_kernel=True),
+             # the prep's grid by (head, chunk, row), on the default launch
+             prep_hf=dict(prep_heads_fastest=True))
 
 def documents(lengths, batch=1):
   return jnp.asarray(np.repeat(np.arange(len(lengths)), lengths)[None].repeat(batch, 0), jnp.int32)
@@ -153,7 +155,7 @@ PREFILL_NORM = dict(split=dict(), one_prep=dict(prep_split=False), scores_in_wal
 @pytest.mark.parametrize("dtype, precision", [(jnp.float32, "ieee"), (jnp.bfloat16, "bf16")], ids=["f32", "bf16"])
 @pytest.mark.parametrize("form", list(PREFILL_NORM))
 def test_prefill_norm_in_kernels(form, dtype, precision, packed, dims=(1, 150, 2, 4, 32, 32), chunk=32,
-                                 interpret=True, walks=None):
+                                 interpret=True, walks=None, extra=None):
   """A forward alone with ChunkedLaunch(prefill_norm_in_kernels=True): raw q, k reach the kernels (no l2 norm under
   XLA: no rsqrt outside the kernels), the prep normalises its tiles and the walk scales by the inverse norms; o and
   the final state against the reference (documents inside and across chunks, a ragged tail, an initial state, two
@@ -162,7 +164,7 @@ def test_prefill_norm_in_kernels(form, dtype, precision, packed, dims=(1, 150, 2
   q, k, v, g, beta, h0 = random_inputs(7, *dims, dtype, True)
   q, k = q * 3.0, k * 0.5  # norms far from 1, so that a missing normalisation shows
   walk = {} if walks is None else dict(forward_walk_mosaic=walks)
-  launch = ChunkedLaunch(prefill_norm_in_kernels=True, **PREFILL_NORM[form], **walk)
+  launch = ChunkedLaunch(prefill_norm_in_kernels=True, **PREFILL_NORM[form], **walk, **(extra or {}))
   run = lambda *a: chunk_gated_delta_rule_gpu(*a, segment_ids=segment_ids, chunk_size=chunk, precision=precision,
                                               interpret=interpret, launch=launch)
   expected = chunk_gated_delta_rule_reference(q, k, v, g, beta, h0, segment_ids=segment_ids, chunk_size=chunk)
@@ -237,6 +239,16 @@ def test_prep_split_groups(packed, dtype, precision):
   segment_ids = documents([30, 3, 17, 20], batch=2) if packed else None
   check((2, 70, 2, 4, 32, 16), 32, dtype, precision, segment_ids=segment_ids,
         launch=ChunkedLaunch(inverse_block=16, prep_split=True))
+
+
+@pytest.mark.parametrize("launch", [dict(), dict(prep_split=False), dict(prep_per_key_head=True)], ids=str)
+def test_prep_heads_fastest(launch):
+  """The prep's grid by (head, chunk, row) (ChunkedLaunch.prep_heads_fastest), split or one launch or by key head:
+  B = 2, two key heads of two value heads, packed documents, a ragged tail; values and every gradient, and a forward
+  alone with the norm and P inside the kernels."""
+  check((2, 70, 2, 4, 32, 16), 32, jnp.bfloat16, "bf16", segment_ids=documents([30, 3, 17, 20], batch=2),
+        launch=ChunkedLaunch(prep_heads_fastest=True, **launch))
+  test_prefill_norm_in_kernels("scores_in_walk", jnp.float32, "ieee", True, extra=dict(prep_heads_fastest=True))
 
 
 def test_prep_split_with_the_walk_reading_w():

@@ -121,6 +121,10 @@ class ChunkedLaunch:
   # is slower on an H200 (2026-12-02: forward 0.68 against 0.65 ms at 1 x 16384); with the bf16 inverse it is the
   # faster form above.
   prep_split: bool | None = None
+  # The fused forward's prep (with inverse_block) over a (head, chunk, row) grid: a key head's value heads, which read
+  # the same q, k tiles, run side by side, so the second finds them in L2 (the prep launches are bound by memory: at
+  # 1 x 16384 on an H200 T's 0.077 ms and P's 0.088 move ~2.6 and ~3.8 TB/s, half of it q, k read twice).
+  prep_heads_fastest: bool = False
   # gpu_backward.py: one kernel per (chunk, value head, row) for the backward's parallel part instead of the
   # output-gradient and WY-gradient kernels (grad_warps, grad_block_k and grad_block_v are then its launch). Its loop
   # form measured on an H200 (2026-12-01, docs/benchmarks.md): forward+backward 0.75 / 2.84 ms against 0.86 / 3.26
@@ -326,11 +330,14 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
     if launch.fused_forward:
       chunk_matrix = struct(batch, heads, num_chunks, chunk, chunk)
       with_w = launch.fused_walk_reads_w  # the backward reads T, not w (gpu_kernels.state_grad_kernel)
-      prep_grid = (num_chunks, q.shape[2], batch) if launch.prep_per_key_head else parallel
+      prep_heads = q.shape[2] if launch.prep_per_key_head else heads
+      heads_fastest = launch.prep_heads_fastest and inv["inverse_block"] is not None
+      prep_grid = (prep_heads, num_chunks, batch) if heads_fastest else (num_chunks, prep_heads, batch)
       w_out = [struct(batch, length, heads, key_dim)] * with_w
       prep = functools.partial(call, gpu_fused.prep_kernel, grid=prep_grid, params=parallel_params,
                                args=(q, k, gc, beta), segments=segments, scale=scale, with_w=with_w,
-                               per_key_head=launch.prep_per_key_head, normalize=raw_qk, **inv, **common)
+                               per_key_head=launch.prep_per_key_head, normalize=raw_qk,
+                               heads_fastest=heads_fastest, **inv, **common)
       norms = lambda names: dict(norms_out=names if raw_qk else "")
       norm_out = lambda names: (struct(batch, heads, length, dtype=jnp.float32),) * (len(names) * raw_qk)
       walks = _mosaic_walks(walk_warpgroups(launch, batch, heads, value_dim)[0], chunk=chunk, key_dim=key_dim,
@@ -347,9 +354,9 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
         t, *w_rows = prep(name="gdr_prep_t_fwd", out_shape=(chunk_matrix, *w_out, *norm_out(t_norms)), outputs="t",
                           **norms(t_norms))
         w, rows = w_rows[:with_w], w_rows[with_w:]
-        if not scores_inside:
+        if not scores_inside:  # with raw_qk P's launch reads T's 1 / |k_t|
           p, *q_rows = prep(name="gdr_prep_p_fwd", out_shape=(chunk_matrix, *norm_out("q")), outputs="p",
-                            with_w=False, **norms("q"))
+                            with_w=False, args=(q, k, gc, beta, *rows[-1:]), key_norms_in=raw_qk, **norms("q"))
           p, rows = [p], [*q_rows, *rows]
         else:
           p = []

@@ -167,7 +167,7 @@ def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: 
   warpgroups: 1 or 2 per CTA, each carrying 64 value columns; two share every load but v's. scores None: each
   warpgroup forms P = s Gamma * (q k^T) from the q, k tiles it has (one more wgmma a chunk, off the state's path)
   instead of loading the prep's. inverse_norms: q and k are raw and (1 / |q_t|, 1 / |k_t|) float32 [B, Hv, T] scale
-  the rows of their products (and P's columns), as walk_output_kernel's."""
+  the rows of k's products (and P's columns) and of the output, as walk_output_kernel's."""
   batch, length, heads, value_dim = v.shape
   key_dim = q.shape[-1]
   chunks = length // C
@@ -247,7 +247,7 @@ def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: 
         gamma = jnp.exp(jnp.where(causal, rows_of(gc_row, square) - cols_of(gc_col, square), -jnp.inf))
         p = qk[0] * (scale * gamma)
         if norms:
-          p = p * rows_of(q_rows, square) * cols_of(load(vector_s["rk_col_s"].at[slot], COL), square)
+          p = p * cols_of(load(vector_s["rk_col_s"].at[slot], COL), square)
         pw_s[...] = p.astype(bf16)
       plgpu.commit_smem()
       v_new = product(t_s.at[slot], x_s, narrow)
@@ -255,7 +255,9 @@ def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: 
       plgpu.commit_smem()
       if save:
         plgpu.copy_smem_to_gmem(vn_s, saved[1].at[b, tokens, h, cols])
-      out = product(pw_s if inside else p_s.at[slot], vn_s, narrow, init=rows_of(scale * fs * q_rows, narrow) * q_h)
+      out = product(pw_s if inside else p_s.at[slot], vn_s, narrow, init=rows_of(scale * fs, narrow) * q_h)
+      if norms:  # P's rows as well as q h's (the prep's P has its key norms only)
+        out = rows_of(q_rows, narrow) * out
       if save:
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # v_new's store has read the tile o now takes
       vn_s[...] = out.astype(vn_s.dtype)
