@@ -90,19 +90,10 @@ def launches() -> dict:
           "rev_walk_2wg": ChunkedLaunch(reverse_walk_mosaic=2),
           "walks_1wg": ChunkedLaunch(forward_walk_mosaic=0, reverse_walk_mosaic=1),  # Triton forward, 1-wg reverse
           # a forward alone forms P in the walk (no P launch): the Triton walk's 161 -> 247 registers (sm_90a), the
-          # two-warpgroup Mosaic walk's (walk_warpgroups' choice at 8 x 4096) 188 -> 255; or the one-warpgroup one
+          # two-warpgroup Mosaic walk's 188 -> 255 (jax 0.11.2); the default (None) only in a Mosaic walk
           "prefill_p": ChunkedLaunch(prefill_scores_in_walk=True),
           "prefill_p_1wg": ChunkedLaunch(prefill_scores_in_walk=True, forward_walk_mosaic=1),
-          # a forward alone l2-normalises q, k in its kernels (no XLA pass writing normalised copies); with P in the
-          # Triton walk too. Their forward+backward is api's: time them with --forward-only
-          "prefill_norm": ChunkedLaunch(prefill_norm_in_kernels=True),
-          "prefill_norm_p": ChunkedLaunch(prefill_norm_in_kernels=True, prefill_scores_in_walk=True),
-          # the prep over a (head, chunk, row) grid (a key head's value heads side by side, sharing q, k in L2)
-          "prep_hf": ChunkedLaunch(prep_heads_fastest=True),
-          "prefill_p_hf": ChunkedLaunch(prefill_scores_in_walk=True, prep_heads_fastest=True),
-          "prefill_norm_hf": ChunkedLaunch(prefill_norm_in_kernels=True, prep_heads_fastest=True),
-          "prefill_norm_p_hf": ChunkedLaunch(prefill_norm_in_kernels=True, prefill_scores_in_walk=True,
-                                             prep_heads_fastest=True),
+          "prep_p_launch": ChunkedLaunch(prefill_scores_in_walk=False),  # the ninth session's forward
           # the prep's T and P by separate launches (ptxas, sm_90a: T 255 registers and 120 bytes of spills, P 254 and
           # none, against 255 and 236 for both in one program; at 2 warps 52 bytes and none)
           "prep_split": ChunkedLaunch(prep_split=True),

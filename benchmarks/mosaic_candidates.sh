@@ -17,14 +17,8 @@
 #                                             #   (T 4096, with jla), then the train step at 4 x 4096 with HF + fla
 #   benchmarks/mosaic_candidates.sh prefill   # ~6 min: P formed in the prefill walk: device tests, then the four
 #                                             #   shapes and 2 / 4 x 4096 with jla (no fla); the forward columns matter
-#   benchmarks/mosaic_candidates.sh prenorm   # ~9.5 min: the l2 norm inside the prefill kernels: device tests of the
-#                                             #   prefill forms, then the four shapes with jla and fla (the prefill
-#                                             #   variants forward alone)
-#   benchmarks/mosaic_candidates.sh prescores # ~9 min: P formed in the Mosaic walks too: the prefill device tests, then
+#   benchmarks/mosaic_candidates.sh prescores # ~6 min: P formed in the walks: the prefill device tests, then
 #                                             #   the four shapes with jla and fla, prefill variants forward alone
-#   benchmarks/mosaic_candidates.sh prefinal  # ~8 min: device tests of the prefill forms and the heads-fastest prep, then
-#                                             #   the four shapes with jla and fla: the default, the heads-fastest prep,
-#                                             #   the prefill forms (forward alone)
 #   benchmarks/mosaic_candidates.sh train4    # ~9 min: the bench train step at 4 x 4096, unscanned and scanned, and HF
 #   benchmarks/mosaic_candidates.sh train     # ~8 min: the bench train step at 8 x 4096, unscanned and scanned, and HF
 #
@@ -115,27 +109,12 @@ case "${1:-}" in
       --variants api,prefill_p --no-fla --shapes 1x4096,1x16384,1x65536,2x4096,4x4096,8x4096 --check-shapes "" \
       --trace 1x16384 --markdown "$OUT/gdn_prefill.md" --json "$OUT/gdn_prefill.json")
     ;;
-  prenorm)
-    step prenorm_tests 150 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" -m device \
-      tests/kernels/test_gated_delta_rule_gpu.py -k "compiled and prefill"
-    (cd benchmarks && XLA_FLAGS="$FAST_XLA" step gdn_prenorm 400 python3 gated_delta_rule_peers.py \
-      --variants api,prefill_norm,prefill_norm_p,prefill_p --forward-only prefill_norm,prefill_norm_p,prefill_p \
-      --peer-timeout 330 --trace 8x4096 --markdown "$OUT/gdn_prenorm.md" --json "$OUT/gdn_prenorm.json")
-    ;;
   prescores)
     step prescores_tests 150 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" \
       -m device tests/kernels/test_gated_delta_rule_gpu.py -k "compiled and prefill"
     (cd benchmarks && XLA_FLAGS="$FAST_XLA" step gdn_prescores 400 python3 gated_delta_rule_peers.py \
-      --variants api,prefill_p,prefill_p_1wg,prefill_norm_p --forward-only prefill_p,prefill_p_1wg,prefill_norm_p \
+      --variants api,prep_p_launch,prefill_p,prefill_p_1wg --forward-only prep_p_launch,prefill_p,prefill_p_1wg \
       --peer-timeout 330 --trace 1x16384 --markdown "$OUT/gdn_prescores.md" --json "$OUT/gdn_prescores.json")
-    ;;
-  prefinal)
-    step prefinal_tests 120 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" \
-      -m device tests/kernels/test_gated_delta_rule_gpu.py -k "compiled and (prefill or prep_hf)"
-    prefill=prefill_p,prefill_norm,prefill_p_hf,prefill_norm_hf,prefill_norm_p_hf
-    (cd benchmarks && XLA_FLAGS="$FAST_XLA" step gdn_prefinal 420 python3 gated_delta_rule_peers.py \
-      --variants "api,prep_hf,$prefill" --forward-only "$prefill" --peer-timeout 330 --trace 1x16384 \
-      --markdown "$OUT/gdn_prefinal.md" --json "$OUT/gdn_prefinal.json")
     ;;
   train4)
     (cd benchmarks && step train_b4 560 python3 train_step.py --batch 4 --scan-layers false,true --steps 6 --warmup 2)
@@ -145,7 +124,7 @@ case "${1:-}" in
       --warmup 2)
     ;;
   *)
-    echo "usage: $0 kernels|peers|norm|screen|final|batches|prefill|prenorm|prescores|prefinal|train4|train" >&2
+    echo "usage: $0 kernels|peers|norm|screen|final|batches|prefill|prescores|train4|train" >&2
     exit 2
     ;;
 esac

@@ -23,14 +23,9 @@ VARIANTS = {"mosaic_bwd": dict(chunk_grads_mosaic=1, reverse_walk_mosaic=0),
             "mosaic_bwd_2wg": dict(chunk_grads_mosaic=2, reverse_walk_mosaic=0),
             "mosaic_walks": dict(forward_walk_mosaic=1, chunk_grads_mosaic=0),
             "mosaic_walks_2wg": dict(forward_walk_mosaic=2, reverse_walk_mosaic=2, chunk_grads_mosaic=0)}
-# compiled as a forward alone (prefill): the walk reading the raw q, k's inverse norms
-PREFILL_VARIANTS = {"prefill_norm_walks": dict(forward_walk_mosaic=1, prefill_norm_in_kernels=True),
-                    "prefill_norm_walks_2wg": dict(forward_walk_mosaic=2, prefill_norm_in_kernels=True),
-                    # P formed in the walk (no P launch)
-                    "prefill_p_walks": dict(forward_walk_mosaic=1, prefill_scores_in_walk=True),
-                    "prefill_p_walks_2wg": dict(forward_walk_mosaic=2, prefill_scores_in_walk=True),
-                    "prefill_norm_p_walks_2wg": dict(forward_walk_mosaic=2, prefill_scores_in_walk=True,
-                                                     prefill_norm_in_kernels=True)}
+# compiled as a forward alone (prefill): P formed in the Mosaic walk
+PREFILL_VARIANTS = {"prefill_p_walks": dict(forward_walk_mosaic=1, prefill_scores_in_walk=True),
+                    "prefill_p_walks_2wg": dict(forward_walk_mosaic=2, prefill_scores_in_walk=True)}
 SHAPE = dict(batch=1, length=4096, key_heads=16, value_heads=32, dim=128)
 
 

@@ -16,7 +16,8 @@ both 1 without segment ids. The initial state belongs to each row's first segmen
 
 Forward, by default (ChunkedLaunch.fused_forward; gpu_fused.py): `prep_kernel` (parallel over chunks: T and the
 output scores P = s Gamma * q k^T) and `walk_output_kernel` (one program per value
-block walks the chunks carrying its [Dk, BV] float32 state and writes o; with a backward also h_n and v_new).
+block walks the chunks carrying its [Dk, BV] float32 state and writes o; with a backward also h_n and v_new). A
+forward alone in a Mosaic GPU walk forms P in the walk (ChunkedLaunch.prefill_scores_in_walk).
 Without fusion (kernel bodies in gpu_kernels.py): `wy_kernel` (parallel: w, u and T), `state_kernel` (the walk: h_n
 and v_new) and `output_kernel` (parallel: o). Backward: `local_dv_kernel` (parallel: (s Gamma * q k^T)^T do; after
 the fused forward the reverse walk forms it from the saved P instead),
@@ -121,10 +122,6 @@ class ChunkedLaunch:
   # is slower on an H200 (2026-12-02: forward 0.68 against 0.65 ms at 1 x 16384); with the bf16 inverse it is the
   # faster form above.
   prep_split: bool | None = None
-  # The fused forward's prep (with inverse_block) over a (head, chunk, row) grid: a key head's value heads, which read
-  # the same q, k tiles, run side by side, so the second finds them in L2 (the prep launches are bound by memory: at
-  # 1 x 16384 on an H200 T's 0.077 ms and P's 0.088 move ~2.6 and ~3.8 TB/s, half of it q, k read twice).
-  prep_heads_fastest: bool = False
   # gpu_backward.py: one kernel per (chunk, value head, row) for the backward's parallel part instead of the
   # output-gradient and WY-gradient kernels (grad_warps, grad_block_k and grad_block_v are then its launch). Its loop
   # form measured on an H200 (2026-12-01, docs/benchmarks.md): forward+backward 0.75 / 2.84 ms against 0.86 / 3.26
@@ -157,18 +154,14 @@ class ChunkedLaunch:
   # (2026-12-02, docs/benchmarks.md, ninth session) forward+backward 0.58 / 2.16 / 8.53 / 3.69 ms against 0.63 / 2.32 /
   # 9.16 / 3.99 at 1 x 4k / 16k / 64k and 8 x 4k; errors unchanged; device tests passed.
   norm_grads_kernel: bool = True
-  # A forward alone (prefill: no backward, so P need not be saved) with the Triton forward walk and the blocked
-  # inverse: the walk forms P = s Gamma * (q k^T) from the q, k tiles it loads anyway, and the prep's P launch is
-  # skipped (at 1 x 16384 it took ~0.08 of the forward's 0.63 ms on an H200, 2026-12-02, for an extra 64 x 64 x Dk
-  # product per chunk in each walk program, off the state's path). Off until timed: tested in interpret mode only.
-  prefill_scores_in_walk: bool = False
-  # A forward alone (prefill) with the fused forward, the blocked inverse and the walk not reading w: the l2 norm of
-  # q and k inside the kernels instead of an XLA pass that reads the raw q, k and writes normalised copies (at 8 x
-  # 4096, Hk 16, d 128, bf16: 268 MB read and 268 MB written before the first kernel). The prep normalises its tiles
-  # as they load and writes 1 / |q_t|, 1 / |k_t| per value head ([B, Hv, T] float32, 1/64 of q's bytes); the walks
-  # scale their products with the raw q, k by those rows. The forward with a backward keeps the XLA norm (its
-  # kernels read the normalised q, k again).
-  prefill_norm_in_kernels: bool = False
+  # A forward alone (prefill: no backward, so P need not be saved) with the blocked inverse: the forward walk forms
+  # P = s Gamma * (q k^T) from the q, k tiles it loads anyway (one more 64 x 64 x Dk product a chunk, off the state's
+  # path), and the prep's P launch is skipped. None: where the forward walk is a Mosaic GPU one. Measured on an H200
+  # (2026-12-03, docs/benchmarks.md, tenth session): with the two-warpgroup Mosaic walk at 8 x 4096 the forward 0.77
+  # ms against 0.85 (P's launch 0.17 ms gone, the walk 188 -> 255 registers, no spills); with the Triton walk at
+  # B = 1 (four 32-column programs a value head, each forming P) 0.17 / 0.64 / 2.48 against 0.17 / 0.63 / 2.47 at
+  # 1 x 4k / 16k / 64k (the walk 0.393 -> 0.495 ms at 16k for the 0.087 of P's launch).
+  prefill_scores_in_walk: bool | None = None
 
   def __post_init__(self):
     if self.chunk_grads_mosaic not in (0, 1, 2):
@@ -181,12 +174,6 @@ class ChunkedLaunch:
 
 
 WIDE_WALK_PROGRAMS = 512
-
-
-def norm_in_prefill_kernels(launch: ChunkedLaunch) -> bool:
-  """Whether a forward alone l2-normalises q, k in its kernels (ChunkedLaunch.prefill_norm_in_kernels' scope)."""
-  return (launch.prefill_norm_in_kernels and launch.fused_forward and launch.inverse_block is not None
-          and not launch.fused_walk_reads_w)
 
 
 def _many_walk_programs(batch: int, heads: int, value_dim: int) -> bool:
@@ -320,8 +307,7 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
         grid=grid, out_shape=out_shape, compiler_params=params, interpret=interpret, name=name,
     )(*args, *(segments or ()))
 
-  def forward(q, k, v, gc, beta, h0, segments, save: bool = True, raw_qk: bool = False):
-    """raw_qk (a forward alone, norm_in_prefill_kernels): q, k are raw, l2-normalised by the kernels."""
+  def forward(q, k, v, gc, beta, h0, segments, save: bool = True):
     (batch, length, heads, key_dim, value_dim, num_chunks), store, common, inv, (block_v, _), _ = setup(q, v)
     struct = lambda *shape, dtype=store: jax.ShapeDtypeStruct(shape, dtype)
     parallel = (num_chunks, heads, batch)
@@ -330,16 +316,11 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
     if launch.fused_forward:
       chunk_matrix = struct(batch, heads, num_chunks, chunk, chunk)
       with_w = launch.fused_walk_reads_w  # the backward reads T, not w (gpu_kernels.state_grad_kernel)
-      prep_heads = q.shape[2] if launch.prep_per_key_head else heads
-      heads_fastest = launch.prep_heads_fastest and inv["inverse_block"] is not None
-      prep_grid = (prep_heads, num_chunks, batch) if heads_fastest else (num_chunks, prep_heads, batch)
+      prep_grid = (num_chunks, q.shape[2], batch) if launch.prep_per_key_head else parallel
       w_out = [struct(batch, length, heads, key_dim)] * with_w
       prep = functools.partial(call, gpu_fused.prep_kernel, grid=prep_grid, params=parallel_params,
                                args=(q, k, gc, beta), segments=segments, scale=scale, with_w=with_w,
-                               per_key_head=launch.prep_per_key_head, normalize=raw_qk,
-                               heads_fastest=heads_fastest, **inv, **common)
-      norms = lambda names: dict(norms_out=names if raw_qk else "")
-      norm_out = lambda names: (struct(batch, heads, length, dtype=jnp.float32),) * (len(names) * raw_qk)
+                               per_key_head=launch.prep_per_key_head, **inv, **common)
       walks = _mosaic_walks(walk_warpgroups(launch, batch, heads, value_dim)[0], chunk=chunk, key_dim=key_dim,
                             value_dim=value_dim, dtypes=(store, q.dtype, v.dtype), segmented=segments is not None,
                             interpret=interpret)
@@ -347,38 +328,29 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
       # a forward alone may form P in the walk (ChunkedLaunch.prefill_scores_in_walk)
       blocked = inv["inverse_block"] is not None
       split = blocked if launch.prep_split is None else launch.prep_split
-      scores_inside = launch.prefill_scores_in_walk and not save and blocked
-      # with raw_qk the launch forming T writes 1 / |k_t|, the one forming P 1 / |q_t| (T's too without a P launch)
+      in_walk = launch.prefill_scores_in_walk
+      scores_inside = (mosaic_walk if in_walk is None else in_walk) and not save and blocked
       if split or scores_inside:
-        t_norms = "qk" if scores_inside else "k"
-        t, *w_rows = prep(name="gdr_prep_t_fwd", out_shape=(chunk_matrix, *w_out, *norm_out(t_norms)), outputs="t",
-                          **norms(t_norms))
-        w, rows = w_rows[:with_w], w_rows[with_w:]
-        if not scores_inside:  # with raw_qk P's launch reads T's 1 / |k_t|
-          p, *q_rows = prep(name="gdr_prep_p_fwd", out_shape=(chunk_matrix, *norm_out("q")), outputs="p",
-                            with_w=False, args=(q, k, gc, beta, *rows[-1:]), key_norms_in=raw_qk, **norms("q"))
-          p, rows = [p], [*q_rows, *rows]
-        else:
-          p = []
+        t, *w = prep(name="gdr_prep_t_fwd", out_shape=(chunk_matrix, *w_out), outputs="t")
+        p = [] if scores_inside else prep(name="gdr_prep_p_fwd", out_shape=(chunk_matrix,), outputs="p",
+                                         with_w=False)
       else:
-        t, p, *w_rows = prep(name="gdr_prep_fwd", out_shape=(chunk_matrix, chunk_matrix, *w_out, *norm_out("qk")),
-                             **norms("qk"))
-        p, w, rows = [p], w_rows[:with_w], w_rows[with_w:]
+        t, *p_w = prep(name="gdr_prep_fwd", out_shape=(chunk_matrix, chunk_matrix, *w_out))
+        p, w = p_w[:1], p_w[1:]
       saved = (struct(batch, heads, num_chunks, key_dim, value_dim), struct(batch, length, heads, value_dim))
       if mosaic_walk:
         from maxtext.kernels.gated_delta_rule import gpu_mosaic_walks  # pylint: disable=import-outside-toplevel
         o, final, *history = gpu_mosaic_walks.forward_walk(q, k, v, gc, beta, t, p[0] if p else None,
                                                            h0.astype(jnp.float32),
                                                            scale=scale, groups=common["groups"], save=save,
-                                                           warpgroups=walks, inverse_norms=tuple(rows) or None)
+                                                           warpgroups=walks)
         return (o, final), ((t, *history, *p) if save else None)
       o, final, *history = call(
           gpu_fused.walk_output_kernel, "gdr_walk_fwd", (value_dim // block_v, heads, batch),
           (struct(batch, length, heads, value_dim, dtype=v.dtype),
            struct(batch, heads, key_dim, value_dim, dtype=jnp.float32), *saved[:2 * save]),
-          walk_params, (q, k, v, gc, beta, t, *p, h0.astype(jnp.float32), *w, *rows), segments,
-          num_chunks=num_chunks, block_v=block_v, scale=scale, save=save, with_w=with_w, scores_inside=scores_inside,
-          inverse_norms=raw_qk, **common)
+          walk_params, (q, k, v, gc, beta, t, *p, h0.astype(jnp.float32), *w), segments, num_chunks=num_chunks,
+          block_v=block_v, scale=scale, save=save, with_w=with_w, scores_inside=scores_inside, **common)
       return (o, final), ((t, *history, *p) if save else None)
     w, u, t = call(wy_kernel, "gdr_wy_fwd", parallel,
                    (struct(batch, length, heads, key_dim), struct(batch, length, heads, value_dim),
@@ -478,9 +450,7 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
 
   @jax.custom_vjp
   def run(q, k, v, gc, beta, h0, segments):
-    inside = normalize and norm_in_prefill_kernels(launch)
-    qk = kernel_qk(q, k, mode=precision, normalize=normalize and not inside)
-    return forward(*qk, v, gc, beta, h0, segments, save=False, raw_qk=inside)[0]
+    return forward(*operands(q, k), v, gc, beta, h0, segments, save=False)[0]
 
   def run_forward(q, k, v, gc, beta, h0, segments):
     outputs, saved = forward(*operands(q, k), v, gc, beta, h0, segments)

@@ -12,60 +12,31 @@ gpu_kernels.py.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from maxtext.kernels.gated_delta_rule.gpu_inverse import gated_chunk, inverse_norm, key_head_products
+from maxtext.kernels.gated_delta_rule.gpu_inverse import gated_chunk, key_head_products
 from maxtext.kernels.gated_delta_rule.gpu_kernels import _f32, _gates, _split_refs, chunk_inverse
 
 
 def prep_kernel(*refs, chunk: int, groups: int, scale: float, segmented: bool, with_w: bool, mm, inv_mm,
-                inverse_block: int | None = None, per_key_head: bool = False, outputs: str = "tp",
-                normalize: bool = False, norms_out: str = "", heads_fastest: bool = False,
-                key_norms_in: bool = False):
+                inverse_block: int | None = None, per_key_head: bool = False, outputs: str = "tp"):
   """One (chunk, value head, row): T, P and (with_w) w; inverse_block: T and P by blocks (gpu_inverse.py).
 
   per_key_head (with inverse_block): one program per (chunk, key head, row) forms the gate-free k k^T and q k^T
   blocks once and serves the key head's `groups` value heads from them, instead of each value head forming them.
   outputs (with inverse_block): "tp" both; "t" T (and w) alone, "p" P alone: two launches of lighter programs
   (ChunkedLaunch.prep_split), whose outputs are then T (and w), or P.
-  normalize (with inverse_block): q and k are raw and l2-normalised here as they load (a forward alone,
-  ChunkedLaunch.prefill_norm_in_kernels); norms_out: the inverse norms the walk then scales by, written per value
-  head as float32 [B, Hv, T] after the other outputs: "q", "k" or "qk" (in that order).
-  key_norms_in (with normalize): a fifth input holds 1 / |k_t| per value head ([B, Hv, T], the T launch's norms_out)
-  instead of forming them here.
-  heads_fastest (with inverse_block): the grid is (head, chunk, row), so that a key head's value heads, which read
-  the same q and k tiles, run side by side and the second finds them in L2.
   """
-  ins, seg_refs, outs = _split_refs(refs, 4 + key_norms_in, segmented)
-  q_ref, k_ref, gc_ref, beta_ref = ins[:4]
+  (q_ref, k_ref, gc_ref, beta_ref), seg_refs, outs = _split_refs(refs, 4, segmented)
   n, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  if heads_fastest:
-    n, h = h, n
-  if (normalize and with_w) or ((normalize or heads_fastest) and inverse_block is None):
-    raise ValueError("prep_kernel: raw q, k (normalize) need inverse_block and no w; heads_fastest inverse_block")
   if inverse_block is not None:
     want_t, want_p = "t" in outputs, "p" in outputs
     t_ref, p_ref = (outs[0] if want_t else None), (outs[int(want_t)] if want_p else None)
     w_ref = outs[int(want_t) + int(want_p)] if with_w else None
-    norm_refs = dict(zip(norms_out, outs[int(want_t) + int(want_p) + int(with_w):]))
     key_head = h if per_key_head else h // groups  # per_key_head: program axis 1 counts key heads
-    heads = [h * groups + g for g in range(groups)] if per_key_head else [h]
-    if "q" in norm_refs:  # q's norms a block at a time, written as they form (kept for P they would spill)
-      def q_norms(i, carry):
-        span = pl.ds(n * chunk + i * inverse_block, inverse_block)
-        rows = inverse_norm(q_ref[b, span, key_head, :])
-        for head in heads:
-          norm_refs["q"][b, head, span] = rows
-        return carry
-      jax.lax.fori_loop(0, chunk // inverse_block, q_norms, 0)
-    given = None
-    if key_norms_in:  # the value heads of a key head hold the same norms: the first one's
-      given = [ins[4][b, key_head * groups, pl.ds(n * chunk + i * inverse_block, inverse_block)]
-               for i in range(chunk // inverse_block)]
     products = key_head_products(q_ref if want_p else None, k_ref, b, key_head, n, chunk=chunk,
-                                 block=inverse_block, mm=mm, with_kk=want_t, normalize=normalize, k_scale=given)
-    for head in heads:
+                                 block=inverse_block, mm=mm, with_kk=want_t)
+    for head in [h * groups + g for g in range(groups)] if per_key_head else [h]:
       c = gated_chunk(products, gc_ref, beta_ref, seg_refs, b, head, inv_mm=inv_mm, scale=scale)
       if want_t:
         c.store(t_ref, (b, head, n), c.t)
@@ -75,9 +46,6 @@ def prep_kernel(*refs, chunk: int, groups: int, scale: float, segmented: bool, w
         w = c.apply([(beta * fs)[:, None] * _f32(k) for beta, fs, k in zip(c.beta, c.from_start, c.k)], mm)
         for span, w_i in zip(c.tokens, w):
           w_ref[b, span, head, :] = w_i.astype(w_ref.dtype)
-      if "k" in norm_refs:
-        for span, rows in zip(c.tokens, products.k_scale):
-          norm_refs["k"][b, head, span] = rows
     return
   if outputs != "tp":
     raise ValueError("prep_kernel: T and P in separate launches need inverse_block")
@@ -92,8 +60,7 @@ def prep_kernel(*refs, chunk: int, groups: int, scale: float, segmented: bool, w
 
 
 def walk_output_kernel(*refs, chunk: int, groups: int, num_chunks: int, block_v: int, scale: float,
-                       segmented: bool, save: bool, with_w: bool, mm, scores_inside: bool = False,
-                       inverse_norms: bool = False):
+                       segmented: bool, save: bool, with_w: bool, mm, scores_inside: bool = False):
   """One (value block, value head, row): walks the chunks carrying its [Dk, BV] float32 state; writes o, the
   final state and (save) the state entering each chunk and v_new, for the backward.
 
@@ -101,30 +68,17 @@ def walk_output_kernel(*refs, chunk: int, groups: int, num_chunks: int, block_v:
   w h_n and k^T v_new, as gpu_kernels.state_kernel) rather than T (beta (v - fs (k h_n))) (three).
   scores_inside: P = s Gamma * (q k^T) formed here from the chunk's q, k tiles (off the state's path) instead of
   read from prep_kernel (no P input then: a forward alone, whose backward would need P saved, skips its launch).
-  inverse_norms: q and k are raw, and two more inputs (last) hold 1 / |q_t| and 1 / |k_t| per value head (float32
-  [B, Hv, T], prep_kernel's norms_out): the products with k are scaled by rows (and P's columns) instead, and the
-  output's rows by 1 / |q_t| (P from prep_kernel has its key norms only).
   """
-  ins, seg_refs, outs = _split_refs(refs, 8 + with_w - scores_inside + 2 * inverse_norms, segmented)
+  ins, seg_refs, outs = _split_refs(refs, 8 + with_w - scores_inside, segmented)
   q_ref, k_ref, v_ref, gc_ref, beta_ref, t_ref = ins[:6]
   p_ref, h0_ref = (None, ins[6]) if scores_inside else ins[6:8]
-  w_ref = ins[8 - scores_inside] if with_w else None
-  rq_ref, rk_ref = ins[-2:] if inverse_norms else (None, None)
+  w_ref = ins[-1] if with_w else None
   o_ref, final_ref = outs[:2]
   vb, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   cols = pl.ds(vb * block_v, block_v)
   hk = h // groups
 
-  def inverse_norms_of(n):  # chunk n's 1 / |q_t|, 1 / |k_t|
-    span = pl.ds(n * chunk, chunk)
-    return rq_ref[b, h, span], rk_ref[b, h, span]
-
-  def step(n, carry):  # state: [Dk, BV], entering chunk n
-    # the raw q, k's inverse norms (inverse_norms) scale the rows of every product with them; they ride in the
-    # loop's carry, loaded a chunk ahead: Triton's pipelining leaves these vector
-    # loads in the loop body, where each waited a whole L2 round trip (+10% on the walk at 1 x 16384, H200)
-    state, q_rows, k_rows = carry if inverse_norms else (carry, 1.0, 1.0)
-    following = inverse_norms_of(jnp.minimum(n + 1, num_chunks - 1)) if inverse_norms else ()
+  def step(n, state):  # state: [Dk, BV], entering chunk n
     tokens = pl.ds(n * chunk, chunk)
     if save:
       outs[2][b, h, n, :, cols] = state.astype(outs[2].dtype)
@@ -135,23 +89,13 @@ def walk_output_kernel(*refs, chunk: int, groups: int, num_chunks: int, block_v:
     if with_w:
       v_new = mm(t_ref[b, h, n], beta[:, None] * _f32(v_ref[b, tokens, h, cols])) - mm(w_ref[b, tokens, h, :], state)
     else:
-      x = beta[:, None] * (_f32(v_ref[b, tokens, h, cols]) - (gates.from_start * k_rows)[:, None] * mm(k, state))
+      x = beta[:, None] * (_f32(v_ref[b, tokens, h, cols]) - gates.from_start[:, None] * mm(k, state))
       v_new = mm(t_ref[b, h, n], x)  # [C, BV]
     if save:
       outs[3][b, tokens, h, cols] = v_new.astype(outs[3].dtype)
-    if scores_inside:
-      scores = mm(q, k, trans_b=True) * (scale * gates.gamma)
-      if inverse_norms:
-        scores = scores * k_rows[None, :]
-    else:
-      scores = p_ref[b, h, n]
+    scores = mm(q, k, trans_b=True) * (scale * gates.gamma) if scores_inside else p_ref[b, h, n]
     out = (scale * gates.from_start)[:, None] * mm(q, state) + mm(scores, v_new)
-    if inverse_norms:  # P's rows as well as q h's: the prep leaves them to this
-      out = q_rows[:, None] * out
     o_ref[b, tokens, h, cols] = out.astype(o_ref.dtype)
-    state = gates.decay * state + mm(k, (gates.to_end * k_rows)[:, None] * v_new, trans_a=True)
-    return (state, *following) if inverse_norms else state
+    return gates.decay * state + mm(k, gates.to_end[:, None] * v_new, trans_a=True)
 
-  start = h0_ref[b, h, :, cols]
-  end = jax.lax.fori_loop(0, num_chunks, step, (start, *inverse_norms_of(0)) if inverse_norms else start)
-  final_ref[b, h, :, cols] = end[0] if inverse_norms else end
+  final_ref[b, h, :, cols] = jax.lax.fori_loop(0, num_chunks, step, h0_ref[b, h, :, cols])

@@ -29,8 +29,6 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from maxtext.kernels.gated_delta_rule.chunking import L2_NORM_EPS
-
 
 def iotas(size: int):
   return (jax.lax.broadcasted_iota(jnp.int32, (size, size), 0), jax.lax.broadcasted_iota(jnp.int32, (size, size), 1))
@@ -86,40 +84,21 @@ class KeyHeadProducts(NamedTuple):
   k: list  # [b, Dk] keys, as stored
   kk: list | None  # kk[i][j], j <= i: k_i k_j^T [b, b] float32, unless only the scores are asked for
   qk: list | None  # qk[i][j], j <= i: q_i k_j^T, when q_ref is given
-  k_scale: list | None = None  # [b] float32 1 / |k_t| of raw keys (normalize), the walks' row scales
 
 
-def inverse_norm(x: jax.Array, gram: jax.Array | None = None) -> jax.Array:
-  """1 / |x| per row as chunking.l2_normalize scales ([b, D] -> [b] float32): from the diagonal of x x^T where that
-  Gram block is at hand (the T launch's k k^T: free), else from the squares of x in float32."""
-  if gram is None:
-    x = x.astype(jnp.float32)
-    return jax.lax.rsqrt(jnp.sum(x * x, axis=1) + L2_NORM_EPS)
-  rows, cols = iotas(gram.shape[0])
-  return jax.lax.rsqrt(jnp.sum(jnp.where(rows == cols, gram, 0.0), axis=1) + L2_NORM_EPS)
-
-
-def key_head_products(q_ref, k_ref, b, hk, n, *, chunk: int, block: int, mm, with_kk: bool = True,
-                      normalize: bool = False, k_scale: list | None = None) -> KeyHeadProducts:
+def key_head_products(q_ref, k_ref, b, hk, n, *, chunk: int, block: int, mm,
+                      with_kk: bool = True) -> KeyHeadProducts:
   """Row b's chunk n of key head hk: its keys and the lower blocks of k k^T (with_kk; for T) and q k^T (when q_ref
-  is given; for P), no gates. normalize: q and k are raw; the products of their l2-normalised rows are those of the
-  raw rows scaled by the inverse norms (inverse_norm, or k_scale's per block where given; no normalised copy of a
-  tile is formed; the keys' are returned too), except q k^T's rows, left to the walks' output. The keys returned
-  stay as stored."""
+  is given; for P), no gates."""
   count = chunk // block
   tokens = [pl.ds(n * chunk + i * block, block) for i in range(count)]
   k = [k_ref[b, span, hk, :] for span in tokens]
-  q = None if q_ref is None else [q_ref[b, span, hk, :] for span in tokens]
   kk = [[mm(k[i], k[j], trans_b=True) for j in range(i + 1)] for i in range(count)] if with_kk else None
-  qk = None if q is None else [[mm(q[i], k[j], trans_b=True) for j in range(i + 1)] for i in range(count)]
-  if normalize:
-    if k_scale is None:
-      k_scale = [inverse_norm(x, kk[i][i] if with_kk else None) for i, x in enumerate(k)]
-    kk = None if kk is None else [[k_scale[i][:, None] * x * k_scale[j][None, :] for j, x in enumerate(row)]
-                                  for i, row in enumerate(kk)]
-    # q k^T's rows stay unscaled: the walks scale the output's rows by 1 / |q_t| (fewer live values here)
-    qk = None if qk is None else [[x * k_scale[j][None, :] for j, x in enumerate(row)] for row in qk]
-  return KeyHeadProducts(tokens, k, kk, qk, k_scale)
+  qk = None
+  if q_ref is not None:
+    q = [q_ref[b, span, hk, :] for span in tokens]
+    qk = [[mm(q[i], k[j], trans_b=True) for j in range(i + 1)] for i in range(count)]
+  return KeyHeadProducts(tokens, k, kk, qk)
 
 
 def gated_chunk(products: KeyHeadProducts, gc_ref, beta_ref, seg_refs, b, h, *, inv_mm,

@@ -7,7 +7,7 @@ per chunk instead of once per 64 columns; warpgroup 0 issues them, and a barrier
 done reading the slot it refills.
 
 forward_walk: gpu_fused.walk_output_kernel without w. Per chunk n, with the state h entering it:
-  h -> states[n];  x = beta (v - fs (k h));  v_new = T x;  o = s fs (q h) + P v_new
+  h -> states[n];  x = beta (v - fs (k h));  v_new = T x;  o = s fs (q h) + P v_new  (P read, or formed here)
   h' = decay h + k^T (te v_new)
 reverse_walk: gpu_kernels.state_grad_kernel with the fused forward's P. Per chunk n, in reverse:
   dh_{n+1} -> d_states[n];  dv_new = P^T do + te (k dh);  d_keys = beta fs (T^T dv_new)
@@ -18,7 +18,9 @@ mode; device tests of both forms passed on an H200 on 2026-12-02). One warpgroup
 (benchmarks/gated_delta_rule_mosaic_walks.py) at 1 x 4096 / 1 x 16384 / 8 x 4096: the reverse walk 0.123 / 0.467 /
 0.609 ms against the Triton walk's 0.143 / 0.546 / 0.804, the forward walk 0.130 / 0.495 / 0.730 against 0.123 /
 0.469 / 0.638. Two warpgroups, in the op at 8 x 4096: forward walk 0.562 ms (Triton 0.681), reverse walk 0.475 (one
-warpgroup 0.607); at B = 1 (32 CTAs) they lose. gpu.walk_warpgroups picks the form (docs/benchmarks.md).
+warpgroup 0.607); at B = 1 (32 CTAs) they lose. gpu.walk_warpgroups picks the form (docs/benchmarks.md). A
+forward alone forms P in the walk (scores None): at 8 x 4096 the forward 0.77 ms against 0.85 with P's launch
+(tenth session; device tests of one and two warpgroups passed).
 """
 
 from __future__ import annotations
@@ -159,15 +161,13 @@ def _prefetch(n, slot, *, chunks: int, w: int, issue, consumed, forward: bool) -
 
 def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: jax.Array, t: jax.Array,
                  scores: jax.Array | None, h0: jax.Array, *, scale: float, groups: int, save: bool = True,
-                 warpgroups: int = 1, inverse_norms: tuple[jax.Array, jax.Array] | None = None
-                 ) -> tuple[jax.Array, ...]:
+                 warpgroups: int = 1) -> tuple[jax.Array, ...]:
   """Arrays as walk_output_kernel's without w (q, k [B, T, Hk, Dk]; v [B, T, Hv, Dv]; gc, beta float32 [B, Hv, T];
   t, scores [B, Hv, N, C, C]; h0 float32 [B, Hv, Dk, Dv]) -> (o [B, T, Hv, Dv] in v's dtype, final state float32,
   and with save the state entering each chunk [B, Hv, N, Dk, Dv] and v_new [B, T, Hv, Dv], in v's dtype).
   warpgroups: 1 or 2 per CTA, each carrying 64 value columns; two share every load but v's. scores None: each
   warpgroup forms P = s Gamma * (q k^T) from the q, k tiles it has (one more wgmma a chunk, off the state's path)
-  instead of loading the prep's. inverse_norms: q and k are raw and (1 / |q_t|, 1 / |k_t|) float32 [B, Hv, T] scale
-  the rows of k's products (and P's columns) and of the output, as walk_output_kernel's."""
+  instead of loading the prep's (a forward alone: ChunkedLaunch.prefill_scores_in_walk)."""
   batch, length, heads, value_dim = v.shape
   key_dim = q.shape[-1]
   chunks = length // C
@@ -180,9 +180,9 @@ def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: 
                  jax.ShapeDtypeStruct((batch, length, heads, value_dim), v.dtype))
   vecs = plgpu.SMEM((SLOTS, C), f32)
   own = lambda shape: _per_warpgroup(shape, warpgroups)
-  norms, inside = inverse_norms is not None, scores is None
-  # the vectors each chunk loads: a column layout needs its own copy (gc's, and 1 / |k_t| for P's columns)
-  vectors = ["gc", "beta"] + ["rq", "rk"] * norms + ["gc_col"] * inside + ["rk_col"] * (inside and norms)
+  inside = scores is None
+  # the vectors each chunk loads: a column layout needs its own copy (gc's, for P's pair decays)
+  vectors = ["gc", "beta"] + ["gc_col"] * inside
   scratch = dict(
       q_s=_slotted((C, key_dim)), k_s=_slotted((C, key_dim)), v_s=_slotted((C, block)), t_s=_slotted((C, C)),
       h_s=own((key_dim, COLUMNS)), x_s=own((C, COLUMNS)), vn_s=own((C, COLUMNS)),
@@ -190,7 +190,7 @@ def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: 
       landed=plgpu.Barrier(num_arrivals=4 + (not inside) + len(vectors), num_barriers=SLOTS),
   ) | (dict(pw_s=own((C, C))) if inside else dict(p_s=_slotted((C, C)))) | _Carry.scratch(warpgroups) \
     | _slot_handover(warpgroups)
-  in_names = ["q", "k", "v", "gc", "beta", "t"] + ["p"] * (not inside) + ["h0"] + ["rq", "rk"] * norms
+  in_names = ["q", "k", "v", "gc", "beta", "t"] + ["p"] * (not inside) + ["h0"]
 
   def body(w, *refs, q_s, k_s, v_s, t_s, h_s, x_s, vn_s, landed, staging, initial, handover=None, consumed=None,
            p_s=None, pw_s=None, **vector_s):
@@ -204,7 +204,7 @@ def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: 
     pw_s = pw_s[w] if inside else None
     carry = _Carry(staging, initial, handover, warpgroups, key_dim)
     narrow, square = (C, COLUMNS), (C, C)
-    source = dict(gc="gc", beta="beta", rq="rq", rk="rk", gc_col="gc", rk_col="rk")
+    source = dict(gc="gc", beta="beta", gc_col="gc")
 
     def issue(n, slot):
       tokens = pl.ds(n * C, C)
@@ -232,23 +232,18 @@ def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: 
       gc_row, beta_row = row("gc"), row("beta")
       gc_last = vector_s["gc_s"][slot, C - 1]
       fs, te = jnp.exp(gc_row), jnp.exp(gc_last - gc_row)
-      # the raw q, k's inverse norms (inverse_norms) folded into the row scales of their products
-      q_rows, k_rows = (row("rq"), row("rk")) if norms else (1.0, 1.0)
       pairs = [(k_s.at[slot], h_s, narrow), (q_s.at[slot], h_s, narrow)]
       pairs += [(q_s.at[slot], transposed(k_s.at[slot]), square)] if inside else []
       k_h, q_h, *qk = products(*pairs)
       values = load(v_s.at[slot].at[:, mine], WG).astype(f32)
-      x_s[...] = (rows_of(beta_row, narrow) * (values - rows_of(fs * k_rows, narrow) * k_h)).astype(bf16)
+      x_s[...] = (rows_of(beta_row, narrow) * (values - rows_of(fs, narrow) * k_h)).astype(bf16)
       if inside:  # P = s Gamma * (q k^T), this warpgroup's own copy
         gc_col = load(vector_s["gc_col_s"].at[slot], COL)
         # the causal mask from two index vectors (whole [C, C] iotas would stay live across the loop)
         causal = (rows_of(plgpu.broadcasted_iota(jnp.int32, (C,), 0, layout=ROW), square)
                   >= cols_of(plgpu.broadcasted_iota(jnp.int32, (C,), 0, layout=COL), square))
         gamma = jnp.exp(jnp.where(causal, rows_of(gc_row, square) - cols_of(gc_col, square), -jnp.inf))
-        p = qk[0] * (scale * gamma)
-        if norms:
-          p = p * cols_of(load(vector_s["rk_col_s"].at[slot], COL), square)
-        pw_s[...] = p.astype(bf16)
+        pw_s[...] = (qk[0] * (scale * gamma)).astype(bf16)
       plgpu.commit_smem()
       v_new = product(t_s.at[slot], x_s, narrow)
       vn_s[...] = v_new.astype(bf16)
@@ -256,12 +251,10 @@ def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: 
       if save:
         plgpu.copy_smem_to_gmem(vn_s, saved[1].at[b, tokens, h, cols])
       out = product(pw_s if inside else p_s.at[slot], vn_s, narrow, init=rows_of(scale * fs, narrow) * q_h)
-      if norms:  # P's rows as well as q h's (the prep's P has its key norms only)
-        out = rows_of(q_rows, narrow) * out
       if save:
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # v_new's store has read the tile o now takes
       vn_s[...] = out.astype(vn_s.dtype)
-      x_s[...] = (rows_of(te * k_rows, narrow) * v_new).astype(bf16)  # te v_new, for the state's update
+      x_s[...] = (rows_of(te, narrow) * v_new).astype(bf16)  # te v_new, for the state's update
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(vn_s, o_ref.at[b, tokens, h, cols])
       return _next_carry(state, lambda rows: [(transposed(k_s.at[slot].at[:, rows]), x_s)], jnp.exp(gc_last),
@@ -271,7 +264,7 @@ def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: 
 
   kernel = _launch(body, out_type, scratch, name="gdr_forward_walk", value_dim=value_dim, warpgroups=warpgroups,
                    heads=heads, batch=batch)
-  return kernel(q, k, v, gc, beta, t, *([] if inside else [scores]), h0, *(inverse_norms or ()))
+  return kernel(q, k, v, gc, beta, t, *([] if inside else [scores]), h0)
 
 
 def reverse_walk(q: jax.Array, k: jax.Array, t: jax.Array, gc: jax.Array, beta: jax.Array, d_out: jax.Array,
