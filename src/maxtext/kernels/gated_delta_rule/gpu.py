@@ -157,7 +157,7 @@ class ChunkedLaunch:
   # A forward alone (prefill: no backward, so P need not be saved) with the blocked inverse: the forward walk forms
   # P = s Gamma * (q k^T) from the q, k tiles it loads anyway (one more 64 x 64 x Dk product a chunk, off the state's
   # path), and the prep's P launch is skipped. None: where the forward walk is a Mosaic GPU one. Measured on an H200
-  # (2026-12-03, docs/benchmarks.md, tenth session): with the two-warpgroup Mosaic walk at 8 x 4096 the forward 0.77
+  # (2026-12-02, docs/benchmarks.md, tenth session): with the two-warpgroup Mosaic walk at 8 x 4096 the forward 0.77
   # ms against 0.85 (P's launch 0.17 ms gone, the walk 188 -> 255 registers, no spills); with the Triton walk at
   # B = 1 (four 32-column programs a value head, each forming P) 0.17 / 0.64 / 2.48 against 0.17 / 0.63 / 2.47 at
   # 1 x 4k / 16k / 64k (the walk 0.393 -> 0.495 ms at 16k for the 0.087 of P's launch).
