@@ -283,15 +283,15 @@ def test_compiled_on_gpu_prefill_scores_in_walk(packed, walks, monkeypatch):
 
 
 def test_prefill_scores_in_the_walk_by_default_only_in_a_mosaic_walk(monkeypatch):
-  """ChunkedLaunch(prefill_scores_in_walk=None): the prep's P launch stays for the Triton walk and for a forward with
-  a backward, and is gone for a forward alone where the forward walk is a Mosaic one (here forced: the Mosaic walk
-  module stands in for the kernel, which needs a Hopper to lower)."""
+  """ChunkedLaunch(prefill_scores_in_walk=None): a forward alone keeps the prep's P launch with the Triton walk and
+  skips it where the forward walk is a Mosaic one, which then gets no P (here forced, a stand-in for the Mosaic
+  kernel, which needs a Hopper to lower)."""
   from maxtext.kernels.gated_delta_rule import gpu, gpu_mosaic_walks  # pylint: disable=import-outside-toplevel
   calls = []
 
-  def fake_walk(q, k, v, gc, beta, t, scores, h0, *, save, **kw):
+  def fake_walk(q, k, v, gc, beta, t, scores, h0, **launch):  # pylint: disable=unused-argument
     calls.append(scores is None)
-    batch, length, heads, dim = v.shape
+    batch, _, heads, dim = v.shape
     return (jnp.zeros_like(v), jnp.zeros((batch, heads, q.shape[-1], dim), jnp.float32))
   monkeypatch.setattr(gpu, "_mosaic_walks", lambda warpgroups, **kw: warpgroups)
   monkeypatch.setattr(gpu_mosaic_walks, "forward_walk", fake_walk)
