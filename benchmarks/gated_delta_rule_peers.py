@@ -94,6 +94,12 @@ def launches() -> dict:
           "prefill_p": ChunkedLaunch(prefill_scores_in_walk=True),
           "prefill_p_1wg": ChunkedLaunch(prefill_scores_in_walk=True, forward_walk_mosaic=1),
           "prep_p_launch": ChunkedLaunch(prefill_scores_in_walk=False),  # the ninth session's forward
+          # gpu_mosaic_walks.forward_walk_roles: the forward walk as warpgroups in roles per 64 value columns: state,
+          # output, loads and P (142-166 registers, 195 KB of shared memory: jax 0.10.2 / 0.11.2, sm_90a), or state and
+          # output-with-loads (roles2); forward alone they form P (prefill_scores_in_walk None), or load the prep's
+          "roles": ChunkedLaunch(forward_walk_roles=3),
+          "roles2": ChunkedLaunch(forward_walk_roles=2),
+          "roles_p_launch": ChunkedLaunch(forward_walk_roles=3, prefill_scores_in_walk=False),
           # the prep's T and P by separate launches (ptxas, sm_90a: T 255 registers and 120 bytes of spills, P 254 and
           # none, against 255 and 236 for both in one program; at 2 warps 52 bytes and none)
           "prep_split": ChunkedLaunch(prep_split=True),

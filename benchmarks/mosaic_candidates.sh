@@ -19,6 +19,8 @@
 #                                             #   shapes and 2 / 4 x 4096 with jla (no fla); the forward columns matter
 #   benchmarks/mosaic_candidates.sh prescores # ~6 min: P formed in the walks: the prefill device tests, then
 #                                             #   the four shapes with jla and fla, prefill variants forward alone
+#   benchmarks/mosaic_candidates.sh roles     # ~9.5 min: the forward walk in roles: its device tests, then the four
+#                                             #   shapes and 4 x 4096 with jla and fla (fwd+bwd and forward alone)
 #   benchmarks/mosaic_candidates.sh train4    # ~9 min: the bench train step at 4 x 4096, unscanned and scanned, and HF
 #   benchmarks/mosaic_candidates.sh train     # ~8 min: the bench train step at 8 x 4096, unscanned and scanned, and HF
 #
@@ -116,6 +118,18 @@ case "${1:-}" in
       --variants api,prep_p_launch,prefill_p,prefill_p_1wg --forward-only prep_p_launch,prefill_p,prefill_p_1wg \
       --peer-timeout 330 --trace 1x16384 --markdown "$OUT/gdn_prescores.md" --json "$OUT/gdn_prescores.json")
     ;;
+  roles)
+    roles=${VARIANTS_ROLES:-api,roles,roles2,roles_p_launch}
+    if ! step roles_tests 160 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" \
+        -m device tests/kernels/test_gated_delta_rule_gpu.py -k "compiled and roles and not tf32"; then
+      roles=api
+      echo "the two-role walk left out"
+    fi
+    (cd benchmarks && XLA_FLAGS="$FAST_XLA" step gdn_roles 420 python3 gated_delta_rule_peers.py \
+      --variants "$roles" --forward-only roles_p_launch --peer-timeout 330 --trace 1x16384 \
+      --shapes 1x4096,1x16384,1x65536,4x4096,8x4096 \
+      --markdown "$OUT/gdn_roles.md" --json "$OUT/gdn_roles.json")
+    ;;
   train4)
     (cd benchmarks && step train_b4 560 python3 train_step.py --batch 4 --scan-layers false,true --steps 6 --warmup 2)
     ;;
@@ -124,7 +138,7 @@ case "${1:-}" in
       --warmup 2)
     ;;
   *)
-    echo "usage: $0 kernels|peers|norm|screen|final|batches|prefill|prescores|train4|train" >&2
+    echo "usage: $0 kernels|peers|norm|screen|final|batches|prefill|prescores|roles|train4|train" >&2
     exit 2
     ;;
 esac

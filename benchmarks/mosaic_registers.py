@@ -22,10 +22,14 @@ import tempfile
 VARIANTS = {"mosaic_bwd": dict(chunk_grads_mosaic=1, reverse_walk_mosaic=0),
             "mosaic_bwd_2wg": dict(chunk_grads_mosaic=2, reverse_walk_mosaic=0),
             "mosaic_walks": dict(forward_walk_mosaic=1, chunk_grads_mosaic=0),
-            "mosaic_walks_2wg": dict(forward_walk_mosaic=2, reverse_walk_mosaic=2, chunk_grads_mosaic=0)}
+            "mosaic_walks_2wg": dict(forward_walk_mosaic=2, reverse_walk_mosaic=2, chunk_grads_mosaic=0),
+            "walk_roles": dict(forward_walk_roles=2, chunk_grads_mosaic=0, reverse_walk_mosaic=0),
+            "walk_roles3": dict(forward_walk_roles=3, chunk_grads_mosaic=0, reverse_walk_mosaic=0)}
 # compiled as a forward alone (prefill): P formed in the Mosaic walk
 PREFILL_VARIANTS = {"prefill_p_walks": dict(forward_walk_mosaic=1, prefill_scores_in_walk=True),
-                    "prefill_p_walks_2wg": dict(forward_walk_mosaic=2, prefill_scores_in_walk=True)}
+                    "prefill_p_walks_2wg": dict(forward_walk_mosaic=2, prefill_scores_in_walk=True),
+                    "prefill_roles": dict(forward_walk_roles=2, prefill_scores_in_walk=True),
+                    "prefill_roles3": dict(forward_walk_roles=3, prefill_scores_in_walk=True)}
 SHAPE = dict(batch=1, length=4096, key_heads=16, value_heads=32, dim=128)
 
 

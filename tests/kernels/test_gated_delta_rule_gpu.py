@@ -45,6 +45,8 @@ FUSED = dict(split=dict(fused_forward=False, inverse_block=None, fused_backward=
              mosaic_walks=dict(forward_walk_mosaic=1, reverse_walk_mosaic=1, chunk_grads_mosaic=0),
              # both walks with two warpgroups a program (sharing the loads), with the Mosaic chunk backward
              walks_2wg=dict(forward_walk_mosaic=2, reverse_walk_mosaic=2),
+             # the forward walk as warpgroups in roles (gpu_mosaic_walks.forward_walk_roles): state, output and loads
+             walk_roles=dict(forward_walk_roles=3), walk_roles2=dict(forward_walk_roles=2),
              # gpu_norm_grads.py's kernel for dq, dk through the group sum and the l2 norm, on the default launch
              norm_kernel=dict(norm_grads_kernel=True))
 
@@ -103,14 +105,14 @@ def test_norm_grads_kernel_bf16_packed():
 @pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
 @pytest.mark.parametrize("dtype, precision", [(jnp.float32, "ieee"), (jnp.bfloat16, "bf16")], ids=["f32", "bf16"])
 def test_prefill_scores_formed_in_the_walk(packed, dtype, precision, reads_w=False, dims=(1, 150, 2, 4, 32, 32),
-                                          chunk=32, interpret=True, walks=None):
+                                          chunk=32, interpret=True, walks=None, roles=0):
   """A forward alone with ChunkedLaunch(prefill_scores_in_walk=True): the walk forms P itself and the prep's P launch
   is gone; o and the final state against the reference (documents inside and across chunks, a ragged tail, an
   initial state, two value heads per key head). With a backward, P is still the prep's (saved for it)."""
   segment_ids = documents([40, 3, 57, dims[1] - 100], batch=dims[0]) if packed else None
   q, k, v, g, beta, h0 = random_inputs(5, *dims, dtype, True)
   walk = {} if walks is None else dict(forward_walk_mosaic=walks)
-  launch = ChunkedLaunch(prefill_scores_in_walk=True, fused_walk_reads_w=reads_w, **walk)
+  launch = ChunkedLaunch(prefill_scores_in_walk=True, fused_walk_reads_w=reads_w, forward_walk_roles=roles, **walk)
   run = lambda *a: chunk_gated_delta_rule_gpu(*a, segment_ids=segment_ids, chunk_size=chunk, precision=precision,
                                               interpret=interpret, launch=launch)
   expected = chunk_gated_delta_rule_reference(q, k, v, g, beta, h0, segment_ids=segment_ids, chunk_size=chunk)
@@ -118,7 +120,7 @@ def test_prefill_scores_formed_in_the_walk(packed, dtype, precision, reads_w=Fal
   for name, a, b in zip(("o", "final_state"), got, expected):
     assert relative_error(a, b) < TOLERANCE[precision], name
   forward_text = str(jax.make_jaxpr(run)(q, k, v, g, beta, h0))
-  walk_name = "gdr_walk_fwd" if not walks else f"gdr_forward_walk_{walks}wg"
+  walk_name = "gdr_forward_walk_roles" if roles else "gdr_walk_fwd" if not walks else f"gdr_forward_walk_{walks}wg"
   assert walk_name in forward_text and "gdr_prep_t_fwd" in forward_text
   assert "gdr_prep_p_fwd" not in forward_text
   grad_text = str(jax.make_jaxpr(jax.grad(lambda *a: run(*a)[0].astype(jnp.float32).sum()))(q, k, v, g, beta, h0))
@@ -252,7 +254,7 @@ def test_compiled_on_gpu_matches_reference(precision, packed, path, monkeypatch)
 @pytest.mark.device
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (run with JAX_PLATFORMS=cuda)")
 @pytest.mark.parametrize("length", [64, 100, 200], ids=["one_chunk", "two_chunks_ragged", "four_chunks_ragged"])
-@pytest.mark.parametrize("path", ["default", "mosaic_walks", "mosaic_bwd", "walks_2wg"])
+@pytest.mark.parametrize("path", ["default", "mosaic_walks", "mosaic_bwd", "walks_2wg", "walk_roles", "walk_roles2"])
 def test_compiled_on_gpu_short_sequences(length, path, monkeypatch):
   """The Mosaic kernels' chunk loops at one to four chunks (their double-buffered loads: the first chunk is the last
   one), bf16, an initial state; values and every gradient against the reference."""
@@ -262,7 +264,7 @@ def test_compiled_on_gpu_short_sequences(length, path, monkeypatch):
 
 @pytest.mark.device
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (run with JAX_PLATFORMS=cuda)")
-@pytest.mark.parametrize("path", ["mosaic_walks", "walks_2wg"])
+@pytest.mark.parametrize("path", ["mosaic_walks", "walks_2wg", "walk_roles", "walk_roles2"])
 def test_compiled_on_gpu_wide_value_heads(path, monkeypatch):
   """Dv = 256: two programs per value head in the Mosaic walks (the second one's columns start at 64 x warpgroups);
   bf16, an initial state, a ragged tail; values and every gradient against the reference."""
@@ -272,14 +274,17 @@ def test_compiled_on_gpu_wide_value_heads(path, monkeypatch):
 
 @pytest.mark.device
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (run with JAX_PLATFORMS=cuda)")
-@pytest.mark.parametrize("packed, walks", [(False, None), (True, None), (False, 1), (False, 2)],
-                         ids=["triton_walk", "triton_walk_packed", "mosaic_walk_1wg", "mosaic_walk_2wg"])
-def test_compiled_on_gpu_prefill_scores_in_walk(packed, walks, monkeypatch):
+@pytest.mark.parametrize("packed, walks, roles", [(False, None, 0), (True, None, 0), (False, 1, 0), (False, 2, 0),
+                                                   (False, None, 3), (False, None, 2)],
+                         ids=["triton_walk", "triton_walk_packed", "mosaic_walk_1wg", "mosaic_walk_2wg",
+                              "mosaic_walk_roles", "mosaic_walk_roles2"])
+def test_compiled_on_gpu_prefill_scores_in_walk(packed, walks, roles, monkeypatch):
   """ChunkedLaunch(prefill_scores_in_walk=True) compiled: a forward alone at B = 2, T = 1000, d 128, bf16, P formed
-  in the Triton walk or in gpu_mosaic_walks.py's (one or two warpgroups, each forming its own)."""
+  in the Triton walk or in gpu_mosaic_walks.py's (one or two warpgroups, each forming its own, or the output
+  warpgroup of forward_walk_roles, or its third one)."""
   monkeypatch.setitem(TOLERANCE, "bf16", DEVICE_TOLERANCE["bf16"])
   test_prefill_scores_formed_in_the_walk(packed, jnp.bfloat16, "bf16", dims=(2, 1000, 2, 4, 128, 128), chunk=64,
-                                         interpret=False, walks=walks)
+                                         interpret=False, walks=walks, roles=roles)
 
 
 def test_prefill_scores_in_the_walk_by_default_only_in_a_mosaic_walk(monkeypatch):
@@ -302,6 +307,35 @@ def test_prefill_scores_in_the_walk_by_default_only_in_a_mosaic_walk(monkeypatch
                                                 launch=ChunkedLaunch(forward_walk_mosaic=walks))
     text = str(jax.make_jaxpr(run)(q, k, v, g, beta, h0))
     assert ("gdr_prep_p_fwd" in text) == (walks == 0) and calls == expected
+
+
+def test_forward_walk_roles_where_asked(monkeypatch):
+  """ChunkedLaunch(forward_walk_roles=3) runs gpu_mosaic_walks.forward_walk_roles in place of the forward walk
+  (here a stand-in: the Mosaic kernel needs a Hopper to lower): forward alone it forms P (no P launch, scores None),
+  with a backward it gets the prep's P and saves the history; 0 keeps the Triton walk."""
+  from maxtext.kernels.gated_delta_rule import gpu, gpu_mosaic_walks  # pylint: disable=import-outside-toplevel
+  calls = []
+
+  def fake_walk(q, k, v, gc, beta, t, scores, h0, *, save, warpgroups, **launch):  # pylint: disable=unused-argument
+    calls.append((scores is None, save, warpgroups))
+    batch, length, heads, dim = v.shape
+    final = jnp.zeros((batch, heads, q.shape[-1], dim), jnp.float32)
+    history = (jnp.zeros((batch, heads, length // 32, q.shape[-1], dim), v.dtype), jnp.zeros_like(v))
+    return (jnp.zeros_like(v), final) + (history if save else ())
+  monkeypatch.setattr(gpu, "_mosaic_walks", lambda warpgroups, **kw: warpgroups)
+  monkeypatch.setattr(gpu_mosaic_walks, "forward_walk_roles", fake_walk)
+  q, k, v, g, beta, h0 = random_inputs(0, 1, 128, 2, 4, 32, 32, jnp.bfloat16, True)
+  for roles in (3, 2, 0):
+    calls.clear()
+    launch = ChunkedLaunch(forward_walk_roles=roles, forward_walk_mosaic=0, reverse_walk_mosaic=0,
+                           chunk_grads_mosaic=0)
+    run = lambda *a, launch=launch: chunk_gated_delta_rule_gpu(*a, chunk_size=32, interpret=True, launch=launch)
+    forward_text = str(jax.make_jaxpr(run)(q, k, v, g, beta, h0))
+    loss = lambda *a, run=run: run(*a)[0].astype(jnp.float32).sum()
+    grad_text = str(jax.make_jaxpr(jax.grad(loss))(q, k, v, g, beta, h0))
+    assert calls == ([(True, False, roles), (False, True, roles)] if roles else [])
+    assert ("gdr_prep_p_fwd" in forward_text) == (not roles) and "gdr_prep_p_fwd" in grad_text
+    assert ("gdr_walk_fwd" in forward_text) == (not roles)
 
 
 def test_reverse_walk_with_its_own_value_blocks():

@@ -162,11 +162,18 @@ class ChunkedLaunch:
   # B = 1 (four 32-column programs a value head, each forming P) 0.17 / 0.64 / 2.48 against 0.17 / 0.63 / 2.47 at
   # 1 x 4k / 16k / 64k (the walk 0.393 -> 0.495 ms at 16k for the 0.087 of P's launch).
   prefill_scores_in_walk: bool | None = None
+  # gpu_mosaic_walks.forward_walk_roles: the Mosaic forward walk as warpgroups in roles per 64 value columns (one
+  # carries the state, one forms o and writes it, and with 3 a third loads and forms P), where a one-warpgroup Mosaic
+  # walk applies; it replaces the forward walk forward_walk_mosaic picks. 0: none.
+  forward_walk_roles: int = 0
 
   def __post_init__(self):
     if self.chunk_grads_mosaic not in (0, 1, 2):
       raise ValueError(f"ChunkedLaunch: chunk_grads_mosaic={self.chunk_grads_mosaic} must be 0 (the Triton kernel), "
                        "1 or 2 (Mosaic GPU warpgroups a chunk)")
+    if self.forward_walk_roles not in (0, 2, 3):
+      raise ValueError(f"ChunkedLaunch: forward_walk_roles={self.forward_walk_roles} must be 0 (none), 2 or 3 "
+                       "(warpgroups a program)")
     for name in ("forward_walk_mosaic", "reverse_walk_mosaic"):
       if getattr(self, name) not in (None, 0, 1, 2):
         raise ValueError(f"ChunkedLaunch: {name}={getattr(self, name)} must be 0 (the Triton walk), 1 or 2 (Mosaic "
@@ -321,10 +328,11 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
       prep = functools.partial(call, gpu_fused.prep_kernel, grid=prep_grid, params=parallel_params,
                                args=(q, k, gc, beta), segments=segments, scale=scale, with_w=with_w,
                                per_key_head=launch.prep_per_key_head, **inv, **common)
-      walks = _mosaic_walks(walk_warpgroups(launch, batch, heads, value_dim)[0], chunk=chunk, key_dim=key_dim,
-                            value_dim=value_dim, dtypes=(store, q.dtype, v.dtype), segmented=segments is not None,
-                            interpret=interpret)
-      mosaic_walk = bool(walks) and not with_w
+      scope = dict(chunk=chunk, key_dim=key_dim, value_dim=value_dim, dtypes=(store, q.dtype, v.dtype),
+                   segmented=segments is not None, interpret=interpret)
+      walks = _mosaic_walks(walk_warpgroups(launch, batch, heads, value_dim)[0], **scope)
+      roles = launch.forward_walk_roles if not with_w and _mosaic_walks(1, **scope) == 1 else 0
+      mosaic_walk = (bool(walks) or roles) and not with_w
       # a forward alone may form P in the walk (ChunkedLaunch.prefill_scores_in_walk)
       blocked = inv["inverse_block"] is not None
       split = blocked if launch.prep_split is None else launch.prep_split
@@ -340,10 +348,12 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
       saved = (struct(batch, heads, num_chunks, key_dim, value_dim), struct(batch, length, heads, value_dim))
       if mosaic_walk:
         from maxtext.kernels.gated_delta_rule import gpu_mosaic_walks  # pylint: disable=import-outside-toplevel
-        o, final, *history = gpu_mosaic_walks.forward_walk(q, k, v, gc, beta, t, p[0] if p else None,
-                                                           h0.astype(jnp.float32),
-                                                           scale=scale, groups=common["groups"], save=save,
-                                                           warpgroups=walks)
+        walk_args = (q, k, v, gc, beta, t, p[0] if p else None, h0.astype(jnp.float32))
+        walk_scope = dict(scale=scale, groups=common["groups"], save=save)
+        if roles:
+          o, final, *history = gpu_mosaic_walks.forward_walk_roles(*walk_args, **walk_scope, warpgroups=roles)
+        else:
+          o, final, *history = gpu_mosaic_walks.forward_walk(*walk_args, **walk_scope, warpgroups=walks)
         return (o, final), ((t, *history, *p) if save else None)
       o, final, *history = call(
           gpu_fused.walk_output_kernel, "gdr_walk_fwd", (value_dim // block_v, heads, batch),

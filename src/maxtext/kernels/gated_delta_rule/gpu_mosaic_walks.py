@@ -112,10 +112,12 @@ def _next_carry(carry, pairs_of_rows, decay, halves, consumed=None) -> tuple:
   return carry
 
 
-def _launch(body, out_type, scratch, *, name: str, value_dim: int, warpgroups: int, heads: int, batch: int):
-  """A CTA of `warpgroups` warpgroups per (64 x warpgroups value columns, value head, row); body(w) is warpgroup
-  w's program; name names the kernel (profiles, dumps)."""
-  grid = dict(grid=(value_dim // (COLUMNS * warpgroups), heads, batch), grid_names=("v", "h", "b"))
+def _launch(body, out_type, scratch, *, name: str, value_dim: int, warpgroups: int, heads: int, batch: int,
+            columns: int | None = None):
+  """A CTA of `warpgroups` warpgroups per (`columns` value columns, by default 64 x warpgroups; value head, row);
+  body(w) is warpgroup w's program; name names the kernel (profiles, dumps)."""
+  columns = columns or COLUMNS * warpgroups
+  grid = dict(grid=(value_dim // columns, heads, batch), grid_names=("v", "h", "b"))
   if warpgroups == 1:
     def kernel_body(*refs, **scratch_refs):
       body(0, *refs, **scratch_refs)
@@ -157,6 +159,16 @@ def _prefetch(n, slot, *, chunks: int, w: int, issue, consumed, forward: bool) -
     if consumed is not None:
       pl.when(n != (0 if forward else chunks - 1))(lambda: plgpu.barrier_wait(consumed.at[other]))
     issue(following, other)
+
+
+def _output_scores(qk, gc_row, gc_col, scale: float):
+  """P = s Gamma * (q k^T) in bf16 from the float32 q k^T and gc in the row and column layouts."""
+  square = (C, C)
+  # the causal mask from two index vectors (whole [C, C] iotas would stay live across the loop)
+  causal = (rows_of(plgpu.broadcasted_iota(jnp.int32, (C,), 0, layout=ROW), square)
+            >= cols_of(plgpu.broadcasted_iota(jnp.int32, (C,), 0, layout=COL), square))
+  gamma = jnp.exp(jnp.where(causal, rows_of(gc_row, square) - cols_of(gc_col, square), -jnp.inf))
+  return (qk * (scale * gamma)).astype(jnp.bfloat16)
 
 
 def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: jax.Array, t: jax.Array,
@@ -238,12 +250,7 @@ def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: 
       values = load(v_s.at[slot].at[:, mine], WG).astype(f32)
       x_s[...] = (rows_of(beta_row, narrow) * (values - rows_of(fs, narrow) * k_h)).astype(bf16)
       if inside:  # P = s Gamma * (q k^T), this warpgroup's own copy
-        gc_col = load(vector_s["gc_col_s"].at[slot], COL)
-        # the causal mask from two index vectors (whole [C, C] iotas would stay live across the loop)
-        causal = (rows_of(plgpu.broadcasted_iota(jnp.int32, (C,), 0, layout=ROW), square)
-                  >= cols_of(plgpu.broadcasted_iota(jnp.int32, (C,), 0, layout=COL), square))
-        gamma = jnp.exp(jnp.where(causal, rows_of(gc_row, square) - cols_of(gc_col, square), -jnp.inf))
-        pw_s[...] = (qk[0] * (scale * gamma)).astype(bf16)
+        pw_s[...] = _output_scores(qk[0], gc_row, load(vector_s["gc_col_s"].at[slot], COL), scale)
       plgpu.commit_smem()
       v_new = product(t_s.at[slot], x_s, narrow)
       vn_s[...] = v_new.astype(bf16)
@@ -264,6 +271,164 @@ def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: 
 
   kernel = _launch(body, out_type, scratch, name="gdr_forward_walk", value_dim=value_dim, warpgroups=warpgroups,
                    heads=heads, batch=batch)
+  return kernel(q, k, v, gc, beta, t, *([] if inside else [scores]), h0)
+
+
+def forward_walk_roles(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: jax.Array, t: jax.Array,
+                       scores: jax.Array | None, h0: jax.Array, *, scale: float, groups: int, save: bool = True,
+                       warpgroups: int = 3) -> tuple[jax.Array, ...]:
+  """forward_walk's arrays and results, by a CTA of warpgroups in roles per 64 value columns
+  (ChunkedLaunch.forward_walk_roles): warpgroup 0 carries the state along the chain (k h, v_new = T x, the update) and
+  publishes each chunk's h and v_new in 16 bits; warpgroup 1 forms o = s fs (q h) + P v_new from them and writes o
+  (and with save the history), off the state's path. The loads, and P = s Gamma * (q k^T) when scores is None, are
+  warpgroup 2's with three warpgroups, else warpgroup 1's. The published tiles (and a formed P) are double-buffered,
+  so a warpgroup waits for its reader's chunk n - 2 only."""
+  if warpgroups not in (2, 3):
+    raise ValueError(f"forward_walk_roles: warpgroups={warpgroups} must be 2 or 3")
+  batch, length, heads, value_dim = v.shape
+  key_dim = q.shape[-1]
+  chunks = length // C
+  bf16, f32 = jnp.bfloat16, jnp.float32
+  out_type = (jax.ShapeDtypeStruct((batch, length, heads, value_dim), v.dtype),
+              jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), f32))
+  if save:
+    out_type += (jax.ShapeDtypeStruct((batch, heads, chunks, key_dim, value_dim), v.dtype),
+                 jax.ShapeDtypeStruct((batch, length, heads, value_dim), v.dtype))
+  vecs = plgpu.SMEM((SLOTS, C), f32)
+  inside = scores is None
+  scorer = 2 if warpgroups == 3 else 1  # the warpgroup that issues the loads and forms P
+  vectors = ["gc", "beta"] + ["gc_col"] * inside
+  # per double buffer: h published (by warpgroup 0), v_new published, both read (by warpgroup 1); P formed, P read
+  handover = lambda: plgpu.Barrier(num_arrivals=1, num_barriers=2)
+  handovers = ["state_ready", "new_values_ready", "published_free"] + ["scores_ready", "scores_free"] * (
+      inside and scorer == 2)
+  scratch = dict(
+      q_s=_slotted((C, key_dim)), k_s=_slotted((C, key_dim)), v_s=_slotted((C, COLUMNS)), t_s=_slotted((C, C)),
+      h_pub=tile((2, key_dim, COLUMNS)), vn_pub=tile((2, C, COLUMNS)), x_s=tile((C, COLUMNS)),
+      o_s=tile((C, COLUMNS), v.dtype), **{f"{name}_s": vecs for name in vectors},
+      landed=plgpu.Barrier(num_arrivals=4 + (not inside) + len(vectors), num_barriers=SLOTS),
+      consumed=plgpu.Barrier(num_arrivals=2, num_barriers=SLOTS), **{name: handover() for name in handovers},
+  ) | (dict(pw_s=tile((2, C, C))) if inside else dict(p_s=_slotted((C, C)))) | _Carry.scratch(1)
+  in_names = ["q", "k", "v", "gc", "beta", "t"] + ["p"] * (not inside) + ["h0"]
+  narrow = (C, COLUMNS)
+
+  def body(w, *refs, q_s, k_s, v_s, t_s, h_pub, vn_pub, x_s, o_s, landed, consumed, state_ready, new_values_ready,
+           published_free, staging, initial, p_s=None, pw_s=None, scores_ready=None, scores_free=None, **vector_s):
+    ins = dict(zip(in_names, refs))
+    o_ref, final_ref, *saved = refs[len(in_names):]
+    vb, h, b = lax.axis_index("v"), lax.axis_index("h"), lax.axis_index("b")
+    hk = lax.div(h, groups)
+    cols = pl.ds(vb * COLUMNS, COLUMNS)
+    source = dict(gc="gc", beta="beta", gc_col="gc")
+    row = lambda name, slot: load(vector_s[f"{name}_s"].at[slot], ROW)
+
+    def issue(n, slot):
+      tokens = pl.ds(n * C, C)
+      tiles = [(ins["q"].at[b, tokens, hk], q_s), (ins["k"].at[b, tokens, hk], k_s),
+               (ins["v"].at[b, tokens, h, cols], v_s), (ins["t"].at[b, h, n], t_s)]
+      tiles += [] if inside else [(ins["p"].at[b, h, n], p_s)]
+      tiles += [(ins[source[name]].at[b, h, tokens], vector_s[f"{name}_s"]) for name in vectors]
+      for src, dst in tiles:
+        plgpu.copy_gmem_to_smem(src, dst.at[slot], landed.at[slot])
+
+    def refill(n):
+      """At chunk n: chunk n - 1 + SLOTS into chunk n - 1's slot, once warpgroups 0 and 1 are done with it."""
+      following, freed = n - 1 + SLOTS, lax.rem(n + SLOTS - 1, SLOTS)
+
+      @pl.when((n >= 1) & (following < chunks))
+      def _refill():
+        plgpu.barrier_wait(consumed.at[freed])
+        issue(following, freed)
+
+    def form_scores(slot, buf):
+      """P for the chunk in `slot` into pw_s[buf]."""
+      qk = product(q_s.at[slot], transposed(k_s.at[slot]), (C, C))
+      pw_s.at[buf][...] = _output_scores(qk, row("gc", slot), load(vector_s["gc_col_s"].at[slot], COL), scale)
+      plgpu.commit_smem()
+
+    if w == 0:  # the state's chain
+      carry = _Carry(staging, initial, None, 1, key_dim)
+
+      def chain(n, state):
+        slot, buf = lax.rem(n, SLOTS), lax.rem(n, 2)
+        pl.when(n >= 2)(lambda: plgpu.barrier_wait(published_free.at[buf]))
+        for rows, part in zip(carry.halves, state):
+          h_pub.at[buf].at[rows][...] = part.astype(bf16)
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(state_ready.at[buf])
+        plgpu.barrier_wait(landed.at[slot])
+        gc_row, beta_row = row("gc", slot), row("beta", slot)
+        gc_last = vector_s["gc_s"][slot, C - 1]
+        fs, te = jnp.exp(gc_row), jnp.exp(gc_last - gc_row)
+        k_h = product(k_s.at[slot], h_pub.at[buf], narrow)
+        values = load(v_s.at[slot], WG).astype(f32)
+        x_s[...] = (rows_of(beta_row, narrow) * (values - rows_of(fs, narrow) * k_h)).astype(bf16)
+        plgpu.commit_smem()
+        v_new = product(t_s.at[slot], x_s, narrow)
+        vn_pub.at[buf][...] = v_new.astype(bf16)
+        x_s[...] = (rows_of(te, narrow) * v_new).astype(bf16)  # te v_new, for the state's update
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(new_values_ready.at[buf])
+        return _next_carry(state, lambda rows: [(transposed(k_s.at[slot].at[:, rows]), x_s)], jnp.exp(gc_last),
+                           carry.halves, consumed.at[slot])
+
+      start = carry.read(ins["h0"].at[b, h, :, cols], 0)
+      carry.write(lax.fori_loop(0, chunks, chain, start), final_ref.at[b, h, :, cols], 0)
+      return
+
+    if w == scorer:
+      for n in range(min(SLOTS, chunks)):
+        issue(n, n)
+
+    if w == 2:  # the loads and P
+      def scores_and_loads(n, carry):
+        slot, buf = lax.rem(n, SLOTS), lax.rem(n, 2)
+        refill(n)
+        if inside:
+          plgpu.barrier_wait(landed.at[slot])
+          pl.when(n >= 2)(lambda: plgpu.barrier_wait(scores_free.at[buf]))
+          form_scores(slot, buf)
+          plgpu.barrier_arrive(scores_ready.at[buf])
+        return carry
+
+      lax.fori_loop(0, chunks, scores_and_loads, 0)
+      return
+
+    def output(n, carry):
+      slot, buf = lax.rem(n, SLOTS), lax.rem(n, 2)
+      tokens = pl.ds(n * C, C)
+      plgpu.barrier_wait(landed.at[slot])
+      gc_row = row("gc", slot)
+      if inside and scorer == 1:  # P while the state warpgroup walks
+        form_scores(slot, buf)
+      plgpu.barrier_wait(state_ready.at[buf])
+      if scorer == 1:  # h for chunk n is out, so the state warpgroup is done with chunk n - 1's slot
+        refill(n)
+      if save:
+        plgpu.copy_smem_to_gmem(h_pub.at[buf], saved[0].at[b, h, n, :, cols])
+      q_h = product(q_s.at[slot], h_pub.at[buf], narrow)
+      plgpu.barrier_wait(new_values_ready.at[buf])
+      if save:
+        plgpu.copy_smem_to_gmem(vn_pub.at[buf], saved[1].at[b, tokens, h, cols])
+      if inside and scorer == 2:
+        plgpu.barrier_wait(scores_ready.at[buf])
+      out = product(pw_s.at[buf] if inside else p_s.at[slot], vn_pub.at[buf], narrow,
+                    init=rows_of(scale * jnp.exp(gc_row), narrow) * q_h)
+      plgpu.barrier_arrive(consumed.at[slot])
+      if inside and scorer == 2:
+        plgpu.barrier_arrive(scores_free.at[buf])
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the history's and o's previous stores have read their tiles
+      plgpu.barrier_arrive(published_free.at[buf])
+      o_s[...] = out.astype(o_s.dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_s, o_ref.at[b, tokens, h, cols])
+      return carry
+
+    lax.fori_loop(0, chunks, output, 0)
+    plgpu.wait_smem_to_gmem(0)
+
+  kernel = _launch(body, out_type, scratch, name="gdr_forward_walk_roles", value_dim=value_dim,
+                   warpgroups=warpgroups, heads=heads, batch=batch, columns=COLUMNS)
   return kernel(q, k, v, gc, beta, t, *([] if inside else [scores]), h0)
 
 
