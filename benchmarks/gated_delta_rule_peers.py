@@ -100,6 +100,9 @@ def launches() -> dict:
           "roles": ChunkedLaunch(forward_walk_roles=3),
           "roles2": ChunkedLaunch(forward_walk_roles=2),
           "roles_p_launch": ChunkedLaunch(forward_walk_roles=3, prefill_scores_in_walk=False),
+          # a forward alone in roles with the state's transpose on the chain; the tenth session's default
+          "roles_t": ChunkedLaunch(roles_transposed_chain=True),
+          "tenth": ChunkedLaunch(forward_walk_roles=0),
           # the prep's T and P by separate launches (ptxas, sm_90a: T 255 registers and 120 bytes of spills, P 254 and
           # none, against 255 and 236 for both in one program; at 2 warps 52 bytes and none)
           "prep_split": ChunkedLaunch(prep_split=True),

@@ -119,14 +119,14 @@ case "${1:-}" in
       --peer-timeout 330 --trace 1x16384 --markdown "$OUT/gdn_prescores.md" --json "$OUT/gdn_prescores.json")
     ;;
   roles)
-    roles=${VARIANTS_ROLES:-api,roles,roles2,roles_p_launch}
-    if ! step roles_tests 160 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" \
+    roles=${VARIANTS_ROLES:-api,tenth,roles_t}
+    if ! step roles_tests 190 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" \
         -m device tests/kernels/test_gated_delta_rule_gpu.py -k "compiled and roles and not tf32"; then
-      roles=api
-      echo "the two-role walk left out"
+      roles=tenth
+      echo "the walks in roles left out"
     fi
     (cd benchmarks && XLA_FLAGS="$FAST_XLA" step gdn_roles 420 python3 gated_delta_rule_peers.py \
-      --variants "$roles" --forward-only roles_p_launch --peer-timeout 330 --trace 1x16384 \
+      --variants "$roles" --forward-only roles_t --peer-timeout 330 --trace 1x16384 \
       --shapes 1x4096,1x16384,1x65536,4x4096,8x4096 \
       --markdown "$OUT/gdn_roles.md" --json "$OUT/gdn_roles.json")
     ;;

@@ -29,7 +29,8 @@ VARIANTS = {"mosaic_bwd": dict(chunk_grads_mosaic=1, reverse_walk_mosaic=0),
 PREFILL_VARIANTS = {"prefill_p_walks": dict(forward_walk_mosaic=1, prefill_scores_in_walk=True),
                     "prefill_p_walks_2wg": dict(forward_walk_mosaic=2, prefill_scores_in_walk=True),
                     "prefill_roles": dict(forward_walk_roles=2, prefill_scores_in_walk=True),
-                    "prefill_roles3": dict(forward_walk_roles=3, prefill_scores_in_walk=True)}
+                    "prefill_roles3": dict(forward_walk_roles=3, prefill_scores_in_walk=True),
+                    "prefill_roles3_t": dict(forward_walk_roles=3, roles_transposed_chain=True)}
 SHAPE = dict(batch=1, length=4096, key_heads=16, value_heads=32, dim=128)
 
 

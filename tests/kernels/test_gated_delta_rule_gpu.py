@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from maxtext.kernels import dispatch
+from maxtext.kernels.gated_delta_rule import gpu
 from maxtext.kernels.gated_delta_rule import chunk_gated_delta_rule, chunk_gated_delta_rule_reference
 from maxtext.kernels.gated_delta_rule.gpu import (ChunkedLaunch, chunk_gated_delta_rule_gpu, walk_blocks, walk_stages,
                                                  walk_warpgroups)
@@ -105,14 +106,15 @@ def test_norm_grads_kernel_bf16_packed():
 @pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
 @pytest.mark.parametrize("dtype, precision", [(jnp.float32, "ieee"), (jnp.bfloat16, "bf16")], ids=["f32", "bf16"])
 def test_prefill_scores_formed_in_the_walk(packed, dtype, precision, reads_w=False, dims=(1, 150, 2, 4, 32, 32),
-                                          chunk=32, interpret=True, walks=None, roles=0):
+                                          chunk=32, interpret=True, walks=None, roles=0, transposed_chain=False):
   """A forward alone with ChunkedLaunch(prefill_scores_in_walk=True): the walk forms P itself and the prep's P launch
   is gone; o and the final state against the reference (documents inside and across chunks, a ragged tail, an
   initial state, two value heads per key head). With a backward, P is still the prep's (saved for it)."""
   segment_ids = documents([40, 3, 57, dims[1] - 100], batch=dims[0]) if packed else None
   q, k, v, g, beta, h0 = random_inputs(5, *dims, dtype, True)
   walk = {} if walks is None else dict(forward_walk_mosaic=walks)
-  launch = ChunkedLaunch(prefill_scores_in_walk=True, fused_walk_reads_w=reads_w, forward_walk_roles=roles, **walk)
+  launch = ChunkedLaunch(prefill_scores_in_walk=True, fused_walk_reads_w=reads_w, forward_walk_roles=roles,
+                         roles_transposed_chain=transposed_chain, **walk)
   run = lambda *a: chunk_gated_delta_rule_gpu(*a, segment_ids=segment_ids, chunk_size=chunk, precision=precision,
                                               interpret=interpret, launch=launch)
   expected = chunk_gated_delta_rule_reference(q, k, v, g, beta, h0, segment_ids=segment_ids, chunk_size=chunk)
@@ -274,17 +276,32 @@ def test_compiled_on_gpu_wide_value_heads(path, monkeypatch):
 
 @pytest.mark.device
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (run with JAX_PLATFORMS=cuda)")
-@pytest.mark.parametrize("packed, walks, roles", [(False, None, 0), (True, None, 0), (False, 1, 0), (False, 2, 0),
-                                                   (False, None, 3), (False, None, 2)],
+@pytest.mark.parametrize("packed, walks, roles, transposed_chain",
+                         [(False, None, 0, None), (True, None, 0, None), (False, 1, 0, None), (False, 2, 0, None),
+                          (False, None, 3, False), (False, None, 2, False), (False, None, 3, True)],
                          ids=["triton_walk", "triton_walk_packed", "mosaic_walk_1wg", "mosaic_walk_2wg",
-                              "mosaic_walk_roles", "mosaic_walk_roles2"])
-def test_compiled_on_gpu_prefill_scores_in_walk(packed, walks, roles, monkeypatch):
+                              "mosaic_walk_roles", "mosaic_walk_roles2", "mosaic_walk_roles_t"])
+def test_compiled_on_gpu_prefill_scores_in_walk(packed, walks, roles, transposed_chain, monkeypatch):
   """ChunkedLaunch(prefill_scores_in_walk=True) compiled: a forward alone at B = 2, T = 1000, d 128, bf16, P formed
   in the Triton walk or in gpu_mosaic_walks.py's (one or two warpgroups, each forming its own, or the output
   warpgroup of forward_walk_roles, or its third one)."""
   monkeypatch.setitem(TOLERANCE, "bf16", DEVICE_TOLERANCE["bf16"])
   test_prefill_scores_formed_in_the_walk(packed, jnp.bfloat16, "bf16", dims=(2, 1000, 2, 4, 128, 128), chunk=64,
-                                         interpret=False, walks=walks, roles=roles)
+                                         interpret=False, walks=walks, roles=roles, transposed_chain=transposed_chain)
+
+
+@pytest.mark.device
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (run with JAX_PLATFORMS=cuda)")
+@pytest.mark.parametrize("roles", [3, 2], ids=["roles", "roles2"])
+@pytest.mark.parametrize("dims", [(2, 64, 2, 4, 128, 128), (2, 100, 2, 4, 128, 128), (1, 200, 1, 2, 128, 128),
+                                  (1, 300, 1, 2, 128, 256)], ids=["one_chunk", "two_ragged", "four_ragged", "dv256"])
+def test_compiled_on_gpu_prefill_roles_short_and_wide(dims, roles, monkeypatch):
+  """A forward alone in roles (the transposed chain with jax 0.11) at one to four chunks (the double-buffered loads
+  and published tiles: the first chunk is the last one) and at Dv = 256 (two CTAs a value head): o and the final
+  state against the reference."""
+  monkeypatch.setitem(TOLERANCE, "bf16", DEVICE_TOLERANCE["bf16"])
+  test_prefill_scores_formed_in_the_walk(False, jnp.bfloat16, "bf16", dims=dims, chunk=64, interpret=False,
+                                         roles=roles)
 
 
 def test_prefill_scores_in_the_walk_by_default_only_in_a_mosaic_walk(monkeypatch):
@@ -304,7 +321,7 @@ def test_prefill_scores_in_the_walk_by_default_only_in_a_mosaic_walk(monkeypatch
   for walks, expected in ((2, [True]), (0, [])):
     calls.clear()
     run = lambda *a: chunk_gated_delta_rule_gpu(*a, chunk_size=32, interpret=True,
-                                                launch=ChunkedLaunch(forward_walk_mosaic=walks))
+                                                launch=ChunkedLaunch(forward_walk_mosaic=walks, forward_walk_roles=0))
     text = str(jax.make_jaxpr(run)(q, k, v, g, beta, h0))
     assert ("gdr_prep_p_fwd" in text) == (walks == 0) and calls == expected
 
@@ -361,6 +378,18 @@ def test_walk_warpgroups_two_only_with_many_programs():
   assert walk_warpgroups(default, 8, 32, 128) == (2, 2)  # 512 blocks of 64 columns
   assert walk_warpgroups(default, 8, 32, 64) == (0, 1)
   assert walk_warpgroups(ChunkedLaunch(forward_walk_mosaic=1, reverse_walk_mosaic=0), 8, 32, 128) == (1, 0)
+
+
+def test_forward_walk_in_roles_by_default_where_no_mosaic_walk_is():
+  """ChunkedLaunch(forward_walk_roles=None): three warpgroups in roles where walk_warpgroups picks the Triton forward
+  walk (few 64-column blocks), none where the two-warpgroup walk runs; an explicit count stands."""
+  default = ChunkedLaunch()
+  assert gpu.forward_walk_roles(default, 1, 32, 128) == 3 and gpu.forward_walk_roles(default, 4, 32, 128) == 3
+  assert gpu.forward_walk_roles(default, 8, 32, 128) == 0
+  assert gpu.forward_walk_roles(ChunkedLaunch(forward_walk_roles=2), 8, 32, 128) == 2
+  assert gpu.forward_walk_roles(ChunkedLaunch(forward_walk_roles=0), 1, 32, 128) == 0
+  with pytest.raises(ValueError, match="forward_walk_roles=1 must be 0"):
+    ChunkedLaunch(forward_walk_roles=1)
 
 
 def test_walk_stages_fit_the_tiles_in_shared_memory():

@@ -17,7 +17,8 @@ both 1 without segment ids. The initial state belongs to each row's first segmen
 Forward, by default (ChunkedLaunch.fused_forward; gpu_fused.py): `prep_kernel` (parallel over chunks: T and the
 output scores P = s Gamma * q k^T) and `walk_output_kernel` (one program per value
 block walks the chunks carrying its [Dk, BV] float32 state and writes o; with a backward also h_n and v_new). A
-forward alone in a Mosaic GPU walk forms P in the walk (ChunkedLaunch.prefill_scores_in_walk).
+forward alone in a Mosaic GPU walk forms P in the walk (ChunkedLaunch.prefill_scores_in_walk); with few programs
+the Mosaic walk splits its work by role between warpgroups (ChunkedLaunch.forward_walk_roles).
 Without fusion (kernel bodies in gpu_kernels.py): `wy_kernel` (parallel: w, u and T), `state_kernel` (the walk: h_n
 and v_new) and `output_kernel` (parallel: o). Backward: `local_dv_kernel` (parallel: (s Gamma * q k^T)^T do; after
 the fused forward the reverse walk forms it from the saved P instead),
@@ -164,14 +165,23 @@ class ChunkedLaunch:
   prefill_scores_in_walk: bool | None = None
   # gpu_mosaic_walks.forward_walk_roles: the Mosaic forward walk as warpgroups in roles per 64 value columns (one
   # carries the state, one forms o and writes it, and with 3 a third loads and forms P), where a one-warpgroup Mosaic
-  # walk applies; it replaces the forward walk forward_walk_mosaic picks. 0: none.
-  forward_walk_roles: int = 0
+  # walk applies; it replaces the forward walk forward_walk_mosaic picks. 0: none. None: 3 where walk_warpgroups
+  # picks no Mosaic forward walk (fewer 64-column blocks than WIDE_WALK_PROGRAMS). Measured on an H200 (2026-12-03,
+  # docs/benchmarks.md, eleventh session) at 1 x 4k / 16k / 64k and 4 x 4k: forward+backward 0.55 / 2.05 / 8.00 /
+  # 1.84 ms against the Triton walk's 0.57 / 2.12 / 8.29 / 1.95, forward alone (P formed by the third warpgroup)
+  # 0.16 / 0.60 / 2.24 / 0.42 against 0.17 / 0.63 / 2.47 / 0.65; at 8 x 4096 the two-warpgroup walk stays (3.39 /
+  # 0.74 ms against 3.53 / 0.82 in roles).
+  forward_walk_roles: int | None = None
+  # A forward alone in roles carries the state's transpose (gpu_mosaic_walks.forward_walk_roles' transposed_chain:
+  # every product on the chain takes its left operand from registers; needs jax 0.11: 0.10's Mosaic GPU cannot load
+  # the transpose of a swizzled tile, which the chain reads v by).
+  roles_transposed_chain: bool = False
 
   def __post_init__(self):
     if self.chunk_grads_mosaic not in (0, 1, 2):
       raise ValueError(f"ChunkedLaunch: chunk_grads_mosaic={self.chunk_grads_mosaic} must be 0 (the Triton kernel), "
                        "1 or 2 (Mosaic GPU warpgroups a chunk)")
-    if self.forward_walk_roles not in (0, 2, 3):
+    if self.forward_walk_roles not in (None, 0, 2, 3):
       raise ValueError(f"ChunkedLaunch: forward_walk_roles={self.forward_walk_roles} must be 0 (none), 2 or 3 "
                        "(warpgroups a program)")
     for name in ("forward_walk_mosaic", "reverse_walk_mosaic"):
@@ -206,6 +216,14 @@ def walk_warpgroups(launch: ChunkedLaunch, batch: int, heads: int, value_dim: in
   forward = launch.forward_walk_mosaic if launch.forward_walk_mosaic is not None else (2 if wide else 0)
   reverse = launch.reverse_walk_mosaic if launch.reverse_walk_mosaic is not None else (2 if wide else 1)
   return forward, reverse
+
+
+def forward_walk_roles(launch: ChunkedLaunch, batch: int, heads: int, value_dim: int) -> int:
+  """Warpgroups of the forward walk in roles (ChunkedLaunch.forward_walk_roles; 0: none): by default 3 where
+  walk_warpgroups picks no Mosaic forward walk."""
+  if launch.forward_walk_roles is not None:
+    return launch.forward_walk_roles
+  return 0 if walk_warpgroups(launch, batch, heads, value_dim)[0] else 3
 
 
 def walk_stages(launch: ChunkedLaunch, store, block_v: int, reverse: bool = False) -> int:
@@ -331,7 +349,7 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
       scope = dict(chunk=chunk, key_dim=key_dim, value_dim=value_dim, dtypes=(store, q.dtype, v.dtype),
                    segmented=segments is not None, interpret=interpret)
       walks = _mosaic_walks(walk_warpgroups(launch, batch, heads, value_dim)[0], **scope)
-      roles = launch.forward_walk_roles if not with_w and _mosaic_walks(1, **scope) == 1 else 0
+      roles = forward_walk_roles(launch, batch, heads, value_dim) if not with_w and _mosaic_walks(1, **scope) else 0
       mosaic_walk = (bool(walks) or roles) and not with_w
       # a forward alone may form P in the walk (ChunkedLaunch.prefill_scores_in_walk)
       blocked = inv["inverse_block"] is not None
@@ -351,7 +369,8 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
         walk_args = (q, k, v, gc, beta, t, p[0] if p else None, h0.astype(jnp.float32))
         walk_scope = dict(scale=scale, groups=common["groups"], save=save)
         if roles:
-          o, final, *history = gpu_mosaic_walks.forward_walk_roles(*walk_args, **walk_scope, warpgroups=roles)
+          o, final, *history = gpu_mosaic_walks.forward_walk_roles(
+              *walk_args, **walk_scope, warpgroups=roles, transposed_chain=launch.roles_transposed_chain and not save)
         else:
           o, final, *history = gpu_mosaic_walks.forward_walk(*walk_args, **walk_scope, warpgroups=walks)
         return (o, final), ((t, *history, *p) if save else None)

@@ -13,6 +13,17 @@ reverse_walk: gpu_kernels.state_grad_kernel with the fused forward's P. Per chun
   dh_{n+1} -> d_states[n];  dv_new = P^T do + te (k dh);  d_keys = beta fs (T^T dv_new)
   dh_n = decay dh_{n+1} + q^T (s fs do) - k^T d_keys
 
+forward_walk_roles: the forward walk with the work of one program split by role between warpgroups of one CTA per
+64 value columns: the state's chain, the output (o = s fs (q h) + P v_new from the published h and v_new), and the
+loads with P (formed from q k^T for a forward alone). The chain no longer waits on the output's products, and P no
+longer costs a launch. gpu.forward_walk_roles picks it where the two-warpgroup walk does not run (fewer 64-column
+blocks than WIDE_WALK_PROGRAMS). On an H200 (2026-12-03, eleventh session, docs/benchmarks.md) at 1 x 4k / 16k / 64k
+and 4 x 4k: forward alone 0.158 / 0.597 / 2.243 / 0.419 ms against the Triton walk's 0.171 / 0.629 / 2.474 / 0.652
+(jla 0.161 / 0.586 / 2.287 / 0.414), forward+backward 0.55 / 2.05 / 8.00 / 1.84 against 0.57 / 2.12 / 8.29 / 1.95.
+Its transposed chain (h^T carried, every product on the chain with its left operand in registers; a forward alone,
+jax 0.11) read 0.15 / 0.59 / 2.26 ms against jla's 0.16 / 0.59 / 2.30 in one run, errors unchanged; off by default
+until its device tests have run (ChunkedLaunch.roles_transposed_chain).
+
 Scope: no segment ids, C = 64, Dk = 128, 64 | Dv (128 | Dv for two warpgroups), bf16 storage, compiled (no interpret
 mode; device tests of both forms passed on an H200 on 2026-12-02). One warpgroup, alone there
 (benchmarks/gated_delta_rule_mosaic_walks.py) at 1 x 4096 / 1 x 16384 / 8 x 4096: the reverse walk 0.123 / 0.467 /
@@ -58,9 +69,11 @@ class _Carry:
   64] staging tile a key half at a time. With two warpgroups they take the staging tile in turn (three barriers
   hand it over: after warpgroup 0's read, after warpgroup 1's read, after warpgroup 0's write)."""
 
-  def __init__(self, staging, initial, handover, warpgroups: int, key_dim: int):
+  def __init__(self, staging, initial, handover, warpgroups: int, key_dim: int, transposed: bool = False):
     self.staging, self.initial, self.handover, self.warpgroups = staging, initial, handover, warpgroups
     self.halves = [pl.ds(0, key_dim // 2), pl.ds(key_dim // 2, key_dim // 2)]
+    # the state's transpose [64, Dk] (forward_walk_roles' transposed chain): the halves are column blocks
+    self.part = (lambda ref, keys: ref.at[:, keys]) if transposed else (lambda ref, keys: ref.at[keys])
 
   @staticmethod
   def scratch(warpgroups: int) -> dict:
@@ -73,7 +86,7 @@ class _Carry:
       plgpu.barrier_wait(self.handover.at[0])
     parts = []
     for rows in self.halves:
-      plgpu.copy_gmem_to_smem(src.at[rows], self.staging, self.initial.at[w])
+      plgpu.copy_gmem_to_smem(self.part(src, rows), self.staging, self.initial.at[w])
       plgpu.barrier_wait(self.initial.at[w])
       parts.append(load(self.staging, WG))
       plgpu.commit_smem()  # every thread has read the staging tile before the next copy lands in it
@@ -88,7 +101,7 @@ class _Carry:
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the staging tile's previous store has read it
       self.staging[...] = part
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(self.staging, dst.at[rows])
+      plgpu.copy_smem_to_gmem(self.staging, self.part(dst, rows))
     plgpu.wait_smem_to_gmem(0)
     if self.warpgroups == 2 and w == 0:
       plgpu.barrier_arrive(self.handover.at[2])
@@ -159,6 +172,15 @@ def _prefetch(n, slot, *, chunks: int, w: int, issue, consumed, forward: bool) -
     if consumed is not None:
       pl.when(n != (0 if forward else chunks - 1))(lambda: plgpu.barrier_wait(consumed.at[other]))
     issue(following, other)
+
+
+def _summed(pairs, shape):
+  """The sum of a @ b over pairs in float32, by wgmma into one zeroed accumulator (operands as accumulate's)."""
+  def scoped(acc):
+    for a, b in pairs:
+      plgpu.wgmma(acc, a, b)
+    return acc[...]
+  return lax.optimization_barrier(pl.run_scoped(scoped, plgpu.ACC(shape, jnp.float32)))
 
 
 def _output_scores(qk, gc_row, gc_col, scale: float):
@@ -274,46 +296,65 @@ def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: 
   return kernel(q, k, v, gc, beta, t, *([] if inside else [scores]), h0)
 
 
+# Registers per thread of the three roles of the transposed chain (state, output, loads and P), each a multiple of 8
+# and at most 504 in all: the CTA is launched with 168 a thread (65536 / 384, rounded down to 8), and an increase
+# beyond what the others' decreases free waits forever. Without them the transposed chain spilled 20 bytes (ptxas,
+# jax 0.11.2); the chain by rows needs no more than 168.
+ROLE_REGISTERS = (176, 176, 152)
+
+
 def forward_walk_roles(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: jax.Array, t: jax.Array,
                        scores: jax.Array | None, h0: jax.Array, *, scale: float, groups: int, save: bool = True,
-                       warpgroups: int = 3) -> tuple[jax.Array, ...]:
+                       warpgroups: int = 3, transposed_chain: bool | None = None) -> tuple[jax.Array, ...]:
   """forward_walk's arrays and results, by a CTA of warpgroups in roles per 64 value columns
   (ChunkedLaunch.forward_walk_roles): warpgroup 0 carries the state along the chain (k h, v_new = T x, the update) and
   publishes each chunk's h and v_new in 16 bits; warpgroup 1 forms o = s fs (q h) + P v_new from them and writes o
   (and with save the history), off the state's path. The loads, and P = s Gamma * (q k^T) when scores is None, are
   warpgroup 2's with three warpgroups, else warpgroup 1's. The published tiles (and a formed P) are double-buffered,
-  so a warpgroup waits for its reader's chunk n - 2 only."""
+  so a warpgroup waits for its reader's chunk n - 2 only.
+
+  transposed_chain (None: without save; the history is stored as h, not h^T): the chain carries h^T [64, Dk], so that
+  every product on it takes its left operand from registers (h^T k^T, x^T T^T, (te v_new)^T k) and no x tile goes
+  through shared memory; h^T and v_new^T are published instead."""
   if warpgroups not in (2, 3):
     raise ValueError(f"forward_walk_roles: warpgroups={warpgroups} must be 2 or 3")
+  flipped = not save if transposed_chain is None else transposed_chain
+  if flipped and save:
+    raise ValueError("forward_walk_roles: the transposed chain stores no history (save=False)")
   batch, length, heads, value_dim = v.shape
   key_dim = q.shape[-1]
   chunks = length // C
   bf16, f32 = jnp.bfloat16, jnp.float32
   out_type = (jax.ShapeDtypeStruct((batch, length, heads, value_dim), v.dtype),
-              jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), f32))
+              jax.ShapeDtypeStruct((batch, heads, value_dim, key_dim) if flipped else
+                                   (batch, heads, key_dim, value_dim), f32))
   if save:
     out_type += (jax.ShapeDtypeStruct((batch, heads, chunks, key_dim, value_dim), v.dtype),
                  jax.ShapeDtypeStruct((batch, length, heads, value_dim), v.dtype))
   vecs = plgpu.SMEM((SLOTS, C), f32)
   inside = scores is None
   scorer = 2 if warpgroups == 3 else 1  # the warpgroup that issues the loads and forms P
-  vectors = ["gc", "beta"] + ["gc_col"] * inside
+  # the per-token vectors: gc by rows (o, P), gc by columns (P; the transposed chain), beta (by columns there)
+  vectors = ["gc", "beta"] + ["gc_col"] * (inside or flipped)
   # per double buffer: h published (by warpgroup 0), v_new published, both read (by warpgroup 1); P formed, P read
   handover = lambda: plgpu.Barrier(num_arrivals=1, num_barriers=2)
   handovers = ["state_ready", "new_values_ready", "published_free"] + ["scores_ready", "scores_free"] * (
       inside and scorer == 2)
+  half = key_dim // 2
+  published = (dict(h_pub=tile((2, 2, COLUMNS, half)), vn_pub=tile((2, COLUMNS, C))) if flipped else
+               dict(h_pub=tile((2, key_dim, COLUMNS)), vn_pub=tile((2, C, COLUMNS)), x_s=tile((C, COLUMNS))))
   scratch = dict(
       q_s=_slotted((C, key_dim)), k_s=_slotted((C, key_dim)), v_s=_slotted((C, COLUMNS)), t_s=_slotted((C, C)),
-      h_pub=tile((2, key_dim, COLUMNS)), vn_pub=tile((2, C, COLUMNS)), x_s=tile((C, COLUMNS)),
-      o_s=tile((C, COLUMNS), v.dtype), **{f"{name}_s": vecs for name in vectors},
+      o_s=tile((C, COLUMNS), v.dtype), **published, **{f"{name}_s": vecs for name in vectors},
       landed=plgpu.Barrier(num_arrivals=4 + (not inside) + len(vectors), num_barriers=SLOTS),
       consumed=plgpu.Barrier(num_arrivals=2, num_barriers=SLOTS), **{name: handover() for name in handovers},
   ) | (dict(pw_s=tile((2, C, C))) if inside else dict(p_s=_slotted((C, C)))) | _Carry.scratch(1)
   in_names = ["q", "k", "v", "gc", "beta", "t"] + ["p"] * (not inside) + ["h0"]
   narrow = (C, COLUMNS)
 
-  def body(w, *refs, q_s, k_s, v_s, t_s, h_pub, vn_pub, x_s, o_s, landed, consumed, state_ready, new_values_ready,
-           published_free, staging, initial, p_s=None, pw_s=None, scores_ready=None, scores_free=None, **vector_s):
+  def body(w, *refs, q_s, k_s, v_s, t_s, h_pub, vn_pub, o_s, landed, consumed, state_ready, new_values_ready,
+           published_free, staging, initial, x_s=None, p_s=None, pw_s=None, scores_ready=None, scores_free=None,
+           **vector_s):
     ins = dict(zip(in_names, refs))
     o_ref, final_ref, *saved = refs[len(in_names):]
     vb, h, b = lax.axis_index("v"), lax.axis_index("h"), lax.axis_index("b")
@@ -321,6 +362,11 @@ def forward_walk_roles(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, 
     cols = pl.ds(vb * COLUMNS, COLUMNS)
     source = dict(gc="gc", beta="beta", gc_col="gc")
     row = lambda name, slot: load(vector_s[f"{name}_s"].at[slot], ROW)
+    col = lambda name, slot: load(vector_s[f"{name}_s"].at[slot], COL)
+    state_ref = lambda ref: ref.at[b, h, cols] if flipped else ref.at[b, h, :, cols]
+    keys = [pl.ds(0, half), pl.ds(half, half)]
+    if warpgroups == 3 and flipped:  # the loads and P need fewer registers than the state and o
+      plgpu.set_max_registers(ROLE_REGISTERS[w], action="decrease" if w == 2 else "increase")
 
     def issue(n, slot):
       tokens = pl.ds(n * C, C)
@@ -343,37 +389,54 @@ def forward_walk_roles(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, 
     def form_scores(slot, buf):
       """P for the chunk in `slot` into pw_s[buf]."""
       qk = product(q_s.at[slot], transposed(k_s.at[slot]), (C, C))
-      pw_s.at[buf][...] = _output_scores(qk, row("gc", slot), load(vector_s["gc_col_s"].at[slot], COL), scale)
+      pw_s.at[buf][...] = _output_scores(qk, row("gc", slot), col("gc_col", slot), scale)
       plgpu.commit_smem()
 
-    if w == 0:  # the state's chain
-      carry = _Carry(staging, initial, None, 1, key_dim)
-
-      def chain(n, state):
-        slot, buf = lax.rem(n, SLOTS), lax.rem(n, 2)
-        pl.when(n >= 2)(lambda: plgpu.barrier_wait(published_free.at[buf]))
-        for rows, part in zip(carry.halves, state):
-          h_pub.at[buf].at[rows][...] = part.astype(bf16)
-        plgpu.commit_smem()
-        plgpu.barrier_arrive(state_ready.at[buf])
-        plgpu.barrier_wait(landed.at[slot])
-        gc_row, beta_row = row("gc", slot), row("beta", slot)
-        gc_last = vector_s["gc_s"][slot, C - 1]
-        fs, te = jnp.exp(gc_row), jnp.exp(gc_last - gc_row)
-        k_h = product(k_s.at[slot], h_pub.at[buf], narrow)
-        values = load(v_s.at[slot], WG).astype(f32)
-        x_s[...] = (rows_of(beta_row, narrow) * (values - rows_of(fs, narrow) * k_h)).astype(bf16)
-        plgpu.commit_smem()
-        v_new = product(t_s.at[slot], x_s, narrow)
-        vn_pub.at[buf][...] = v_new.astype(bf16)
-        x_s[...] = (rows_of(te, narrow) * v_new).astype(bf16)  # te v_new, for the state's update
+    def chain(n, state):
+      """Chunk n of the state's chain: h (as two [64, 64] key halves) -> h'."""
+      slot, buf = lax.rem(n, SLOTS), lax.rem(n, 2)
+      pl.when(n >= 2)(lambda: plgpu.barrier_wait(published_free.at[buf]))
+      parts = [part.astype(bf16) for part in state]
+      for i, part in enumerate(parts):
+        (h_pub.at[buf].at[i] if flipped else h_pub.at[buf].at[keys[i]])[...] = part
+      plgpu.commit_smem()
+      plgpu.barrier_arrive(state_ready.at[buf])
+      plgpu.barrier_wait(landed.at[slot])
+      gc_last = vector_s["gc_s"][slot, C - 1]
+      if flipped:  # the transposed chain, h^T [64, Dk]: the tokens are the columns of every tile on the chain
+        gc_col, beta_col = col("gc_col", slot), col("beta", slot)
+        fs, te = jnp.exp(gc_col), jnp.exp(gc_last - gc_col)
+        wide = (COLUMNS, C)
+        u_t = _summed([(parts[i], transposed(k_s.at[slot].at[:, keys[i]])) for i in range(2)], wide)
+        values = load(transposed(v_s.at[slot]), WG).astype(f32)
+        x_t = (cols_of(beta_col, wide) * (values - cols_of(fs, wide) * u_t)).astype(bf16)
+        vn_t = product(x_t, transposed(t_s.at[slot]), wide)
+        vn_pub.at[buf][...] = vn_t.astype(bf16)
         plgpu.commit_smem()
         plgpu.barrier_arrive(new_values_ready.at[buf])
-        return _next_carry(state, lambda rows: [(transposed(k_s.at[slot].at[:, rows]), x_s)], jnp.exp(gc_last),
-                           carry.halves, consumed.at[slot])
+        vd_t = (cols_of(te, wide) * vn_t).astype(bf16)
+        decay = jnp.exp(gc_last)
+        state = tuple(accumulate([(vd_t, k_s.at[slot].at[:, keys[i]])], decay * part) for i, part in enumerate(state))
+        plgpu.barrier_arrive(consumed.at[slot])
+        return state
+      gc_row, beta_row = row("gc", slot), row("beta", slot)
+      fs, te = jnp.exp(gc_row), jnp.exp(gc_last - gc_row)
+      k_h = product(k_s.at[slot], h_pub.at[buf], narrow)
+      values = load(v_s.at[slot], WG).astype(f32)
+      x_s[...] = (rows_of(beta_row, narrow) * (values - rows_of(fs, narrow) * k_h)).astype(bf16)
+      plgpu.commit_smem()
+      v_new = product(t_s.at[slot], x_s, narrow)
+      vn_pub.at[buf][...] = v_new.astype(bf16)
+      x_s[...] = (rows_of(te, narrow) * v_new).astype(bf16)  # te v_new, for the state's update
+      plgpu.commit_smem()
+      plgpu.barrier_arrive(new_values_ready.at[buf])
+      return _next_carry(state, lambda rows: [(transposed(k_s.at[slot].at[:, rows]), x_s)], jnp.exp(gc_last),
+                         keys, consumed.at[slot])
 
-      start = carry.read(ins["h0"].at[b, h, :, cols], 0)
-      carry.write(lax.fori_loop(0, chunks, chain, start), final_ref.at[b, h, :, cols], 0)
+    if w == 0:
+      carry = _Carry(staging, initial, None, 1, key_dim, transposed=flipped)
+      start = carry.read(state_ref(ins["h0"]), 0)
+      carry.write(lax.fori_loop(0, chunks, chain, start), state_ref(final_ref), 0)
       return
 
     if w == scorer:
@@ -406,13 +469,17 @@ def forward_walk_roles(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, 
         refill(n)
       if save:
         plgpu.copy_smem_to_gmem(h_pub.at[buf], saved[0].at[b, h, n, :, cols])
-      q_h = product(q_s.at[slot], h_pub.at[buf], narrow)
+      if flipped:
+        q_h = _summed([(q_s.at[slot].at[:, keys[i]], transposed(h_pub.at[buf].at[i])) for i in range(2)], narrow)
+      else:
+        q_h = product(q_s.at[slot], h_pub.at[buf], narrow)
       plgpu.barrier_wait(new_values_ready.at[buf])
       if save:
         plgpu.copy_smem_to_gmem(vn_pub.at[buf], saved[1].at[b, tokens, h, cols])
       if inside and scorer == 2:
         plgpu.barrier_wait(scores_ready.at[buf])
-      out = product(pw_s.at[buf] if inside else p_s.at[slot], vn_pub.at[buf], narrow,
+      new_values = transposed(vn_pub.at[buf]) if flipped else vn_pub.at[buf]
+      out = product(pw_s.at[buf] if inside else p_s.at[slot], new_values, narrow,
                     init=rows_of(scale * jnp.exp(gc_row), narrow) * q_h)
       plgpu.barrier_arrive(consumed.at[slot])
       if inside and scorer == 2:
@@ -427,9 +494,12 @@ def forward_walk_roles(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, 
     lax.fori_loop(0, chunks, output, 0)
     plgpu.wait_smem_to_gmem(0)
 
-  kernel = _launch(body, out_type, scratch, name="gdr_forward_walk_roles", value_dim=value_dim,
-                   warpgroups=warpgroups, heads=heads, batch=batch, columns=COLUMNS)
-  return kernel(q, k, v, gc, beta, t, *([] if inside else [scores]), h0)
+  name = "gdr_forward_walk_roles" + "_t" * flipped
+  kernel = _launch(body, out_type, scratch, name=name, value_dim=value_dim, warpgroups=warpgroups, heads=heads,
+                   batch=batch, columns=COLUMNS)
+  flip = lambda x: jnp.swapaxes(x, -1, -2)
+  o, final, *history = kernel(q, k, v, gc, beta, t, *([] if inside else [scores]), flip(h0) if flipped else h0)
+  return (o, flip(final) if flipped else final, *history)
 
 
 def reverse_walk(q: jax.Array, k: jax.Array, t: jax.Array, gc: jax.Array, beta: jax.Array, d_out: jax.Array,
