@@ -292,16 +292,17 @@ def test_compiled_on_gpu_prefill_scores_in_walk(packed, walks, roles, transposed
 
 @pytest.mark.device
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (run with JAX_PLATFORMS=cuda)")
-@pytest.mark.parametrize("roles", [3, 2], ids=["roles", "roles2"])
+@pytest.mark.parametrize("roles, transposed_chain", [(3, False), (2, False), (3, True)],
+                         ids=["roles", "roles2", "roles_t"])
 @pytest.mark.parametrize("dims", [(2, 64, 2, 4, 128, 128), (2, 100, 2, 4, 128, 128), (1, 200, 1, 2, 128, 128),
                                   (1, 300, 1, 2, 128, 256)], ids=["one_chunk", "two_ragged", "four_ragged", "dv256"])
-def test_compiled_on_gpu_prefill_roles_short_and_wide(dims, roles, monkeypatch):
-  """A forward alone in roles (the transposed chain with jax 0.11) at one to four chunks (the double-buffered loads
-  and published tiles: the first chunk is the last one) and at Dv = 256 (two CTAs a value head): o and the final
-  state against the reference."""
+def test_compiled_on_gpu_prefill_roles_short_and_wide(dims, roles, transposed_chain, monkeypatch):
+  """A forward alone in roles (by rows, or the transposed chain: jax 0.11) at one to four chunks (the double-buffered
+  loads and published tiles: the first chunk is the last one) and at Dv = 256 (two CTAs a value head): o and the
+  final state against the reference."""
   monkeypatch.setitem(TOLERANCE, "bf16", DEVICE_TOLERANCE["bf16"])
   test_prefill_scores_formed_in_the_walk(False, jnp.bfloat16, "bf16", dims=dims, chunk=64, interpret=False,
-                                         roles=roles)
+                                         roles=roles, transposed_chain=transposed_chain)
 
 
 def test_prefill_scores_in_the_walk_by_default_only_in_a_mosaic_walk(monkeypatch):
