@@ -43,111 +43,116 @@ GRAD_NAMES = ("final_state", "dq", "dk", "dv", "dg", "dbeta", "dh0")
 def launches() -> dict:
   """Named variants of ours: 'api' is the public entry (impl='gpu', its own launch choice); the others call
   gpu.chunk_gated_delta_rule_gpu with an explicit gpu.ChunkedLaunch."""
+  import jax  # noqa: PLC0415 - after the fla subprocess starts, as main's imports
   from maxtext.kernels.gated_delta_rule.gpu import ChunkedLaunch
   w2 = dict(inverse_block=16, parallel_warps=2)  # blocked16_w2's forward (the default on 2026-12-01; 1 warp since)
   whole = dict(inverse_block=None, parallel_warps=4)  # the earlier default: the [C, C] inverse by doubling, 4 warps
-  return {"api": None, "split": ChunkedLaunch(fused_forward=False, **whole),
-          "fused": ChunkedLaunch(fused_forward=True, **whole),
-          "fused_w": ChunkedLaunch(fused_forward=True, fused_walk_reads_w=True, **whole),
-          "bf16_inverse": ChunkedLaunch(inverse_precision="bf16", **whole),
-          "fused_bv64": ChunkedLaunch(fused_forward=True, block_v=64, **whole),
-          "fused_w8": ChunkedLaunch(fused_forward=True, walk_warps=8, **whole),
-          # gpu_inverse.py: T and P by 16- or 32-wide blocks instead of the [C, C] doubling; 'ieee' runs its small
-          # products on the CUDA cores in float32; 2 warps suit the 16 x 16 tiles better (measured: now the default)
-          "blocked16": ChunkedLaunch(inverse_block=16, parallel_warps=4),
-          "blocked32": ChunkedLaunch(inverse_block=32, parallel_warps=4),
-          "blocked16_ieee": ChunkedLaunch(inverse_block=16, inverse_precision="ieee", parallel_warps=4),
-          "blocked16_w2": ChunkedLaunch(**w2),
-          # gpu_backward.py: one kernel for the backward's parallel part; its launch: grad_warps, grad_block_k/v
-          # (key and value columns per step; k >= Dk: one pass), grad_stages (pipelined block loops). Spills per
-          # thread as compiled by Triton 3.9 for sm_90 (gpu_backward.py), in order from fusedbwd_w2: ~0.2 KB, 16 B,
-          # 72 B, none, 32 B (with 114 KB shared memory), ~0.6 KB
-          # Walks with 16 value columns per program: twice the programs (256 for B=1, Hv=32 on 132 SMs), each
-          # with a [Dk, 16] state; output-gradient kernel over the whole key dim (no repeated loads of do, v_new,
-          # dv_new per key block) or with 32-column value steps; more warps for the WY gradient.
-          "bv16": ChunkedLaunch(block_v=16, reverse_block_v=16),
-          "bv16_w2": ChunkedLaunch(block_v=16, reverse_block_v=16, walk_warps=2),
-          "bv16_s2": ChunkedLaunch(block_v=16, reverse_block_v=16, walk_stages=2),
-          "gk128_w8": ChunkedLaunch(grad_block_k=128, grad_warps=8, grad_block_v=32),
-          "gk128_w8_v64": ChunkedLaunch(grad_block_k=128, grad_warps=8),
-          "gv32": ChunkedLaunch(grad_block_v=32),
-          "wyg8": ChunkedLaunch(wy_grad_warps=8),
-          # the prep by key head: k k^T and q k^T once for the key head's value heads; 2 or 4 warps
-          "prep_kh": ChunkedLaunch(prep_per_key_head=True),
-          "prep_kh_w4": ChunkedLaunch(prep_per_key_head=True, parallel_warps=4),
-          # gpu_mosaic_backward.py's per-chunk backward (one or two Mosaic GPU warpgroups a chunk, 2 the default)
-          # and gpu_mosaic_walks.py's walks (the reverse one the default); 'triton': none of them
-          "triton": ChunkedLaunch(chunk_grads_mosaic=0, reverse_walk_mosaic=0, norm_grads_kernel=False,
-                                  inverse_precision="tf32", prep_split=False),
-          # the default launch of the eighth session (2026-12-02): XLA's norm backward, the TF32 inverse, one prep
-          "eighth": ChunkedLaunch(norm_grads_kernel=False, inverse_precision="tf32", prep_split=False),
-          "mosaic_bwd": ChunkedLaunch(chunk_grads_mosaic=1),
-          "mosaic_fwd_walk": ChunkedLaunch(forward_walk_mosaic=1),
-          # gpu_mosaic_walks.py with two warpgroups a program (one CTA per value head for Dv = 128, sharing the q, k,
-          # T, P loads): both walks, or one of them
-          "walks_2wg": ChunkedLaunch(forward_walk_mosaic=2, reverse_walk_mosaic=2),
-          "fwd_walk_2wg": ChunkedLaunch(forward_walk_mosaic=2),
-          "rev_walk_2wg": ChunkedLaunch(reverse_walk_mosaic=2),
-          "walks_1wg": ChunkedLaunch(forward_walk_mosaic=0, reverse_walk_mosaic=1),  # Triton forward, 1-wg reverse
-          # a forward alone forms P in the walk (no P launch): the Triton walk's 161 -> 247 registers (sm_90a), the
-          # two-warpgroup Mosaic walk's 188 -> 255 (jax 0.11.2); the default (None) only in a Mosaic walk
-          "prefill_p": ChunkedLaunch(prefill_scores_in_walk=True),
-          "prefill_p_1wg": ChunkedLaunch(prefill_scores_in_walk=True, forward_walk_mosaic=1),
-          "prep_p_launch": ChunkedLaunch(prefill_scores_in_walk=False),  # the ninth session's forward
-          # gpu_mosaic_walks.forward_walk_roles: the forward walk as warpgroups in roles per 64 value columns: state,
-          # output, loads and P (142-166 registers, 195 KB of shared memory: jax 0.10.2 / 0.11.2, sm_90a), or state and
-          # output-with-loads (roles2); forward alone they form P (prefill_scores_in_walk None), or load the prep's
-          "roles": ChunkedLaunch(forward_walk_roles=3),
-          "roles2": ChunkedLaunch(forward_walk_roles=2),
-          "roles_p_launch": ChunkedLaunch(forward_walk_roles=3, prefill_scores_in_walk=False),
-          # a forward alone in roles with the state's transpose on the chain; the tenth session's default
-          "roles_t": ChunkedLaunch(roles_transposed_chain=True),
-          "tenth": ChunkedLaunch(forward_walk_roles=0),
-          # the prep's T and P by separate launches (ptxas, sm_90a: T 255 registers and 120 bytes of spills, P 254 and
-          # none, against 255 and 236 for both in one program; at 2 warps 52 bytes and none)
-          "prep_split": ChunkedLaunch(prep_split=True),
-          "prep_split_w2": ChunkedLaunch(prep_split=True, parallel_warps=2),
-          # the blocked inverse's products in bf16 rather than TF32 (ptxas: 164 bytes of spills, 4 with prep_split;
-          # end to end on the CPU, interpret mode, 1 x 1024, worst error vs float32 5.4e-3 either way)
-          "bf16_inv": ChunkedLaunch(inverse_precision="bf16"),
-          "bf16_inv_split": ChunkedLaunch(inverse_precision="bf16", prep_split=True),
-          # dq, dk's group sum and the l2 norm's backward in gpu_norm_grads.py's kernel instead of XLA autodiff
-          "norm_kernel": ChunkedLaunch(norm_grads_kernel=True),
-          # the blocked inverse by 32-wide blocks at the prep's 1 or 2 warps (measured at 4 warps only)
-          "blocked32_w1": ChunkedLaunch(inverse_block=32, parallel_warps=1),
-          "blocked32_w2": ChunkedLaunch(inverse_block=32, parallel_warps=2),
-          "unfusedbwd": ChunkedLaunch(fused_backward=False),  # the two-kernel backward (the default until 2026-12-01)
-          # the walks: more warps or other pipelining depths for the [Dk, BV] state's chunk loop
-          "walk_w8": ChunkedLaunch(walk_warps=8),
-          # the forward walk with 64 value columns (half the programs, wider dots), the reverse walk as before
-          "fwd_bv64": ChunkedLaunch(block_v=64, reverse_block_v=32),
-          "fwd_bv64_w8": ChunkedLaunch(block_v=64, walk_warps=8, reverse_block_v=32, reverse_walk_warps=4),
-          "walk_s2": ChunkedLaunch(walk_stages=2),
-          "walk_s4": ChunkedLaunch(walk_stages=4),
-          "fusedbwd": ChunkedLaunch(fused_backward=True),
-          "fusedbwd_w2": ChunkedLaunch(fused_backward=True, **w2),
-          "fusedbwd_w2_b32": ChunkedLaunch(fused_backward=True, **w2, grad_block_k=32, grad_block_v=32),
-          "fusedbwd_w2_k32": ChunkedLaunch(fused_backward=True, **w2, grad_block_k=32),
-          "fusedbwd_w2_g8": ChunkedLaunch(fused_backward=True, **w2, grad_warps=8, grad_block_v=32),
-          "fusedbwd_w2_s2": ChunkedLaunch(fused_backward=True, **w2, grad_block_k=32, grad_stages=2),
-          "fusedbwd_w2_k128": ChunkedLaunch(fused_backward=True, **w2, grad_warps=8, grad_block_k=128,
-                                            grad_block_v=32),
-          # pipelining depth per walk: fewer stages, less shared memory, more programs per SM (matters with many
-          # programs, e.g. 8 x 4096); the forward walk's alone ('walk_fs'), the reverse walk's alone ('rev_s')
-          "walk_fs1": ChunkedLaunch(walk_stages=1, reverse_walk_stages=3),
-          "walk_fs2": ChunkedLaunch(walk_stages=2, reverse_walk_stages=3),
-          "rev_s1": ChunkedLaunch(reverse_walk_stages=1),
-          "rev_s2": ChunkedLaunch(reverse_walk_stages=2),
-          "rev_bv64_s1": ChunkedLaunch(reverse_block_v=64, reverse_walk_stages=1),
-          "rev_bv64_s2": ChunkedLaunch(reverse_block_v=64, reverse_walk_stages=2),
-          "prep_w1": ChunkedLaunch(parallel_warps=1),
-          "bwd_s2": ChunkedLaunch(grad_stages=2),
-          "bwd_g8": ChunkedLaunch(grad_warps=8),
-          "w1_rev64": ChunkedLaunch(parallel_warps=1, reverse_block_v=64, reverse_walk_stages=2),
-          "bwd_v128": ChunkedLaunch(grad_block_v=128),
-          "bwd_v128_g8": ChunkedLaunch(grad_block_v=128, grad_warps=8),
-          # gpu_backward.py's grid with the chunks fastest (the default until 2026-12-02: grad_heads_fastest)
-          "bwd_cf": ChunkedLaunch(grad_heads_fastest=False)}
+  variants = {"api": None, "split": ChunkedLaunch(fused_forward=False, **whole),
+              "fused": ChunkedLaunch(fused_forward=True, **whole),
+              "fused_w": ChunkedLaunch(fused_forward=True, fused_walk_reads_w=True, **whole),
+              "bf16_inverse": ChunkedLaunch(inverse_precision="bf16", **whole),
+              "fused_bv64": ChunkedLaunch(fused_forward=True, block_v=64, **whole),
+              "fused_w8": ChunkedLaunch(fused_forward=True, walk_warps=8, **whole),
+              # gpu_inverse.py: T and P by 16- or 32-wide blocks instead of the [C, C] doubling; 'ieee' runs its small
+              # products on the CUDA cores in float32; 2 warps suit the 16 x 16 tiles better (measured: now the default)
+              "blocked16": ChunkedLaunch(inverse_block=16, parallel_warps=4),
+              "blocked32": ChunkedLaunch(inverse_block=32, parallel_warps=4),
+              "blocked16_ieee": ChunkedLaunch(inverse_block=16, inverse_precision="ieee", parallel_warps=4),
+              "blocked16_w2": ChunkedLaunch(**w2),
+              # gpu_backward.py: one kernel for the backward's parallel part; its launch: grad_warps, grad_block_k/v
+              # (key and value columns per step; k >= Dk: one pass), grad_stages (pipelined block loops). Spills per
+              # thread as compiled by Triton 3.9 for sm_90 (gpu_backward.py), in order from fusedbwd_w2: ~0.2 KB, 16 B,
+              # 72 B, none, 32 B (with 114 KB shared memory), ~0.6 KB
+              # Walks with 16 value columns per program: twice the programs (256 for B=1, Hv=32 on 132 SMs), each
+              # with a [Dk, 16] state; output-gradient kernel over the whole key dim (no repeated loads of do, v_new,
+              # dv_new per key block) or with 32-column value steps; more warps for the WY gradient.
+              "bv16": ChunkedLaunch(block_v=16, reverse_block_v=16),
+              "bv16_w2": ChunkedLaunch(block_v=16, reverse_block_v=16, walk_warps=2),
+              "bv16_s2": ChunkedLaunch(block_v=16, reverse_block_v=16, walk_stages=2),
+              "gk128_w8": ChunkedLaunch(grad_block_k=128, grad_warps=8, grad_block_v=32),
+              "gk128_w8_v64": ChunkedLaunch(grad_block_k=128, grad_warps=8),
+              "gv32": ChunkedLaunch(grad_block_v=32),
+              "wyg8": ChunkedLaunch(wy_grad_warps=8),
+              # the prep by key head: k k^T and q k^T once for the key head's value heads; 2 or 4 warps
+              "prep_kh": ChunkedLaunch(prep_per_key_head=True),
+              "prep_kh_w4": ChunkedLaunch(prep_per_key_head=True, parallel_warps=4),
+              # gpu_mosaic_backward.py's per-chunk backward (one or two Mosaic GPU warpgroups a chunk, 2 the default)
+              # and gpu_mosaic_walks.py's walks (the reverse one the default); 'triton': none of them
+              "triton": ChunkedLaunch(chunk_grads_mosaic=0, reverse_walk_mosaic=0, norm_grads_kernel=False,
+                                      inverse_precision="tf32", prep_split=False),
+              # the default launch of the eighth session (2026-12-02): XLA's norm backward, the TF32 inverse, one prep
+              "eighth": ChunkedLaunch(norm_grads_kernel=False, inverse_precision="tf32", prep_split=False),
+              "mosaic_bwd": ChunkedLaunch(chunk_grads_mosaic=1),
+              "mosaic_fwd_walk": ChunkedLaunch(forward_walk_mosaic=1),
+              # gpu_mosaic_walks.py with two warpgroups a program (one CTA per value head for Dv = 128, sharing the
+              # q, k, T, P loads): both walks, or one of them
+              "walks_2wg": ChunkedLaunch(forward_walk_mosaic=2, reverse_walk_mosaic=2),
+              "fwd_walk_2wg": ChunkedLaunch(forward_walk_mosaic=2),
+              "rev_walk_2wg": ChunkedLaunch(reverse_walk_mosaic=2),
+              "walks_1wg": ChunkedLaunch(forward_walk_mosaic=0, reverse_walk_mosaic=1),  # Triton forward, 1-wg reverse
+              # a forward alone forms P in the walk (no P launch): the Triton walk's 161 -> 247 registers (sm_90a), the
+              # two-warpgroup Mosaic walk's 188 -> 255 (jax 0.11.2); the default (None) only in a Mosaic walk
+              "prefill_p": ChunkedLaunch(prefill_scores_in_walk=True),
+              "prefill_p_1wg": ChunkedLaunch(prefill_scores_in_walk=True, forward_walk_mosaic=1),
+              "prep_p_launch": ChunkedLaunch(prefill_scores_in_walk=False),  # the ninth session's forward
+              # gpu_mosaic_walks.forward_walk_roles: the forward walk as warpgroups in roles per 64 value columns:
+              # state, output, loads and P (142-166 registers, 195 KB of shared memory: jax 0.10.2 / 0.11.2,
+              # sm_90a), or state and output-with-loads (roles2); forward alone they form P
+              # (prefill_scores_in_walk None), or load the prep's
+              "roles": ChunkedLaunch(forward_walk_roles=3),
+              "roles2": ChunkedLaunch(forward_walk_roles=2),
+              "roles_p_launch": ChunkedLaunch(forward_walk_roles=3, prefill_scores_in_walk=False),
+              "tenth": ChunkedLaunch(forward_walk_roles=0),  # the tenth session's default
+              # the prep's T and P by separate launches (ptxas, sm_90a: T 255 registers and 120 bytes of spills, P
+              # 254 and none, against 255 and 236 for both in one program; at 2 warps 52 bytes and none)
+              "prep_split": ChunkedLaunch(prep_split=True),
+              "prep_split_w2": ChunkedLaunch(prep_split=True, parallel_warps=2),
+              # the blocked inverse's products in bf16 rather than TF32 (ptxas: 164 bytes of spills, 4 with prep_split;
+              # end to end on the CPU, interpret mode, 1 x 1024, worst error vs float32 5.4e-3 either way)
+              "bf16_inv": ChunkedLaunch(inverse_precision="bf16"),
+              "bf16_inv_split": ChunkedLaunch(inverse_precision="bf16", prep_split=True),
+              # dq, dk's group sum and the l2 norm's backward in gpu_norm_grads.py's kernel instead of XLA autodiff
+              "norm_kernel": ChunkedLaunch(norm_grads_kernel=True),
+              # the blocked inverse by 32-wide blocks at the prep's 1 or 2 warps (measured at 4 warps only)
+              "blocked32_w1": ChunkedLaunch(inverse_block=32, parallel_warps=1),
+              "blocked32_w2": ChunkedLaunch(inverse_block=32, parallel_warps=2),
+              # the two-kernel backward (the default until 2026-12-01)
+              "unfusedbwd": ChunkedLaunch(fused_backward=False),
+              # the walks: more warps or other pipelining depths for the [Dk, BV] state's chunk loop
+              "walk_w8": ChunkedLaunch(walk_warps=8),
+              # the forward walk with 64 value columns (half the programs, wider dots), the reverse walk as before
+              "fwd_bv64": ChunkedLaunch(block_v=64, reverse_block_v=32),
+              "fwd_bv64_w8": ChunkedLaunch(block_v=64, walk_warps=8, reverse_block_v=32, reverse_walk_warps=4),
+              "walk_s2": ChunkedLaunch(walk_stages=2),
+              "walk_s4": ChunkedLaunch(walk_stages=4),
+              "fusedbwd": ChunkedLaunch(fused_backward=True),
+              "fusedbwd_w2": ChunkedLaunch(fused_backward=True, **w2),
+              "fusedbwd_w2_b32": ChunkedLaunch(fused_backward=True, **w2, grad_block_k=32, grad_block_v=32),
+              "fusedbwd_w2_k32": ChunkedLaunch(fused_backward=True, **w2, grad_block_k=32),
+              "fusedbwd_w2_g8": ChunkedLaunch(fused_backward=True, **w2, grad_warps=8, grad_block_v=32),
+              "fusedbwd_w2_s2": ChunkedLaunch(fused_backward=True, **w2, grad_block_k=32, grad_stages=2),
+              "fusedbwd_w2_k128": ChunkedLaunch(fused_backward=True, **w2, grad_warps=8, grad_block_k=128,
+                                                grad_block_v=32),
+              # pipelining depth per walk: fewer stages, less shared memory, more programs per SM (matters with many
+              # programs, e.g. 8 x 4096); the forward walk's alone ('walk_fs'), the reverse walk's alone ('rev_s')
+              "walk_fs1": ChunkedLaunch(walk_stages=1, reverse_walk_stages=3),
+              "walk_fs2": ChunkedLaunch(walk_stages=2, reverse_walk_stages=3),
+              "rev_s1": ChunkedLaunch(reverse_walk_stages=1),
+              "rev_s2": ChunkedLaunch(reverse_walk_stages=2),
+              "rev_bv64_s1": ChunkedLaunch(reverse_block_v=64, reverse_walk_stages=1),
+              "rev_bv64_s2": ChunkedLaunch(reverse_block_v=64, reverse_walk_stages=2),
+              "prep_w1": ChunkedLaunch(parallel_warps=1),
+              "bwd_s2": ChunkedLaunch(grad_stages=2),
+              "bwd_g8": ChunkedLaunch(grad_warps=8),
+              "w1_rev64": ChunkedLaunch(parallel_warps=1, reverse_block_v=64, reverse_walk_stages=2),
+              "bwd_v128": ChunkedLaunch(grad_block_v=128),
+              "bwd_v128_g8": ChunkedLaunch(grad_block_v=128, grad_warps=8),
+              # gpu_backward.py's grid with the chunks fastest (the default until 2026-12-02: grad_heads_fastest)
+              "bwd_cf": ChunkedLaunch(grad_heads_fastest=False)}
+  if tuple(jax.__version_info__[:2]) >= (0, 11):  # ChunkedLaunch refuses it on jax 0.10
+    # a forward alone in roles with the state's transpose on the chain
+    variants["roles_t"] = ChunkedLaunch(roles_transposed_chain=True)
+  return variants
 
 
 def describe(launch) -> str:

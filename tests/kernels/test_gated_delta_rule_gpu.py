@@ -391,6 +391,9 @@ def test_forward_walk_in_roles_by_default_where_no_mosaic_walk_is():
   assert gpu.forward_walk_roles(ChunkedLaunch(forward_walk_roles=0), 1, 32, 128) == 0
   with pytest.raises(ValueError, match="forward_walk_roles=1 must be 0"):
     ChunkedLaunch(forward_walk_roles=1)
+  if tuple(jax.__version_info__[:2]) < (0, 11):  # CI's jax 0.10: the transposed chain is refused up front
+    with pytest.raises(ValueError, match="roles_transposed_chain needs jax 0.11"):
+      ChunkedLaunch(roles_transposed_chain=True)
 
 
 def test_walk_stages_fit_the_tiles_in_shared_memory():

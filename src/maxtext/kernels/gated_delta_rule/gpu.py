@@ -184,6 +184,9 @@ class ChunkedLaunch:
     if self.forward_walk_roles not in (None, 0, 2, 3):
       raise ValueError(f"ChunkedLaunch: forward_walk_roles={self.forward_walk_roles} must be 0 (none), 2 or 3 "
                        "(warpgroups a program)")
+    if self.roles_transposed_chain and tuple(jax.__version_info__[:2]) < (0, 11):
+      raise ValueError(f"ChunkedLaunch: roles_transposed_chain needs jax 0.11 or later (this is {jax.__version__}: "
+                       "its Mosaic GPU cannot load the transpose of a swizzled tile)")
     for name in ("forward_walk_mosaic", "reverse_walk_mosaic"):
       if getattr(self, name) not in (None, 0, 1, 2):
         raise ValueError(f"ChunkedLaunch: {name}={getattr(self, name)} must be 0 (the Triton walk), 1 or 2 (Mosaic "
