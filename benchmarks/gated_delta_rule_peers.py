@@ -95,7 +95,7 @@ def launches() -> dict:
               "prefill_p": ChunkedLaunch(prefill_scores_in_walk=True),
               "prefill_p_1wg": ChunkedLaunch(prefill_scores_in_walk=True, forward_walk_mosaic=1),
               "prep_p_launch": ChunkedLaunch(prefill_scores_in_walk=False),  # the ninth session's forward
-              # gpu_mosaic_walks.forward_walk_roles: the forward walk as warpgroups in roles per 64 value columns:
+              # gpu_mosaic_roles.py: the forward walk as warpgroups in roles per 64 value columns:
               # state, output, loads and P (142-166 registers, 195 KB of shared memory: jax 0.10.2 / 0.11.2,
               # sm_90a), or state and output-with-loads (roles2); forward alone they form P
               # (prefill_scores_in_walk None), or load the prep's

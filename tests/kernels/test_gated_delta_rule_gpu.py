@@ -46,7 +46,7 @@ FUSED = dict(split=dict(fused_forward=False, inverse_block=None, fused_backward=
              mosaic_walks=dict(forward_walk_mosaic=1, reverse_walk_mosaic=1, chunk_grads_mosaic=0),
              # both walks with two warpgroups a program (sharing the loads), with the Mosaic chunk backward
              walks_2wg=dict(forward_walk_mosaic=2, reverse_walk_mosaic=2),
-             # the forward walk as warpgroups in roles (gpu_mosaic_walks.forward_walk_roles): state, output and loads
+             # the forward walk as warpgroups in roles (gpu_mosaic_roles.py): state, output and loads
              walk_roles=dict(forward_walk_roles=3), walk_roles2=dict(forward_walk_roles=2),
              # gpu_norm_grads.py's kernel for dq, dk through the group sum and the l2 norm, on the default launch
              norm_kernel=dict(norm_grads_kernel=True))
@@ -284,7 +284,7 @@ def test_compiled_on_gpu_wide_value_heads(path, monkeypatch):
 def test_compiled_on_gpu_prefill_scores_in_walk(packed, walks, roles, transposed_chain, monkeypatch):
   """ChunkedLaunch(prefill_scores_in_walk=True) compiled: a forward alone at B = 2, T = 1000, d 128, bf16, P formed
   in the Triton walk or in gpu_mosaic_walks.py's (one or two warpgroups, each forming its own, or the output
-  warpgroup of forward_walk_roles, or its third one)."""
+  warpgroup of gpu_mosaic_roles.py's walk, or its third one)."""
   monkeypatch.setitem(TOLERANCE, "bf16", DEVICE_TOLERANCE["bf16"])
   test_prefill_scores_formed_in_the_walk(packed, jnp.bfloat16, "bf16", dims=(2, 1000, 2, 4, 128, 128), chunk=64,
                                          interpret=False, walks=walks, roles=roles, transposed_chain=transposed_chain)
@@ -328,10 +328,10 @@ def test_prefill_scores_in_the_walk_by_default_only_in_a_mosaic_walk(monkeypatch
 
 
 def test_forward_walk_roles_where_asked(monkeypatch):
-  """ChunkedLaunch(forward_walk_roles=3) runs gpu_mosaic_walks.forward_walk_roles in place of the forward walk
+  """ChunkedLaunch(forward_walk_roles=3) runs gpu_mosaic_roles.forward_walk in place of the forward walk
   (here a stand-in: the Mosaic kernel needs a Hopper to lower): forward alone it forms P (no P launch, scores None),
   with a backward it gets the prep's P and saves the history; 0 keeps the Triton walk."""
-  from maxtext.kernels.gated_delta_rule import gpu, gpu_mosaic_walks  # pylint: disable=import-outside-toplevel
+  from maxtext.kernels.gated_delta_rule import gpu_mosaic_roles  # pylint: disable=import-outside-toplevel
   calls = []
 
   def fake_walk(q, k, v, gc, beta, t, scores, h0, *, save, warpgroups, **launch):  # pylint: disable=unused-argument
@@ -341,7 +341,7 @@ def test_forward_walk_roles_where_asked(monkeypatch):
     history = (jnp.zeros((batch, heads, length // 32, q.shape[-1], dim), v.dtype), jnp.zeros_like(v))
     return (jnp.zeros_like(v), final) + (history if save else ())
   monkeypatch.setattr(gpu, "_mosaic_walks", lambda warpgroups, **kw: warpgroups)
-  monkeypatch.setattr(gpu_mosaic_walks, "forward_walk_roles", fake_walk)
+  monkeypatch.setattr(gpu_mosaic_roles, "forward_walk", fake_walk)
   q, k, v, g, beta, h0 = random_inputs(0, 1, 128, 2, 4, 32, 32, jnp.bfloat16, True)
   for roles in (3, 2, 0):
     calls.clear()

@@ -29,8 +29,8 @@ state update) and `wy_grad_kernel` (through the WY system); the fused kernel nev
 gradients by key blocks in loops, so few tiles are live (an earlier single kernel that kept them all measured 5.8
 ms at B=1, T=16384, 32 heads on an H100: it spilled). The per-value-head dq, dk are summed over each key head's
 group by gpu_norm_grads.py's kernel with the norm's backward (or by XLA: norm_grads_kernel=False). On a Hopper the
-chunk backward and the walks run gpu_mosaic_backward.py's and gpu_mosaic_walks.py's Mosaic GPU kernels where they
-apply (ChunkedLaunch, walk_warpgroups).
+chunk backward and the walks run gpu_mosaic_backward.py's, gpu_mosaic_walks.py's and gpu_mosaic_roles.py's Mosaic
+GPU kernels where they apply (ChunkedLaunch, walk_warpgroups, forward_walk_roles).
 
 Precision (gpu_precision.py's modes): 'bf16' (the default for 16-bit inputs) rounds every dot operand to bf16, as
 fla does, and stores the intermediates (w, u, T, states, v_new and the gradients between kernels) in the inputs'
@@ -163,7 +163,7 @@ class ChunkedLaunch:
   # B = 1 (four 32-column programs a value head, each forming P) 0.17 / 0.64 / 2.48 against 0.17 / 0.63 / 2.47 at
   # 1 x 4k / 16k / 64k (the walk 0.393 -> 0.495 ms at 16k for the 0.087 of P's launch).
   prefill_scores_in_walk: bool | None = None
-  # gpu_mosaic_walks.forward_walk_roles: the Mosaic forward walk as warpgroups in roles per 64 value columns (one
+  # gpu_mosaic_roles.py: the Mosaic forward walk as warpgroups in roles per 64 value columns (one
   # carries the state, one forms o and writes it, and with 3 a third loads and forms P), where a one-warpgroup Mosaic
   # walk applies; it replaces the forward walk forward_walk_mosaic picks. 0: none. None: 3 where walk_warpgroups
   # picks no Mosaic forward walk (fewer 64-column blocks than WIDE_WALK_PROGRAMS). Measured on an H200 (2026-12-03,
@@ -172,7 +172,7 @@ class ChunkedLaunch:
   # 0.16 / 0.60 / 2.24 / 0.42 against 0.17 / 0.63 / 2.47 / 0.65; at 8 x 4096 the two-warpgroup walk stays (3.39 /
   # 0.74 ms against 3.53 / 0.82 in roles).
   forward_walk_roles: int | None = None
-  # A forward alone in roles carries the state's transpose (gpu_mosaic_walks.forward_walk_roles' transposed_chain:
+  # A forward alone in roles carries the state's transpose (gpu_mosaic_roles.forward_walk's transposed_chain:
   # every product on the chain takes its left operand from registers; needs jax 0.11: 0.10's Mosaic GPU cannot load
   # the transpose of a swizzled tile, which the chain reads v by).
   roles_transposed_chain: bool = False
@@ -372,7 +372,8 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
         walk_args = (q, k, v, gc, beta, t, p[0] if p else None, h0.astype(jnp.float32))
         walk_scope = dict(scale=scale, groups=common["groups"], save=save)
         if roles:
-          o, final, *history = gpu_mosaic_walks.forward_walk_roles(
+          from maxtext.kernels.gated_delta_rule import gpu_mosaic_roles  # pylint: disable=import-outside-toplevel
+          o, final, *history = gpu_mosaic_roles.forward_walk(
               *walk_args, **walk_scope, warpgroups=roles, transposed_chain=launch.roles_transposed_chain and not save)
         else:
           o, final, *history = gpu_mosaic_walks.forward_walk(*walk_args, **walk_scope, warpgroups=walks)

@@ -13,16 +13,7 @@ reverse_walk: gpu_kernels.state_grad_kernel with the fused forward's P. Per chun
   dh_{n+1} -> d_states[n];  dv_new = P^T do + te (k dh);  d_keys = beta fs (T^T dv_new)
   dh_n = decay dh_{n+1} + q^T (s fs do) - k^T d_keys
 
-forward_walk_roles: the forward walk with the work of one program split by role between warpgroups of one CTA per
-64 value columns: the state's chain, the output (o = s fs (q h) + P v_new from the published h and v_new), and the
-loads with P (formed from q k^T for a forward alone). The chain no longer waits on the output's products, and P no
-longer costs a launch. gpu.forward_walk_roles picks it where the two-warpgroup walk does not run (fewer 64-column
-blocks than WIDE_WALK_PROGRAMS). On an H200 (2026-12-03, eleventh session, docs/benchmarks.md) at 1 x 4k / 16k / 64k
-and 4 x 4k: forward alone 0.158 / 0.597 / 2.243 / 0.419 ms against the Triton walk's 0.171 / 0.629 / 2.474 / 0.652
-(jla 0.161 / 0.586 / 2.287 / 0.414), forward+backward 0.55 / 2.05 / 8.00 / 1.84 against 0.57 / 2.12 / 8.29 / 1.95.
-Its transposed chain (h^T carried, every product on the chain with its left operand in registers; a forward alone,
-jax 0.11) read 0.15 / 0.59 / 2.26 ms against jla's 0.16 / 0.59 / 2.30 in one run, errors unchanged; off by default
-until its device tests have run (ChunkedLaunch.roles_transposed_chain).
+gpu_mosaic_roles.py splits the forward walk's program by role between warpgroups instead.
 
 Scope: no segment ids, C = 64, Dk = 128, 64 | Dv (128 | Dv for two warpgroups), bf16 storage, compiled (no interpret
 mode; device tests of both forms passed on an H200 on 2026-12-02). One warpgroup, alone there
@@ -60,11 +51,11 @@ def applies(*, chunk: int, key_dim: int, value_dim: int, dtypes, segmented: bool
           and all(jnp.dtype(d) == jnp.bfloat16 for d in dtypes) and not segmented and not interpret)
 
 
-def _slotted(shape, dtype=jnp.bfloat16):
+def slotted(shape, dtype=jnp.bfloat16):
   return tile((SLOTS, *shape), dtype)
 
 
-class _Carry:
+class StateCarry:
   """The float32 [Dk, 64] state of each warpgroup between HBM and two [64, 64] accumulator tiles, through one [64,
   64] staging tile a key half at a time. With two warpgroups they take the staging tile in turn (three barriers
   hand it over: after warpgroup 0's read, after warpgroup 1's read, after warpgroup 0's write)."""
@@ -72,7 +63,7 @@ class _Carry:
   def __init__(self, staging, initial, handover, warpgroups: int, key_dim: int, transposed: bool = False):
     self.staging, self.initial, self.handover, self.warpgroups = staging, initial, handover, warpgroups
     self.halves = [pl.ds(0, key_dim // 2), pl.ds(key_dim // 2, key_dim // 2)]
-    # the state's transpose [64, Dk] (forward_walk_roles' transposed chain): the halves are column blocks
+    # the state's transpose [64, Dk] (gpu_mosaic_roles.py's transposed chain): the halves are column blocks
     self.part = (lambda ref, keys: ref.at[:, keys]) if transposed else (lambda ref, keys: ref.at[keys])
 
   @staticmethod
@@ -116,7 +107,7 @@ def _stage_carry(carry, tile_ref, halves) -> None:
   plgpu.commit_smem()
 
 
-def _next_carry(carry, pairs_of_rows, decay, halves, consumed=None) -> tuple:
+def next_carry(carry, pairs_of_rows, decay, halves, consumed=None) -> tuple:
   """decay x carry + the products pairs_of_rows(rows) gives for each 64-row half (one accumulator each); then, with
   two warpgroups, `consumed` (this chunk's slot) learns that this warpgroup no longer reads the slot."""
   carry = tuple(accumulate(pairs_of_rows(rows), decay * part) for rows, part in zip(halves, carry))
@@ -125,7 +116,7 @@ def _next_carry(carry, pairs_of_rows, decay, halves, consumed=None) -> tuple:
   return carry
 
 
-def _launch(body, out_type, scratch, *, name: str, value_dim: int, warpgroups: int, heads: int, batch: int,
+def launch_kernel(body, out_type, scratch, *, name: str, value_dim: int, warpgroups: int, heads: int, batch: int,
             columns: int | None = None):
   """A CTA of `warpgroups` warpgroups per (`columns` value columns, by default 64 x warpgroups; value head, row);
   body(w) is warpgroup w's program; name names the kernel (profiles, dumps)."""
@@ -174,16 +165,7 @@ def _prefetch(n, slot, *, chunks: int, w: int, issue, consumed, forward: bool) -
     issue(following, other)
 
 
-def _summed(pairs, shape):
-  """The sum of a @ b over pairs in float32, by wgmma into one zeroed accumulator (operands as accumulate's)."""
-  def scoped(acc):
-    for a, b in pairs:
-      plgpu.wgmma(acc, a, b)
-    return acc[...]
-  return lax.optimization_barrier(pl.run_scoped(scoped, plgpu.ACC(shape, jnp.float32)))
-
-
-def _output_scores(qk, gc_row, gc_col, scale: float):
+def output_scores(qk, gc_row, gc_col, scale: float):
   """P = s Gamma * (q k^T) in bf16 from the float32 q k^T and gc in the row and column layouts."""
   square = (C, C)
   # the causal mask from two index vectors (whole [C, C] iotas would stay live across the loop)
@@ -218,11 +200,11 @@ def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: 
   # the vectors each chunk loads: a column layout needs its own copy (gc's, for P's pair decays)
   vectors = ["gc", "beta"] + ["gc_col"] * inside
   scratch = dict(
-      q_s=_slotted((C, key_dim)), k_s=_slotted((C, key_dim)), v_s=_slotted((C, block)), t_s=_slotted((C, C)),
+      q_s=slotted((C, key_dim)), k_s=slotted((C, key_dim)), v_s=slotted((C, block)), t_s=slotted((C, C)),
       h_s=own((key_dim, COLUMNS)), x_s=own((C, COLUMNS)), vn_s=own((C, COLUMNS)),
       **{f"{name}_s": vecs for name in vectors},
       landed=plgpu.Barrier(num_arrivals=4 + (not inside) + len(vectors), num_barriers=SLOTS),
-  ) | (dict(pw_s=own((C, C))) if inside else dict(p_s=_slotted((C, C)))) | _Carry.scratch(warpgroups) \
+  ) | (dict(pw_s=own((C, C))) if inside else dict(p_s=slotted((C, C)))) | StateCarry.scratch(warpgroups) \
     | _slot_handover(warpgroups)
   in_names = ["q", "k", "v", "gc", "beta", "t"] + ["p"] * (not inside) + ["h0"]
 
@@ -236,7 +218,7 @@ def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: 
     cols = pl.ds(vb * block + w * COLUMNS, COLUMNS)  # and of the value head
     h_s, x_s, vn_s = h_s[w], x_s[w], vn_s[w]
     pw_s = pw_s[w] if inside else None
-    carry = _Carry(staging, initial, handover, warpgroups, key_dim)
+    carry = StateCarry(staging, initial, handover, warpgroups, key_dim)
     narrow, square = (C, COLUMNS), (C, C)
     source = dict(gc="gc", beta="beta", gc_col="gc")
 
@@ -272,7 +254,7 @@ def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: 
       values = load(v_s.at[slot].at[:, mine], WG).astype(f32)
       x_s[...] = (rows_of(beta_row, narrow) * (values - rows_of(fs, narrow) * k_h)).astype(bf16)
       if inside:  # P = s Gamma * (q k^T), this warpgroup's own copy
-        pw_s[...] = _output_scores(qk[0], gc_row, load(vector_s["gc_col_s"].at[slot], COL), scale)
+        pw_s[...] = output_scores(qk[0], gc_row, load(vector_s["gc_col_s"].at[slot], COL), scale)
       plgpu.commit_smem()
       v_new = product(t_s.at[slot], x_s, narrow)
       vn_s[...] = v_new.astype(bf16)
@@ -286,220 +268,14 @@ def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: 
       x_s[...] = (rows_of(te, narrow) * v_new).astype(bf16)  # te v_new, for the state's update
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(vn_s, o_ref.at[b, tokens, h, cols])
-      return _next_carry(state, lambda rows: [(transposed(k_s.at[slot].at[:, rows]), x_s)], jnp.exp(gc_last),
+      return next_carry(state, lambda rows: [(transposed(k_s.at[slot].at[:, rows]), x_s)], jnp.exp(gc_last),
                          carry.halves, consumed.at[slot] if consumed is not None else None)
 
     carry.write(lax.fori_loop(0, chunks, step, start), final_ref.at[b, h, :, cols], w)
 
-  kernel = _launch(body, out_type, scratch, name="gdr_forward_walk", value_dim=value_dim, warpgroups=warpgroups,
-                   heads=heads, batch=batch)
+  kernel = launch_kernel(body, out_type, scratch, name="gdr_forward_walk", value_dim=value_dim,
+                         warpgroups=warpgroups, heads=heads, batch=batch)
   return kernel(q, k, v, gc, beta, t, *([] if inside else [scores]), h0)
-
-
-# Registers per thread of the three roles of the transposed chain (state, output, loads and P), each a multiple of 8
-# and at most 504 in all: the CTA is launched with 168 a thread (65536 / 384, rounded down to 8), and an increase
-# beyond what the others' decreases free waits forever. Without them the transposed chain spilled 20 bytes (ptxas,
-# jax 0.11.2); the chain by rows needs no more than 168.
-ROLE_REGISTERS = (176, 176, 152)
-
-
-def forward_walk_roles(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: jax.Array, t: jax.Array,
-                       scores: jax.Array | None, h0: jax.Array, *, scale: float, groups: int, save: bool = True,
-                       warpgroups: int = 3, transposed_chain: bool | None = None) -> tuple[jax.Array, ...]:
-  """forward_walk's arrays and results, by a CTA of warpgroups in roles per 64 value columns
-  (ChunkedLaunch.forward_walk_roles): warpgroup 0 carries the state along the chain (k h, v_new = T x, the update) and
-  publishes each chunk's h and v_new in 16 bits; warpgroup 1 forms o = s fs (q h) + P v_new from them and writes o
-  (and with save the history), off the state's path. The loads, and P = s Gamma * (q k^T) when scores is None, are
-  warpgroup 2's with three warpgroups, else warpgroup 1's. The published tiles (and a formed P) are double-buffered,
-  so a warpgroup waits for its reader's chunk n - 2 only.
-
-  transposed_chain (None: without save; the history is stored as h, not h^T): the chain carries h^T [64, Dk], so that
-  every product on it takes its left operand from registers (h^T k^T, x^T T^T, (te v_new)^T k) and no x tile goes
-  through shared memory; h^T and v_new^T are published instead."""
-  if warpgroups not in (2, 3):
-    raise ValueError(f"forward_walk_roles: warpgroups={warpgroups} must be 2 or 3")
-  flipped = not save if transposed_chain is None else transposed_chain
-  if flipped and save:
-    raise ValueError("forward_walk_roles: the transposed chain stores no history (save=False)")
-  batch, length, heads, value_dim = v.shape
-  key_dim = q.shape[-1]
-  chunks = length // C
-  bf16, f32 = jnp.bfloat16, jnp.float32
-  out_type = (jax.ShapeDtypeStruct((batch, length, heads, value_dim), v.dtype),
-              jax.ShapeDtypeStruct((batch, heads, value_dim, key_dim) if flipped else
-                                   (batch, heads, key_dim, value_dim), f32))
-  if save:
-    out_type += (jax.ShapeDtypeStruct((batch, heads, chunks, key_dim, value_dim), v.dtype),
-                 jax.ShapeDtypeStruct((batch, length, heads, value_dim), v.dtype))
-  vecs = plgpu.SMEM((SLOTS, C), f32)
-  inside = scores is None
-  scorer = 2 if warpgroups == 3 else 1  # the warpgroup that issues the loads and forms P
-  # the per-token vectors: gc by rows (o, P), gc by columns (P; the transposed chain), beta (by columns there)
-  vectors = ["gc", "beta"] + ["gc_col"] * (inside or flipped)
-  # per double buffer: h published (by warpgroup 0), v_new published, both read (by warpgroup 1); P formed, P read
-  handover = lambda: plgpu.Barrier(num_arrivals=1, num_barriers=2)
-  handovers = ["state_ready", "new_values_ready", "published_free"] + ["scores_ready", "scores_free"] * (
-      inside and scorer == 2)
-  half = key_dim // 2
-  published = (dict(h_pub=tile((2, 2, COLUMNS, half)), vn_pub=tile((2, COLUMNS, C))) if flipped else
-               dict(h_pub=tile((2, key_dim, COLUMNS)), vn_pub=tile((2, C, COLUMNS)), x_s=tile((C, COLUMNS))))
-  scratch = dict(
-      q_s=_slotted((C, key_dim)), k_s=_slotted((C, key_dim)), v_s=_slotted((C, COLUMNS)), t_s=_slotted((C, C)),
-      o_s=tile((C, COLUMNS), v.dtype), **published, **{f"{name}_s": vecs for name in vectors},
-      landed=plgpu.Barrier(num_arrivals=4 + (not inside) + len(vectors), num_barriers=SLOTS),
-      consumed=plgpu.Barrier(num_arrivals=2, num_barriers=SLOTS), **{name: handover() for name in handovers},
-  ) | (dict(pw_s=tile((2, C, C))) if inside else dict(p_s=_slotted((C, C)))) | _Carry.scratch(1)
-  in_names = ["q", "k", "v", "gc", "beta", "t"] + ["p"] * (not inside) + ["h0"]
-  narrow = (C, COLUMNS)
-
-  def body(w, *refs, q_s, k_s, v_s, t_s, h_pub, vn_pub, o_s, landed, consumed, state_ready, new_values_ready,
-           published_free, staging, initial, x_s=None, p_s=None, pw_s=None, scores_ready=None, scores_free=None,
-           **vector_s):
-    ins = dict(zip(in_names, refs))
-    o_ref, final_ref, *saved = refs[len(in_names):]
-    vb, h, b = lax.axis_index("v"), lax.axis_index("h"), lax.axis_index("b")
-    hk = lax.div(h, groups)
-    cols = pl.ds(vb * COLUMNS, COLUMNS)
-    source = dict(gc="gc", beta="beta", gc_col="gc")
-    row = lambda name, slot: load(vector_s[f"{name}_s"].at[slot], ROW)
-    col = lambda name, slot: load(vector_s[f"{name}_s"].at[slot], COL)
-    state_ref = lambda ref: ref.at[b, h, cols] if flipped else ref.at[b, h, :, cols]
-    keys = [pl.ds(0, half), pl.ds(half, half)]
-    if warpgroups == 3 and flipped:  # the loads and P need fewer registers than the state and o
-      plgpu.set_max_registers(ROLE_REGISTERS[w], action="decrease" if w == 2 else "increase")
-
-    def issue(n, slot):
-      tokens = pl.ds(n * C, C)
-      tiles = [(ins["q"].at[b, tokens, hk], q_s), (ins["k"].at[b, tokens, hk], k_s),
-               (ins["v"].at[b, tokens, h, cols], v_s), (ins["t"].at[b, h, n], t_s)]
-      tiles += [] if inside else [(ins["p"].at[b, h, n], p_s)]
-      tiles += [(ins[source[name]].at[b, h, tokens], vector_s[f"{name}_s"]) for name in vectors]
-      for src, dst in tiles:
-        plgpu.copy_gmem_to_smem(src, dst.at[slot], landed.at[slot])
-
-    def refill(n):
-      """At chunk n: chunk n - 1 + SLOTS into chunk n - 1's slot, once warpgroups 0 and 1 are done with it."""
-      following, freed = n - 1 + SLOTS, lax.rem(n + SLOTS - 1, SLOTS)
-
-      @pl.when((n >= 1) & (following < chunks))
-      def _refill():
-        plgpu.barrier_wait(consumed.at[freed])
-        issue(following, freed)
-
-    def form_scores(slot, buf):
-      """P for the chunk in `slot` into pw_s[buf]."""
-      qk = product(q_s.at[slot], transposed(k_s.at[slot]), (C, C))
-      pw_s.at[buf][...] = _output_scores(qk, row("gc", slot), col("gc_col", slot), scale)
-      plgpu.commit_smem()
-
-    def chain(n, state):
-      """Chunk n of the state's chain: h (as two [64, 64] key halves) -> h'."""
-      slot, buf = lax.rem(n, SLOTS), lax.rem(n, 2)
-      pl.when(n >= 2)(lambda: plgpu.barrier_wait(published_free.at[buf]))
-      parts = [part.astype(bf16) for part in state]
-      for i, part in enumerate(parts):
-        (h_pub.at[buf].at[i] if flipped else h_pub.at[buf].at[keys[i]])[...] = part
-      plgpu.commit_smem()
-      plgpu.barrier_arrive(state_ready.at[buf])
-      plgpu.barrier_wait(landed.at[slot])
-      gc_last = vector_s["gc_s"][slot, C - 1]
-      if flipped:  # the transposed chain, h^T [64, Dk]: the tokens are the columns of every tile on the chain
-        gc_col, beta_col = col("gc_col", slot), col("beta", slot)
-        fs, te = jnp.exp(gc_col), jnp.exp(gc_last - gc_col)
-        wide = (COLUMNS, C)
-        u_t = _summed([(parts[i], transposed(k_s.at[slot].at[:, keys[i]])) for i in range(2)], wide)
-        values = load(transposed(v_s.at[slot]), WG).astype(f32)
-        x_t = (cols_of(beta_col, wide) * (values - cols_of(fs, wide) * u_t)).astype(bf16)
-        vn_t = product(x_t, transposed(t_s.at[slot]), wide)
-        vn_pub.at[buf][...] = vn_t.astype(bf16)
-        plgpu.commit_smem()
-        plgpu.barrier_arrive(new_values_ready.at[buf])
-        vd_t = (cols_of(te, wide) * vn_t).astype(bf16)
-        decay = jnp.exp(gc_last)
-        state = tuple(accumulate([(vd_t, k_s.at[slot].at[:, keys[i]])], decay * part) for i, part in enumerate(state))
-        plgpu.barrier_arrive(consumed.at[slot])
-        return state
-      gc_row, beta_row = row("gc", slot), row("beta", slot)
-      fs, te = jnp.exp(gc_row), jnp.exp(gc_last - gc_row)
-      k_h = product(k_s.at[slot], h_pub.at[buf], narrow)
-      values = load(v_s.at[slot], WG).astype(f32)
-      x_s[...] = (rows_of(beta_row, narrow) * (values - rows_of(fs, narrow) * k_h)).astype(bf16)
-      plgpu.commit_smem()
-      v_new = product(t_s.at[slot], x_s, narrow)
-      vn_pub.at[buf][...] = v_new.astype(bf16)
-      x_s[...] = (rows_of(te, narrow) * v_new).astype(bf16)  # te v_new, for the state's update
-      plgpu.commit_smem()
-      plgpu.barrier_arrive(new_values_ready.at[buf])
-      return _next_carry(state, lambda rows: [(transposed(k_s.at[slot].at[:, rows]), x_s)], jnp.exp(gc_last),
-                         keys, consumed.at[slot])
-
-    if w == 0:
-      carry = _Carry(staging, initial, None, 1, key_dim, transposed=flipped)
-      start = carry.read(state_ref(ins["h0"]), 0)
-      carry.write(lax.fori_loop(0, chunks, chain, start), state_ref(final_ref), 0)
-      return
-
-    if w == scorer:
-      for n in range(min(SLOTS, chunks)):
-        issue(n, n)
-
-    if w == 2:  # the loads and P
-      def scores_and_loads(n, carry):
-        slot, buf = lax.rem(n, SLOTS), lax.rem(n, 2)
-        refill(n)
-        if inside:
-          plgpu.barrier_wait(landed.at[slot])
-          pl.when(n >= 2)(lambda: plgpu.barrier_wait(scores_free.at[buf]))
-          form_scores(slot, buf)
-          plgpu.barrier_arrive(scores_ready.at[buf])
-        return carry
-
-      lax.fori_loop(0, chunks, scores_and_loads, 0)
-      return
-
-    def output(n, carry):
-      slot, buf = lax.rem(n, SLOTS), lax.rem(n, 2)
-      tokens = pl.ds(n * C, C)
-      plgpu.barrier_wait(landed.at[slot])
-      gc_row = row("gc", slot)
-      if inside and scorer == 1:  # P while the state warpgroup walks
-        form_scores(slot, buf)
-      plgpu.barrier_wait(state_ready.at[buf])
-      if scorer == 1:  # h for chunk n is out, so the state warpgroup is done with chunk n - 1's slot
-        refill(n)
-      if save:
-        plgpu.copy_smem_to_gmem(h_pub.at[buf], saved[0].at[b, h, n, :, cols])
-      if flipped:
-        q_h = _summed([(q_s.at[slot].at[:, keys[i]], transposed(h_pub.at[buf].at[i])) for i in range(2)], narrow)
-      else:
-        q_h = product(q_s.at[slot], h_pub.at[buf], narrow)
-      plgpu.barrier_wait(new_values_ready.at[buf])
-      if save:
-        plgpu.copy_smem_to_gmem(vn_pub.at[buf], saved[1].at[b, tokens, h, cols])
-      if inside and scorer == 2:
-        plgpu.barrier_wait(scores_ready.at[buf])
-      new_values = transposed(vn_pub.at[buf]) if flipped else vn_pub.at[buf]
-      out = product(pw_s.at[buf] if inside else p_s.at[slot], new_values, narrow,
-                    init=rows_of(scale * jnp.exp(gc_row), narrow) * q_h)
-      plgpu.barrier_arrive(consumed.at[slot])
-      if inside and scorer == 2:
-        plgpu.barrier_arrive(scores_free.at[buf])
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the history's and o's previous stores have read their tiles
-      plgpu.barrier_arrive(published_free.at[buf])
-      o_s[...] = out.astype(o_s.dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_s, o_ref.at[b, tokens, h, cols])
-      return carry
-
-    lax.fori_loop(0, chunks, output, 0)
-    plgpu.wait_smem_to_gmem(0)
-
-  name = "gdr_forward_walk_roles" + "_t" * flipped
-  kernel = _launch(body, out_type, scratch, name=name, value_dim=value_dim, warpgroups=warpgroups, heads=heads,
-                   batch=batch, columns=COLUMNS)
-  flip = lambda x: jnp.swapaxes(x, -1, -2)
-  o, final, *history = kernel(q, k, v, gc, beta, t, *([] if inside else [scores]), flip(h0) if flipped else h0)
-  return (o, flip(final) if flipped else final, *history)
 
 
 def reverse_walk(q: jax.Array, k: jax.Array, t: jax.Array, gc: jax.Array, beta: jax.Array, d_out: jax.Array,
@@ -519,10 +295,10 @@ def reverse_walk(q: jax.Array, k: jax.Array, t: jax.Array, gc: jax.Array, beta: 
   vecs = plgpu.SMEM((SLOTS, C), f32)
   own = lambda shape: _per_warpgroup(shape, warpgroups)
   scratch = dict(
-      q_s=_slotted((C, key_dim)), k_s=_slotted((C, key_dim)), t_s=_slotted((C, C)), p_s=_slotted((C, C)),
-      do_s=_slotted((C, block)), gc_s=vecs, beta_s=vecs, dh_s=own((key_dim, COLUMNS)), dvn_s=own((C, COLUMNS)),
+      q_s=slotted((C, key_dim)), k_s=slotted((C, key_dim)), t_s=slotted((C, C)), p_s=slotted((C, C)),
+      do_s=slotted((C, block)), gc_s=vecs, beta_s=vecs, dh_s=own((key_dim, COLUMNS)), dvn_s=own((C, COLUMNS)),
       dkeys_s=own((C, COLUMNS)), landed=plgpu.Barrier(num_arrivals=7, num_barriers=SLOTS),
-  ) | _Carry.scratch(warpgroups) | _slot_handover(warpgroups)
+  ) | StateCarry.scratch(warpgroups) | _slot_handover(warpgroups)
 
   def body(w, q_ref, k_ref, t_ref, gc_ref, beta_ref, do_ref, p_ref, dfinal_ref, dvn_ref, dstates_ref, dh0_ref, *,
            q_s, k_s, t_s, p_s, do_s, gc_s, beta_s, dh_s, dvn_s, dkeys_s, landed, staging, initial, handover=None,
@@ -532,7 +308,7 @@ def reverse_walk(q: jax.Array, k: jax.Array, t: jax.Array, gc: jax.Array, beta: 
     mine = pl.ds(w * COLUMNS, COLUMNS)
     cols = pl.ds(vb * block + w * COLUMNS, COLUMNS)
     dh_s, dvn_s, dkeys_s = dh_s[w], dvn_s[w], dkeys_s[w]
-    carry = _Carry(staging, initial, handover, warpgroups, key_dim)
+    carry = StateCarry(staging, initial, handover, warpgroups, key_dim)
     narrow = (C, COLUMNS)
 
     def issue(n, slot):
@@ -569,12 +345,12 @@ def reverse_walk(q: jax.Array, k: jax.Array, t: jax.Array, gc: jax.Array, beta: 
       dkeys_s[...] = (rows_of(-beta_row * fs, narrow) * product(transposed(t_s.at[slot]), dvn_s, narrow)).astype(bf16)
       plgpu.commit_smem()
       # dh_n = decay dh + q^T (s fs do) - k^T d_keys
-      return _next_carry(dh, lambda rows: [(transposed(q_s.at[slot].at[:, rows]), d_out_mine),
+      return next_carry(dh, lambda rows: [(transposed(q_s.at[slot].at[:, rows]), d_out_mine),
                                            (transposed(k_s.at[slot].at[:, rows]), dkeys_s)], jnp.exp(gc_last),
                          carry.halves, consumed.at[slot] if consumed is not None else None)
 
     carry.write(lax.fori_loop(0, chunks, step, start), dh0_ref.at[b, h, :, cols], w)
 
-  kernel = _launch(body, out_type, scratch, name="gdr_reverse_walk", value_dim=value_dim, warpgroups=warpgroups,
-                   heads=heads, batch=batch)
+  kernel = launch_kernel(body, out_type, scratch, name="gdr_reverse_walk", value_dim=value_dim,
+                         warpgroups=warpgroups, heads=heads, batch=batch)
   return kernel(q, k, t, gc, beta, d_out, scores, d_final)
