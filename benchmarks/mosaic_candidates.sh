@@ -19,7 +19,7 @@
 #                                             #   shapes and 2 / 4 x 4096 with jla (no fla); the forward columns matter
 #   benchmarks/mosaic_candidates.sh prescores # ~6 min: P formed in the walks: the prefill device tests, then
 #                                             #   the four shapes with jla and fla, prefill variants forward alone
-#   benchmarks/mosaic_candidates.sh roles     # ~9.5 min: the forward walk in roles: its device tests (the transposed
+#   benchmarks/mosaic_candidates.sh roles     # ~9.5 min (estimated): the forward walk in roles: its device tests (the transposed
 #                                             #   chain's included), then the four shapes and 4 x 4096: the default and
 #                                             #   the transposed chain (forward alone) with jla and fla
 #   benchmarks/mosaic_candidates.sh train4    # ~9 min: the bench train step at 4 x 4096, unscanned and scanned, and HF

@@ -31,7 +31,8 @@ from maxtext.kernels.gated_delta_rule.gpu_mosaic_walks import (C, COLUMNS, SLOTS
 
 
 def _summed(pairs, shape):
-  """The sum of a @ b over pairs in float32, by wgmma into one zeroed accumulator (operands as accumulate's)."""
+  """The sum of a @ b over pairs in float32, by wgmma into one zeroed accumulator (operands as accumulate's, which
+  needs an initial value; products gives each product its own accumulator)."""
   def scoped(acc):
     for a, b in pairs:
       plgpu.wgmma(acc, a, b)
@@ -47,8 +48,8 @@ ROLE_REGISTERS = (176, 176, 152)
 
 
 def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: jax.Array, t: jax.Array,
-                       scores: jax.Array | None, h0: jax.Array, *, scale: float, groups: int, save: bool = True,
-                       warpgroups: int = 3, transposed_chain: bool | None = None) -> tuple[jax.Array, ...]:
+                 scores: jax.Array | None, h0: jax.Array, *, scale: float, groups: int, save: bool = True,
+                 warpgroups: int = 3, transposed_chain: bool | None = None) -> tuple[jax.Array, ...]:
   """gpu_mosaic_walks.forward_walk's arrays and results, by a CTA of warpgroups in roles per 64 value columns
   (ChunkedLaunch.forward_walk_roles): warpgroup 0 carries the state along the chain (k h, v_new = T x, the update) and
   publishes each chunk's h and v_new in 16 bits; warpgroup 1 forms o = s fs (q h) + P v_new from them and writes o
