@@ -103,6 +103,10 @@ def launches() -> dict:
               "roles2": ChunkedLaunch(forward_walk_roles=2),
               "roles_p_launch": ChunkedLaunch(forward_walk_roles=3, prefill_scores_in_walk=False),
               "tenth": ChunkedLaunch(forward_walk_roles=0),  # the tenth session's default
+              # P by gpu_fused.scores_kernel (one program of 4 or 8 warps per key head, a whole-tile q k^T) instead
+              # of the prep's blocked one-warp program per value head; forward alone, the walk loads it
+              "roles_scores4": ChunkedLaunch(scores_warps=4, prefill_scores_in_walk=False),
+              "roles_scores8": ChunkedLaunch(scores_warps=8, prefill_scores_in_walk=False),
               # the prep's T and P by separate launches (ptxas, sm_90a: T 255 registers and 120 bytes of spills, P
               # 254 and none, against 255 and 236 for both in one program; at 2 warps 52 bytes and none)
               "prep_split": ChunkedLaunch(prep_split=True),

@@ -48,6 +48,8 @@ FUSED = dict(split=dict(fused_forward=False, inverse_block=None, fused_backward=
              walks_2wg=dict(forward_walk_mosaic=2, reverse_walk_mosaic=2),
              # the forward walk as warpgroups in roles (gpu_mosaic_roles.py): state, output and loads
              walk_roles=dict(forward_walk_roles=3), walk_roles2=dict(forward_walk_roles=2),
+             # P by gpu_fused.scores_kernel (one 4-warp program per key head), on the default launch
+             scores4=dict(scores_warps=4),
              # gpu_norm_grads.py's kernel for dq, dk through the group sum and the l2 norm, on the default launch
              norm_kernel=dict(norm_grads_kernel=True))
 
@@ -180,10 +182,11 @@ def test_prep_per_key_head_groups(packed):
         launch=ChunkedLaunch(inverse_block=16, prep_per_key_head=True))
 
 
-@pytest.mark.parametrize("launch", [dict(prep_per_key_head=True), dict(prep_split=True)], ids=str)
+@pytest.mark.parametrize("launch", [dict(prep_per_key_head=True), dict(prep_split=True), dict(scores_warps=4)],
+                         ids=str)
 def test_prep_forms_need_the_blocked_inverse(launch):
   q, k, v, g, beta, _ = random_inputs(0, 1, 32, 1, 2, 16, 16, jnp.float32, False)
-  with pytest.raises(ValueError, match="prep_per_key_head and prep_split need inverse_block"):
+  with pytest.raises(ValueError, match="prep_per_key_head, prep_split and scores_warps need inverse_block"):
     chunk_gated_delta_rule_gpu(q, k, v, g, beta, None, chunk_size=16, interpret=True,
                                launch=ChunkedLaunch(inverse_block=None, **launch))
 
@@ -196,6 +199,15 @@ def test_prep_split_groups(packed, dtype, precision):
   segment_ids = documents([30, 3, 17, 20], batch=2) if packed else None
   check((2, 70, 2, 4, 32, 16), 32, dtype, precision, segment_ids=segment_ids,
         launch=ChunkedLaunch(inverse_block=16, prep_split=True))
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+@pytest.mark.parametrize("dtype, precision", [(jnp.float32, "ieee"), (jnp.bfloat16, "bf16")], ids=["f32", "bf16"])
+def test_scores_by_key_head_groups(packed, dtype, precision):
+  """P by gpu_fused.scores_kernel (ChunkedLaunch.scores_warps: one program per key head serving its value heads):
+  B = 2, two key heads of three value heads, a ragged tail, documents across chunk edges; every gradient."""
+  segment_ids = documents([30, 3, 17, 20], batch=2) if packed else None
+  check((2, 70, 2, 6, 32, 16), 32, dtype, precision, segment_ids=segment_ids, launch=ChunkedLaunch(scores_warps=4))
 
 
 def test_prep_split_with_the_walk_reading_w():
@@ -303,6 +315,28 @@ def test_compiled_on_gpu_prefill_roles_short_and_wide(dims, roles, transposed_ch
   monkeypatch.setitem(TOLERANCE, "bf16", DEVICE_TOLERANCE["bf16"])
   test_prefill_scores_formed_in_the_walk(False, jnp.bfloat16, "bf16", dims=dims, chunk=64, interpret=False,
                                          roles=roles, transposed_chain=transposed_chain)
+
+
+@pytest.mark.device
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (run with JAX_PLATFORMS=cuda)")
+@pytest.mark.parametrize("walk", [dict(forward_walk_roles=3), dict(forward_walk_roles=0, forward_walk_mosaic=2),
+                                  dict(forward_walk_roles=0, forward_walk_mosaic=0)], ids=["roles", "mosaic_2wg", "triton"])
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+def test_compiled_on_gpu_prefill_scores_launch(walk, packed, monkeypatch):
+  """A forward alone whose walk loads P from gpu_fused.scores_kernel (scores_warps=4, prefill_scores_in_walk=False)
+  at B = 2, T = 1000, d 128, bf16: o and the final state against the reference, and no blocked P launch."""
+  monkeypatch.setitem(TOLERANCE, "bf16", DEVICE_TOLERANCE["bf16"])
+  segment_ids = documents([40, 3, 557, 400], batch=2) if packed else None
+  q, k, v, g, beta, h0 = random_inputs(5, 2, 1000, 2, 4, 128, 128, jnp.bfloat16, True)
+  launch = ChunkedLaunch(scores_warps=4, prefill_scores_in_walk=False, **walk)
+  run = lambda *a: chunk_gated_delta_rule_gpu(*a, segment_ids=segment_ids, chunk_size=64, precision="bf16",
+                                              launch=launch)
+  expected = chunk_gated_delta_rule_reference(q, k, v, g, beta, h0, segment_ids=segment_ids, chunk_size=64)
+  got = jax.jit(run)(q, k, v, g, beta, h0)
+  for name, a, b in zip(("o", "final_state"), got, expected):
+    assert relative_error(a, b) < TOLERANCE["bf16"], name
+  text = str(jax.make_jaxpr(run)(q, k, v, g, beta, h0))
+  assert "gdr_scores_fwd" in text and "gdr_prep_p_fwd" not in text
 
 
 def test_prefill_scores_in_the_walk_by_default_only_in_a_mosaic_walk(monkeypatch):

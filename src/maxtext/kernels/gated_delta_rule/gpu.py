@@ -123,6 +123,11 @@ class ChunkedLaunch:
   # is slower on an H200 (2026-12-02: forward 0.68 against 0.65 ms at 1 x 16384); with the bf16 inverse it is the
   # faster form above.
   prep_split: bool | None = None
+  # P = s Gamma * (q k^T), where it is a launch of its own (with a backward; a forward alone whose walk does not form
+  # it), by gpu_fused.scores_kernel with this many warps: one program per (chunk, key head, row), one whole-tile q k^T
+  # shared by the group's value heads (needs inverse_block, as prep_split does); 0: prep_kernel's blocked P, one
+  # program per value head with parallel_warps.
+  scores_warps: int = 0
   # gpu_backward.py: one kernel per (chunk, value head, row) for the backward's parallel part instead of the
   # output-gradient and WY-gradient kernels (grad_warps, grad_block_k and grad_block_v are then its launch). Its loop
   # form measured on an H200 (2026-12-01, docs/benchmarks.md): forward+backward 0.75 / 2.84 ms against 0.86 / 3.26
@@ -322,8 +327,9 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
     block = None if launch.inverse_block is None else min(launch.inverse_block, chunk)
     if block is not None:
       check_dims(inverse_block=block)
-    elif launch.prep_per_key_head or launch.prep_split:
-      raise ValueError("gated delta rule GPU kernels: prep_per_key_head and prep_split need inverse_block (16 or 32)")
+    elif launch.prep_per_key_head or launch.prep_split or launch.scores_warps:
+      raise ValueError("gated delta rule GPU kernels: prep_per_key_head, prep_split and scores_warps need "
+                       "inverse_block (16 or 32)")
     inv = dict(inv_mm=functools.partial(dot, precision=inverse, interpret=interpret), inverse_block=block)
     common = dict(chunk=chunk, groups=value_heads // key_heads, mm=mm)
     dims = (batch, length, value_heads, key_dim, value_dim, length // chunk)
@@ -359,10 +365,16 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
       split = blocked if launch.prep_split is None else launch.prep_split
       in_walk = launch.prefill_scores_in_walk
       scores_inside = (mosaic_walk if in_walk is None else in_walk) and not save and blocked
-      if split or scores_inside:
+      if split or scores_inside or launch.scores_warps:
         t, *w = prep(name="gdr_prep_t_fwd", out_shape=(chunk_matrix, *w_out), outputs="t")
-        p = [] if scores_inside else prep(name="gdr_prep_p_fwd", out_shape=(chunk_matrix,), outputs="p",
-                                         with_w=False)
+        if scores_inside:
+          p = []
+        elif launch.scores_warps:
+          p = call(gpu_fused.scores_kernel, "gdr_scores_fwd", (num_chunks, q.shape[2], batch), (chunk_matrix,),
+                   TritonParams(num_warps=launch.scores_warps, num_stages=1), (q, k, gc), segments, scale=scale,
+                   **common)
+        else:
+          p = prep(name="gdr_prep_p_fwd", out_shape=(chunk_matrix,), outputs="p", with_w=False)
       else:
         t, *p_w = prep(name="gdr_prep_fwd", out_shape=(chunk_matrix, chunk_matrix, *w_out))
         p, w = p_w[:1], p_w[1:]

@@ -99,3 +99,17 @@ def walk_output_kernel(*refs, chunk: int, groups: int, num_chunks: int, block_v:
     return gates.decay * state + mm(k, gates.to_end[:, None] * v_new, trans_a=True)
 
   final_ref[b, h, :, cols] = jax.lax.fori_loop(0, num_chunks, step, h0_ref[b, h, :, cols])
+
+
+def scores_kernel(*refs, chunk: int, groups: int, scale: float, segmented: bool, mm):
+  """One (chunk, key head, row): P = s Gamma * (q k^T) [C, C] of each of the key head's value heads, from one
+  whole-tile q k^T (ChunkedLaunch.scores_warps). prep_kernel's P (outputs="p") forms q k^T by [b, b] blocks in every
+  value head's program, the shape its one-warp launch suits; this program is launched with more warps, so that the
+  product runs as one tensor-core tile, and shares it across the group."""
+  (q_ref, k_ref, gc_ref), seg_refs, (p_ref,) = _split_refs(refs, 3, segmented)
+  n, hk, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  tokens = pl.ds(n * chunk, chunk)
+  qk = mm(q_ref[b, tokens, hk, :], k_ref[b, tokens, hk, :], trans_b=True)
+  for head in [hk * groups + g for g in range(groups)]:
+    gamma = _gates(gc_ref, seg_refs, b, head, tokens, chunk).gamma
+    p_ref[b, head, n] = (qk * (scale * gamma)).astype(p_ref.dtype)
