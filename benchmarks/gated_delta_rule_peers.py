@@ -79,9 +79,10 @@ def launches() -> dict:
               # gpu_mosaic_backward.py's per-chunk backward (one or two Mosaic GPU warpgroups a chunk, 2 the default)
               # and gpu_mosaic_walks.py's walks (the reverse one the default); 'triton': none of them
               "triton": ChunkedLaunch(chunk_grads_mosaic=0, reverse_walk_mosaic=0, norm_grads_kernel=False,
-                                      inverse_precision="tf32", prep_split=False),
+                                      inverse_precision="tf32", prep_split=False, scores_warps=0),
               # the default launch of the eighth session (2026-12-02): XLA's norm backward, the TF32 inverse, one prep
-              "eighth": ChunkedLaunch(norm_grads_kernel=False, inverse_precision="tf32", prep_split=False),
+              "eighth": ChunkedLaunch(norm_grads_kernel=False, inverse_precision="tf32", prep_split=False,
+                                      scores_warps=0),
               "mosaic_bwd": ChunkedLaunch(chunk_grads_mosaic=1),
               "mosaic_fwd_walk": ChunkedLaunch(forward_walk_mosaic=1),
               # gpu_mosaic_walks.py with two warpgroups a program (one CTA per value head for Dv = 128, sharing the
@@ -102,9 +103,10 @@ def launches() -> dict:
               "roles": ChunkedLaunch(forward_walk_roles=3),
               "roles2": ChunkedLaunch(forward_walk_roles=2),
               "roles_p_launch": ChunkedLaunch(forward_walk_roles=3, prefill_scores_in_walk=False),
-              "tenth": ChunkedLaunch(forward_walk_roles=0),  # the tenth session's default
-              # P by gpu_fused.scores_kernel (one program of 4 or 8 warps per key head, a whole-tile q k^T) instead
-              # of the prep's blocked one-warp program per value head; forward alone, the walk loads it
+              "tenth": ChunkedLaunch(forward_walk_roles=0, scores_warps=0),  # the tenth session's default
+              "eleventh": ChunkedLaunch(scores_warps=0),  # the eleventh session's default
+              # P by gpu_fused.scores_kernel (one program of 4 or 8 warps per key head, a whole-tile q k^T; 8 the
+              # default) instead of the prep's blocked one-warp program per value head; forward alone, the walk loads it
               "roles_scores4": ChunkedLaunch(scores_warps=4, prefill_scores_in_walk=False),
               "roles_scores8": ChunkedLaunch(scores_warps=8, prefill_scores_in_walk=False),
               # the prep's T and P by separate launches (ptxas, sm_90a: T 255 registers and 120 bytes of spills, P

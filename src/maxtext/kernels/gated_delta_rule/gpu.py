@@ -125,9 +125,13 @@ class ChunkedLaunch:
   prep_split: bool | None = None
   # P = s Gamma * (q k^T), where it is a launch of its own (with a backward; a forward alone whose walk does not form
   # it), by gpu_fused.scores_kernel with this many warps: one program per (chunk, key head, row), one whole-tile q k^T
-  # shared by the group's value heads (needs inverse_block, as prep_split does); 0: prep_kernel's blocked P, one
-  # program per value head with parallel_warps.
-  scores_warps: int = 0
+  # shared by the group's value heads (a positive count needs inverse_block, as prep_split does); 0: prep_kernel's
+  # blocked P, one program per value head with parallel_warps; None: 8 with the blocked inverse, else 0. On an H200
+  # (2026-12-03, docs/benchmarks.md, twelfth session) P's launch 0.064 ms (8 warps; 4: 0.066) against 0.087 at
+  # 1 x 16384, forward+backward 0.55 / 2.03 / 7.86 / 1.82 / 3.31 ms against 0.56 / 2.05 / 7.99 / 1.85 / 3.37 at
+  # 1 x 4k / 16k / 64k, 4 x 4k and 8 x 4k; a forward alone that loads it rather than forming it in the walk was not
+  # faster (0.60 / 2.31 / 0.44 ms against 0.60 / 2.26 / 0.39 at 1 x 16k / 64k and 4 x 4k).
+  scores_warps: int | None = None
   # gpu_backward.py: one kernel per (chunk, value head, row) for the backward's parallel part instead of the
   # output-gradient and WY-gradient kernels (grad_warps, grad_block_k and grad_block_v are then its launch). Its loop
   # form measured on an H200 (2026-12-01, docs/benchmarks.md): forward+backward 0.75 / 2.84 ms against 0.86 / 3.26
@@ -365,13 +369,14 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
       split = blocked if launch.prep_split is None else launch.prep_split
       in_walk = launch.prefill_scores_in_walk
       scores_inside = (mosaic_walk if in_walk is None else in_walk) and not save and blocked
-      if split or scores_inside or launch.scores_warps:
+      scores_warps = (8 if blocked else 0) if launch.scores_warps is None else launch.scores_warps
+      if split or scores_inside or scores_warps:
         t, *w = prep(name="gdr_prep_t_fwd", out_shape=(chunk_matrix, *w_out), outputs="t")
         if scores_inside:
           p = []
-        elif launch.scores_warps:
+        elif scores_warps:
           p = call(gpu_fused.scores_kernel, "gdr_scores_fwd", (num_chunks, q.shape[2], batch), (chunk_matrix,),
-                   TritonParams(num_warps=launch.scores_warps, num_stages=1), (q, k, gc), segments, scale=scale,
+                   TritonParams(num_warps=scores_warps, num_stages=1), (q, k, gc), segments, scale=scale,
                    **common)
         else:
           p = prep(name="gdr_prep_p_fwd", out_shape=(chunk_matrix,), outputs="p", with_w=False)
