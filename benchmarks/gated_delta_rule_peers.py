@@ -119,6 +119,8 @@ def launches() -> dict:
               "bf16_inv_split": ChunkedLaunch(inverse_precision="bf16", prep_split=True),
               # dq, dk's group sum and the l2 norm's backward in gpu_norm_grads.py's kernel instead of XLA autodiff
               "norm_kernel": ChunkedLaunch(norm_grads_kernel=True),
+              # the forward's l2 norm of q and k in gpu_qk_norm.py's one launch instead of XLA's two fusions
+              "qk_norm": ChunkedLaunch(qk_norm_kernel=True),
               # the blocked inverse by 32-wide blocks at the prep's 1 or 2 warps (measured at 4 warps only)
               "blocked32_w1": ChunkedLaunch(inverse_block=32, parallel_warps=1),
               "blocked32_w2": ChunkedLaunch(inverse_block=32, parallel_warps=2),

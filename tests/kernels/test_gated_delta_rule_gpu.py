@@ -51,7 +51,9 @@ FUSED = dict(split=dict(fused_forward=False, inverse_block=None, fused_backward=
              # P by gpu_fused.scores_kernel with 4 warps (the default launch's: 8)
              scores4=dict(scores_warps=4),
              # gpu_norm_grads.py's kernel for dq, dk through the group sum and the l2 norm, on the default launch
-             norm_kernel=dict(norm_grads_kernel=True))
+             norm_kernel=dict(norm_grads_kernel=True),
+             # the forward's l2 norm of q and k in gpu_qk_norm.py's kernel
+             qk_norm=dict(qk_norm_kernel=True))
 
 def scores_launched(jaxpr_text: str) -> bool:
   """Whether a jaxpr launches a kernel for P alone (gpu_fused.scores_kernel, or prep_kernel's blocked P)."""
@@ -101,6 +103,27 @@ def test_packed_documents_with_small_tiles():
 def test_qk_gradients_with_or_without_the_norm(launch, use_qk_l2norm):
   """dq, dk by gpu_norm_grads.py's kernel or by XLA autodiff, through the l2 norm or not."""
   check((1, 70, 2, 4, 32, 32), 32, jnp.float32, "ieee", launch=launch, seed=3, use_qk_l2norm=use_qk_l2norm)
+
+
+@pytest.mark.parametrize("dtype, precision", [(jnp.float32, "ieee"), (jnp.bfloat16, "bf16")], ids=["f32", "bf16"])
+def test_qk_norm_kernel_groups_ragged(dtype, precision):
+  """The forward's l2 norm in gpu_qk_norm.py's kernel: B = 2, two key heads of two value heads, a ragged tail (the
+  padded tokens are zero: their norm must stay finite), documents; values and every gradient."""
+  check((2, 70, 2, 4, 32, 16), 32, dtype, precision, segment_ids=documents([30, 3, 17, 20], batch=2),
+        launch=ChunkedLaunch(qk_norm_kernel=True))
+
+
+def test_qk_norm_kernel_matches_the_float64_norm():
+  """gpu_qk_norm.l2_normalize_qk against a float64 numpy norm, rows of very different scales, both dtypes out."""
+  from maxtext.kernels.gated_delta_rule import gpu_qk_norm  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(3)
+  q, k = (rng.normal(size=(2, 48, 3, 32)) * rng.uniform(1e-2, 1e2, size=(2, 48, 3, 1)) for _ in range(2))
+  for dtype, tolerance in ((jnp.float32, 1e-6), (jnp.bfloat16, 8e-3)):
+    got = gpu_qk_norm.l2_normalize_qk(jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32), block=16,
+                                      dtype=dtype, interpret=True)
+    for x, y in zip((q, k), got):
+      expected = x / np.sqrt((x * x).sum(-1, keepdims=True) + 1e-6)
+      assert y.dtype == dtype and np.abs(np.asarray(y, np.float64) - expected).max() < tolerance
 
 
 def test_norm_grads_kernel_bf16_packed():

@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from maxtext.kernels.gated_delta_rule import gpu_backward, gpu_fused, gpu_norm_grads
+from maxtext.kernels.gated_delta_rule import gpu_backward, gpu_fused, gpu_norm_grads, gpu_qk_norm
 from maxtext.kernels.gated_delta_rule.chunking import l2_normalize, token_segment_masks
 from maxtext.kernels.gated_delta_rule.gpu_kernels import (
     Segments,
@@ -164,6 +164,9 @@ class ChunkedLaunch:
   # (2026-12-02, docs/benchmarks.md, ninth session) forward+backward 0.58 / 2.16 / 8.53 / 3.69 ms against 0.63 / 2.32 /
   # 9.16 / 3.99 at 1 x 4k / 16k / 64k and 8 x 4k; errors unchanged; device tests passed.
   norm_grads_kernel: bool = True
+  # gpu_qk_norm.py: the forward's l2 norm of q and k (with norm_grads_kernel, where it runs inside the custom vjp) in
+  # one Pallas launch instead of XLA's two fusions (0.064 ms at 1 x 16384 on an H200, 2026-12-03). Off until timed.
+  qk_norm_kernel: bool = False
   # A forward alone (prefill: no backward, so P need not be saved) with the blocked inverse: the forward walk forms
   # P = s Gamma * (q k^T) from the q, k tiles it loads anyway (one more 64 x 64 x Dk product a chunk, off the state's
   # path), and the prep's P launch is skipped. None: where the forward walk is a Mosaic GPU one. Measured on an H200
@@ -315,7 +318,11 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
   q, k, and the backward normalises them again unless XLA keeps the forward's).
   """
 
-  operands = functools.partial(kernel_qk, mode=precision, normalize=normalize)
+  def operands(q, k):
+    if normalize and launch.qk_norm_kernel:
+      operand = q.dtype if precision == "bf16" else jnp.float32
+      return gpu_qk_norm.l2_normalize_qk(q, k, block=chunk, dtype=operand, interpret=interpret)
+    return kernel_qk(q, k, mode=precision, normalize=normalize)
 
   def setup(q, v):
     batch, length, key_heads, key_dim = q.shape
