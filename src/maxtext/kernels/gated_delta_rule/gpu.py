@@ -1,6 +1,7 @@
 """The whole chunked gated delta rule on GPU: seven Pallas-Triton kernels over the model's layout, with a custom vjp.
 
-The kernels read q and k [B, T, Hk, Dk] (l2-normalised by XLA inside the custom vjp, gpu_norm_grads.py's kernel
+The kernels read q and k [B, T, Hk, Dk] (l2-normalised inside the custom vjp by XLA, or by gpu_qk_norm.py's kernel
+with ChunkedLaunch.qk_norm_kernel; gpu_norm_grads.py's kernel
 taking the gradients back through the norm (ChunkedLaunch.norm_grads_kernel, the default), or before it under
 autodiff), v [B, T, Hv, Dv], the chunk-local cumulative log decays gc and the betas [B, Hv, T] in float32,
 and per-token segment masks. Value head h reads key head h // G (G = Hv / Hk) in place: nothing is repeated.
@@ -14,9 +15,9 @@ rows of its key head and s the 1/sqrt(Dk) scale:
 (carried: the token belongs to the segment of the state entering the chunk; in_last: to the chunk's last segment;
 both 1 without segment ids. The initial state belongs to each row's first segment.)
 
-Forward, by default (ChunkedLaunch.fused_forward; gpu_fused.py): `prep_kernel` (parallel over chunks: T and the
-output scores P = s Gamma * q k^T) and `walk_output_kernel` (one program per value
-block walks the chunks carrying its [Dk, BV] float32 state and writes o; with a backward also h_n and v_new). A
+Forward, by default (ChunkedLaunch.fused_forward; gpu_fused.py): `prep_kernel` (parallel over chunks: T; the
+output scores P = s Gamma * q k^T by `scores_kernel`, one program per key head: ChunkedLaunch.scores_warps) and
+`walk_output_kernel` (one program per value block walks the chunks carrying its [Dk, BV] float32 state and writes o; with a backward also h_n and v_new). A
 forward alone in a Mosaic GPU walk forms P in the walk (ChunkedLaunch.prefill_scores_in_walk); with few programs
 the Mosaic walk splits its work by role between warpgroups (ChunkedLaunch.forward_walk_roles).
 Without fusion (kernel bodies in gpu_kernels.py): `wy_kernel` (parallel: w, u and T), `state_kernel` (the walk: h_n
@@ -128,9 +129,9 @@ class ChunkedLaunch:
   # shared by the group's value heads (a positive count needs inverse_block, as prep_split does); 0: prep_kernel's
   # blocked P, one program per value head with parallel_warps; None: 8 with the blocked inverse, else 0. On an H200
   # (2026-12-03, docs/benchmarks.md, twelfth session) P's launch 0.064 ms (8 warps; 4: 0.066) against 0.087 at
-  # 1 x 16384, forward+backward 0.55 / 2.03 / 7.86 / 1.82 / 3.31 ms against 0.56 / 2.05 / 7.99 / 1.85 / 3.37 at
-  # 1 x 4k / 16k / 64k, 4 x 4k and 8 x 4k; a forward alone that loads it rather than forming it in the walk was not
-  # faster (0.60 / 2.31 / 0.44 ms against 0.60 / 2.26 / 0.39 at 1 x 16k / 64k and 4 x 4k).
+  # 1 x 16384, forward+backward 0.547 / 2.029 / 7.861 / 1.819 / 3.312 ms against 0.557 / 2.053 / 7.992 / 1.845 / 3.365
+  # at 1 x 4k / 16k / 64k, 4 x 4k and 8 x 4k; a forward alone that loads it rather than forming it in the walk was
+  # not faster (0.600 / 2.297 / 0.443 ms against 0.599 / 2.257 / 0.390 at 1 x 16k / 64k and 4 x 4k).
   scores_warps: int | None = None
   # gpu_backward.py: one kernel per (chunk, value head, row) for the backward's parallel part instead of the
   # output-gradient and WY-gradient kernels (grad_warps, grad_block_k and grad_block_v are then its launch). Its loop
