@@ -26,6 +26,8 @@
 #                                             #   head): device tests, then the five shapes with jla (no fla)
 #   benchmarks/mosaic_candidates.sh qknorm    # ~6 min (estimated): the forward's l2 norm in gpu_qk_norm.py's kernel:
 #                                             #   device tests, then the five shapes with jla (no fla)
+#   benchmarks/mosaic_candidates.sh train4_qknorm # ~8 min (estimated): the unscanned train step at 4 x 4096, default
+#                                             #   launch and qk_norm_kernel=true (no HF)
 #   benchmarks/mosaic_candidates.sh train4    # ~9 min: the bench train step at 4 x 4096, unscanned and scanned, and HF
 #   benchmarks/mosaic_candidates.sh train     # ~8 min: the bench train step at 8 x 4096, unscanned and scanned, and HF
 #
@@ -155,6 +157,12 @@ case "${1:-}" in
       --variants api,qk_norm --no-fla --peer-timeout 200 --trace 1x16384 \
       --shapes 1x4096,1x16384,1x65536,4x4096,8x4096 \
       --markdown "$OUT/gdn_qknorm.md" --json "$OUT/gdn_qknorm.json")
+    ;;
+  train4_qknorm)
+    # the unscanned step twice in one call: the default launch, then the forward's l2 norm in gpu_qk_norm.py
+    (cd benchmarks && step train_b4_default 280 python3 train_step.py --batch 4 --steps 6 --warmup 2 --no-hf)
+    (cd benchmarks && step train_b4_qknorm 280 python3 train_step.py --batch 4 --steps 6 --warmup 2 --no-hf \
+      --gdn-launch qk_norm_kernel=true)
     ;;
   train4)
     (cd benchmarks && step train_b4 560 python3 train_step.py --batch 4 --scan-layers false,true --steps 6 --warmup 2)

@@ -20,6 +20,7 @@ keeps it). Prints a table last: tokens/s, step time, TFLOP/s per device, MFU, pe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -113,6 +114,21 @@ def time_train_steps(config, mesh, length: int, warmup: int, steps: int):
   return training, state, losses, elapsed, batch
 
 
+def _launch_fields(text: str) -> dict:
+  """--gdn-launch 'qk_norm_kernel=true,scores_warps=4' -> ChunkedLaunch fields (bool, int or None values)."""
+  from maxtext.kernels.gated_delta_rule.gpu import ChunkedLaunch  # noqa: PLC0415
+
+  known = {field.name for field in dataclasses.fields(ChunkedLaunch)}
+  words = {"true": True, "false": False, "none": None}
+  fields = {}
+  for item in filter(None, text.split(",")):
+    name, _, value = item.partition("=")
+    if name not in known:
+      raise SystemExit(f"--gdn-launch: {name!r} is not a ChunkedLaunch field")
+    fields[name] = words[value.lower()] if value.lower() in words else int(value)
+  return fields
+
+
 def run_ours(args, devices: int, scanned: bool) -> dict:
   import jax
 
@@ -130,6 +146,10 @@ def run_ours(args, devices: int, scanned: bool) -> dict:
       **{f"ici_{axis}_parallelism": int(value) for axis, value in ici.items()},
   }
   config = load_config(overrides=overrides)
+  if args.gdn_launch:  # the GPU kernels' launch for this run: the model calls them with the default one
+    from maxtext.kernels.gated_delta_rule import gpu  # noqa: PLC0415
+
+    gpu.chunk_gated_delta_rule_gpu.__kwdefaults__["launch"] = gpu.ChunkedLaunch(**_launch_fields(args.gdn_launch))
   mesh = train_mesh.make_training_mesh(config, jax.devices()[:devices])
   training, state, losses, elapsed, batch = time_train_steps(config, mesh, LENGTH, args.warmup, args.steps)
   trace = None
@@ -141,7 +161,8 @@ def run_ours(args, devices: int, scanned: bool) -> dict:
   peak = flops.peak_tflops(jax.devices()[0].device_kind)
   stats = jax.devices()[0].memory_stats() or {}
   return dict(
-      side=f"ours x{devices}" + (" scanned" if scanned else ""), devices=devices, scanned=scanned, step_s=elapsed,
+      side=f"ours x{devices}" + (" scanned" if scanned else "") + (f" [{args.gdn_launch}]" if args.gdn_launch else ""),
+      devices=devices, scanned=scanned, step_s=elapsed,
       tokens_per_s=tokens / elapsed,
       tflops_per_device=flops_per_token * tokens / elapsed / devices / 1e12, peak_tflops=peak,
       peak_memory_gb=stats.get("peak_bytes_in_use", 0) / 1e9, losses=losses,
@@ -206,7 +227,7 @@ def _worker_command(args, side: str, output: str) -> list[str]:
       f"--steps={args.steps}", f"--batch={args.batch}", f"--warmup={args.warmup}",
       f"--weight-dtype={args.weight_dtype}",
       f"--remat-policy={args.remat_policy}", f"--gdn-kernel={args.gdn_kernel}", f"--ici={args.ici}",
-      f"--scan-layers={args.scan_layers}",
+      f"--scan-layers={args.scan_layers}", f"--gdn-launch={args.gdn_launch}",
   ] + (["--keep-fla-guard"] if args.keep_fla_guard else []) + (["--trace"] if args.trace else [])
   return [sys.executable, os.path.abspath(__file__), f"--worker={side}", f"--json={output}", *passthrough]
 
@@ -223,6 +244,8 @@ def main() -> None:
   parser.add_argument("--scan-layers", default="false",
                       help="our layer layout(s): false (unrolled), true (scan over blocks), or false,true for both")
   parser.add_argument("--gdn-kernel", default="auto")
+  parser.add_argument("--gdn-launch", default="",
+                      help="the GPU kernels' ChunkedLaunch fields for our side, e.g. qk_norm_kernel=true (benchmarking)")
   parser.add_argument("--no-hf", action="store_true", help="skip the HF side")
   parser.add_argument("--keep-fla-guard", action="store_true")
   parser.add_argument("--trace", action="store_true",
