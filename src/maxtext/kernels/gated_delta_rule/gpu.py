@@ -187,7 +187,9 @@ class ChunkedLaunch:
   forward_walk_roles: int | None = None
   # A forward alone in roles carries the state's transpose (gpu_mosaic_roles.forward_walk's transposed_chain:
   # every product on the chain takes its left operand from registers; needs jax 0.11: 0.10's Mosaic GPU cannot load
-  # the transpose of a swizzled tile, which the chain reads v by).
+  # the transpose of a swizzled tile, which the chain reads v by). Device tests passed; off: on an H200 (2026-12-03,
+  # docs/benchmarks.md, twelfth session) 0.153 / 0.593 / 2.262 / 0.402 ms against 0.158 / 0.598 / 2.255 / 0.391 at
+  # 1 x 4k / 16k / 64k and 4 x 4k.
   roles_transposed_chain: bool = False
 
   def __post_init__(self):
