@@ -245,7 +245,7 @@ def main() -> None:
                       help="our layer layout(s): false (unrolled), true (scan over blocks), or false,true for both")
   parser.add_argument("--gdn-kernel", default="auto")
   parser.add_argument("--gdn-launch", default="",
-                      help="the GPU kernels' ChunkedLaunch fields for our side, e.g. qk_norm_kernel=true (benchmarking)")
+                      help="the GPU kernels' ChunkedLaunch fields for our side, e.g. qk_norm_kernel=true")
   parser.add_argument("--no-hf", action="store_true", help="skip the HF side")
   parser.add_argument("--keep-fla-guard", action="store_true")
   parser.add_argument("--trace", action="store_true",

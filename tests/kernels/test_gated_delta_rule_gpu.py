@@ -349,7 +349,8 @@ def test_compiled_on_gpu_prefill_roles_short_and_wide(dims, roles, transposed_ch
 @pytest.mark.device
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (run with JAX_PLATFORMS=cuda)")
 @pytest.mark.parametrize("walk", [dict(forward_walk_roles=3), dict(forward_walk_roles=0, forward_walk_mosaic=2),
-                                  dict(forward_walk_roles=0, forward_walk_mosaic=0)], ids=["roles", "mosaic_2wg", "triton"])
+                                  dict(forward_walk_roles=0, forward_walk_mosaic=0)],
+                         ids=["roles", "mosaic_2wg", "triton"])
 @pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
 def test_compiled_on_gpu_prefill_scores_launch(walk, packed, monkeypatch):
   """A forward alone whose walk loads P from gpu_fused.scores_kernel (scores_warps=4, prefill_scores_in_walk=False)

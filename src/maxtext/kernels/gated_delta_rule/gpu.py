@@ -17,9 +17,10 @@ both 1 without segment ids. The initial state belongs to each row's first segmen
 
 Forward, by default (ChunkedLaunch.fused_forward; gpu_fused.py): `prep_kernel` (parallel over chunks: T; the
 output scores P = s Gamma * q k^T by `scores_kernel`, one program per key head: ChunkedLaunch.scores_warps) and
-`walk_output_kernel` (one program per value block walks the chunks carrying its [Dk, BV] float32 state and writes o; with a backward also h_n and v_new). A
-forward alone in a Mosaic GPU walk forms P in the walk (ChunkedLaunch.prefill_scores_in_walk); with few programs
-the Mosaic walk splits its work by role between warpgroups (ChunkedLaunch.forward_walk_roles).
+`walk_output_kernel` (one program per value block walks the chunks carrying its [Dk, BV] float32 state and writes o;
+with a backward also h_n and v_new). A forward alone in a Mosaic GPU walk forms P in the walk
+(ChunkedLaunch.prefill_scores_in_walk); with few programs the Mosaic walk splits its work by role between warpgroups
+(ChunkedLaunch.forward_walk_roles).
 Without fusion (kernel bodies in gpu_kernels.py): `wy_kernel` (parallel: w, u and T), `state_kernel` (the walk: h_n
 and v_new) and `output_kernel` (parallel: o). Backward: `local_dv_kernel` (parallel: (s Gamma * q k^T)^T do; after
 the fused forward the reverse walk forms it from the saved P instead),
@@ -303,10 +304,13 @@ def supports(chunk_size: int, key_dim: int, value_dim: int) -> bool:
 # ------------------------------------------------------------------------------------------------ wrappers
 
 
-def kernel_qk(q: jax.Array, k: jax.Array, *, mode: str, normalize: bool) -> tuple[jax.Array, jax.Array]:
-  """The kernels' q, k: l2-normalised in float32 (normalize), in the precision mode's operand dtype (q's in 'bf16'
-  mode, else float32)."""
+def kernel_qk(q: jax.Array, k: jax.Array, *, mode: str, normalize: bool, norm_block: int | None = None,
+              interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+  """The kernels' q, k: l2-normalised in float32 (normalize; by gpu_qk_norm.py's kernel over token blocks of
+  norm_block where given, else by XLA), in the precision mode's operand dtype (q's in 'bf16' mode, else float32)."""
   operand = q.dtype if mode == "bf16" else jnp.float32
+  if normalize and norm_block:
+    return gpu_qk_norm.l2_normalize_qk(q, k, block=norm_block, dtype=operand, interpret=interpret)
   if normalize:
     q, k = l2_normalize(q.astype(jnp.float32)), l2_normalize(k.astype(jnp.float32))
   return q.astype(operand), k.astype(operand)
@@ -321,11 +325,8 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
   q, k, and the backward normalises them again unless XLA keeps the forward's).
   """
 
-  def operands(q, k):
-    if normalize and launch.qk_norm_kernel:
-      operand = q.dtype if precision == "bf16" else jnp.float32
-      return gpu_qk_norm.l2_normalize_qk(q, k, block=chunk, dtype=operand, interpret=interpret)
-    return kernel_qk(q, k, mode=precision, normalize=normalize)
+  operands = functools.partial(kernel_qk, mode=precision, normalize=normalize,
+                               norm_block=chunk if launch.qk_norm_kernel else None, interpret=interpret)
 
   def setup(q, v):
     batch, length, key_heads, key_dim = q.shape

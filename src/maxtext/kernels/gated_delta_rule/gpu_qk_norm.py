@@ -2,10 +2,12 @@
 head, in float32, stored in the kernels' operand dtype; one launch for both tensors.
 
 Under XLA the norm is one fusion per tensor. On an H200 (2026-12-03, docs/benchmarks.md, twelfth session; profiler,
-1 x 16384, Hk 16, d 128, XLA_FLAGS of the peers' benchmark) the two fusions took 0.064 ms for 8 MB read and 8 MB
-written, about a tenth of the memory bandwidth: as much as the T prep kernel, and jax-linear-attention's forward pays
-the same. One program per (chunk of tokens, key head, row) here reads its [block, D] rows of q and of k once and
-writes them normalised: a copy's traffic. The backward's gradient through the norm stays gpu_norm_grads.py's.
+1 x 16384, Hk 16, d 128, XLA_FLAGS of the peers' benchmark) the kernel named fusion_7 took 0.064 ms; the HLO compiled
+for an H200 on a CPU host names the two norm fusions so (one deduplicated name): 8 MB read and 8 MB written in 64 us,
+about a twentieth of the memory bandwidth, as much as the T prep kernel; jax-linear-attention's forward pays the same.
+One program per (chunk of tokens, key head, row) here reads its [block, D] rows of q and of k once and writes them
+normalised: a copy's traffic. The backward's gradient through the norm stays gpu_norm_grads.py's; the backward
+launches this kernel again (XLA does not merge the two custom calls), as it recomputes XLA's norm otherwise.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from maxtext.kernels.gated_delta_rule.chunking import L2_NORM_EPS
+from maxtext.kernels.gated_delta_rule.chunking import L2_NORM_EPS, l2_normalize
 from maxtext.kernels.triton_compat import TritonParams
 
 
@@ -24,8 +26,7 @@ def _normalize_kernel(q_ref, k_ref, q_out, k_out, *, block: int, eps: float):
   t, key_head, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   tokens = pl.ds(t * block, block)
   for source, target in ((q_ref, q_out), (k_ref, k_out)):
-    x = source[b, tokens, key_head, :].astype(jnp.float32)
-    y = x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+    y = l2_normalize(source[b, tokens, key_head, :].astype(jnp.float32), eps)
     target[b, tokens, key_head, :] = y.astype(target.dtype)
 
 
