@@ -8,6 +8,7 @@ per rounded operand, 2e-3..9e-3 measured, so 1e-2 (fla's own error on the H100 a
 docs/benchmarks.md).
 """
 
+import collections
 import dataclasses
 import functools
 
@@ -58,6 +59,25 @@ FUSED = dict(split=dict(fused_forward=False, inverse_block=None, fused_backward=
 def scores_launched(jaxpr_text: str) -> bool:
   """Whether a jaxpr launches a kernel for P alone (gpu_fused.scores_kernel, or prep_kernel's blocked P)."""
   return "gdr_scores_fwd" in jaxpr_text or "gdr_prep_p_fwd" in jaxpr_text
+
+
+def _eqns_outside_kernels(jaxpr):
+  """Every equation of a jaxpr and its sub-jaxprs, not descending into Pallas kernels."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    if eqn.primitive.name != "pallas_call":
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        yield from _eqns_outside_kernels(sub)
+
+
+def primitives_outside_kernels(jaxpr) -> collections.Counter:
+  """How often each primitive occurs in a jaxpr outside its Pallas kernels (XLA's part of the computation)."""
+  return collections.Counter(eqn.primitive.name for eqn in _eqns_outside_kernels(jaxpr))
+
+
+def kernel_launches(jaxpr) -> list:
+  """The pallas_call equations of a jaxpr, nested ones included."""
+  return [eqn for eqn in _eqns_outside_kernels(jaxpr) if eqn.primitive.name == "pallas_call"]
 
 
 def documents(lengths, batch=1):
@@ -119,7 +139,7 @@ def test_qk_norm_kernel_matches_the_float64_norm():
   rng = np.random.default_rng(3)
   q, k = (rng.normal(size=(2, 48, 3, 32)) * rng.uniform(1e-2, 1e2, size=(2, 48, 3, 1)) for _ in range(2))
   for dtype, tolerance in ((jnp.float32, 1e-6), (jnp.bfloat16, 8e-3)):
-    got = gpu_qk_norm.l2_normalize_qk(jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32), block=16,
+    got = gpu_qk_norm.l2_normalize_qk(jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32), rows=16,
                                       dtype=dtype, interpret=True)
     for x, y in zip((q, k), got):
       expected = x / np.sqrt((x * x).sum(-1, keepdims=True) + 1e-6)
@@ -157,6 +177,35 @@ def test_prefill_scores_formed_in_the_walk(packed, dtype, precision, reads_w=Fal
   assert not scores_launched(forward_text)
   grad_text = str(jax.make_jaxpr(jax.grad(lambda *a: run(*a)[0].astype(jnp.float32).sum()))(q, k, v, g, beta, h0))
   assert scores_launched(grad_text)
+
+
+@pytest.mark.parametrize("scores, packed, dtype, precision", [
+    ("scores_kernel", True, jnp.float32, "ieee"), ("scores_kernel", False, jnp.bfloat16, "bf16"),
+    ("in_walk", True, jnp.bfloat16, "bf16"), ("reads_w", False, jnp.float32, "ieee")], ids=str)
+def test_prefill_normalizes_in_the_prep(scores, packed, dtype, precision, dims=(2, 70, 2, 6, 32, 16), chunk=32,
+                                        interpret=True, walk=None):
+  """A forward alone with ChunkedLaunch(prep_normalizes_qk=True): the T launch takes the raw q, k, l2-normalises
+  them and hands them on (to P's launch, or to the walk that forms P, or reads w); B = 2, two key heads of three
+  value heads, a ragged tail, raw keys of very different scales, an initial state; o and the final state against the
+  reference. The gradient's forward keeps the norm outside the prep (its launch has no normalised outputs)."""
+  batch, length, key_heads = dims[:3]
+  segment_ids = documents([30, 3, 17, length - 50], batch=batch) if packed else None
+  q, k, v, g, beta, h0 = random_inputs(7, *dims, dtype, True)
+  scales = jnp.asarray(np.random.default_rng(7).uniform(1e-2, 1e2, size=(batch, length, key_heads, 1)), dtype)
+  q, k = q * scales, k * scales[:, ::-1]
+  launch = ChunkedLaunch(prep_normalizes_qk=True, prefill_scores_in_walk=scores == "in_walk",
+                         fused_walk_reads_w=scores == "reads_w", **(walk or {}))
+  run = lambda *a: chunk_gated_delta_rule_gpu(*a, segment_ids=segment_ids, chunk_size=chunk, precision=precision,
+                                              interpret=interpret, launch=launch)
+  expected = chunk_gated_delta_rule_reference(q, k, v, g, beta, h0, segment_ids=segment_ids, chunk_size=chunk)
+  for name, a, b in zip(("o", "final_state"), jax.jit(run)(q, k, v, g, beta, h0), expected):
+    assert relative_error(a, b) < TOLERANCE[precision], name
+  prep_outputs = lambda jaxpr: [len(e.outvars) for e in kernel_launches(jaxpr) if e.params["name"] == "gdr_prep_t_fwd"]
+  forward = jax.make_jaxpr(run)(q, k, v, g, beta, h0).jaxpr
+  assert "rsqrt" not in primitives_outside_kernels(forward)
+  assert prep_outputs(forward) == [3 + (scores == "reads_w")]  # T, (w,) q, k
+  grad = jax.make_jaxpr(jax.grad(lambda *a: run(*a)[0].astype(jnp.float32).sum()))(q, k, v, g, beta, h0).jaxpr
+  assert primitives_outside_kernels(grad)["rsqrt"] > 0 and prep_outputs(grad) == [1 + (scores == "reads_w")]
 
 
 def test_prefill_scores_formed_in_the_walk_that_reads_w():
@@ -367,6 +416,22 @@ def test_compiled_on_gpu_prefill_scores_launch(walk, packed, monkeypatch):
     assert relative_error(a, b) < TOLERANCE["bf16"], name
   text = str(jax.make_jaxpr(run)(q, k, v, g, beta, h0))
   assert "gdr_scores_fwd" in text and "gdr_prep_p_fwd" not in text
+
+
+@pytest.mark.device
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (run with JAX_PLATFORMS=cuda)")
+@pytest.mark.parametrize("scores, walk", [
+    ("in_walk", dict(forward_walk_roles=3)), ("scores_kernel", dict(forward_walk_roles=3)),
+    ("in_walk", dict(forward_walk_roles=0, forward_walk_mosaic=2)),
+    ("scores_kernel", dict(forward_walk_roles=0, forward_walk_mosaic=0))],
+    ids=["roles", "roles_scores_kernel", "mosaic_2wg", "triton"])
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+def test_compiled_on_gpu_prefill_normalizes_in_the_prep(scores, walk, packed, monkeypatch):
+  """ChunkedLaunch(prep_normalizes_qk=True) compiled: a forward alone at B = 2, T = 1000, d 128, bf16, raw q, k of
+  very different scales normalised in the T launch, P formed in the walk or by its own launch."""
+  monkeypatch.setitem(TOLERANCE, "bf16", DEVICE_TOLERANCE["bf16"])
+  test_prefill_normalizes_in_the_prep(scores, packed, jnp.bfloat16, "bf16", dims=(2, 1000, 2, 4, 128, 128),
+                                      chunk=64, interpret=False, walk=walk)
 
 
 def test_prefill_scores_in_the_walk_by_default_only_in_a_mosaic_walk(monkeypatch):

@@ -169,6 +169,10 @@ class ChunkedLaunch:
   # gpu_qk_norm.py: the forward's l2 norm of q and k (with norm_grads_kernel, where it runs inside the custom vjp) in
   # one Pallas launch instead of XLA's two fusions (0.064 ms at 1 x 16384 on an H200, 2026-12-03). Off until timed.
   qk_norm_kernel: bool = False
+  # A forward alone (prefill) with normalize and the blocked inverse's T launch (prep_split): the l2 norm of q and k
+  # inside that prep kernel (gpu_fused.prep_kernel's normalizes) rather than a launch of its own; the walk reads the
+  # prep's normalised q, k. Off until timed.
+  prep_normalizes_qk: bool = False
   # A forward alone (prefill: no backward, so P need not be saved) with the blocked inverse: the forward walk forms
   # P = s Gamma * (q k^T) from the q, k tiles it loads anyway (one more 64 x 64 x Dk product a chunk, off the state's
   # path), and the prep's P launch is skipped. None: where the forward walk is a Mosaic GPU one. Measured on an H200
@@ -304,13 +308,13 @@ def supports(chunk_size: int, key_dim: int, value_dim: int) -> bool:
 # ------------------------------------------------------------------------------------------------ wrappers
 
 
-def kernel_qk(q: jax.Array, k: jax.Array, *, mode: str, normalize: bool, norm_block: int | None = None,
+def kernel_qk(q: jax.Array, k: jax.Array, *, mode: str, normalize: bool, norm_kernel: bool = False,
               interpret: bool = False) -> tuple[jax.Array, jax.Array]:
-  """The kernels' q, k: l2-normalised in float32 (normalize; by gpu_qk_norm.py's kernel over token blocks of
-  norm_block where given, else by XLA), in the precision mode's operand dtype (q's in 'bf16' mode, else float32)."""
+  """The kernels' q, k: l2-normalised in float32 (normalize; by gpu_qk_norm.py's kernel with norm_kernel, else by
+  XLA), in the precision mode's operand dtype (q's in 'bf16' mode, else float32)."""
   operand = q.dtype if mode == "bf16" else jnp.float32
-  if normalize and norm_block:
-    return gpu_qk_norm.l2_normalize_qk(q, k, block=norm_block, dtype=operand, interpret=interpret)
+  if normalize and norm_kernel:
+    return gpu_qk_norm.l2_normalize_qk(q, k, dtype=operand, interpret=interpret)
   if normalize:
     q, k = l2_normalize(q.astype(jnp.float32)), l2_normalize(k.astype(jnp.float32))
   return q.astype(operand), k.astype(operand)
@@ -326,7 +330,10 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
   """
 
   operands = functools.partial(kernel_qk, mode=precision, normalize=normalize,
-                               norm_block=chunk if launch.qk_norm_kernel else None, interpret=interpret)
+                               norm_kernel=launch.qk_norm_kernel, interpret=interpret)
+  # where a forward alone normalises q, k in its prep kernel (ChunkedLaunch.prep_normalizes_qk)
+  prep_normalizes = (normalize and launch.prep_normalizes_qk and launch.fused_forward and not launch.prep_per_key_head
+                     and launch.inverse_block is not None and launch.prep_split is not False)
 
   def setup(q, v):
     batch, length, key_heads, key_dim = q.shape
@@ -356,7 +363,12 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
         grid=grid, out_shape=out_shape, compiler_params=params, interpret=interpret, name=name,
     )(*args, *(segments or ()))
 
-  def forward(q, k, v, gc, beta, h0, segments, save: bool = True):
+  def forward(q, k, v, gc, beta, h0, segments, save: bool = True, raw: bool = False):
+    """raw: q, k as given to `run`, still to be made the kernels' operands (in the prep kernel where
+    prep_normalizes applies, else by `operands`)."""
+    in_prep = raw and prep_normalizes
+    if raw:
+      q, k = kernel_qk(q, k, mode=precision, normalize=False) if in_prep else operands(q, k)
     (batch, length, heads, key_dim, value_dim, num_chunks), store, common, inv, (block_v, _), _ = setup(q, v)
     struct = lambda *shape, dtype=store: jax.ShapeDtypeStruct(shape, dtype)
     parallel = (num_chunks, heads, batch)
@@ -382,7 +394,11 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
       scores_inside = (mosaic_walk if in_walk is None else in_walk) and not save and blocked
       scores_warps = (8 if blocked else 0) if launch.scores_warps is None else launch.scores_warps
       if split or scores_inside or scores_warps:
-        t, *w = prep(name="gdr_prep_t_fwd", out_shape=(chunk_matrix, *w_out), outputs="t")
+        normalized_out = [jax.ShapeDtypeStruct(q.shape, q.dtype)] * 2 * in_prep
+        t, *w = prep(name="gdr_prep_t_fwd", out_shape=(chunk_matrix, *w_out, *normalized_out), outputs="t",
+                     normalizes=in_prep)
+        if in_prep:
+          *w, q, k = w
         if scores_inside:
           p = []
         elif scores_warps:
@@ -390,7 +406,7 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
                    TritonParams(num_warps=scores_warps, num_stages=1), (q, k, gc), segments, scale=scale,
                    **common)
         else:
-          p = prep(name="gdr_prep_p_fwd", out_shape=(chunk_matrix,), outputs="p", with_w=False)
+          p = prep(name="gdr_prep_p_fwd", out_shape=(chunk_matrix,), outputs="p", with_w=False, args=(q, k, gc, beta))
       else:
         t, *p_w = prep(name="gdr_prep_fwd", out_shape=(chunk_matrix, chunk_matrix, *w_out))
         p, w = p_w[:1], p_w[1:]
@@ -511,7 +527,7 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
 
   @jax.custom_vjp
   def run(q, k, v, gc, beta, h0, segments):
-    return forward(*operands(q, k), v, gc, beta, h0, segments, save=False)[0]
+    return forward(q, k, v, gc, beta, h0, segments, save=False, raw=True)[0]
 
   def run_forward(q, k, v, gc, beta, h0, segments):
     outputs, saved = forward(*operands(q, k), v, gc, beta, h0, segments)

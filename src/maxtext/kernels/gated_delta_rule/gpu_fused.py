@@ -12,30 +12,42 @@ gpu_kernels.py.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from maxtext.kernels.gated_delta_rule.chunking import l2_normalize
 from maxtext.kernels.gated_delta_rule.gpu_inverse import gated_chunk, key_head_products
 from maxtext.kernels.gated_delta_rule.gpu_kernels import _f32, _gates, _split_refs, chunk_inverse
 
 
 def prep_kernel(*refs, chunk: int, groups: int, scale: float, segmented: bool, with_w: bool, mm, inv_mm,
-                inverse_block: int | None = None, per_key_head: bool = False, outputs: str = "tp"):
+                inverse_block: int | None = None, per_key_head: bool = False, outputs: str = "tp",
+                normalizes: bool = False):
   """One (chunk, value head, row): T, P and (with_w) w; inverse_block: T and P by blocks (gpu_inverse.py).
 
   per_key_head (with inverse_block): one program per (chunk, key head, row) forms the gate-free k k^T and q k^T
   blocks once and serves the key head's `groups` value heads from them, instead of each value head forming them.
   outputs (with inverse_block): "tp" both; "t" T (and w) alone, "p" P alone: two launches of lighter programs
   (ChunkedLaunch.prep_split), whose outputs are then T (and w), or P.
+  normalizes (with outputs="t", not per_key_head): q, k are the raw ones; the keys are l2-normalised here before
+  k k^T, and the program of each key head's first value head writes the chunk's normalised q and k (the last two
+  outputs, in their dtype) for the walk (ChunkedLaunch.prep_normalizes_qk).
   """
   (q_ref, k_ref, gc_ref, beta_ref), seg_refs, outs = _split_refs(refs, 4, segmented)
   n, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   if inverse_block is not None:
     want_t, want_p = "t" in outputs, "p" in outputs
+    if normalizes and (want_p or per_key_head):
+      raise ValueError("prep_kernel: normalizes needs outputs='t' and one program per value head")
     t_ref, p_ref = (outs[0] if want_t else None), (outs[int(want_t)] if want_p else None)
     w_ref = outs[int(want_t) + int(want_p)] if with_w else None
     key_head = h if per_key_head else h // groups  # per_key_head: program axis 1 counts key heads
+    normalized = outs[-2:] if normalizes else None
     products = key_head_products(q_ref if want_p else None, k_ref, b, key_head, n, chunk=chunk,
-                                 block=inverse_block, mm=mm, with_kk=want_t)
+                                 block=inverse_block, mm=mm, with_kk=want_t,
+                                 normalize_to=normalized[1].dtype if normalizes else None)
+    if normalizes:
+      _store_normalized(q_ref, products, normalized, b, key_head, first=h % groups == 0)
     for head in [h * groups + g for g in range(groups)] if per_key_head else [h]:
       c = gated_chunk(products, gc_ref, beta_ref, seg_refs, b, head, inv_mm=inv_mm, scale=scale)
       if want_t:
@@ -57,6 +69,19 @@ def prep_kernel(*refs, chunk: int, groups: int, scale: float, segmented: bool, w
   p_ref[b, h, n] = (mm(q_ref[b, tokens, h // groups, :], k, trans_b=True) * (scale * gates.gamma)).astype(p_ref.dtype)
   if with_w:
     outs[2][b, tokens, h, :] = mm(t, (beta * gates.from_start)[:, None] * k).astype(outs[2].dtype)
+
+
+def _store_normalized(q_ref, products, normalized, b, key_head, *, first):
+  """The chunk's normalised k (as the products used it) and q into normalized = (q_out, k_out), by the first of the
+  key head's value-head programs only."""
+  q_out, k_out = normalized
+
+  @pl.when(first)
+  def _():
+    for span, k in zip(products.tokens, products.k):
+      k_out[b, span, key_head, :] = k
+      q = l2_normalize(q_ref[b, span, key_head, :].astype(jnp.float32))
+      q_out[b, span, key_head, :] = q.astype(q_out.dtype)
 
 
 def walk_output_kernel(*refs, chunk: int, groups: int, num_chunks: int, block_v: int, scale: float,

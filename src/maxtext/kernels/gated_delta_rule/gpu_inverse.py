@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from maxtext.kernels.gated_delta_rule.chunking import l2_normalize
+
 
 def iotas(size: int):
   return (jax.lax.broadcasted_iota(jnp.int32, (size, size), 0), jax.lax.broadcasted_iota(jnp.int32, (size, size), 1))
@@ -86,13 +88,16 @@ class KeyHeadProducts(NamedTuple):
   qk: list | None  # qk[i][j], j <= i: q_i k_j^T, when q_ref is given
 
 
-def key_head_products(q_ref, k_ref, b, hk, n, *, chunk: int, block: int, mm,
-                      with_kk: bool = True) -> KeyHeadProducts:
+def key_head_products(q_ref, k_ref, b, hk, n, *, chunk: int, block: int, mm, with_kk: bool = True,
+                      normalize_to=None) -> KeyHeadProducts:
   """Row b's chunk n of key head hk: its keys and the lower blocks of k k^T (with_kk; for T) and q k^T (when q_ref
-  is given; for P), no gates."""
+  is given; for P), no gates. normalize_to (a dtype): k_ref holds the raw keys, l2-normalised here in float32 and
+  rounded to it, as gpu.kernel_qk would (the products then use them)."""
   count = chunk // block
   tokens = [pl.ds(n * chunk + i * block, block) for i in range(count)]
   k = [k_ref[b, span, hk, :] for span in tokens]
+  if normalize_to is not None:
+    k = [l2_normalize(x.astype(jnp.float32)).astype(normalize_to) for x in k]
   kk = [[mm(k[i], k[j], trans_b=True) for j in range(i + 1)] for i in range(count)] if with_kk else None
   qk = None
   if q_ref is not None:

@@ -13,6 +13,7 @@ launches this kernel again (XLA does not merge the two custom calls), as it reco
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -22,25 +23,25 @@ from maxtext.kernels.gated_delta_rule.chunking import L2_NORM_EPS, l2_normalize
 from maxtext.kernels.triton_compat import TritonParams
 
 
-def _normalize_kernel(q_ref, k_ref, q_out, k_out, *, block: int, eps: float):
-  t, key_head, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  tokens = pl.ds(t * block, block)
+def _normalize_kernel(q_ref, k_ref, q_out, k_out, *, eps: float):
   for source, target in ((q_ref, q_out), (k_ref, k_out)):
-    y = l2_normalize(source[b, tokens, key_head, :].astype(jnp.float32), eps)
-    target[b, tokens, key_head, :] = y.astype(target.dtype)
+    target[...] = l2_normalize(source[...].astype(jnp.float32), eps).astype(target.dtype)
 
 
-def l2_normalize_qk(q: jax.Array, k: jax.Array, *, block: int, dtype: jnp.dtype, interpret: bool = False,
-                    eps: float = L2_NORM_EPS) -> tuple[jax.Array, jax.Array]:
-  """(q, k) [B, T, Hk, D] each l2-normalised over D in float32, as chunking.l2_normalize, returned in `dtype`; block
-  (a power of two) divides T (the chunk size: gpu.py pads T to whole chunks)."""
+def l2_normalize_qk(q: jax.Array, k: jax.Array, *, dtype: jnp.dtype, rows: int = 128, warps: int = 4,
+                    interpret: bool = False, eps: float = L2_NORM_EPS) -> tuple[jax.Array, jax.Array]:
+  """(q, k) [..., D] each l2-normalised over D in float32, as chunking.l2_normalize, returned in `dtype`; each
+  program normalises `rows` consecutive rows of both (fewer where the row count has fewer factors of two)."""
   if q.shape != k.shape:
-    raise ValueError(f"l2_normalize_qk: q {q.shape} and k {k.shape} must have one shape [B, T, Hk, D]")
-  batch, length, key_heads, _ = q.shape
-  if length % block:
-    raise ValueError(f"l2_normalize_qk: length {length} must be a multiple of the block {block}")
-  out = jax.ShapeDtypeStruct(q.shape, dtype)
-  return pl.pallas_call(functools.partial(_normalize_kernel, block=block, eps=eps),
-                        grid=(length // block, key_heads, batch), out_shape=(out, out),
-                        compiler_params=TritonParams(num_warps=4, num_stages=1), interpret=interpret,
-                        name="gdr_qk_norm")(q, k)
+    raise ValueError(f"l2_normalize_qk: q {q.shape} and k {k.shape} must have one shape [..., D]")
+  dim = q.shape[-1]
+  count = q.size // dim
+  rows = math.gcd(count, rows)
+  flat = lambda x: x.reshape(count, dim)  # a bitcast: the norm is per row, whatever the leading axes
+  spec = pl.BlockSpec((rows, dim), lambda i: (i, 0))
+  out = jax.ShapeDtypeStruct((count, dim), dtype)
+  q_out, k_out = pl.pallas_call(functools.partial(_normalize_kernel, eps=eps), grid=(count // rows,),
+                                in_specs=[spec, spec], out_specs=[spec, spec], out_shape=(out, out),
+                                compiler_params=TritonParams(num_warps=warps, num_stages=1), interpret=interpret,
+                                name="gdr_qk_norm")(flat(q), flat(k))
+  return q_out.reshape(q.shape), k_out.reshape(k.shape)
