@@ -121,9 +121,8 @@ def launches() -> dict:
               "norm_kernel": ChunkedLaunch(norm_grads_kernel=True),
               # the forward's l2 norm of q and k in gpu_qk_norm.py's one launch instead of XLA's two fusions
               "qk_norm": ChunkedLaunch(qk_norm_kernel=True),
-              # a forward alone's l2 norm inside the T launch (and with a backward, XLA's or gpu_qk_norm.py's)
-              "prep_norm": ChunkedLaunch(prep_normalizes_qk=True),
-              "prep_norm_qk_norm": ChunkedLaunch(prep_normalizes_qk=True, qk_norm_kernel=True),
+              # a forward alone reads the raw q, k: the T launch writes their reciprocal norms, the walk scales by them
+              "walk_norm": ChunkedLaunch(walk_normalizes_qk=True),
               # the blocked inverse by 32-wide blocks at the prep's 1 or 2 warps (measured at 4 warps only)
               "blocked32_w1": ChunkedLaunch(inverse_block=32, parallel_warps=1),
               "blocked32_w2": ChunkedLaunch(inverse_block=32, parallel_warps=2),

@@ -24,9 +24,10 @@
 #                                             #   the transposed chain (forward alone) with jla and fla
 #   benchmarks/mosaic_candidates.sh scores    # ~8 min (estimated): P by gpu_fused.scores_kernel (4 or 8 warps a key
 #                                             #   head): device tests, then the five shapes with jla (no fla)
-#   benchmarks/mosaic_candidates.sh qknorm    # ~7 min (estimated): the forward's l2 norm in gpu_qk_norm.py's kernel
-#                                             #   and in the T launch (prep_normalizes_qk): device tests, then the
-#                                             #   five shapes with jla (no fla)
+#   benchmarks/mosaic_candidates.sh qknorm    # ~6 min: the forward's l2 norm in gpu_qk_norm.py's kernel: device tests,
+#                                             #   then the five shapes with jla (no fla)
+#   benchmarks/mosaic_candidates.sh walknorm  # ~6 min (estimated): a forward alone on the raw q, k (walk_normalizes_qk):
+#                                             #   device tests, then the five shapes with jla (no fla)
 #   benchmarks/mosaic_candidates.sh train4_qknorm # ~8 min (estimated): the unscanned train step at 4 x 4096, default
 #                                             #   launch and qk_norm_kernel=true (no HF)
 #   benchmarks/mosaic_candidates.sh train4    # ~9 min: the bench train step at 4 x 4096, unscanned and scanned, and HF
@@ -150,14 +151,24 @@ case "${1:-}" in
       --markdown "$OUT/gdn_scores.md" --json "$OUT/gdn_scores.json")
     ;;
   qknorm)
-    if ! step qknorm_tests 200 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" \
-        -m device tests/kernels/test_gated_delta_rule_gpu.py -k "compiled and (qk_norm or normalizes)"; then
-      echo "a qk_norm / normalizes test failed: check qknorm_tests.txt before trusting the timings"
+    if ! step qknorm_tests 150 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" \
+        -m device tests/kernels/test_gated_delta_rule_gpu.py -k "compiled and qk_norm"; then
+      echo "a qk_norm test failed: check qknorm_tests.txt before trusting the timings"
     fi
-    (cd benchmarks && XLA_FLAGS="$FAST_XLA" step gdn_qknorm 360 python3 gated_delta_rule_peers.py \
-      --variants ${VARIANTS_QKNORM:-api,qk_norm,prep_norm_qk_norm} --no-fla --peer-timeout 200 --trace 1x16384 \
+    (cd benchmarks && XLA_FLAGS="$FAST_XLA" step gdn_qknorm 330 python3 gated_delta_rule_peers.py \
+      --variants api,qk_norm --no-fla --peer-timeout 200 --trace 1x16384 \
       --shapes 1x4096,1x16384,1x65536,4x4096,8x4096 \
       --markdown "$OUT/gdn_qknorm.md" --json "$OUT/gdn_qknorm.json")
+    ;;
+  walknorm)
+    if ! step walknorm_tests 200 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" \
+        -m device tests/kernels/test_gated_delta_rule_gpu.py -k "compiled and normalizes"; then
+      echo "a walk_normalizes_qk test failed: check walknorm_tests.txt before trusting the timings"
+    fi
+    (cd benchmarks && XLA_FLAGS="$FAST_XLA" step gdn_walknorm 300 python3 gated_delta_rule_peers.py \
+      --variants api,walk_norm --no-fla --peer-timeout 200 --trace 1x16384 \
+      --shapes 1x4096,1x16384,1x65536,4x4096,8x4096 \
+      --markdown "$OUT/gdn_walknorm.md" --json "$OUT/gdn_walknorm.json")
     ;;
   train4_qknorm)
     # the unscanned step twice in one call: the default launch, then the forward's l2 norm in gpu_qk_norm.py
@@ -173,7 +184,7 @@ case "${1:-}" in
       --warmup 2)
     ;;
   *)
-    echo "usage: $0 kernels|peers|norm|screen|final|batches|prefill|prescores|roles|train4|train" >&2
+    echo "usage: $0 kernels|peers|norm|screen|final|batches|prefill|prescores|roles|scores|qknorm|walknorm|train4_qknorm|train4|train" >&2
     exit 2
     ;;
 esac

@@ -179,22 +179,22 @@ def test_prefill_scores_formed_in_the_walk(packed, dtype, precision, reads_w=Fal
   assert scores_launched(grad_text)
 
 
-@pytest.mark.parametrize("scores, packed, dtype, precision", [
-    ("scores_kernel", True, jnp.float32, "ieee"), ("scores_kernel", False, jnp.bfloat16, "bf16"),
-    ("in_walk", True, jnp.bfloat16, "bf16"), ("reads_w", False, jnp.float32, "ieee")], ids=str)
-def test_prefill_normalizes_in_the_prep(scores, packed, dtype, precision, dims=(2, 70, 2, 6, 32, 16), chunk=32,
+@pytest.mark.parametrize("applies, packed, dtype, precision", [
+    (True, True, jnp.float32, "ieee"), (True, False, jnp.bfloat16, "bf16"), (True, True, jnp.bfloat16, "bf16"),
+    (False, False, jnp.float32, "ieee")], ids=str)
+def test_prefill_normalizes_in_the_walk(applies, packed, dtype, precision, dims=(2, 70, 2, 6, 32, 16), chunk=32,
                                         interpret=True, walk=None):
-  """A forward alone with ChunkedLaunch(prep_normalizes_qk=True): the T launch takes the raw q, k, l2-normalises
-  them and hands them on (to P's launch, or to the walk that forms P, or reads w); B = 2, two key heads of three
-  value heads, a ragged tail, raw keys of very different scales, an initial state; o and the final state against the
-  reference. The gradient's forward keeps the norm outside the prep (its launch has no normalised outputs)."""
+  """A forward alone with ChunkedLaunch(walk_normalizes_qk=True): the T launch takes the raw q, k and writes their
+  reciprocal norms, the walk (forming P) scales its products of the raw q, k by them; B = 2, two key heads of three
+  value heads, a ragged tail, raw q, k rows of very different scales, an initial state; o and the final state against
+  the reference. Where it does not apply (the walk reading w), XLA's norm stays; the gradient's forward keeps it."""
   batch, length, key_heads = dims[:3]
   segment_ids = documents([30, 3, 17, length - 50], batch=batch) if packed else None
   q, k, v, g, beta, h0 = random_inputs(7, *dims, dtype, True)
   scales = jnp.asarray(np.random.default_rng(7).uniform(1e-2, 1e2, size=(batch, length, key_heads, 1)), dtype)
   q, k = q * scales, k * scales[:, ::-1]
-  launch = ChunkedLaunch(prep_normalizes_qk=True, prefill_scores_in_walk=scores == "in_walk",
-                         fused_walk_reads_w=scores == "reads_w", **(walk or {}))
+  launch = ChunkedLaunch(walk_normalizes_qk=True, prefill_scores_in_walk=True, fused_walk_reads_w=not applies,
+                         **(walk or {}))
   run = lambda *a: chunk_gated_delta_rule_gpu(*a, segment_ids=segment_ids, chunk_size=chunk, precision=precision,
                                               interpret=interpret, launch=launch)
   expected = chunk_gated_delta_rule_reference(q, k, v, g, beta, h0, segment_ids=segment_ids, chunk_size=chunk)
@@ -202,10 +202,10 @@ def test_prefill_normalizes_in_the_prep(scores, packed, dtype, precision, dims=(
     assert relative_error(a, b) < TOLERANCE[precision], name
   prep_outputs = lambda jaxpr: [len(e.outvars) for e in kernel_launches(jaxpr) if e.params["name"] == "gdr_prep_t_fwd"]
   forward = jax.make_jaxpr(run)(q, k, v, g, beta, h0).jaxpr
-  assert "rsqrt" not in primitives_outside_kernels(forward)
-  assert prep_outputs(forward) == [3 + (scores == "reads_w")]  # T, (w,) q, k
+  assert ("rsqrt" in primitives_outside_kernels(forward)) != applies
+  assert prep_outputs(forward) == [3 if applies else 2]  # T and the reciprocal norms of q, k; or T and w
   grad = jax.make_jaxpr(jax.grad(lambda *a: run(*a)[0].astype(jnp.float32).sum()))(q, k, v, g, beta, h0).jaxpr
-  assert primitives_outside_kernels(grad)["rsqrt"] > 0 and prep_outputs(grad) == [1 + (scores == "reads_w")]
+  assert primitives_outside_kernels(grad)["rsqrt"] > 0 and prep_outputs(grad) == [1 if applies else 2]
 
 
 def test_prefill_scores_formed_in_the_walk_that_reads_w():
@@ -420,18 +420,26 @@ def test_compiled_on_gpu_prefill_scores_launch(walk, packed, monkeypatch):
 
 @pytest.mark.device
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (run with JAX_PLATFORMS=cuda)")
-@pytest.mark.parametrize("scores, walk", [
-    ("in_walk", dict(forward_walk_roles=3)), ("scores_kernel", dict(forward_walk_roles=3)),
-    ("in_walk", dict(forward_walk_roles=0, forward_walk_mosaic=2)),
-    ("scores_kernel", dict(forward_walk_roles=0, forward_walk_mosaic=0))],
-    ids=["roles", "roles_scores_kernel", "mosaic_2wg", "triton"])
-@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
-def test_compiled_on_gpu_prefill_normalizes_in_the_prep(scores, walk, packed, monkeypatch):
-  """ChunkedLaunch(prep_normalizes_qk=True) compiled: a forward alone at B = 2, T = 1000, d 128, bf16, raw q, k of
-  very different scales normalised in the T launch, P formed in the walk or by its own launch."""
+@pytest.mark.parametrize("walk", [dict(forward_walk_roles=3), dict(forward_walk_roles=2),
+                                  dict(forward_walk_roles=0, forward_walk_mosaic=0)], ids=["roles", "roles2", "triton"])
+@pytest.mark.parametrize("dims", [(2, 1000, 2, 4, 128, 128), (1, 100, 1, 2, 128, 128), (1, 300, 1, 2, 128, 256)],
+                         ids=["b2_t1000", "two_ragged", "dv256"])
+def test_compiled_on_gpu_prefill_normalizes_in_the_walk(walk, dims, monkeypatch):
+  """ChunkedLaunch(walk_normalizes_qk=True) compiled: a forward alone, bf16, raw q, k of very different scales, P
+  formed in gpu_mosaic_roles.py's walk (by its third warpgroup, or by the output warpgroup of two) or in Triton's;
+  two chunks with a ragged tail and Dv = 256 (two CTAs a value head) too; o and the final state."""
   monkeypatch.setitem(TOLERANCE, "bf16", DEVICE_TOLERANCE["bf16"])
-  test_prefill_normalizes_in_the_prep(scores, packed, jnp.bfloat16, "bf16", dims=(2, 1000, 2, 4, 128, 128),
-                                      chunk=64, interpret=False, walk=walk)
+  test_prefill_normalizes_in_the_walk(True, False, jnp.bfloat16, "bf16", dims=dims, chunk=64, interpret=False,
+                                      walk=walk)
+
+
+@pytest.mark.device
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (run with JAX_PLATFORMS=cuda)")
+def test_compiled_on_gpu_prefill_normalizes_in_the_walk_packed(monkeypatch):
+  """The same with documents (the Triton walk: the Mosaic walks take no segment ids)."""
+  monkeypatch.setitem(TOLERANCE, "bf16", DEVICE_TOLERANCE["bf16"])
+  test_prefill_normalizes_in_the_walk(True, True, jnp.bfloat16, "bf16", dims=(2, 1000, 2, 4, 128, 128), chunk=64,
+                                      interpret=False)
 
 
 def test_prefill_scores_in_the_walk_by_default_only_in_a_mosaic_walk(monkeypatch):

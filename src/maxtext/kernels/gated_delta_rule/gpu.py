@@ -169,10 +169,11 @@ class ChunkedLaunch:
   # gpu_qk_norm.py: the forward's l2 norm of q and k (with norm_grads_kernel, where it runs inside the custom vjp) in
   # one Pallas launch instead of XLA's two fusions (0.064 ms at 1 x 16384 on an H200, 2026-12-03). Off until timed.
   qk_norm_kernel: bool = False
-  # A forward alone (prefill) with normalize and the blocked inverse's T launch (prep_split): the l2 norm of q and k
-  # inside that prep kernel (gpu_fused.prep_kernel's normalizes) rather than a launch of its own; the walk reads the
-  # prep's normalised q, k. Off until timed.
-  prep_normalizes_qk: bool = False
+  # A forward alone (prefill) whose walk forms P (prefill_scores_in_walk), in roles by rows or in Triton, with the
+  # l2 norm in the op: no normalised q, k are written. The T launch normalises the keys it reads for k k^T and writes
+  # the reciprocal norms of q and k ([B, Hk, T] float32); the walk reads the raw q, k and scales each product of them
+  # by those (gpu_fused.prep_kernel's and walk_output_kernel's norms). Off until timed.
+  walk_normalizes_qk: bool = False
   # A forward alone (prefill: no backward, so P need not be saved) with the blocked inverse: the forward walk forms
   # P = s Gamma * (q k^T) from the q, k tiles it loads anyway (one more 64 x 64 x Dk product a chunk, off the state's
   # path), and the prep's P launch is skipped. None: where the forward walk is a Mosaic GPU one. Measured on an H200
@@ -331,9 +332,6 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
 
   operands = functools.partial(kernel_qk, mode=precision, normalize=normalize,
                                norm_kernel=launch.qk_norm_kernel, interpret=interpret)
-  # where a forward alone normalises q, k in its prep kernel (ChunkedLaunch.prep_normalizes_qk)
-  prep_normalizes = (normalize and launch.prep_normalizes_qk and launch.fused_forward and not launch.prep_per_key_head
-                     and launch.inverse_block is not None and launch.prep_split is not False)
 
   def setup(q, v):
     batch, length, key_heads, key_dim = q.shape
@@ -364,11 +362,10 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
     )(*args, *(segments or ()))
 
   def forward(q, k, v, gc, beta, h0, segments, save: bool = True, raw: bool = False):
-    """raw: q, k as given to `run`, still to be made the kernels' operands (in the prep kernel where
-    prep_normalizes applies, else by `operands`)."""
-    in_prep = raw and prep_normalizes
+    """raw: q, k as given to `run`, still to be made the kernels' operands (by `operands`, or where
+    launch.walk_normalizes_qk applies only cast: the T launch and the walk normalise them)."""
     if raw:
-      q, k = kernel_qk(q, k, mode=precision, normalize=False) if in_prep else operands(q, k)
+      q, k = kernel_qk(q, k, mode=precision, normalize=False)
     (batch, length, heads, key_dim, value_dim, num_chunks), store, common, inv, (block_v, _), _ = setup(q, v)
     struct = lambda *shape, dtype=store: jax.ShapeDtypeStruct(shape, dtype)
     parallel = (num_chunks, heads, batch)
@@ -379,9 +376,6 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
       with_w = launch.fused_walk_reads_w  # the backward reads T, not w (gpu_kernels.state_grad_kernel)
       prep_grid = (num_chunks, q.shape[2], batch) if launch.prep_per_key_head else parallel
       w_out = [struct(batch, length, heads, key_dim)] * with_w
-      prep = functools.partial(call, gpu_fused.prep_kernel, grid=prep_grid, params=parallel_params,
-                               args=(q, k, gc, beta), segments=segments, scale=scale, with_w=with_w,
-                               per_key_head=launch.prep_per_key_head, **inv, **common)
       scope = dict(chunk=chunk, key_dim=key_dim, value_dim=value_dim, dtypes=(store, q.dtype, v.dtype),
                    segmented=segments is not None, interpret=interpret)
       walks = _mosaic_walks(walk_warpgroups(launch, batch, heads, value_dim)[0], **scope)
@@ -393,12 +387,22 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
       in_walk = launch.prefill_scores_in_walk
       scores_inside = (mosaic_walk if in_walk is None else in_walk) and not save and blocked
       scores_warps = (8 if blocked else 0) if launch.scores_warps is None else launch.scores_warps
+      flipped = bool(roles) and launch.roles_transposed_chain and not save
+      walk_norms = (raw and normalize and launch.walk_normalizes_qk and scores_inside and not with_w
+                    and not launch.prep_per_key_head and (roles and not flipped or not mosaic_walk))
+      if raw and not walk_norms:
+        q, k = operands(q, k)
+      prep = functools.partial(call, gpu_fused.prep_kernel, grid=prep_grid, params=parallel_params,
+                               args=(q, k, gc, beta), segments=segments, scale=scale, with_w=with_w,
+                               per_key_head=launch.prep_per_key_head, **inv, **common)
+      norms = []
       if split or scores_inside or scores_warps:
-        normalized_out = [jax.ShapeDtypeStruct(q.shape, q.dtype)] * 2 * in_prep
-        t, *w = prep(name="gdr_prep_t_fwd", out_shape=(chunk_matrix, *w_out, *normalized_out), outputs="t",
-                     normalizes=in_prep)
-        if in_prep:
-          *w, q, k = w
+        norm_out = [jax.ShapeDtypeStruct((batch, q.shape[2], length), jnp.float32)] * 2 * walk_norms
+        t, *w = prep(name="gdr_prep_t_fwd", out_shape=(chunk_matrix, *w_out, *norm_out), outputs="t",
+                     normalizes=walk_norms)
+        if walk_norms:
+          *w, rq, rk = w
+          norms = [rq, rk]
         if scores_inside:
           p = []
         elif scores_warps:
@@ -406,7 +410,7 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
                    TritonParams(num_warps=scores_warps, num_stages=1), (q, k, gc), segments, scale=scale,
                    **common)
         else:
-          p = prep(name="gdr_prep_p_fwd", out_shape=(chunk_matrix,), outputs="p", with_w=False, args=(q, k, gc, beta))
+          p = prep(name="gdr_prep_p_fwd", out_shape=(chunk_matrix,), outputs="p", with_w=False)
       else:
         t, *p_w = prep(name="gdr_prep_fwd", out_shape=(chunk_matrix, chunk_matrix, *w_out))
         p, w = p_w[:1], p_w[1:]
@@ -418,7 +422,7 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
         if roles:
           from maxtext.kernels.gated_delta_rule import gpu_mosaic_roles  # pylint: disable=import-outside-toplevel
           o, final, *history = gpu_mosaic_roles.forward_walk(
-              *walk_args, **walk_scope, warpgroups=roles, transposed_chain=launch.roles_transposed_chain and not save)
+              *walk_args, **walk_scope, warpgroups=roles, transposed_chain=flipped, norms=tuple(norms) or None)
         else:
           o, final, *history = gpu_mosaic_walks.forward_walk(*walk_args, **walk_scope, warpgroups=walks)
         return (o, final), ((t, *history, *p) if save else None)
@@ -426,9 +430,12 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
           gpu_fused.walk_output_kernel, "gdr_walk_fwd", (value_dim // block_v, heads, batch),
           (struct(batch, length, heads, value_dim, dtype=v.dtype),
            struct(batch, heads, key_dim, value_dim, dtype=jnp.float32), *saved[:2 * save]),
-          walk_params, (q, k, v, gc, beta, t, *p, h0.astype(jnp.float32), *w), segments, num_chunks=num_chunks,
-          block_v=block_v, scale=scale, save=save, with_w=with_w, scores_inside=scores_inside, **common)
+          walk_params, (q, k, v, gc, beta, t, *p, h0.astype(jnp.float32), *w, *norms), segments,
+          num_chunks=num_chunks, block_v=block_v, scale=scale, save=save, with_w=with_w, scores_inside=scores_inside,
+          norms=bool(norms), **common)
       return (o, final), ((t, *history, *p) if save else None)
+    if raw:
+      q, k = operands(q, k)
     w, u, t = call(wy_kernel, "gdr_wy_fwd", parallel,
                    (struct(batch, length, heads, key_dim), struct(batch, length, heads, value_dim),
                     struct(batch, heads, num_chunks, chunk, chunk)),

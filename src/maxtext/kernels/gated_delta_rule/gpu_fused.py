@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from maxtext.kernels.gated_delta_rule.chunking import l2_normalize
+from maxtext.kernels.gated_delta_rule.chunking import L2_NORM_EPS
 from maxtext.kernels.gated_delta_rule.gpu_inverse import gated_chunk, key_head_products
 from maxtext.kernels.gated_delta_rule.gpu_kernels import _f32, _gates, _split_refs, chunk_inverse
 
@@ -29,9 +29,10 @@ def prep_kernel(*refs, chunk: int, groups: int, scale: float, segmented: bool, w
   blocks once and serves the key head's `groups` value heads from them, instead of each value head forming them.
   outputs (with inverse_block): "tp" both; "t" T (and w) alone, "p" P alone: two launches of lighter programs
   (ChunkedLaunch.prep_split), whose outputs are then T (and w), or P.
-  normalizes (with outputs="t", not per_key_head): q, k are the raw ones; the keys are l2-normalised here before
-  k k^T, and the program of each key head's first value head writes the chunk's normalised q and k (the last two
-  outputs, in their dtype) for the walk (ChunkedLaunch.prep_normalizes_qk).
+  normalizes (with outputs="t", not per_key_head): q, k are the raw ones; the keys are l2-normalised here (in
+  float32, rounded to k's dtype) before k k^T, and the program of each key head's first value head writes the
+  chunk's reciprocal norms 1 / sqrt(x.x + eps) of q and of k ([B, Hk, T] float32, the last two outputs), by which the
+  walk scales its products of the raw q, k (ChunkedLaunch.walk_normalizes_qk).
   """
   (q_ref, k_ref, gc_ref, beta_ref), seg_refs, outs = _split_refs(refs, 4, segmented)
   n, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -42,12 +43,11 @@ def prep_kernel(*refs, chunk: int, groups: int, scale: float, segmented: bool, w
     t_ref, p_ref = (outs[0] if want_t else None), (outs[int(want_t)] if want_p else None)
     w_ref = outs[int(want_t) + int(want_p)] if with_w else None
     key_head = h if per_key_head else h // groups  # per_key_head: program axis 1 counts key heads
-    normalized = outs[-2:] if normalizes else None
     products = key_head_products(q_ref if want_p else None, k_ref, b, key_head, n, chunk=chunk,
                                  block=inverse_block, mm=mm, with_kk=want_t,
-                                 normalize_to=normalized[1].dtype if normalizes else None)
+                                 normalize_to=k_ref.dtype if normalizes else None)
     if normalizes:
-      _store_normalized(q_ref, products, normalized, b, key_head, first=h % groups == 0)
+      _store_reciprocal_norms(q_ref, k_ref, products.tokens, outs[-2:], b, key_head, first=h % groups == 0)
     for head in [h * groups + g for g in range(groups)] if per_key_head else [h]:
       c = gated_chunk(products, gc_ref, beta_ref, seg_refs, b, head, inv_mm=inv_mm, scale=scale)
       if want_t:
@@ -71,21 +71,25 @@ def prep_kernel(*refs, chunk: int, groups: int, scale: float, segmented: bool, w
     outs[2][b, tokens, h, :] = mm(t, (beta * gates.from_start)[:, None] * k).astype(outs[2].dtype)
 
 
-def _store_normalized(q_ref, products, normalized, b, key_head, *, first):
-  """The chunk's normalised k (as the products used it) and q into normalized = (q_out, k_out), by the first of the
-  key head's value-head programs only."""
-  q_out, k_out = normalized
+def reciprocal_norm(x: jax.Array) -> jax.Array:
+  """1 / sqrt(x.x + eps) per row of x [n, D] in float32: chunking.l2_normalize's factor."""
+  x = x.astype(jnp.float32)
+  return jax.lax.rsqrt(jnp.sum(x * x, axis=-1) + L2_NORM_EPS)
 
+
+def _store_reciprocal_norms(q_ref, k_ref, spans, norms, b, key_head, *, first):
+  """The chunk's reciprocal norms of q and k into norms = (of q, of k) [B, Hk, T], by the first of the key head's
+  value-head programs only."""
   @pl.when(first)
   def _():
-    for span, k in zip(products.tokens, products.k):
-      k_out[b, span, key_head, :] = k
-      q = l2_normalize(q_ref[b, span, key_head, :].astype(jnp.float32))
-      q_out[b, span, key_head, :] = q.astype(q_out.dtype)
+    for span in spans:
+      for source, target in zip((q_ref, k_ref), norms):
+        target[b, key_head, span] = reciprocal_norm(source[b, span, key_head, :])
 
 
 def walk_output_kernel(*refs, chunk: int, groups: int, num_chunks: int, block_v: int, scale: float,
-                       segmented: bool, save: bool, with_w: bool, mm, scores_inside: bool = False):
+                       segmented: bool, save: bool, with_w: bool, mm, scores_inside: bool = False,
+                       norms: bool = False):
   """One (value block, value head, row): walks the chunks carrying its [Dk, BV] float32 state; writes o, the
   final state and (save) the state entering each chunk and v_new, for the backward.
 
@@ -93,11 +97,17 @@ def walk_output_kernel(*refs, chunk: int, groups: int, num_chunks: int, block_v:
   w h_n and k^T v_new, as gpu_kernels.state_kernel) rather than T (beta (v - fs (k h_n))) (three).
   scores_inside: P = s Gamma * (q k^T) formed here from the chunk's q, k tiles (off the state's path) instead of
   read from prep_kernel (no P input then: a forward alone, whose backward would need P saved, skips its launch).
+  norms (with scores_inside, without with_w): q, k are the raw ones and the last two inputs their reciprocal norms
+  rq, rk [B, Hk, T] (prep_kernel's normalizes); each product of q or k is scaled by them (ChunkedLaunch.
+  walk_normalizes_qk): k h by rk's rows, the update's k^T by rk on te, q h by rq, q k^T by rq's rows and rk's columns.
   """
-  ins, seg_refs, outs = _split_refs(refs, 8 + with_w - scores_inside, segmented)
+  if norms and (with_w or not scores_inside):
+    raise ValueError("walk_output_kernel: norms needs scores_inside and no w")
+  ins, seg_refs, outs = _split_refs(refs, 8 + with_w - scores_inside + 2 * norms, segmented)
   q_ref, k_ref, v_ref, gc_ref, beta_ref, t_ref = ins[:6]
   p_ref, h0_ref = (None, ins[6]) if scores_inside else ins[6:8]
-  w_ref = ins[-1] if with_w else None
+  w_ref = ins[8 - scores_inside] if with_w else None
+  rq_ref, rk_ref = ins[-2:] if norms else (None, None)
   o_ref, final_ref = outs[:2]
   vb, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   cols = pl.ds(vb * block_v, block_v)
@@ -111,17 +121,23 @@ def walk_output_kernel(*refs, chunk: int, groups: int, num_chunks: int, block_v:
     k = k_ref[b, tokens, hk, :]
     q = q_ref[b, tokens, hk, :]
     beta = beta_ref[b, h, tokens]
+    # the raw q, k's reciprocal norms (norms), else ones: the kernel's q, k are normalised already
+    rq, rk = (rq_ref[b, hk, tokens], rk_ref[b, hk, tokens]) if norms else (1.0, 1.0)
     if with_w:
       v_new = mm(t_ref[b, h, n], beta[:, None] * _f32(v_ref[b, tokens, h, cols])) - mm(w_ref[b, tokens, h, :], state)
     else:
-      x = beta[:, None] * (_f32(v_ref[b, tokens, h, cols]) - gates.from_start[:, None] * mm(k, state))
+      x = beta[:, None] * (_f32(v_ref[b, tokens, h, cols]) - (gates.from_start * rk)[:, None] * mm(k, state))
       v_new = mm(t_ref[b, h, n], x)  # [C, BV]
     if save:
       outs[3][b, tokens, h, cols] = v_new.astype(outs[3].dtype)
-    scores = mm(q, k, trans_b=True) * (scale * gates.gamma) if scores_inside else p_ref[b, h, n]
-    out = (scale * gates.from_start)[:, None] * mm(q, state) + mm(scores, v_new)
+    if scores_inside:
+      qk = mm(q, k, trans_b=True) * rq[:, None] * rk[None, :] if norms else mm(q, k, trans_b=True)
+      scores = qk * (scale * gates.gamma)
+    else:
+      scores = p_ref[b, h, n]
+    out = (scale * gates.from_start * rq)[:, None] * mm(q, state) + mm(scores, v_new)
     o_ref[b, tokens, h, cols] = out.astype(o_ref.dtype)
-    return gates.decay * state + mm(k, gates.to_end[:, None] * v_new, trans_a=True)
+    return gates.decay * state + mm(k, (gates.to_end * rk)[:, None] * v_new, trans_a=True)
 
   final_ref[b, h, :, cols] = jax.lax.fori_loop(0, num_chunks, step, h0_ref[b, h, :, cols])
 

@@ -50,7 +50,8 @@ ROLE_REGISTERS = (176, 176, 152)
 
 def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: jax.Array, t: jax.Array,
                  scores: jax.Array | None, h0: jax.Array, *, scale: float, groups: int, save: bool = True,
-                 warpgroups: int = 3, transposed_chain: bool | None = None) -> tuple[jax.Array, ...]:
+                 warpgroups: int = 3, transposed_chain: bool | None = None,
+                 norms: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, ...]:
   """gpu_mosaic_walks.forward_walk's arrays and results, by a CTA of warpgroups in roles per 64 value columns
   (ChunkedLaunch.forward_walk_roles): warpgroup 0 carries the state along the chain (k h, v_new = T x, the update) and
   publishes each chunk's h and v_new in 16 bits; warpgroup 1 forms o = s fs (q h) + P v_new from them and writes o
@@ -60,10 +61,16 @@ def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: 
 
   transposed_chain (None: without save; the history is stored as h, not h^T): the chain carries h^T [64, Dk], so that
   every product on it takes its left operand from registers (h^T k^T, x^T T^T, (te v_new)^T k) and no x tile goes
-  through shared memory; h^T and v_new^T are published instead."""
+  through shared memory; h^T and v_new^T are published instead.
+
+  norms (rq, rk) [B, Hk, T] float32 (with P formed here, by rows): q, k are the raw ones and these their reciprocal
+  norms (ChunkedLaunch.walk_normalizes_qk): k h's rows and te on the update scaled by rk, q h's rows by rq, q k^T by
+  rq's rows and rk's columns, so that no normalised q, k are written and read."""
   if warpgroups not in (2, 3):
     raise ValueError(f"gpu_mosaic_roles.forward_walk: warpgroups={warpgroups} must be 2 or 3")
   flipped = not save if transposed_chain is None else transposed_chain
+  if norms is not None and (flipped or scores is not None):
+    raise ValueError("gpu_mosaic_roles.forward_walk: norms needs the chain by rows and P formed in the walk")
   if flipped and save:
     raise ValueError("gpu_mosaic_roles.forward_walk: the transposed chain stores no history (save=False)")
   batch, length, heads, value_dim = v.shape
@@ -80,7 +87,7 @@ def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: 
   inside = scores is None
   scorer = 2 if warpgroups == 3 else 1  # the warpgroup that issues the loads and forms P
   # the per-token vectors: gc by rows (o, P), gc by columns (P; the transposed chain), beta (by columns there)
-  vectors = ["gc", "beta"] + ["gc_col"] * (inside or flipped)
+  vectors = ["gc", "beta"] + ["gc_col"] * (inside or flipped) + ["rq", "rk", "rk_col"] * (norms is not None)
   # per double buffer: h published (by warpgroup 0), v_new published, both read (by warpgroup 1); P formed, P read
   handover = lambda: plgpu.Barrier(num_arrivals=1, num_barriers=2)
   handovers = ["state_ready", "new_values_ready", "published_free"] + ["scores_ready", "scores_free"] * (
@@ -94,7 +101,7 @@ def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: 
       landed=plgpu.Barrier(num_arrivals=4 + (not inside) + len(vectors), num_barriers=SLOTS),
       consumed=plgpu.Barrier(num_arrivals=2, num_barriers=SLOTS), **{name: handover() for name in handovers},
   ) | (dict(pw_s=tile((2, C, C))) if inside else dict(p_s=slotted((C, C)))) | StateCarry.scratch(1)
-  in_names = ["q", "k", "v", "gc", "beta", "t"] + ["p"] * (not inside) + ["h0"]
+  in_names = ["q", "k", "v", "gc", "beta", "t"] + ["p"] * (not inside) + ["h0"] + ["rq", "rk"] * (norms is not None)
   narrow = (C, COLUMNS)
 
   def body(w, *refs, q_s, k_s, v_s, t_s, h_pub, vn_pub, o_s, landed, consumed, state_ready, new_values_ready,
@@ -105,7 +112,9 @@ def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: 
     vb, h, b = lax.axis_index("v"), lax.axis_index("h"), lax.axis_index("b")
     hk = lax.div(h, groups)
     cols = pl.ds(vb * COLUMNS, COLUMNS)
-    source = dict(gc="gc", beta="beta", gc_col="gc")
+    source = dict(gc="gc", beta="beta", gc_col="gc", rq="rq", rk="rk", rk_col="rk")
+    head_of = lambda name: hk if name in ("rq", "rk", "rk_col") else h  # the norms are per key head
+    scaled = lambda name, slot, vector: vector * row(name, slot) if norms is not None else vector
     row = lambda name, slot: load(vector_s[f"{name}_s"].at[slot], ROW)
     col = lambda name, slot: load(vector_s[f"{name}_s"].at[slot], COL)
     state_ref = lambda ref: ref.at[b, h, cols] if flipped else ref.at[b, h, :, cols]
@@ -118,7 +127,7 @@ def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: 
       tiles = [(ins["q"].at[b, tokens, hk], q_s), (ins["k"].at[b, tokens, hk], k_s),
                (ins["v"].at[b, tokens, h, cols], v_s), (ins["t"].at[b, h, n], t_s)]
       tiles += [] if inside else [(ins["p"].at[b, h, n], p_s)]
-      tiles += [(ins[source[name]].at[b, h, tokens], vector_s[f"{name}_s"]) for name in vectors]
+      tiles += [(ins[source[name]].at[b, head_of(name), tokens], vector_s[f"{name}_s"]) for name in vectors]
       for src, dst in tiles:
         plgpu.copy_gmem_to_smem(src, dst.at[slot], landed.at[slot])
 
@@ -134,6 +143,8 @@ def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: 
     def form_scores(slot, buf):
       """P for the chunk in `slot` into pw_s[buf]."""
       qk = product(q_s.at[slot], transposed(k_s.at[slot]), (C, C))
+      if norms is not None:
+        qk = qk * rows_of(row("rq", slot), (C, C)) * cols_of(col("rk_col", slot), (C, C))
       pw_s.at[buf][...] = output_scores(qk, row("gc", slot), col("gc_col", slot), scale)
       plgpu.commit_smem()
 
@@ -165,7 +176,7 @@ def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: 
         plgpu.barrier_arrive(consumed.at[slot])
         return state
       gc_row, beta_row = row("gc", slot), row("beta", slot)
-      fs, te = jnp.exp(gc_row), jnp.exp(gc_last - gc_row)
+      fs, te = scaled("rk", slot, jnp.exp(gc_row)), scaled("rk", slot, jnp.exp(gc_last - gc_row))  # k's rows: rk
       k_h = product(k_s.at[slot], h_pub.at[buf], narrow)
       values = load(v_s.at[slot], WG).astype(f32)
       x_s[...] = (rows_of(beta_row, narrow) * (values - rows_of(fs, narrow) * k_h)).astype(bf16)
@@ -225,7 +236,7 @@ def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: 
         plgpu.barrier_wait(scores_ready.at[buf])
       new_values = transposed(vn_pub.at[buf]) if flipped else vn_pub.at[buf]
       out = product(pw_s.at[buf] if inside else p_s.at[slot], new_values, narrow,
-                    init=rows_of(scale * jnp.exp(gc_row), narrow) * q_h)
+                    init=rows_of(scaled("rq", slot, scale * jnp.exp(gc_row)), narrow) * q_h)
       plgpu.barrier_arrive(consumed.at[slot])
       if inside and scorer == 2:
         plgpu.barrier_arrive(scores_free.at[buf])
@@ -243,5 +254,6 @@ def forward_walk(q: jax.Array, k: jax.Array, v: jax.Array, gc: jax.Array, beta: 
   kernel = launch_kernel(body, out_type, scratch, name=name, value_dim=value_dim, warpgroups=warpgroups,
                          heads=heads, batch=batch, columns=COLUMNS)
   flip = lambda x: jnp.swapaxes(x, -1, -2)
-  o, final, *history = kernel(q, k, v, gc, beta, t, *([] if inside else [scores]), flip(h0) if flipped else h0)
+  o, final, *history = kernel(q, k, v, gc, beta, t, *([] if inside else [scores]), flip(h0) if flipped else h0,
+                              *(norms or ()))
   return (o, flip(final) if flipped else final, *history)
