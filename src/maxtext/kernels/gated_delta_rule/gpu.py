@@ -167,12 +167,18 @@ class ChunkedLaunch:
   # 9.16 / 3.99 at 1 x 4k / 16k / 64k and 8 x 4k; errors unchanged; device tests passed.
   norm_grads_kernel: bool = True
   # gpu_qk_norm.py: the forward's l2 norm of q and k (with norm_grads_kernel, where it runs inside the custom vjp) in
-  # one Pallas launch instead of XLA's two fusions (0.064 ms at 1 x 16384 on an H200, 2026-12-03). Off until timed.
+  # one Pallas launch instead of XLA's two fusions. Off: XLA's are at the memory's bandwidth already (on an H200,
+  # 2026-12-03, thirteenth session: 0.064 ms for 268 MB at 1 x 16384; the kernel 0.065-0.069, forward+backward
+  # 0.57 / 2.11 / 8.19 / 1.89 / 3.50 ms against 0.55 / 2.04 / 7.91 / 1.82 / 3.33 at 1 x 4k / 16k / 64k, 4 x 4k and
+  # 8 x 4k: it is launched again in the backward, where XLA's fusion is shared); device tests passed.
   qk_norm_kernel: bool = False
   # A forward alone (prefill) whose walk forms P (prefill_scores_in_walk), in roles by rows or in Triton, with the
   # l2 norm in the op: no normalised q, k are written. The T launch normalises the keys it reads for k k^T and writes
   # the reciprocal norms of q and k ([B, Hk, T] float32); the walk reads the raw q, k and scales each product of them
-  # by those (gpu_fused.prep_kernel's and walk_output_kernel's norms). Off until timed.
+  # by those (gpu_fused.prep_kernel's and walk_output_kernel's norms). Off: slower on an H200 (2026-12-03,
+  # thirteenth session, docs/benchmarks.md): forward 0.17 / 0.63 / 2.43 / 0.43 / 0.74 ms against 0.16 / 0.59 / 2.25 /
+  # 0.40 / 0.73 at the shapes above (at 1 x 16384 the T launch 0.151 ms against 0.078 + the norm's 0.064, its
+  # one-warp programs now reading q too; the roles walk 0.468 against 0.439); device tests passed.
   walk_normalizes_qk: bool = False
   # A forward alone (prefill: no backward, so P need not be saved) with the blocked inverse: the forward walk forms
   # P = s Gamma * (q k^T) from the q, k tiles it loads anyway (one more 64 x 64 x Dk product a chunk, off the state's

@@ -1,13 +1,13 @@
-"""The forward's l2 norm of q and k on GPU (ChunkedLaunch.qk_norm_kernel): y = x (x.x + eps)^-1/2 per token and key
-head, in float32, stored in the kernels' operand dtype; one launch for both tensors.
+"""The forward's l2 norm of q and k on GPU (ChunkedLaunch.qk_norm_kernel, off): y = x (x.x + eps)^-1/2 per token
+and key head, in float32, stored in the kernels' operand dtype; one launch for both tensors, each program a block of
+consecutive rows of D.
 
-Under XLA the norm is one fusion per tensor. On an H200 (2026-12-03, docs/benchmarks.md, twelfth session; profiler,
-1 x 16384, Hk 16, d 128, XLA_FLAGS of the peers' benchmark) the kernel named fusion_7 took 0.064 ms; the HLO compiled
-for an H200 on a CPU host names the two norm fusions so (one deduplicated name): 8 MB read and 8 MB written in 64 us,
-about a twentieth of the memory bandwidth, as much as the T prep kernel; jax-linear-attention's forward pays the same.
-One program per (chunk of tokens, key head, row) here reads its [block, D] rows of q and of k once and writes them
-normalised: a copy's traffic. The backward's gradient through the norm stays gpu_norm_grads.py's; the backward
-launches this kernel again (XLA does not merge the two custom calls), as it recomputes XLA's norm otherwise.
+Under XLA the norm is one fusion per tensor, of one token's [Hk, D] rows a program (the HLO compiled for an H200 on a
+CPU host). It is at the memory's bandwidth already: on an H200 (2026-12-03, docs/benchmarks.md, thirteenth session)
+at 1 x 16384, Hk 16, d 128 bf16 (q and k 67 MB each) XLA's two fusions took 0.064 ms in the op's profile (268 MB
+read and written: 4.2 TB/s), and alone, timed back to back, 0.070 ms against 0.070-0.074 for this kernel at 64 to
+256 rows and 4 or 8 warps (a copy x 1.5 of both: 0.086). The backward's gradient through the norm stays
+gpu_norm_grads.py's; the backward launches this kernel again (XLA does not merge the two custom calls).
 """
 
 from __future__ import annotations
