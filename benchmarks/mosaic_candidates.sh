@@ -57,6 +57,18 @@ fi
 
 source benchmarks/device_step.sh
 
+# A candidate launch: its device tests (pytest -k FILTER), then VARIANTS against jla at the five shapes (no fla).
+candidate() {
+  local name=$1 filter=$2 variants=$3 tests_limit=$4 peers_limit=$5
+  if ! step "${name}_tests" "$tests_limit" env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider \
+      "${PARALLEL[@]}" -m device tests/kernels/test_gated_delta_rule_gpu.py -k "$filter"; then
+    echo "a $name test failed: check ${name}_tests.txt before trusting the timings"
+  fi
+  (cd benchmarks && XLA_FLAGS="$FAST_XLA" step "gdn_$name" "$peers_limit" python3 gated_delta_rule_peers.py \
+    --variants "$variants" --no-fla --peer-timeout 200 --trace 1x16384 --shapes 1x4096,1x16384,1x65536,4x4096,8x4096 \
+    --markdown "$OUT/gdn_$name.md" --json "$OUT/gdn_$name.json")
+}
+
 case "${1:-}" in
   kernels)
     step mosaic_bwd 100 python3 benchmarks/gated_delta_rule_mosaic_bwd.py
@@ -140,35 +152,13 @@ case "${1:-}" in
       --markdown "$OUT/gdn_roles.md" --json "$OUT/gdn_roles.json")
     ;;
   scores)
-    scores=${VARIANTS_SCORES:-api,roles_scores4,roles_scores8}
-    if ! step scores_tests 150 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" \
-        -m device tests/kernels/test_gated_delta_rule_gpu.py -k "compiled and scores"; then
-      echo "a scores test failed: check scores_tests.txt before trusting the timings"
-    fi
-    (cd benchmarks && XLA_FLAGS="$FAST_XLA" step gdn_scores 330 python3 gated_delta_rule_peers.py \
-      --variants "$scores" --no-fla --peer-timeout 200 --trace 1x16384 \
-      --shapes 1x4096,1x16384,1x65536,4x4096,8x4096 \
-      --markdown "$OUT/gdn_scores.md" --json "$OUT/gdn_scores.json")
+    candidate scores "compiled and scores" "${VARIANTS_SCORES:-api,roles_scores4,roles_scores8}" 150 330
     ;;
   qknorm)
-    if ! step qknorm_tests 150 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" \
-        -m device tests/kernels/test_gated_delta_rule_gpu.py -k "compiled and qk_norm"; then
-      echo "a qk_norm test failed: check qknorm_tests.txt before trusting the timings"
-    fi
-    (cd benchmarks && XLA_FLAGS="$FAST_XLA" step gdn_qknorm 330 python3 gated_delta_rule_peers.py \
-      --variants api,qk_norm --no-fla --peer-timeout 200 --trace 1x16384 \
-      --shapes 1x4096,1x16384,1x65536,4x4096,8x4096 \
-      --markdown "$OUT/gdn_qknorm.md" --json "$OUT/gdn_qknorm.json")
+    candidate qknorm "compiled and qk_norm" api,qk_norm 150 330
     ;;
   walknorm)
-    if ! step walknorm_tests 200 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" \
-        -m device tests/kernels/test_gated_delta_rule_gpu.py -k "compiled and normalizes"; then
-      echo "a walk_normalizes_qk test failed: check walknorm_tests.txt before trusting the timings"
-    fi
-    (cd benchmarks && XLA_FLAGS="$FAST_XLA" step gdn_walknorm 300 python3 gated_delta_rule_peers.py \
-      --variants api,walk_norm --no-fla --peer-timeout 200 --trace 1x16384 \
-      --shapes 1x4096,1x16384,1x65536,4x4096,8x4096 \
-      --markdown "$OUT/gdn_walknorm.md" --json "$OUT/gdn_walknorm.json")
+    candidate walknorm "compiled and normalizes" api,walk_norm 200 300
     ;;
   train4_qknorm)
     # the unscanned step twice in one call: the default launch, then the forward's l2 norm in gpu_qk_norm.py
