@@ -33,8 +33,13 @@ class ChunkInputs(NamedTuple):
   decay: jax.Array  # [B, H, N], how much of the carried state survives the chunk
 
 
+def reciprocal_l2_norm(x: jax.Array, eps: float = L2_NORM_EPS) -> jax.Array:
+  """1 / sqrt(x.x + eps) over the last axis (removed): l2_normalize's factor."""
+  return jax.lax.rsqrt(jnp.sum(x * x, axis=-1) + eps)
+
+
 def l2_normalize(x: jax.Array, eps: float = L2_NORM_EPS) -> jax.Array:
-  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+  return x * reciprocal_l2_norm(x, eps)[..., None]
 
 
 def _mm(spec: str, a: jax.Array, b: jax.Array, precision=_HIGHEST) -> jax.Array:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from maxtext.kernels.gated_delta_rule.chunking import L2_NORM_EPS
+from maxtext.kernels.gated_delta_rule.chunking import reciprocal_l2_norm
 from maxtext.kernels.gated_delta_rule.gpu_inverse import gated_chunk, key_head_products
 from maxtext.kernels.gated_delta_rule.gpu_kernels import _f32, _gates, _split_refs, chunk_inverse
 
@@ -47,7 +47,7 @@ def prep_kernel(*refs, chunk: int, groups: int, scale: float, segmented: bool, w
                                  block=inverse_block, mm=mm, with_kk=want_t,
                                  normalize_to=k_ref.dtype if normalizes else None)
     if normalizes:
-      _store_reciprocal_norms(q_ref, k_ref, products.tokens, outs[-2:], b, key_head, first=h % groups == 0)
+      _store_reciprocal_norms(q_ref, products, outs[-2:], b, key_head, first=h % groups == 0)
     for head in [h * groups + g for g in range(groups)] if per_key_head else [h]:
       c = gated_chunk(products, gc_ref, beta_ref, seg_refs, b, head, inv_mm=inv_mm, scale=scale)
       if want_t:
@@ -71,20 +71,16 @@ def prep_kernel(*refs, chunk: int, groups: int, scale: float, segmented: bool, w
     outs[2][b, tokens, h, :] = mm(t, (beta * gates.from_start)[:, None] * k).astype(outs[2].dtype)
 
 
-def reciprocal_norm(x: jax.Array) -> jax.Array:
-  """1 / sqrt(x.x + eps) per row of x [n, D] in float32: chunking.l2_normalize's factor."""
-  x = x.astype(jnp.float32)
-  return jax.lax.rsqrt(jnp.sum(x * x, axis=-1) + L2_NORM_EPS)
+def _store_reciprocal_norms(q_ref, products, norms, b, key_head, *, first):
+  """The chunk's reciprocal norms of q (read here) and of k (the products' own) into norms = (of q, of k)
+  [B, Hk, T], by the first of the key head's value-head programs only."""
+  q_norms, k_norms = norms
 
-
-def _store_reciprocal_norms(q_ref, k_ref, spans, norms, b, key_head, *, first):
-  """The chunk's reciprocal norms of q and k into norms = (of q, of k) [B, Hk, T], by the first of the key head's
-  value-head programs only."""
   @pl.when(first)
   def _():
-    for span in spans:
-      for source, target in zip((q_ref, k_ref), norms):
-        target[b, key_head, span] = reciprocal_norm(source[b, span, key_head, :])
+    for span, k_norm in zip(products.tokens, products.k_norms):
+      q_norms[b, key_head, span] = reciprocal_l2_norm(q_ref[b, span, key_head, :].astype(jnp.float32))
+      k_norms[b, key_head, span] = k_norm
 
 
 def walk_output_kernel(*refs, chunk: int, groups: int, num_chunks: int, block_v: int, scale: float,

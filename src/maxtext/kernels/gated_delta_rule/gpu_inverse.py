@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from maxtext.kernels.gated_delta_rule.chunking import l2_normalize
+from maxtext.kernels.gated_delta_rule.chunking import reciprocal_l2_norm
 
 
 def iotas(size: int):
@@ -86,24 +86,28 @@ class KeyHeadProducts(NamedTuple):
   k: list  # [b, Dk] keys, as stored
   kk: list | None  # kk[i][j], j <= i: k_i k_j^T [b, b] float32, unless only the scores are asked for
   qk: list | None  # qk[i][j], j <= i: q_i k_j^T, when q_ref is given
+  k_norms: list | None = None  # [b] reciprocal l2 norms of the raw keys, when they were normalised here
 
 
 def key_head_products(q_ref, k_ref, b, hk, n, *, chunk: int, block: int, mm, with_kk: bool = True,
                       normalize_to=None) -> KeyHeadProducts:
   """Row b's chunk n of key head hk: its keys and the lower blocks of k k^T (with_kk; for T) and q k^T (when q_ref
   is given; for P), no gates. normalize_to (a dtype): k_ref holds the raw keys, l2-normalised here in float32 and
-  rounded to it, as gpu.kernel_qk would (the products then use them)."""
+  rounded to it, as gpu.kernel_qk would (the products then use them; their reciprocal norms are kept)."""
   count = chunk // block
   tokens = [pl.ds(n * chunk + i * block, block) for i in range(count)]
   k = [k_ref[b, span, hk, :] for span in tokens]
+  k_norms = None
   if normalize_to is not None:
-    k = [l2_normalize(x.astype(jnp.float32)).astype(normalize_to) for x in k]
+    raw = [x.astype(jnp.float32) for x in k]
+    k_norms = [reciprocal_l2_norm(x) for x in raw]
+    k = [(x * r[:, None]).astype(normalize_to) for x, r in zip(raw, k_norms)]
   kk = [[mm(k[i], k[j], trans_b=True) for j in range(i + 1)] for i in range(count)] if with_kk else None
   qk = None
   if q_ref is not None:
     q = [q_ref[b, span, hk, :] for span in tokens]
     qk = [[mm(q[i], k[j], trans_b=True) for j in range(i + 1)] for i in range(count)]
-  return KeyHeadProducts(tokens, k, kk, qk)
+  return KeyHeadProducts(tokens, k, kk, qk, k_norms)
 
 
 def gated_chunk(products: KeyHeadProducts, gc_ref, beta_ref, seg_refs, b, h, *, inv_mm,
