@@ -123,6 +123,11 @@ def launches() -> dict:
               "qk_norm": ChunkedLaunch(qk_norm_kernel=True),
               # a forward alone reads the raw q, k: the T launch writes their reciprocal norms, the walk scales by them
               "walk_norm": ChunkedLaunch(walk_normalizes_qk=True),
+              # a forward alone: P's launch (8 or 4 warps) normalises the raw q, k and writes them besides P; the
+              # walk (by rows or with the transposed chain) loads P
+              "scores_norm": ChunkedLaunch(prefill_scores_norm=True),
+              "scores_norm4": ChunkedLaunch(prefill_scores_norm=True, scores_warps=4),
+              "scores_norm_t": ChunkedLaunch(prefill_scores_norm=True, roles_transposed_chain=True),
               # the blocked inverse by 32-wide blocks at the prep's 1 or 2 warps (measured at 4 warps only)
               "blocked32_w1": ChunkedLaunch(inverse_block=32, parallel_warps=1),
               "blocked32_w2": ChunkedLaunch(inverse_block=32, parallel_warps=2),

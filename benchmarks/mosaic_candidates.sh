@@ -28,6 +28,8 @@
 #                                             #   then the five shapes with jla (no fla)
 #   benchmarks/mosaic_candidates.sh walknorm  # ~6 min (estimated): a forward alone on the raw q, k (walk_normalizes_qk):
 #                                             #   device tests, then the five shapes with jla (no fla)
+#   benchmarks/mosaic_candidates.sh scoresnorm # ~9 min (estimated): a forward alone whose P launch normalises q, k
+#                                             #   (prefill_scores_norm): device tests, then the five shapes with jla
 #   benchmarks/mosaic_candidates.sh train4_qknorm # ~8 min (estimated): the unscanned train step at 4 x 4096, default
 #                                             #   launch and qk_norm_kernel=true (no HF)
 #   benchmarks/mosaic_candidates.sh train4    # ~9 min: the bench train step at 4 x 4096, unscanned and scanned, and HF
@@ -57,15 +59,16 @@ fi
 
 source benchmarks/device_step.sh
 
-# A candidate launch: its device tests (pytest -k FILTER), then VARIANTS against jla at the five shapes (no fla).
+# A candidate launch: its device tests (pytest -k FILTER), then VARIANTS against jla at the five shapes (no fla);
+# FORWARD_ONLY (optional): the variants timed as a forward alone only.
 candidate() {
-  local name=$1 filter=$2 variants=$3 tests_limit=$4 peers_limit=$5
+  local name=$1 filter=$2 variants=$3 tests_limit=$4 peers_limit=$5 forward_only=${6:-}
   if ! step "${name}_tests" "$tests_limit" env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider \
       "${PARALLEL[@]}" -m device tests/kernels/test_gated_delta_rule_gpu.py -k "$filter"; then
     echo "a $name test failed: check ${name}_tests.txt before trusting the timings"
   fi
   (cd benchmarks && XLA_FLAGS="$FAST_XLA" step "gdn_$name" "$peers_limit" python3 gated_delta_rule_peers.py \
-    --variants "$variants" --no-fla --peer-timeout 200 --trace 1x16384 --shapes 1x4096,1x16384,1x65536,4x4096,8x4096 \
+    --variants "$variants" --forward-only "$forward_only" --no-fla --peer-timeout 200 --trace 1x16384 --shapes 1x4096,1x16384,1x65536,4x4096,8x4096 \
     --markdown "$OUT/gdn_$name.md" --json "$OUT/gdn_$name.json")
 }
 
@@ -160,6 +163,11 @@ case "${1:-}" in
   walknorm)
     candidate walknorm "compiled and normalizes" api,walk_norm 200 300
     ;;
+  scoresnorm)
+    candidate scoresnorm "compiled and normalizes_in_the_scores" \
+      "${VARIANTS_SCORESNORM:-api,scores_norm,scores_norm4,scores_norm_t}" 200 330 \
+      "${FORWARD_SCORESNORM:-scores_norm,scores_norm4,scores_norm_t}"
+    ;;
   train4_qknorm)
     # the unscanned step twice in one call: the default launch, then the forward's l2 norm in gpu_qk_norm.py
     (cd benchmarks && step train_b4_default 280 python3 train_step.py --batch 4 --steps 6 --warmup 2 --no-hf)
@@ -174,7 +182,7 @@ case "${1:-}" in
       --warmup 2)
     ;;
   *)
-    echo "usage: $0 kernels|peers|norm|screen|final|batches|prefill|prescores|roles|scores|qknorm|walknorm|train4_qknorm|train4|train" >&2
+    echo "usage: $0 kernels|peers|norm|screen|final|batches|prefill|prescores|roles|scores|qknorm|walknorm|scoresnorm|train4_qknorm|train4|train" >&2
     exit 2
     ;;
 esac

@@ -208,6 +208,34 @@ def test_prefill_normalizes_in_the_walk(applies, packed, dtype, precision, dims=
   assert primitives_outside_kernels(grad)["rsqrt"] > 0 and prep_outputs(grad) == [1 if applies else 2]
 
 
+@pytest.mark.parametrize("packed, dtype, precision, reads_w", [
+    (True, jnp.float32, "ieee", False), (False, jnp.bfloat16, "bf16", False), (True, jnp.bfloat16, "bf16", False),
+    (False, jnp.float32, "ieee", True)], ids=str)
+def test_prefill_normalizes_in_the_scores_launch(packed, dtype, precision, reads_w, dims=(2, 70, 2, 6, 32, 16),
+                                                 chunk=32, interpret=True, walk=None):
+  """A forward alone with ChunkedLaunch(prefill_scores_norm=True): P's launch takes the raw q, k and writes them
+  normalised besides P, for the T launch and the walk (which loads P); B = 2, two key heads of three value heads, a
+  ragged tail, raw q, k rows of very different scales, an initial state; o and the final state against the reference.
+  No norm runs outside the kernels; the gradient's forward keeps XLA's norm and P's launch writes P alone."""
+  batch, length, key_heads = dims[:3]
+  segment_ids = documents([30, 3, 17, length - 50], batch=batch) if packed else None
+  q, k, v, g, beta, h0 = random_inputs(8, *dims, dtype, True)
+  scales = jnp.asarray(np.random.default_rng(8).uniform(1e-2, 1e2, size=(batch, length, key_heads, 1)), dtype)
+  q, k = q * scales, k * scales[:, ::-1]
+  launch = ChunkedLaunch(prefill_scores_norm=True, fused_walk_reads_w=reads_w, **(walk or {}))
+  run = lambda *a: chunk_gated_delta_rule_gpu(*a, segment_ids=segment_ids, chunk_size=chunk, precision=precision,
+                                              interpret=interpret, launch=launch)
+  expected = chunk_gated_delta_rule_reference(q, k, v, g, beta, h0, segment_ids=segment_ids, chunk_size=chunk)
+  for name, a, b in zip(("o", "final_state"), jax.jit(run)(q, k, v, g, beta, h0), expected):
+    assert relative_error(a, b) < TOLERANCE[precision], name
+  scores_outputs = lambda jaxpr: [len(e.outvars) for e in kernel_launches(jaxpr) if e.params["name"] == "gdr_scores_fwd"]
+  forward = jax.make_jaxpr(run)(q, k, v, g, beta, h0).jaxpr
+  assert "rsqrt" not in primitives_outside_kernels(forward)
+  assert scores_outputs(forward) == [3]  # P and the normalised q, k
+  grad = jax.make_jaxpr(jax.grad(lambda *a: run(*a)[0].astype(jnp.float32).sum()))(q, k, v, g, beta, h0).jaxpr
+  assert primitives_outside_kernels(grad)["rsqrt"] > 0 and scores_outputs(grad) == [1]
+
+
 def test_prefill_scores_formed_in_the_walk_that_reads_w():
   test_prefill_scores_formed_in_the_walk(True, jnp.float32, "ieee", reads_w=True)
 
@@ -440,6 +468,34 @@ def test_compiled_on_gpu_prefill_normalizes_in_the_walk_packed(monkeypatch):
   monkeypatch.setitem(TOLERANCE, "bf16", DEVICE_TOLERANCE["bf16"])
   test_prefill_normalizes_in_the_walk(True, True, jnp.bfloat16, "bf16", dims=(2, 1000, 2, 4, 128, 128), chunk=64,
                                       interpret=False)
+
+
+@pytest.mark.device
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (run with JAX_PLATFORMS=cuda)")
+@pytest.mark.parametrize("walk", [dict(forward_walk_roles=3), dict(forward_walk_roles=3, roles_transposed_chain=True),
+                                  dict(forward_walk_roles=0, forward_walk_mosaic=2),
+                                  dict(forward_walk_roles=0, forward_walk_mosaic=0)],
+                         ids=["roles", "roles_t", "mosaic_2wg", "triton"])
+@pytest.mark.parametrize("dims", [(2, 1000, 2, 4, 128, 128), (1, 100, 1, 2, 128, 128), (1, 300, 1, 2, 128, 256)],
+                         ids=["b2_t1000", "two_ragged", "dv256"])
+def test_compiled_on_gpu_prefill_normalizes_in_the_scores_launch(walk, dims, monkeypatch):
+  """ChunkedLaunch(prefill_scores_norm=True) compiled: a forward alone, bf16, raw q, k of very different scales
+  normalised by P's 8-warp launch; the walk in roles (by rows or transposed), the two-warpgroup Mosaic walk or
+  Triton's, loading P; two chunks with a ragged tail and Dv = 256 too; o and the final state."""
+  if walk.get("roles_transposed_chain") and tuple(jax.__version_info__[:2]) < (0, 11):
+    pytest.skip("the transposed chain needs jax 0.11")
+  monkeypatch.setitem(TOLERANCE, "bf16", DEVICE_TOLERANCE["bf16"])
+  test_prefill_normalizes_in_the_scores_launch(False, jnp.bfloat16, "bf16", False, dims=dims, chunk=64,
+                                               interpret=False, walk=walk)
+
+
+@pytest.mark.device
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (run with JAX_PLATFORMS=cuda)")
+def test_compiled_on_gpu_prefill_normalizes_in_the_scores_launch_packed(monkeypatch):
+  """The same with documents (the Triton walk: the Mosaic walks take no segment ids)."""
+  monkeypatch.setitem(TOLERANCE, "bf16", DEVICE_TOLERANCE["bf16"])
+  test_prefill_normalizes_in_the_scores_launch(True, jnp.bfloat16, "bf16", False, dims=(2, 1000, 2, 4, 128, 128),
+                                               chunk=64, interpret=False)
 
 
 def test_prefill_scores_in_the_walk_by_default_only_in_a_mosaic_walk(monkeypatch):

@@ -180,6 +180,11 @@ class ChunkedLaunch:
   # 0.40 / 0.73 at the shapes above (at 1 x 16384 the T launch 0.151 ms against 0.078 + the norm's 0.064, its
   # one-warp programs now reading q too; the roles walk 0.468 against 0.439); device tests passed.
   walk_normalizes_qk: bool = False
+  # A forward alone (prefill) with the l2 norm in the op: P is its own launch (gpu_fused.scores_kernel, scores_warps),
+  # which reads the raw q, k, normalises them and writes them for the T launch and the walk (that loads P) besides P:
+  # the norm's read of q, k is P's, and XLA's norm pass is gone. It overrides prefill_scores_in_walk. Not measured
+  # yet: off.
+  prefill_scores_norm: bool = False
   # A forward alone (prefill: no backward, so P need not be saved) with the blocked inverse: the forward walk forms
   # P = s Gamma * (q k^T) from the q, k tiles it loads anyway (one more 64 x 64 x Dk product a chunk, off the state's
   # path), and the prep's P launch is skipped. None: where the forward walk is a Mosaic GPU one. Measured on an H200
@@ -391,12 +396,20 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
       blocked = inv["inverse_block"] is not None
       split = blocked if launch.prep_split is None else launch.prep_split
       in_walk = launch.prefill_scores_in_walk
-      scores_inside = (mosaic_walk if in_walk is None else in_walk) and not save and blocked
       scores_warps = (8 if blocked else 0) if launch.scores_warps is None else launch.scores_warps
+      # a forward alone may normalise q, k in P's launch (ChunkedLaunch.prefill_scores_norm)
+      scores_norm = raw and normalize and not save and bool(scores_warps) and launch.prefill_scores_norm
+      scores_inside = (mosaic_walk if in_walk is None else in_walk) and not save and blocked and not scores_norm
       flipped = bool(roles) and launch.roles_transposed_chain and not save
       walk_norms = (raw and normalize and launch.walk_normalizes_qk and scores_inside and not with_w
                     and not launch.prep_per_key_head and (roles and not flipped or not mosaic_walk))
-      if raw and not walk_norms:
+      if scores_norm:
+        p, q, k = call(gpu_fused.scores_kernel, "gdr_scores_fwd", (num_chunks, q.shape[2], batch),
+                       (chunk_matrix, struct(*q.shape, dtype=q.dtype), struct(*k.shape, dtype=k.dtype)),
+                       TritonParams(num_warps=scores_warps, num_stages=1), (q, k, gc), segments, scale=scale,
+                       normalizes=True, **common)
+        p = [p]
+      elif raw and not walk_norms:
         q, k = operands(q, k)
       prep = functools.partial(call, gpu_fused.prep_kernel, grid=prep_grid, params=parallel_params,
                                args=(q, k, gc, beta), segments=segments, scale=scale, with_w=with_w,
@@ -411,6 +424,8 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
           norms = [rq, rk]
         if scores_inside:
           p = []
+        elif scores_norm:
+          pass  # P and the normalised q, k came first (the T launch reads the keys)
         elif scores_warps:
           p = call(gpu_fused.scores_kernel, "gdr_scores_fwd", (num_chunks, q.shape[2], batch), (chunk_matrix,),
                    TritonParams(num_warps=scores_warps, num_stages=1), (q, k, gc), segments, scale=scale,

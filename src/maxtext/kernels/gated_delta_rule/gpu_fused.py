@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from maxtext.kernels.gated_delta_rule.chunking import reciprocal_l2_norm
+from maxtext.kernels.gated_delta_rule.chunking import l2_normalize, reciprocal_l2_norm
 from maxtext.kernels.gated_delta_rule.gpu_inverse import gated_chunk, key_head_products
 from maxtext.kernels.gated_delta_rule.gpu_kernels import _f32, _gates, _split_refs, chunk_inverse
 
@@ -138,15 +138,25 @@ def walk_output_kernel(*refs, chunk: int, groups: int, num_chunks: int, block_v:
   final_ref[b, h, :, cols] = jax.lax.fori_loop(0, num_chunks, step, h0_ref[b, h, :, cols])
 
 
-def scores_kernel(*refs, chunk: int, groups: int, scale: float, segmented: bool, mm):
+def scores_kernel(*refs, chunk: int, groups: int, scale: float, segmented: bool, mm, normalizes: bool = False):
   """One (chunk, key head, row): P = s Gamma * (q k^T) [C, C] of each of the key head's value heads, from one
   whole-tile q k^T (ChunkedLaunch.scores_warps). prep_kernel's P (outputs="p") forms q k^T by [b, b] blocks in every
   value head's program, the shape its one-warp launch suits; this program is launched with more warps, so that the
-  product runs as one tensor-core tile, and shares it across the group."""
-  (q_ref, k_ref, gc_ref), seg_refs, (p_ref,) = _split_refs(refs, 3, segmented)
+  product runs as one tensor-core tile, and shares it across the group.
+
+  normalizes: q, k are the raw ones (in the kernels' operand dtype); the chunk's rows are l2-normalised here in
+  float32 and rounded to that dtype (as gpu.kernel_qk does under XLA), written as the two outputs after P for the T
+  launch and the walk, and P is formed from them: the norm's read of q, k is P's (ChunkedLaunch.prefill_scores_norm).
+  """
+  (q_ref, k_ref, gc_ref), seg_refs, outs = _split_refs(refs, 3, segmented)
   n, hk, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   tokens = pl.ds(n * chunk, chunk)
-  qk = mm(q_ref[b, tokens, hk, :], k_ref[b, tokens, hk, :], trans_b=True)
+  q, k = q_ref[b, tokens, hk, :], k_ref[b, tokens, hk, :]
+  if normalizes:
+    q, k = (l2_normalize(_f32(x)).astype(target.dtype) for x, target in ((q, outs[1]), (k, outs[2])))
+    outs[1][b, tokens, hk, :] = q
+    outs[2][b, tokens, hk, :] = k
+  qk = mm(q, k, trans_b=True)
   for head in [hk * groups + g for g in range(groups)]:
     gamma = _gates(gc_ref, seg_refs, b, head, tokens, chunk).gamma
-    p_ref[b, head, n] = (qk * (scale * gamma)).astype(p_ref.dtype)
+    outs[0][b, head, n] = (qk * (scale * gamma)).astype(outs[0].dtype)
