@@ -123,11 +123,12 @@ def launches() -> dict:
               "qk_norm": ChunkedLaunch(qk_norm_kernel=True),
               # a forward alone reads the raw q, k: the T launch writes their reciprocal norms, the walk scales by them
               "walk_norm": ChunkedLaunch(walk_normalizes_qk=True),
-              # a forward alone: P's launch (8 or 4 warps) normalises the raw q, k and writes them besides P; the
-              # walk (by rows or with the transposed chain) loads P
-              "scores_norm": ChunkedLaunch(prefill_scores_norm=True),
-              "scores_norm4": ChunkedLaunch(prefill_scores_norm=True, scores_warps=4),
-              "scores_norm_t": ChunkedLaunch(prefill_scores_norm=True, roles_transposed_chain=True),
+              # a forward alone: P's launch (8 or 4 warps) normalises the raw q, k and writes them besides P, the
+              # walk loads P (by rows here); the default where the walk is in roles with few programs
+              "scores_norm": ChunkedLaunch(prefill_scores_norm=True, scores_warps=8, roles_transposed_chain=False),
+              "scores_norm4": ChunkedLaunch(prefill_scores_norm=True, scores_warps=4, roles_transposed_chain=False),
+              # the thirteenth session's default: XLA's norm, P formed in the roles walk by rows
+              "thirteenth": ChunkedLaunch(prefill_scores_norm=False, roles_transposed_chain=False),
               # the blocked inverse by 32-wide blocks at the prep's 1 or 2 warps (measured at 4 warps only)
               "blocked32_w1": ChunkedLaunch(inverse_block=32, parallel_warps=1),
               "blocked32_w2": ChunkedLaunch(inverse_block=32, parallel_warps=2),
@@ -166,7 +167,8 @@ def launches() -> dict:
               "bwd_cf": ChunkedLaunch(grad_heads_fastest=False)}
   if tuple(jax.__version_info__[:2]) >= (0, 11):  # ChunkedLaunch refuses it on jax 0.10
     # a forward alone in roles with the state's transpose on the chain
-    variants["roles_t"] = ChunkedLaunch(roles_transposed_chain=True)
+    variants["roles_t"] = ChunkedLaunch(roles_transposed_chain=True, prefill_scores_norm=False)
+    variants["scores_norm_t"] = ChunkedLaunch(prefill_scores_norm=True, scores_warps=8, roles_transposed_chain=True)
   return variants
 
 

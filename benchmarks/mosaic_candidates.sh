@@ -60,7 +60,7 @@ fi
 source benchmarks/device_step.sh
 
 # A candidate launch: its device tests (pytest -k FILTER), then VARIANTS against jla at the five shapes (no fla);
-# FORWARD_ONLY (optional): the variants timed as a forward alone only.
+# FORWARD_ONLY (optional): the variants timed as a forward alone only; SHAPES overrides the five shapes.
 candidate() {
   local name=$1 filter=$2 variants=$3 tests_limit=$4 peers_limit=$5 forward_only=${6:-}
   if ! step "${name}_tests" "$tests_limit" env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider \
@@ -68,7 +68,8 @@ candidate() {
     echo "a $name test failed: check ${name}_tests.txt before trusting the timings"
   fi
   (cd benchmarks && XLA_FLAGS="$FAST_XLA" step "gdn_$name" "$peers_limit" python3 gated_delta_rule_peers.py \
-    --variants "$variants" --forward-only "$forward_only" --no-fla --peer-timeout 200 --trace 1x16384 --shapes 1x4096,1x16384,1x65536,4x4096,8x4096 \
+    --variants "$variants" --forward-only "$forward_only" --no-fla --peer-timeout 200 --trace 1x16384 \
+    --shapes "${SHAPES:-1x4096,1x16384,1x65536,4x4096,8x4096}" \
     --markdown "$OUT/gdn_$name.md" --json "$OUT/gdn_$name.json")
 }
 
@@ -165,8 +166,8 @@ case "${1:-}" in
     ;;
   scoresnorm)
     candidate scoresnorm "compiled and normalizes_in_the_scores" \
-      "${VARIANTS_SCORESNORM:-api,scores_norm,scores_norm4,scores_norm_t}" 200 330 \
-      "${FORWARD_SCORESNORM:-scores_norm,scores_norm4,scores_norm_t}"
+      "${VARIANTS_SCORESNORM:-api,scores_norm4,scores_norm_t,thirteenth}" 200 330 \
+      "${FORWARD_SCORESNORM:-scores_norm4,scores_norm_t,thirteenth}"
     ;;
   train4_qknorm)
     # the unscanned step twice in one call: the default launch, then the forward's l2 norm in gpu_qk_norm.py

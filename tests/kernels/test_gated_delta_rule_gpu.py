@@ -520,15 +520,18 @@ def test_prefill_scores_in_the_walk_by_default_only_in_a_mosaic_walk(monkeypatch
     assert scores_launched(text) == (walks == 0) and calls == expected
 
 
-def test_forward_walk_roles_where_asked(monkeypatch):
+@pytest.mark.parametrize("scores_norm", [None, False], ids=["default", "scores_in_walk"])
+def test_forward_walk_roles_where_asked(scores_norm, monkeypatch):
   """ChunkedLaunch(forward_walk_roles=3) runs gpu_mosaic_roles.forward_walk in place of the forward walk
-  (here a stand-in: the Mosaic kernel needs a Hopper to lower): forward alone it forms P (no P launch, scores None),
-  with a backward it gets the prep's P and saves the history; 0 keeps the Triton walk."""
+  (here a stand-in: the Mosaic kernel needs a Hopper to lower). Forward alone, by default with few walk programs, P
+  comes from the launch that normalises q, k (4 warps, three outputs) and the chain is transposed on jax 0.11;
+  with prefill_scores_norm=False the walk forms P (no P launch, scores None). With a backward it gets the 8-warp
+  P launch's P and saves the history; 0 keeps the Triton walk."""
   from maxtext.kernels.gated_delta_rule import gpu_mosaic_roles  # pylint: disable=import-outside-toplevel
   calls = []
 
-  def fake_walk(q, k, v, gc, beta, t, scores, h0, *, save, warpgroups, **launch):  # pylint: disable=unused-argument
-    calls.append((scores is None, save, warpgroups))
+  def fake_walk(q, k, v, gc, beta, t, scores, h0, *, save, warpgroups, transposed_chain, **launch):  # pylint: disable=unused-argument
+    calls.append((scores is None, save, warpgroups, transposed_chain))
     batch, length, heads, dim = v.shape
     final = jnp.zeros((batch, heads, q.shape[-1], dim), jnp.float32)
     history = (jnp.zeros((batch, heads, length // 32, q.shape[-1], dim), v.dtype), jnp.zeros_like(v))
@@ -536,17 +539,42 @@ def test_forward_walk_roles_where_asked(monkeypatch):
   monkeypatch.setattr(gpu, "_mosaic_walks", lambda warpgroups, **kw: warpgroups)
   monkeypatch.setattr(gpu_mosaic_roles, "forward_walk", fake_walk)
   q, k, v, g, beta, h0 = random_inputs(0, 1, 128, 2, 4, 32, 32, jnp.bfloat16, True)
+  transposed = scores_norm is None and tuple(jax.__version_info__[:2]) >= (0, 11)
+  scores_launches = lambda jaxpr: [(len(e.outvars), e.params["compiler_params"].num_warps)
+                                   for e in kernel_launches(jaxpr) if e.params["name"] == "gdr_scores_fwd"]
   for roles in (3, 2, 0):
     calls.clear()
     launch = ChunkedLaunch(forward_walk_roles=roles, forward_walk_mosaic=0, reverse_walk_mosaic=0,
-                           chunk_grads_mosaic=0)
+                           chunk_grads_mosaic=0, prefill_scores_norm=scores_norm)
     run = lambda *a, launch=launch: chunk_gated_delta_rule_gpu(*a, chunk_size=32, interpret=True, launch=launch)
-    forward_text = str(jax.make_jaxpr(run)(q, k, v, g, beta, h0))
+    forward = jax.make_jaxpr(run)(q, k, v, g, beta, h0).jaxpr
     loss = lambda *a, run=run: run(*a)[0].astype(jnp.float32).sum()
-    grad_text = str(jax.make_jaxpr(jax.grad(loss))(q, k, v, g, beta, h0))
-    assert calls == ([(True, False, roles), (False, True, roles)] if roles else [])
-    assert scores_launched(forward_text) == (not roles) and scores_launched(grad_text)
-    assert ("gdr_walk_fwd" in forward_text) == (not roles)
+    grad = jax.make_jaxpr(jax.grad(loss))(q, k, v, g, beta, h0).jaxpr
+    alone = (scores_norm is not None, False, roles, transposed)
+    assert calls == ([alone, (False, True, roles, False)] if roles else [])
+    if roles and scores_norm is None:
+      assert scores_launches(forward) == [(3, 4)] and "rsqrt" not in primitives_outside_kernels(forward)
+    else:
+      assert scores_launched(str(forward)) == (not roles)
+    assert scores_launches(grad) == [(1, 8)]
+    assert ("gdr_walk_fwd" in str(forward)) == (not roles)
+
+
+def test_prefill_scores_norm_by_default_only_for_few_roles_programs():
+  """ChunkedLaunch.prefill_scores_norm=None: a forward alone normalises q, k in P's launch where the walk is in roles
+  with at most SCORES_NORM_PROGRAMS programs (Hv 32, Dv 128: B = 1 and 2, not 4), and not where the launch says
+  where P comes from; the transposed chain follows it on jax 0.11."""
+  rule = gpu.prefill_scores_norm
+  assert rule(ChunkedLaunch(), 1, 32, 128, 3) and rule(ChunkedLaunch(), 2, 32, 128, 3)
+  assert not rule(ChunkedLaunch(), 4, 32, 128, 3) and not rule(ChunkedLaunch(), 1, 32, 128, 0)
+  assert not rule(ChunkedLaunch(prefill_scores_in_walk=True), 1, 32, 128, 3)
+  assert not rule(ChunkedLaunch(prefill_scores_in_walk=False), 1, 32, 128, 3)
+  assert rule(ChunkedLaunch(prefill_scores_norm=True), 8, 32, 128, 0)
+  assert not rule(ChunkedLaunch(prefill_scores_norm=False), 1, 32, 128, 3)
+  new_jax = tuple(jax.__version_info__[:2]) >= (0, 11)
+  assert gpu.roles_transposed_chain(ChunkedLaunch(), True) == new_jax
+  assert not gpu.roles_transposed_chain(ChunkedLaunch(), False)
+  assert not gpu.roles_transposed_chain(ChunkedLaunch(roles_transposed_chain=False), True)
 
 
 def test_reverse_walk_with_its_own_value_blocks():

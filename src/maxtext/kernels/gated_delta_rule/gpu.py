@@ -128,7 +128,8 @@ class ChunkedLaunch:
   # P = s Gamma * (q k^T), where it is a launch of its own (with a backward; a forward alone whose walk does not form
   # it), by gpu_fused.scores_kernel with this many warps: one program per (chunk, key head, row), one whole-tile q k^T
   # shared by the group's value heads (a positive count needs inverse_block, as prep_split does); 0: prep_kernel's
-  # blocked P, one program per value head with parallel_warps; None: 8 with the blocked inverse, else 0. On an H200
+  # blocked P, one program per value head with parallel_warps; None: 8 with the blocked inverse (4 where the launch
+  # normalises q, k: prefill_scores_norm), else 0. On an H200
   # (2026-12-03, docs/benchmarks.md, twelfth session) P's launch 0.064 ms (8 warps; 4: 0.066) against 0.087 at
   # 1 x 16384, forward+backward 0.547 / 2.029 / 7.861 / 1.819 / 3.312 ms against 0.557 / 2.053 / 7.992 / 1.845 / 3.365
   # at 1 x 4k / 16k / 64k, 4 x 4k and 8 x 4k; a forward alone that loads it rather than forming it in the walk was
@@ -182,9 +183,14 @@ class ChunkedLaunch:
   walk_normalizes_qk: bool = False
   # A forward alone (prefill) with the l2 norm in the op: P is its own launch (gpu_fused.scores_kernel, scores_warps),
   # which reads the raw q, k, normalises them and writes them for the T launch and the walk (that loads P) besides P:
-  # the norm's read of q, k is P's, and XLA's norm pass is gone. It overrides prefill_scores_in_walk. Not measured
-  # yet: off.
-  prefill_scores_norm: bool = False
+  # the norm's read of q, k is P's, and XLA's norm pass is gone. True overrides prefill_scores_in_walk. None: where
+  # the forward walk is in roles with at most SCORES_NORM_PROGRAMS 64-column programs and prefill_scores_in_walk is
+  # None (prefill_scores_norm()). On an H200
+  # (2026-12-03, docs/benchmarks.md, fourteenth session) at 1 x 16384 the normalising P launch took 0.094 ms (4
+  # warps; 8: 0.109) for XLA's norm's 0.064, the roles walk loading P 0.384 against 0.444 forming it: forward 0.568
+  # ms against 0.596 (1 x 4k / 64k: 0.154 / 2.181 against 0.157 / 2.252); at 4 x 4096 (256 walk programs) it lost,
+  # 0.423 against 0.389.
+  prefill_scores_norm: bool | None = None
   # A forward alone (prefill: no backward, so P need not be saved) with the blocked inverse: the forward walk forms
   # P = s Gamma * (q k^T) from the q, k tiles it loads anyway (one more 64 x 64 x Dk product a chunk, off the state's
   # path), and the prep's P launch is skipped. None: where the forward walk is a Mosaic GPU one. Measured on an H200
@@ -206,8 +212,10 @@ class ChunkedLaunch:
   # every product on the chain takes its left operand from registers; needs jax 0.11: 0.10's Mosaic GPU cannot load
   # the transpose of a swizzled tile, which the chain reads v by). Device tests passed; off: on an H200 (2026-12-03,
   # docs/benchmarks.md, twelfth session) 0.153 / 0.593 / 2.262 / 0.402 ms against 0.158 / 0.598 / 2.255 / 0.391 at
-  # 1 x 4k / 16k / 64k and 4 x 4k.
-  roles_transposed_chain: bool = False
+  # 1 x 4k / 16k / 64k and 4 x 4k. None: where P comes from prefill_scores_norm's launch (on jax 0.11 or later):
+  # there, loading P, it won at 1 x 16k / 64k (forward 0.567 / 2.157 ms against 0.581 / 2.234 with 8-warp P launches,
+  # fourteenth session).
+  roles_transposed_chain: bool | None = None
 
   def __post_init__(self):
     if self.chunk_grads_mosaic not in (0, 1, 2):
@@ -226,6 +234,9 @@ class ChunkedLaunch:
 
 
 WIDE_WALK_PROGRAMS = 512
+# At most this many 64-column forward walk programs (B x Hv x Dv / 64: one wave on an H200's 132 SMs) for
+# ChunkedLaunch.prefill_scores_norm's default: measured winning at 64 (B = 1, Hv 32), losing at 256.
+SCORES_NORM_PROGRAMS = 128
 
 
 def _many_walk_programs(batch: int, heads: int, value_dim: int) -> bool:
@@ -259,6 +270,25 @@ def forward_walk_roles(launch: ChunkedLaunch, batch: int, heads: int, value_dim:
   if launch.forward_walk_roles is not None:
     return launch.forward_walk_roles
   return 0 if walk_warpgroups(launch, batch, heads, value_dim)[0] else 3
+
+
+def prefill_scores_norm(launch: ChunkedLaunch, batch: int, heads: int, value_dim: int, roles: int) -> bool:
+  """Whether a forward alone with the l2 norm in the op normalises q, k in P's launch (ChunkedLaunch.
+  prefill_scores_norm): by default where the forward walk is in roles (roles: its warpgroups, 0 for none) and has
+  at most SCORES_NORM_PROGRAMS 64-column programs, unless the launch says where P comes from
+  (prefill_scores_in_walk)."""
+  if launch.prefill_scores_norm is not None:
+    return launch.prefill_scores_norm
+  return (launch.prefill_scores_in_walk is None and bool(roles)
+          and batch * heads * value_dim // 64 <= SCORES_NORM_PROGRAMS)
+
+
+def roles_transposed_chain(launch: ChunkedLaunch, scores_norm: bool) -> bool:
+  """Whether a forward alone in roles carries the state's transpose (ChunkedLaunch.roles_transposed_chain): by
+  default where P comes from the normalising launch, on jax 0.11 or later."""
+  if launch.roles_transposed_chain is not None:
+    return launch.roles_transposed_chain
+  return scores_norm and tuple(jax.__version_info__[:2]) >= (0, 11)
 
 
 def walk_stages(launch: ChunkedLaunch, store, block_v: int, reverse: bool = False) -> int:
@@ -396,11 +426,13 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
       blocked = inv["inverse_block"] is not None
       split = blocked if launch.prep_split is None else launch.prep_split
       in_walk = launch.prefill_scores_in_walk
-      scores_warps = (8 if blocked else 0) if launch.scores_warps is None else launch.scores_warps
       # a forward alone may normalise q, k in P's launch (ChunkedLaunch.prefill_scores_norm)
-      scores_norm = raw and normalize and not save and bool(scores_warps) and launch.prefill_scores_norm
+      scores_norm = (raw and normalize and not save and blocked and launch.scores_warps != 0
+                     and prefill_scores_norm(launch, batch, heads, value_dim, roles))
+      default_warps = (4 if scores_norm else 8) if blocked else 0
+      scores_warps = default_warps if launch.scores_warps is None else launch.scores_warps
       scores_inside = (mosaic_walk if in_walk is None else in_walk) and not save and blocked and not scores_norm
-      flipped = bool(roles) and launch.roles_transposed_chain and not save
+      flipped = bool(roles) and roles_transposed_chain(launch, scores_norm) and not save
       walk_norms = (raw and normalize and launch.walk_normalizes_qk and scores_inside and not with_w
                     and not launch.prep_per_key_head and (roles and not flipped or not mosaic_walk))
       if scores_norm:
