@@ -30,6 +30,8 @@
 #                                             #   device tests, then the five shapes with jla (no fla)
 #   benchmarks/mosaic_candidates.sh scoresnorm # ~9 min (estimated): a forward alone whose P launch normalises q, k
 #                                             #   (prefill_scores_norm): device tests, then the five shapes with jla
+#   benchmarks/mosaic_candidates.sh scoresfinal # ~9 min (estimated): the default (prefill_scores_norm at B = 1): device
+#                                             #   tests, then the five shapes with jla and fla
 #   benchmarks/mosaic_candidates.sh train4_qknorm # ~8 min (estimated): the unscanned train step at 4 x 4096, default
 #                                             #   launch and qk_norm_kernel=true (no HF)
 #   benchmarks/mosaic_candidates.sh train4    # ~9 min: the bench train step at 4 x 4096, unscanned and scanned, and HF
@@ -169,6 +171,16 @@ case "${1:-}" in
       "${VARIANTS_SCORESNORM:-api,scores_norm4,scores_norm_t,thirteenth}" 200 330 \
       "${FORWARD_SCORESNORM:-scores_norm4,scores_norm_t,thirteenth}"
     ;;
+  scoresfinal)
+    # the default with prefill_scores_norm: its device tests, then the five shapes with jla and fla; the thirteenth
+    # session's default forward alone
+    step scoresfinal_tests 170 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" \
+      -m device tests/kernels/test_gated_delta_rule_gpu.py -k "compiled and (default or normalizes_in_the_scores)"
+    (cd benchmarks && XLA_FLAGS="$FAST_XLA" step gdn_scoresfinal 380 python3 gated_delta_rule_peers.py \
+      --variants api,thirteenth --forward-only thirteenth --peer-timeout 300 --trace 1x16384 \
+      --shapes 1x4096,1x16384,1x65536,4x4096,8x4096 \
+      --markdown "$OUT/gdn_scoresfinal.md" --json "$OUT/gdn_scoresfinal.json")
+    ;;
   train4_qknorm)
     # the unscanned step twice in one call: the default launch, then the forward's l2 norm in gpu_qk_norm.py
     (cd benchmarks && step train_b4_default 280 python3 train_step.py --batch 4 --steps 6 --warmup 2 --no-hf)
@@ -183,7 +195,7 @@ case "${1:-}" in
       --warmup 2)
     ;;
   *)
-    echo "usage: $0 kernels|peers|norm|screen|final|batches|prefill|prescores|roles|scores|qknorm|walknorm|scoresnorm|train4_qknorm|train4|train" >&2
+    echo "usage: $0 kernels|peers|norm|screen|final|batches|prefill|prescores|roles|scores|qknorm|walknorm|scoresnorm|scoresfinal|train4_qknorm|train4|train" >&2
     exit 2
     ;;
 esac

@@ -562,11 +562,11 @@ def test_forward_walk_roles_where_asked(scores_norm, monkeypatch):
 
 def test_prefill_scores_norm_by_default_only_for_few_roles_programs():
   """ChunkedLaunch.prefill_scores_norm=None: a forward alone normalises q, k in P's launch where the walk is in roles
-  with at most SCORES_NORM_PROGRAMS programs (Hv 32, Dv 128: B = 1 and 2, not 4), and not where the launch says
-  where P comes from; the transposed chain follows it on jax 0.11."""
+  with at most SCORES_NORM_PROGRAMS programs (Hv 32, Dv 128: B = 1, not 2), and not where the launch says where P
+  comes from; the transposed chain follows it on jax 0.11."""
   rule = gpu.prefill_scores_norm
-  assert rule(ChunkedLaunch(), 1, 32, 128, 3) and rule(ChunkedLaunch(), 2, 32, 128, 3)
-  assert not rule(ChunkedLaunch(), 4, 32, 128, 3) and not rule(ChunkedLaunch(), 1, 32, 128, 0)
+  assert rule(ChunkedLaunch(), 1, 32, 128, 3) and rule(ChunkedLaunch(), 2, 16, 128, 3)
+  assert not rule(ChunkedLaunch(), 2, 32, 128, 3) and not rule(ChunkedLaunch(), 1, 32, 128, 0)
   assert not rule(ChunkedLaunch(prefill_scores_in_walk=True), 1, 32, 128, 3)
   assert not rule(ChunkedLaunch(prefill_scores_in_walk=False), 1, 32, 128, 3)
   assert rule(ChunkedLaunch(prefill_scores_norm=True), 8, 32, 128, 0)

@@ -186,10 +186,10 @@ class ChunkedLaunch:
   # the norm's read of q, k is P's, and XLA's norm pass is gone. True overrides prefill_scores_in_walk. None: where
   # the forward walk is in roles with at most SCORES_NORM_PROGRAMS 64-column programs and prefill_scores_in_walk is
   # None (prefill_scores_norm()). On an H200
-  # (2026-12-03, docs/benchmarks.md, fourteenth session) at 1 x 16384 the normalising P launch took 0.094 ms (4
-  # warps; 8: 0.109) for XLA's norm's 0.064, the roles walk loading P 0.384 against 0.444 forming it: forward 0.568
-  # ms against 0.596 (1 x 4k / 64k: 0.154 / 2.181 against 0.157 / 2.252); at 4 x 4096 (256 walk programs) it lost,
-  # 0.423 against 0.389.
+  # (2026-12-03, docs/benchmarks.md, fourteenth session) at 1 x 16384 the normalising P launch took 0.093 ms (4
+  # warps; 8: 0.108) for XLA's norm's 0.064, the roles walk loading P 0.387 against 0.439 forming it: forward 0.565
+  # ms against 0.593 by rows, 0.552 with the transposed chain (1 x 4k / 64k: 0.157 / 2.113 against 0.157 / 2.249);
+  # at B = 2 and 4 it did not win (SCORES_NORM_PROGRAMS).
   prefill_scores_norm: bool | None = None
   # A forward alone (prefill: no backward, so P need not be saved) with the blocked inverse: the forward walk forms
   # P = s Gamma * (q k^T) from the q, k tiles it loads anyway (one more 64 x 64 x Dk product a chunk, off the state's
@@ -213,8 +213,8 @@ class ChunkedLaunch:
   # the transpose of a swizzled tile, which the chain reads v by). Device tests passed; off: on an H200 (2026-12-03,
   # docs/benchmarks.md, twelfth session) 0.153 / 0.593 / 2.262 / 0.402 ms against 0.158 / 0.598 / 2.255 / 0.391 at
   # 1 x 4k / 16k / 64k and 4 x 4k. None: where P comes from prefill_scores_norm's launch (on jax 0.11 or later):
-  # there, loading P, it won at 1 x 16k / 64k (forward 0.567 / 2.157 ms against 0.581 / 2.234 with 8-warp P launches,
-  # fourteenth session).
+  # there, loading P, it won at 1 x 16k / 64k (fourteenth session, 4-warp P launch: forward 0.552 / 2.113 ms against
+  # 0.565 / 2.188 by rows) and lost at 1 x 4k (0.157 against 0.153).
   roles_transposed_chain: bool | None = None
 
   def __post_init__(self):
@@ -234,9 +234,10 @@ class ChunkedLaunch:
 
 
 WIDE_WALK_PROGRAMS = 512
-# At most this many 64-column forward walk programs (B x Hv x Dv / 64: one wave on an H200's 132 SMs) for
-# ChunkedLaunch.prefill_scores_norm's default: measured winning at 64 (B = 1, Hv 32), losing at 256.
-SCORES_NORM_PROGRAMS = 128
+# At most this many 64-column forward walk programs (B x Hv x Dv / 64) for ChunkedLaunch.prefill_scores_norm's
+# default: on an H200 (fourteenth session, Hv 32, Dv 128) it won at 64 (B = 1), not at 128 (2 x 4096: forward 0.211
+# ms against 0.204; 2 x 16384: 0.834 against 0.784) nor 256 (4 x 4096: 0.425 against 0.405).
+SCORES_NORM_PROGRAMS = 64
 
 
 def _many_walk_programs(batch: int, heads: int, value_dim: int) -> bool:
