@@ -19,8 +19,9 @@ Forward, by default (ChunkedLaunch.fused_forward; gpu_fused.py): `prep_kernel` (
 output scores P = s Gamma * q k^T by `scores_kernel`, one program per key head: ChunkedLaunch.scores_warps) and
 `walk_output_kernel` (one program per value block walks the chunks carrying its [Dk, BV] float32 state and writes o;
 with a backward also h_n and v_new). A forward alone in a Mosaic GPU walk forms P in the walk
-(ChunkedLaunch.prefill_scores_in_walk); with few programs the Mosaic walk splits its work by role between warpgroups
-(ChunkedLaunch.forward_walk_roles).
+(ChunkedLaunch.prefill_scores_in_walk), or, with the fewest programs, loads it from a P launch that also normalises
+the raw q, k (ChunkedLaunch.prefill_scores_norm); with few programs the Mosaic walk splits its work by role between
+warpgroups (ChunkedLaunch.forward_walk_roles).
 Without fusion (kernel bodies in gpu_kernels.py): `wy_kernel` (parallel: w, u and T), `state_kernel` (the walk: h_n
 and v_new) and `output_kernel` (parallel: o). Backward: `local_dv_kernel` (parallel: (s Gamma * q k^T)^T do; after
 the fused forward the reverse walk forms it from the saved P instead),

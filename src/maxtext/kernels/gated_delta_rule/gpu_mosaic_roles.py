@@ -10,8 +10,9 @@ and 4 x 4k: forward alone 0.158 / 0.597 / 2.243 / 0.419 ms against the Triton wa
 (jla 0.161 / 0.586 / 2.287 / 0.414), forward+backward 0.55 / 2.05 / 8.00 / 1.84 against 0.57 / 2.12 / 8.29 / 1.95.
 Its transposed chain (h^T carried, every product on the chain with its left operand in registers; a forward alone,
 jax 0.11) read 0.15 / 0.59 / 2.26 ms against jla's 0.16 / 0.59 / 2.30 in one run, errors unchanged; its device tests
-passed (twelfth session), and it stays off (ChunkedLaunch.roles_transposed_chain): against the chain by rows in one
-run 0.005 ms faster at 1 x 4k and 16k, 0.007 / 0.011 slower at 1 x 64k and 4 x 4k.
+passed (twelfth session); forming P it was against the chain by rows in one run 0.005 ms faster at 1 x 4k and 16k,
+0.007 / 0.011 slower at 1 x 64k and 4 x 4k, and loading P from the launch that normalises q, k 0.013 / 0.075 ms
+faster at 1 x 16k / 64k (fourteenth session): so it is on where that launch is (ChunkedLaunch.roles_transposed_chain).
 
 Scope: gpu_mosaic_walks.applies' with one warpgroup (no segment ids, C = 64, Dk = 128, 64 | Dv, bf16, compiled);
 device tests of the form by rows passed on an H200 on 2026-12-03.
