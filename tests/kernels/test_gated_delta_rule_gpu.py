@@ -179,6 +179,29 @@ def test_prefill_scores_formed_in_the_walk(packed, dtype, precision, reads_w=Fal
   assert scores_launched(grad_text)
 
 
+def raw_qk_prefill(seed, launch, packed, dtype, precision, dims, chunk, interpret):
+  """A forward alone on raw q, k whose rows differ in scale by 1e-2 to 1e2 (documents inside and across chunks when
+  packed, an initial state), its o and final state checked against the reference; returns (the jaxpr of the forward
+  alone, that of the gradient), where the norm's place is for the caller to assert."""
+  batch, length, key_heads = dims[:3]
+  segment_ids = documents([30, 3, 17, length - 50], batch=batch) if packed else None
+  q, k, *rest = random_inputs(seed, *dims, dtype, True)
+  scales = jnp.asarray(np.random.default_rng(seed).uniform(1e-2, 1e2, size=(batch, length, key_heads, 1)), dtype)
+  inputs = (q * scales, k * scales[:, ::-1], *rest)
+  run = lambda *a: chunk_gated_delta_rule_gpu(*a, segment_ids=segment_ids, chunk_size=chunk, precision=precision,
+                                              interpret=interpret, launch=launch)
+  expected = chunk_gated_delta_rule_reference(*inputs, segment_ids=segment_ids, chunk_size=chunk)
+  for name, a, b in zip(("o", "final_state"), jax.jit(run)(*inputs), expected):
+    assert relative_error(a, b) < TOLERANCE[precision], name
+  grad = jax.grad(lambda *a: run(*a)[0].astype(jnp.float32).sum())
+  return jax.make_jaxpr(run)(*inputs).jaxpr, jax.make_jaxpr(grad)(*inputs).jaxpr
+
+
+def launch_outputs(jaxpr, name: str) -> list[int]:
+  """The output counts of a jaxpr's kernel launches of this name."""
+  return [len(e.outvars) for e in kernel_launches(jaxpr) if e.params["name"] == name]
+
+
 @pytest.mark.parametrize("applies, packed, dtype, precision", [
     (True, True, jnp.float32, "ieee"), (True, False, jnp.bfloat16, "bf16"), (True, True, jnp.bfloat16, "bf16"),
     (False, False, jnp.float32, "ieee")], ids=str)
@@ -188,23 +211,12 @@ def test_prefill_normalizes_in_the_walk(applies, packed, dtype, precision, dims=
   reciprocal norms, the walk (forming P) scales its products of the raw q, k by them; B = 2, two key heads of three
   value heads, a ragged tail, raw q, k rows of very different scales, an initial state; o and the final state against
   the reference. Where it does not apply (the walk reading w), XLA's norm stays; the gradient's forward keeps it."""
-  batch, length, key_heads = dims[:3]
-  segment_ids = documents([30, 3, 17, length - 50], batch=batch) if packed else None
-  q, k, v, g, beta, h0 = random_inputs(7, *dims, dtype, True)
-  scales = jnp.asarray(np.random.default_rng(7).uniform(1e-2, 1e2, size=(batch, length, key_heads, 1)), dtype)
-  q, k = q * scales, k * scales[:, ::-1]
   launch = ChunkedLaunch(walk_normalizes_qk=True, prefill_scores_in_walk=True, fused_walk_reads_w=not applies,
                          **(walk or {}))
-  run = lambda *a: chunk_gated_delta_rule_gpu(*a, segment_ids=segment_ids, chunk_size=chunk, precision=precision,
-                                              interpret=interpret, launch=launch)
-  expected = chunk_gated_delta_rule_reference(q, k, v, g, beta, h0, segment_ids=segment_ids, chunk_size=chunk)
-  for name, a, b in zip(("o", "final_state"), jax.jit(run)(q, k, v, g, beta, h0), expected):
-    assert relative_error(a, b) < TOLERANCE[precision], name
-  prep_outputs = lambda jaxpr: [len(e.outvars) for e in kernel_launches(jaxpr) if e.params["name"] == "gdr_prep_t_fwd"]
-  forward = jax.make_jaxpr(run)(q, k, v, g, beta, h0).jaxpr
+  forward, grad = raw_qk_prefill(7, launch, packed, dtype, precision, dims, chunk, interpret)
+  prep_outputs = lambda jaxpr: launch_outputs(jaxpr, "gdr_prep_t_fwd")
   assert ("rsqrt" in primitives_outside_kernels(forward)) != applies
   assert prep_outputs(forward) == [3 if applies else 2]  # T and the reciprocal norms of q, k; or T and w
-  grad = jax.make_jaxpr(jax.grad(lambda *a: run(*a)[0].astype(jnp.float32).sum()))(q, k, v, g, beta, h0).jaxpr
   assert primitives_outside_kernels(grad)["rsqrt"] > 0 and prep_outputs(grad) == [1 if applies else 2]
 
 
@@ -217,22 +229,11 @@ def test_prefill_normalizes_in_the_scores_launch(packed, dtype, precision, reads
   normalised besides P, for the T launch and the walk (which loads P); B = 2, two key heads of three value heads, a
   ragged tail, raw q, k rows of very different scales, an initial state; o and the final state against the reference.
   No norm runs outside the kernels; the gradient's forward keeps XLA's norm and P's launch writes P alone."""
-  batch, length, key_heads = dims[:3]
-  segment_ids = documents([30, 3, 17, length - 50], batch=batch) if packed else None
-  q, k, v, g, beta, h0 = random_inputs(8, *dims, dtype, True)
-  scales = jnp.asarray(np.random.default_rng(8).uniform(1e-2, 1e2, size=(batch, length, key_heads, 1)), dtype)
-  q, k = q * scales, k * scales[:, ::-1]
   launch = ChunkedLaunch(prefill_scores_norm=True, fused_walk_reads_w=reads_w, **(walk or {}))
-  run = lambda *a: chunk_gated_delta_rule_gpu(*a, segment_ids=segment_ids, chunk_size=chunk, precision=precision,
-                                              interpret=interpret, launch=launch)
-  expected = chunk_gated_delta_rule_reference(q, k, v, g, beta, h0, segment_ids=segment_ids, chunk_size=chunk)
-  for name, a, b in zip(("o", "final_state"), jax.jit(run)(q, k, v, g, beta, h0), expected):
-    assert relative_error(a, b) < TOLERANCE[precision], name
-  scores_outputs = lambda jaxpr: [len(e.outvars) for e in kernel_launches(jaxpr) if e.params["name"] == "gdr_scores_fwd"]
-  forward = jax.make_jaxpr(run)(q, k, v, g, beta, h0).jaxpr
+  forward, grad = raw_qk_prefill(8, launch, packed, dtype, precision, dims, chunk, interpret)
+  scores_outputs = lambda jaxpr: launch_outputs(jaxpr, "gdr_scores_fwd")
   assert "rsqrt" not in primitives_outside_kernels(forward)
   assert scores_outputs(forward) == [3]  # P and the normalised q, k
-  grad = jax.make_jaxpr(jax.grad(lambda *a: run(*a)[0].astype(jnp.float32).sum()))(q, k, v, g, beta, h0).jaxpr
   assert primitives_outside_kernels(grad)["rsqrt"] > 0 and scores_outputs(grad) == [1]
 
 
