@@ -481,7 +481,7 @@ def test_compiled_on_gpu_prefill_normalizes_in_the_walk_packed(monkeypatch):
                          ids=["b2_t1000", "two_ragged", "dv256"])
 def test_compiled_on_gpu_prefill_normalizes_in_the_scores_launch(walk, dims, monkeypatch):
   """ChunkedLaunch(prefill_scores_norm=True) compiled: a forward alone, bf16, raw q, k of very different scales
-  normalised by P's 8-warp launch; the walk in roles (by rows or transposed), the two-warpgroup Mosaic walk or
+  normalised by P's launch (4 warps by default there); the walk in roles (by rows or transposed), the two-warpgroup Mosaic walk or
   Triton's, loading P; two chunks with a ragged tail and Dv = 256 too; o and the final state."""
   if walk.get("roles_transposed_chain") and tuple(jax.__version_info__[:2]) < (0, 11):
     pytest.skip("the transposed chain needs jax 0.11")

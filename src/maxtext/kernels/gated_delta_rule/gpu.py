@@ -236,8 +236,9 @@ class ChunkedLaunch:
 
 WIDE_WALK_PROGRAMS = 512
 # At most this many 64-column forward walk programs (B x Hv x Dv / 64) for ChunkedLaunch.prefill_scores_norm's
-# default: on an H200 (fourteenth session, Hv 32, Dv 128) it won at 64 (B = 1), not at 128 (2 x 4096: forward 0.211
-# ms against 0.204; 2 x 16384: 0.834 against 0.784) nor 256 (4 x 4096: 0.425 against 0.405).
+# default: on an H200 (fourteenth session, Hv 32, Dv 128, a forward alone) it won at 64 (B = 1); at 128 it lost or
+# tied (2 x 4096: 0.213 ms against 0.204; 2 x 16384: 0.782 against 0.784, with the transposed chain), at 256 it lost
+# (4 x 4096, by rows: 0.425 against 0.405).
 SCORES_NORM_PROGRAMS = 64
 
 
@@ -437,11 +438,12 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
       flipped = bool(roles) and roles_transposed_chain(launch, scores_norm) and not save
       walk_norms = (raw and normalize and launch.walk_normalizes_qk and scores_inside and not with_w
                     and not launch.prep_per_key_head and (roles and not flipped or not mosaic_walk))
-      if scores_norm:
-        p, q, k = call(gpu_fused.scores_kernel, "gdr_scores_fwd", (num_chunks, q.shape[2], batch),
-                       (chunk_matrix, struct(*q.shape, dtype=q.dtype), struct(*k.shape, dtype=k.dtype)),
-                       TritonParams(num_warps=scores_warps, num_stages=1), (q, k, gc), segments, scale=scale,
-                       normalizes=True, **common)
+      scores_launch = functools.partial(call, gpu_fused.scores_kernel, "gdr_scores_fwd",
+                                        (num_chunks, q.shape[2], batch), segments=segments, scale=scale,
+                                        params=TritonParams(num_warps=scores_warps, num_stages=1), **common)
+      if scores_norm:  # P, and the normalised q, k that the T launch and the walk read
+        p, q, k = scores_launch(out_shape=(chunk_matrix, struct(*q.shape, dtype=q.dtype),
+                                           struct(*k.shape, dtype=k.dtype)), args=(q, k, gc), normalizes=True)
         p = [p]
       elif raw and not walk_norms:
         q, k = operands(q, k)
@@ -461,9 +463,7 @@ def chunked_with_vjp(chunk: int, scale: float, precision: str | None, interpret:
         elif scores_norm:
           pass  # P and the normalised q, k came first (the T launch reads the keys)
         elif scores_warps:
-          p = call(gpu_fused.scores_kernel, "gdr_scores_fwd", (num_chunks, q.shape[2], batch), (chunk_matrix,),
-                   TritonParams(num_warps=scores_warps, num_stages=1), (q, k, gc), segments, scale=scale,
-                   **common)
+          p = scores_launch(out_shape=(chunk_matrix,), args=(q, k, gc))
         else:
           p = prep(name="gdr_prep_p_fwd", out_shape=(chunk_matrix,), outputs="p", with_w=False)
       else:
